@@ -1,0 +1,1 @@
+"""Architecture knowledge and HF -> engine conversion."""

@@ -1,0 +1,40 @@
+"""Typed errors. Every error a user can cause is a LmkilnError: the CLI prints its
+message as one line and exits 2; anything else is a bug and keeps its traceback."""
+
+
+class LmkilnError(Exception):
+    """Base: a problem with the user's input or environment, with a message that says the fix."""
+
+    exit_code = 2
+
+
+class InputError(LmkilnError):
+    """A path, option or file the user gave is missing or unusable."""
+
+
+class OutputExistsError(LmkilnError):
+    """The output already exists and --force was not given."""
+
+
+class UnsupportedArchitectureError(LmkilnError):
+    """config.json names an architecture the architecture table does not have."""
+
+
+class CheckpointError(LmkilnError):
+    """A Hugging Face checkpoint is inconsistent: index vs files, unknown or missing tensors, bad shapes."""
+
+
+class SafetensorsFormatError(LmkilnError):
+    """A .safetensors file is malformed or truncated (found before any data is read)."""
+
+
+class EngineFormatError(LmkilnError):
+    """An engine directory violates docs/engine-format.md."""
+
+
+class ChecksumError(EngineFormatError):
+    """A weight file's sha256 differs from the manifest."""
+
+
+class QuantizationError(LmkilnError):
+    """Quantization cannot proceed (non-finite statistics, impossible shapes, bad options)."""

@@ -1,0 +1,1 @@
+"""On-disk formats: safetensors I/O, HF checkpoints, the engine."""

@@ -1,0 +1,60 @@
+"""Atomic output directories: build in a temporary sibling, rename into place at the end.
+
+A crash or Ctrl-C leaves the target untouched (absent, or the user's old copy) and only
+a clearly named `.NAME.lmkiln-tmp-*` sibling behind, never a half-written directory that
+looks complete. An existing target is refused unless `force`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lmkiln.errors import InputError, OutputExistsError
+
+
+def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    target = Path(target).absolute()
+    for src in inputs:
+        src = Path(src).absolute()
+        if target == src or src in target.parents or target in src.parents:
+            raise InputError(f"{target}: the output must not be, contain or sit inside the input {src}")
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose another -o")
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{target}: exists and is not a directory; refusing to replace a file")
+    if not target.parent.exists():
+        raise InputError(f"{target.parent}: parent directory of the output does not exist")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (), tmp: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary directory; on success it becomes `target`.
+
+    `tmp` names a fixed temporary directory to (re)use, for commands that resume; it is
+    kept on failure. Otherwise a fresh one is made and removed on failure.
+    """
+    target = check_output(target, force, inputs)
+    keep_on_failure = tmp is not None
+    if tmp is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent))
+    else:
+        tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        if not keep_on_failure:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.lmkiln-old-{os.getpid()}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""Reading Hugging Face checkpoint directories, lazily and defensively.
+
+A checkpoint is `config.json` plus either `model.safetensors` or shards listed in
+`model.safetensors.index.json`. Every safetensors header is validated before any
+tensor is read, the index and the files must agree exactly, and tensors are read one
+at a time through memory maps, so a reader never holds the model. Pickle checkpoints
+(`pytorch_model*.bin`) can execute code when loaded; they are refused unless the user
+opts in, and then loaded with `weights_only=True`. Remote code is never run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lmkiln.errors import CheckpointError, InputError
+from lmkiln.formats.safetensors_io import DTYPES, read_header
+
+# Files that describe how to tokenize and prompt the model; every output carries them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+class HFCheckpoint:
+    """A validated, lazily read Hugging Face model directory."""
+
+    def __init__(self, path: str | Path, allow_pickle: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such directory")
+        if not self.path.is_dir():
+            raise InputError(f"{self.path}: not a directory (pass the model directory that holds config.json)")
+        if not (self.path / "config.json").exists():
+            raise InputError(f"{self.path}: no config.json here; is this a Hugging Face model directory?")
+        self.config = read_json(self.path / "config.json", "config.json")
+        self._handles: dict[str, object] = {}
+        self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.weight_map: dict[str, str] = {}  # tensor name -> file name
+        self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.is_pickle = False
+        if (self.path / SAFETENSORS_INDEX).exists():
+            self._load_sharded()
+        elif (self.path / "model.safetensors").exists():
+            self._add_file("model.safetensors", None)
+        elif any((self.path / n).exists() for n in PICKLE_NAMES) or list(self.path.glob("pytorch_model-*.bin")):
+            if not allow_pickle:
+                raise InputError(
+                    f"{self.path}: only pickle (.bin) weights found; pickle can run arbitrary code when loaded. "
+                    "Convert them to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
+                )
+            self._load_pickle()
+        else:
+            loose = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if loose:
+                raise CheckpointError(f"{self.path}: safetensors shards {loose[:3]} but no {SAFETENSORS_INDEX} saying which tensor lives where")
+            raise InputError(f"{self.path}: no model weights (model.safetensors or {SAFETENSORS_INDEX})")
+
+    # -- discovery -----------------------------------------------------------------
+
+    def _add_file(self, fname: str, expected: set[str] | None) -> None:
+        fpath = self.path / fname
+        if not fpath.exists():
+            raise CheckpointError(f"{self.path}: the index lists {fname} but the file is missing")
+        tensors, _ = read_header(fpath)
+        if expected is not None and set(tensors) != expected:
+            extra = sorted(set(tensors) - expected)
+            missing = sorted(expected - set(tensors))
+            raise CheckpointError(
+                f"{fpath}: disagrees with {SAFETENSORS_INDEX} (in file, not in index: {extra[:3]}; "
+                f"in index, not in file: {missing[:3]}); the download is incomplete or mixed"
+            )
+        for name, info in tensors.items():
+            if name in self.weight_map:
+                raise CheckpointError(f"{self.path}: tensor {name!r} appears in both {self.weight_map[name]} and {fname}")
+            self.weight_map[name] = fname
+            self._shapes[name] = (info.shape, DTYPES[info.dtype])
+
+    def _load_sharded(self) -> None:
+        index = read_json(self.path / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
+        wm = index.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"{self.path / SAFETENSORS_INDEX}: no weight_map")
+        by_file: dict[str, set[str]] = {}
+        for name, fname in wm.items():
+            by_file.setdefault(fname, set()).add(name)
+        for fname in sorted(by_file):
+            self._add_file(fname, by_file[fname])
+
+    def _load_pickle(self) -> None:
+        self.is_pickle = True
+        idx = self.path / "pytorch_model.bin.index.json"
+        if idx.exists():
+            files = sorted(set(read_json(idx, idx.name).get("weight_map", {}).values()))
+        else:
+            files = ["pytorch_model.bin"]
+        for fname in files:
+            try:
+                sd = torch.load(self.path / fname, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for a bad pickle
+                raise CheckpointError(f"{self.path / fname}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+            self._pickle_cache[fname] = sd
+            for name, t in sd.items():
+                self.weight_map[name] = fname
+                self._shapes[name] = (tuple(t.shape), t.dtype)
+
+    # -- access --------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._shapes[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its memory map (a view: do not modify in place)."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not in the checkpoint")
+        fname = self.weight_map[name]
+        if self.is_pickle:
+            return self._pickle_cache[fname][name]
+        h = self._handles.get(fname)
+        if h is None:
+            h = self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
+        return h.get_tensor(name)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        if not archs:
+            raise InputError(f"{self.path / 'config.json'}: no 'architectures' entry; cannot tell which model this is")
+        return archs[0]
+
+    @property
+    def source_dtype(self) -> torch.dtype:
+        """The dtype of the floating-point weights (the most common one)."""
+        counts: dict[torch.dtype, int] = {}
+        for shape, dt in self._shapes.values():
+            if dt.is_floating_point:
+                n = 1
+                for d in shape:
+                    n *= d
+                counts[dt] = counts.get(dt, 0) + n
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def weight_files(self) -> list[Path]:
+        return [self.path / f for f in sorted(set(self.weight_map.values()))]

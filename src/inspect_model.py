@@ -1,0 +1,74 @@
+"""`lmkiln inspect`: describe an HF checkpoint or an engine as rows of (field, value)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmkiln.convert.architectures import get_architecture
+from lmkiln.convert.hf_config import engine_config_from_hf
+from lmkiln.errors import InputError
+from lmkiln.formats.engine import Engine, is_engine
+from lmkiln.formats.hf import HFCheckpoint
+
+
+def _params(shapes) -> int:
+    total = 0
+    for s in shapes:
+        n = 1
+        for d in s:
+            n *= d
+        total += n
+    return total
+
+
+def _model_rows(m: dict) -> list[tuple[str, str]]:
+    rope = m["rope"]
+    return [
+        ("architecture", m["architecture"]),
+        ("layers", str(m["num_layer"])),
+        ("hidden", str(m["hidden_units"])),
+        ("heads / kv heads / head dim", f"{m['head_num']} / {m['kv_head_num']} / {m['size_per_head']}"),
+        ("ffn width", str(m["inter_size"])),
+        ("vocab", str(m["vocab_size"])),
+        ("rope", f"{rope['type']}, base {rope['base']:g}" + (f", {rope['scaling']}" if rope.get("scaling") else "")),
+        ("tied embeddings", str(m["tie_word_embeddings"])),
+    ]
+
+
+def describe(path: str | Path, check: bool = True) -> tuple[str, list[tuple[str, str]]]:
+    """(kind, rows). With `check`, an engine's weight files are hashed against the manifest."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if is_engine(path):
+        eng = Engine(path)
+        man = eng.manifest
+        rows = _model_rows(eng.model)
+        rows += [
+            ("parameters", f"{_params(t['shape'] for t in man['tensors'].values()):,}"),
+            ("weight type", man["weight_type"]),
+            ("tensor-parallel ranks", str(eng.tp)),
+            ("weight files", ", ".join(f"{f} ({meta['size']:,} B)" for f, meta in man["files"].items())),
+            ("format", f"{man['format']} v{man['format_version']}"),
+            ("lmkiln version", str(man.get("source", {}).get("lmkiln_version"))),
+        ]
+        if check:
+            sums = eng.verify_checksums()
+            bad = [f for f, ok in sums.items() if not ok]
+            rows.append(("checksums", "all hold" if not bad else f"MISMATCH: {', '.join(bad)}"))
+        else:
+            rows.append(("checksums", "not checked (--no-check)"))
+        return "engine", rows
+    ckpt = HFCheckpoint(path)
+    arch = get_architecture(ckpt.architecture)
+    rows = _model_rows(engine_config_from_hf(arch, ckpt.config))
+    q = ckpt.config.get("quantization_config")
+    rows += [
+        ("parameters", f"{_params(ckpt.shape(n) for n in ckpt.keys()):,}"),
+        ("dtype", str(ckpt.source_dtype).replace("torch.", "")),
+        ("quantization", "none" if not q else ", ".join(f"{k}={v}" for k, v in q.items() if k in ("quant_method", "bits", "group_size", "zero_point", "version"))),
+        ("weight files", ", ".join(p.name for p in ckpt.weight_files())),
+        ("tokenizer files", ", ".join(p.name for p in ckpt.tokenizer_files()) or "none"),
+        ("checksums", "n/a (HF checkpoints carry none); headers validated"),
+    ]
+    return "hf", rows

@@ -1,0 +1,1 @@
+"""Quantization: primitives, calibration, AWQ."""

@@ -1,0 +1,1 @@
+"""Runners: the torch engine runner."""

@@ -1,0 +1,43 @@
+"""Python API behind `lmkiln generate`: open any source as an engine and generate text."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lmkiln.errors import InputError
+from lmkiln.formats.engine import is_engine
+
+
+@contextlib.contextmanager
+def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]:
+    """An engine path for `source`: the engine itself, or an HF directory converted to a
+    temporary engine that is removed afterwards."""
+    source = Path(source)
+    if is_engine(source):
+        yield source
+        return
+    if not source.is_dir():
+        raise InputError(f"{source}: no such engine or model directory")
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+
+    with tempfile.TemporaryDirectory(prefix="lmkiln-engine-") as tmp:
+        yield convert_hf_to_engine(source, Path(tmp) / "engine", allow_pickle=allow_pickle)
+
+
+def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle: bool = False, device: str = "cpu") -> list[str]:
+    from lmkiln.runtime.engine_model import EngineModel
+    from lmkiln.runtime.generate import greedy_generate
+    from lmkiln.runtime.tokenizer import load_tokenizer
+
+    with engine_dir(source, allow_pickle) as path:
+        model = EngineModel.from_path(path, dtype=torch.float32, device=device)
+        tok = load_tokenizer(path)
+        ids = [tok(p).input_ids for p in prompts]
+        new = greedy_generate(model, ids, max_new_tokens, model.config["eos_token_id"])
+        # Decode prompt + continuation together so a word split across the boundary keeps its spacing.
+        return [tok.decode(i + n, skip_special_tokens=True)[len(tok.decode(i, skip_special_tokens=True)):] for i, n in zip(ids, new)]

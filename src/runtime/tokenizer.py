@@ -1,0 +1,19 @@
+"""Loading the tokenizer that travels beside every lmkiln output (local files only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lmkiln.errors import InputError
+
+
+def load_tokenizer(path: str | Path):
+    path = Path(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory never needs the hub
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError/ValueError/... for missing files
+        raise InputError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
