@@ -79,12 +79,13 @@ def progress_bar() -> Progress:
 def hf_to_engine(
     model: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Engine directory to create."),
-    dtype: str = typer.Option("auto", help="Weight dtype: auto (keep the source's), fp32, fp16, bf16."),
+    dtype: str = typer.Option("auto", help="Weight dtype: auto (keep the source's), fp32, fp16, bf16. For an AWQ checkpoint it "
+                              "applies to the fp tensors; int4/int8 weights travel unchanged."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks to split the weights into."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin pickle weights (loaded with weights_only=True)."),
 ):
-    """Convert a Hugging Face checkpoint into an lmkiln engine."""
+    """Convert a Hugging Face checkpoint (fp, or AWQ-GEMM int4/int8) into an lmkiln engine."""
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine, plan_engine
     from lmkiln.formats.atomic import check_output
     from lmkiln.formats.hf import HFCheckpoint
@@ -104,11 +105,12 @@ def hf_to_engine(
 def inspect_cmd(
     path: Path = typer.Argument(..., help="An HF model directory or an engine directory."),
     check: bool = typer.Option(True, "--check/--no-check", help="Hash an engine's weight files against its manifest."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin pickle weights (loaded with weights_only=True)."),
 ):
     """Show architecture, sizes, dtype/quantization, ranks and checksum status."""
     from lmkiln.inspect_model import describe
 
-    kind, rows = describe(path, check=check)
+    kind, rows = describe(path, check=check, allow_pickle=allow_pickle)
     table = Table(title=f"{path} ({'lmkiln engine' if kind == 'engine' else 'Hugging Face checkpoint'})")
     table.add_column("field", style="bold")
     table.add_column("value")

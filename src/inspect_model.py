@@ -35,7 +35,25 @@ def _model_rows(m: dict) -> list[tuple[str, str]]:
     ]
 
 
-def describe(path: str | Path, check: bool = True) -> tuple[str, list[tuple[str, str]]]:
+def _logical_shapes(man: dict):
+    """Tensor shapes counting weights, not bytes: an int4 qweight (in, out/2) holds in x out
+    weights, and scales/zeros are metadata of those weights, not parameters."""
+    per_byte = 2 if man["weight_type"] == "int4" else 1
+    for name, t in man["tensors"].items():
+        if name.endswith((".scales", ".zeros")):
+            continue
+        yield (t["shape"][0], t["shape"][1] * per_byte) if name.endswith(".qweight") else t["shape"]
+
+
+def _weight_type(man: dict) -> str:
+    q = man.get("quantization")
+    if q is None:
+        return man["weight_type"]
+    group = "per-channel" if q["group_size"] is None else f"g{q['group_size']}"
+    return f"{man['weight_type']} {group} {'sym' if q['symmetric'] else 'asym'}"
+
+
+def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -> tuple[str, list[tuple[str, str]]]:
     """(kind, rows). With `check`, an engine's weight files are hashed against the manifest."""
     path = Path(path)
     if not path.exists():
@@ -45,8 +63,18 @@ def describe(path: str | Path, check: bool = True) -> tuple[str, list[tuple[str,
         man = eng.manifest
         rows = _model_rows(eng.model)
         rows += [
-            ("parameters", f"{_params(t['shape'] for t in man['tensors'].values()):,}"),
-            ("weight type", man["weight_type"]),
+            ("parameters", f"{_params(_logical_shapes(man)):,}"),
+            ("weight type", _weight_type(man)),
+        ]
+        q = eng.quant
+        if q is not None:
+            rows += [
+                ("fp tensors", f"{man['fp_dtype']} (embeddings, norms, output, biases" + (", unquantized linears)" if q["unquantized"] else ")")),
+                ("quantization", f"{q.get('method') or 'unknown method'}, from {q.get('source_layout') or 'unknown layout'}; "
+                                 f"hidden padded to {q['hidden_padded']}, ffn to {eng.model['inter_size_padded']}"
+                                 + (f"; {len(q['unquantized'])} linears kept fp" if q["unquantized"] else "")),
+            ]
+        rows += [
             ("tensor-parallel ranks", str(eng.tp)),
             ("weight files", ", ".join(f"{f} ({meta['size']:,} B)" for f, meta in man["files"].items())),
             ("format", f"{man['format']} v{man['format_version']}"),
@@ -59,7 +87,7 @@ def describe(path: str | Path, check: bool = True) -> tuple[str, list[tuple[str,
         else:
             rows.append(("checksums", "not checked (--no-check)"))
         return "engine", rows
-    ckpt = HFCheckpoint(path)
+    ckpt = HFCheckpoint(path, allow_pickle=allow_pickle)
     arch = get_architecture(ckpt.architecture)
     rows = _model_rows(engine_config_from_hf(arch, ckpt.config))
     q = ckpt.config.get("quantization_config")

@@ -69,6 +69,11 @@ def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
         # Only effective when switched on (Qwen2/3 configs carry a window they do not use).
         if not m.pop("use_sliding_window"):
             m["sliding_window"] = None
+        elif m.get("sliding_window") and (cfg.get("max_window_layers") or 0) > 0:
+            # transformers then windows only layers >= max_window_layers; the engine has one window for all.
+            raise UnsupportedArchitectureError(
+                "use_sliding_window with max_window_layers > 0 (sliding attention on some layers only) is not supported yet"
+            )
     m.setdefault("sliding_window", None)
     m.setdefault("attn_bias", False)
     m["attn_bias"] = bool(m["attn_bias"])

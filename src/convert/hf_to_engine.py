@@ -3,6 +3,8 @@
 Every source tensor is accounted for (consumed by a role, or skipped with the table's
 reason), every target is planned with its shape before the first byte is written, and
 tensors stream through one decoder layer at a time, so peak memory is about one layer.
+AWQ-GEMM checkpoints become int4/int8 engines through the same code path: their linears
+are QTensors that the same transforms move (src/convert/quantized.py).
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from typing import Callable, Iterator
 import torch
 
 import lmkiln
-from lmkiln.convert.architectures import GLOBAL_ROLES, LAYER_ROLES, Architecture, get_architecture
+from lmkiln.convert.architectures import GLOBAL_ROLES, LAYER_ROLES, LINEAR_ROLES, Architecture, get_architecture
 from lmkiln.convert.hf_config import engine_config_from_hf
-from lmkiln.convert.transforms import (
-    check_tp, fuse_qkv_rank, fuse_w13_rank, pad_cols, pad_rows, permute_rotary, rank_cols, round_up,
+from lmkiln.convert.quantized import (
+    check_symmetric, engine_tensors, is_quantized, module_name, pad_in, rank_in, resolve_quant, rows, unquantized_linears,
 )
+from lmkiln.convert.transforms import check_tp, fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary, round_up
 from lmkiln.errors import CheckpointError, InputError
 from lmkiln.formats.atomic import atomic_dir
+from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
 from lmkiln.formats.engine import (
-    DTYPE_NAMES, FORMAT, VERSION, WEIGHT_TYPES, EngineWriter, config_sha256, copy_side_files, expected_tensors, write_manifest,
+    DTYPE_NAMES, FORMAT, QUANT_TYPES, VERSION, WEIGHT_TYPES, EngineWriter, config_sha256, copy_side_files, expected_tensors,
+    manifest_index, write_manifest,
 )
 from lmkiln.formats.hf import HFCheckpoint
 
@@ -57,17 +62,33 @@ class Accounting:
 
     consumed: dict[str, str] = field(default_factory=dict)  # HF name -> role
     skipped: dict[str, str] = field(default_factory=dict)  # HF name -> reason
+    quantized: set[str] = field(default_factory=set)  # the consumed names that are AWQ qweight/qzeros/scales
 
 
 def _template_regex(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"\d+") + "$")
 
 
-def account(ckpt, arch: Architecture, model: dict) -> Accounting:
+def _account_qlinear(ckpt, module: str, role: str, spec: AwqSpec, shape: tuple[int, int], acc: Accounting) -> None:
+    for suffix, want in qlinear_shapes(spec, *shape).items():
+        name = f"{module}.{suffix}"
+        if name not in ckpt:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} ({role}, AWQ {suffix}) is missing from the checkpoint")
+        if tuple(ckpt.shape(name)) != want:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.shape(name))}, config.json implies {list(want)}")
+        dtype = torch.float16 if suffix == "scales" else torch.int32
+        if ckpt.dtype(name) != dtype:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is {ckpt.dtype(name)}, AWQ-GEMM stores {dtype}")
+        acc.consumed[name] = role
+        acc.quantized.add(name)
+
+
+def account(ckpt, arch: Architecture, model: dict, spec: AwqSpec | None = None) -> Accounting:
     """Map every checkpoint tensor to a role or a reasoned skip; assert every shape.
 
-    `ckpt` needs `keys()` and `shape(name)`. Raises CheckpointError on a missing, unknown
-    or misshapen tensor, naming it.
+    `ckpt` needs `keys()` and `shape(name)` (and `dtype(name)` with `spec`). Raises
+    CheckpointError on a missing, unknown or misshapen tensor, naming it. With an AWQ
+    `spec`, a quantized linear role is its module's qweight/qzeros/scales.
     """
     acc = Accounting()
     shapes = role_shapes(model)
@@ -77,6 +98,9 @@ def account(ckpt, arch: Architecture, model: dict) -> Accounting:
         name = arch.hf_name_of(role, i)
         if name is None:
             raise CheckpointError(f"the {arch.hf_name} table has no tensor for role {role!r}, which this config needs")
+        if spec is not None and role in LINEAR_ROLES and is_quantized(ckpt, arch, role, i, spec):
+            _account_qlinear(ckpt, module_name(arch, role, i), role, spec, shapes[role], acc)
+            continue
         if name not in ckpt:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} ({role}) is missing from the checkpoint")
         if tuple(ckpt.shape(name)) != shapes[role]:
@@ -101,16 +125,28 @@ def account(ckpt, arch: Architecture, model: dict) -> Accounting:
     return acc
 
 
-def produce(ckpt, arch: Architecture, model: dict, tp: int, out_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (engine name, tensor) in the order of `expected_tensors`, one layer in memory at a time."""
+def produce(ckpt, arch: Architecture, model: dict, tp: int, out_dtype: torch.dtype,
+            quant: dict | None = None, spec: AwqSpec | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (engine name, tensor) in the order of `expected_tensors`, one layer in memory at a time.
+
+    A linear is an fp tensor or (with `quant`) a QTensor, HF orientation (out, in); the
+    transforms below are the same for both (`rows`, `pad_in`, `rank_in` dispatch).
+    """
     hd, hq, kv = model["size_per_head"], model["head_num"], model["kv_head_num"]
     inter_p = model["inter_size_padded"]
+    channel = quant is not None and quant["granularity"] == "channel"
+    shapes = role_shapes(model)
 
     def get(role, i=None):
         return ckpt.get(arch.hf_name_of(role, i)).to(out_dtype)
 
-    def lin(w):  # HF (out, in) -> engine (in, out)
-        return w.t().contiguous()
+    def linear(role, i, kind):
+        if quant is None or f"layers.{i}.{kind}" in quant["unquantized"]:
+            return get(role, i)
+        module = module_name(arch, role, i)
+        qt = read_qlinear(ckpt.get, module, spec, *shapes[role])
+        check_symmetric(qt, spec, module)
+        return qt
 
     yield "tok_embeddings.weight", get("embed")
     for i in range(model["num_layer"]):
@@ -120,22 +156,25 @@ def produce(ckpt, arch: Architecture, model: dict, tp: int, out_dtype: torch.dty
         if model["qk_norm"]:
             yield f"{p}.attention.q_norm.weight", permute_rotary(get("q_norm", i), 1, hd)
             yield f"{p}.attention.k_norm.weight", permute_rotary(get("k_norm", i), 1, hd)
-        q, k, v = permute_rotary(get("q", i), hq, hd), permute_rotary(get("k", i), kv, hd), get("v", i)
+        q = rows(lambda t: permute_rotary(t, hq, hd), linear("q", i, "attention.w_qkv"))
+        k = rows(lambda t: permute_rotary(t, kv, hd), linear("k", i, "attention.w_qkv"))
+        v = linear("v", i, "attention.w_qkv")
         if model["attn_bias"]:
             qb, kb, vb = permute_rotary(get("q_bias", i), hq, hd), permute_rotary(get("k_bias", i), kv, hd), get("v_bias", i)
-        o = get("o", i)
-        gate, up = pad_rows(get("gate", i), inter_p), pad_rows(get("up", i), inter_p)
-        down = pad_cols(get("down", i), inter_p)
+        o = linear("o", i, "attention.wo")
+        gate = rows(lambda t: pad_rows(t, inter_p), linear("gate", i, "feed_forward.w13"))
+        up = rows(lambda t: pad_rows(t, inter_p), linear("up", i, "feed_forward.w13"))
+        down = pad_in(linear("down", i, "feed_forward.w2"), inter_p, channel)
         for r in range(tp):
-            yield f"{p}.attention.w_qkv.{r}.weight", lin(fuse_qkv_rank(q, k, v, hd, kv, tp, r))
+            yield from engine_tensors(f"{p}.attention.w_qkv.{r}", rows(lambda *w: fuse_qkv_rank(*w, hd, kv, tp, r), q, k, v))
             if model["attn_bias"]:
                 yield f"{p}.attention.w_qkv.{r}.bias", fuse_qkv_rank(qb, kb, vb, hd, kv, tp, r).contiguous()
-            yield f"{p}.attention.wo.{r}.weight", lin(rank_cols(o, tp, r))
-            yield f"{p}.feed_forward.w13.{r}.weight", lin(fuse_w13_rank(gate, up, tp, r))
-            yield f"{p}.feed_forward.w2.{r}.weight", lin(rank_cols(down, tp, r))
+            yield from engine_tensors(f"{p}.attention.wo.{r}", rank_in(o, tp, r, channel))
+            yield from engine_tensors(f"{p}.feed_forward.w13.{r}", rows(lambda *w: fuse_w13_rank(*w, tp, r), gate, up))
+            yield from engine_tensors(f"{p}.feed_forward.w2.{r}", rank_in(down, tp, r, channel))
     yield "norm.weight", get("final_norm")
     if not model["tie_word_embeddings"]:
-        yield "output.weight", lin(get("lm_head"))
+        yield "output.weight", get("lm_head").t().contiguous()
 
 
 def resolve_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
@@ -146,18 +185,53 @@ def resolve_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
     return WEIGHT_TYPES[dtype]
 
 
-def plan_engine(ckpt: HFCheckpoint, tp: int = 1, dtype: str = "auto"):
-    """Everything decided before writing: (arch, model config, accounting, plan, dtype)."""
+@dataclass
+class EnginePlan:
+    """Everything decided before the first byte is written."""
+
+    arch: Architecture
+    model: dict  # the manifest's model block
+    acc: Accounting
+    tensors: list  # expected_tensors(...): (name, file, dtype, shape)
+    fp_dtype: torch.dtype  # of the fp tensors (all of them unless quantized)
+    source_dtype: torch.dtype  # of the source's fp tensors
+    spec: AwqSpec | None = None  # the source's AWQ settings, None for an fp source
+    quant: dict | None = None  # the manifest's quantization block
+
+
+def _fp_source_dtype(ckpt, acc: Accounting) -> torch.dtype:
+    """The most common dtype of the consumed fp tensors (AWQ scales are fp16 by format, not by choice)."""
+    counts: dict[torch.dtype, int] = {}
+    for name in acc.consumed:
+        if name not in acc.quantized and ckpt.dtype(name).is_floating_point:
+            counts[ckpt.dtype(name)] = counts.get(ckpt.dtype(name), 0) + torch.Size(ckpt.shape(name)).numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def make_plan(ckpt: HFCheckpoint, tp: int = 1, dtype: str = "auto") -> EnginePlan:
     arch = get_architecture(ckpt.architecture)
     model = engine_config_from_hf(arch, ckpt.config)
     why = check_tp(model["head_num"], model["kv_head_num"], tp)
     if why:
         raise InputError(f"--tp {tp}: {why}")
-    model["inter_size_padded"] = round_up(model["inter_size"], tp)
-    acc = account(ckpt, arch, model)
-    out_dtype = resolve_dtype(dtype, ckpt.source_dtype)
-    plan = expected_tensors(model, tp, model["inter_size_padded"], out_dtype)
-    return arch, model, acc, plan, out_dtype
+    spec = awq_spec(ckpt.config)
+    quant = None
+    if spec is None:
+        model["inter_size_padded"] = round_up(model["inter_size"], tp)
+    else:
+        unquantized = unquantized_linears(ckpt, arch, model, spec)
+        quant = resolve_quant(spec, ckpt.config["quantization_config"], model, tp, unquantized)
+    acc = account(ckpt, arch, model, spec)
+    source = ckpt.source_dtype if spec is None else _fp_source_dtype(ckpt, acc)
+    fp_dtype = resolve_dtype(dtype, source)
+    tensors = expected_tensors(model, tp, model["inter_size_padded"], fp_dtype, quant)
+    return EnginePlan(arch, model, acc, tensors, fp_dtype, source, spec, quant)
+
+
+def plan_engine(ckpt: HFCheckpoint, tp: int = 1, dtype: str = "auto"):
+    """(arch, model config, accounting, plan, fp dtype); see `make_plan` for the whole plan."""
+    p = make_plan(ckpt, tp, dtype)
+    return p.arch, p.model, p.acc, p.tensors, p.fp_dtype
 
 
 def convert_hf_to_engine(
@@ -171,12 +245,12 @@ def convert_hf_to_engine(
 ) -> Path:
     """Convert; returns the engine path. `progress(name, nbytes)` is called per tensor written."""
     ckpt = HFCheckpoint(model_dir, allow_pickle=allow_pickle)
-    arch, model, acc, plan, out_dtype = plan_engine(ckpt, tp, dtype)
+    plan = make_plan(ckpt, tp, dtype)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, force=force, inputs=(ckpt.path,)) as tmp:
-        writer = EngineWriter(tmp, plan)
+        writer = EngineWriter(tmp, plan.tensors)
         try:
-            for name, t in produce(ckpt, arch, model, tp, out_dtype):
+            for name, t in produce(ckpt, plan.arch, plan.model, tp, plan.fp_dtype, plan.quant, plan.spec):
                 writer.write(name, t)
                 if progress:
                     progress(name, t.numel() * t.element_size())
@@ -186,21 +260,26 @@ def convert_hf_to_engine(
             raise
         side = copy_side_files(ckpt.tokenizer_files(), tmp)
         shutil.copyfile(ckpt.path / "config.json", tmp / "source_config.json")
-        write_manifest(tmp, {
-            "format": FORMAT,
-            "format_version": VERSION,
-            "model": model,
-            "weight_type": DTYPE_NAMES[out_dtype],
-            "tensor_parallel": tp,
-            "tensors": {n: {"file": f, "dtype": DTYPE_NAMES[dt], "shape": list(s)} for n, f, dt, s in plan},
+        manifest = {"format": FORMAT, "format_version": VERSION, "model": plan.model}
+        if plan.quant is None:
+            manifest["weight_type"] = DTYPE_NAMES[plan.fp_dtype]
+            manifest["tensor_parallel"] = tp
+        else:
+            manifest["weight_type"] = next(k for k, bits in QUANT_TYPES.items() if bits == plan.quant["bits"])
+            manifest["fp_dtype"] = DTYPE_NAMES[plan.fp_dtype]
+            manifest["tensor_parallel"] = tp
+            manifest["quantization"] = plan.quant
+        manifest.update({
+            "tensors": manifest_index(plan.tensors),
             "files": files,
             "tokenizer_files": side,
             "source": {
-                "architecture": arch.hf_name,
+                "architecture": plan.arch.hf_name,
                 "config_sha256": config_sha256(ckpt.config),
-                "source_dtype": str(ckpt.source_dtype).replace("torch.", ""),
-                "skipped_tensors": acc.skipped,
+                "source_dtype": str(plan.source_dtype).replace("torch.", ""),
+                "skipped_tensors": plan.acc.skipped,
                 "lmkiln_version": lmkiln.__version__,
             },
         })
+        write_manifest(tmp, manifest)
     return out_dir

@@ -3,6 +3,8 @@
 docs/engine-format.md is normative; this module implements it. The reader checks the
 manifest, the tensor index against the shapes the model config implies, and every
 weight file's header (and, with `check=True`, its sha256) before any weight is read.
+Quantized engines (weight_type int4/int8) are the same layout with each linear
+weight replaced by qweight/scales/zeros; `expected_tensors` defines both.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lmkiln.errors import ChecksumError, EngineFormatError, InputError
+from lmkiln.convert.transforms import check_tp, round_up
+from lmkiln.errors import ChecksumError, EngineFormatError, InputError, SafetensorsFormatError
 from lmkiln.formats.safetensors_io import CODES, DTYPES, StreamWriter, read_header, sha256_file
 
 FORMAT = "lmkiln-engine"
@@ -24,6 +27,16 @@ MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
 WEIGHT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in WEIGHT_TYPES.items()}
+QUANT_TYPES = {"int4": 4, "int8": 8}  # weight_type -> bits
+ROPE_TYPES = ("default", "linear", "llama3")  # what src/runtime/rope.py implements
+# dtype names used in the manifest's tensor index (fp weight types plus the code/zero byte type)
+TENSOR_DTYPES = {**WEIGHT_TYPES, "uint8": torch.uint8}
+TENSOR_DTYPE_NAMES = {v: k for k, v in TENSOR_DTYPES.items()}
+# Per-layer linear weights, by engine name without the `layers.{i}.` prefix and rank suffix.
+LINEAR_KINDS = ("attention.w_qkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+QUANT_REQUIRED = {"bits": int, "granularity": str, "group_size": (int, type(None)), "symmetric": bool,
+                  "hidden_padded": int, "unquantized": list}
+QUANT_OPTIONAL = {"requested_group_size": int, "method": (str, type(None)), "source_layout": (str, type(None))}
 REQUIRED_MODEL = {
     "architecture": str, "head_num": int, "kv_head_num": int, "size_per_head": int, "hidden_units": int,
     "inter_size": int, "num_layer": int, "vocab_size": int, "norm_eps": float, "rope": dict,
@@ -40,13 +53,43 @@ def kv_heads_per_rank(kv_head_num: int, tp: int) -> int:
     return max(kv_head_num // tp, 1)
 
 
-def expected_tensors(model: dict, tp: int, inter_padded: int, dtype: torch.dtype) -> list[tuple[str, str, torch.dtype, tuple[int, ...]]]:
-    """Every tensor an fp engine must hold, in file-writing order: (name, file, dtype, shape).
+def linear_names(model: dict) -> list[str]:
+    """Every per-layer linear of the model, e.g. 'layers.0.attention.w_qkv' (no rank suffix)."""
+    return [f"layers.{i}.{k}" for i in range(model["num_layer"]) for k in LINEAR_KINDS]
+
+
+def quant_layout(model: dict, tp: int, group_size: int | None) -> tuple[int, int]:
+    """(hidden_padded, inter_size_padded) of a quantized engine; group_size None = per channel.
+
+    Grouped: the unsplit inputs (hidden) pad to whole groups, the split one (FFN width)
+    to whole groups on every rank. Per channel needs no group padding.
+    """
+    if group_size is None:
+        return model["hidden_units"], round_up(model["inter_size"], tp)
+    return round_up(model["hidden_units"], group_size), round_up(model["inter_size"], group_size * tp)
+
+
+def _linear(name: str, file: str, in_fp: int, in_q: int, out: int, dtype: torch.dtype, quant: dict | None) -> list:
+    """The tensor(s) of one rank's linear: fp `.weight` (in, out), or the quantized triple."""
+    if quant is None or name.rsplit(".", 1)[0] in quant["unquantized"]:
+        return [(f"{name}.weight", file, dtype, (in_fp, out))]
+    g = quant["group_size"] or in_q  # per channel: one group spanning this rank's input
+    cols = out // 2 if quant["bits"] == 4 else out
+    return [(f"{name}.qweight", file, torch.uint8, (in_q, cols)),
+            (f"{name}.scales", file, torch.float16, (in_q // g, out)),
+            (f"{name}.zeros", file, torch.uint8, (in_q // g, out))]
+
+
+def expected_tensors(model: dict, tp: int, inter_padded: int, dtype: torch.dtype,
+                     quant: dict | None = None) -> list[tuple[str, str, torch.dtype, tuple[int, ...]]]:
+    """Every tensor an engine must hold, in file-writing order: (name, file, dtype, shape).
 
     This is the single definition of the layout; the converter writes exactly this
-    list and the reader demands exactly it.
+    list and the reader demands exactly it. `dtype` is the dtype of the fp tensors;
+    `quant` is the manifest's `quantization` block for int4/int8 engines.
     """
     h, hd, hq = model["hidden_units"], model["size_per_head"], model["head_num"]
+    h_q = quant["hidden_padded"] if quant else h
     kv_r = kv_heads_per_rank(model["kv_head_num"], tp)
     qkv_r = (hq // tp + 2 * kv_r) * hd
     out = [("tok_embeddings.weight", SHARED_FILE, dtype, (model["vocab_size"], h))]
@@ -57,18 +100,20 @@ def expected_tensors(model: dict, tp: int, inter_padded: int, dtype: torch.dtype
             out += [(f"{p}.attention.q_norm.weight", SHARED_FILE, dtype, (hd,)), (f"{p}.attention.k_norm.weight", SHARED_FILE, dtype, (hd,))]
         for r in range(tp):
             f = rank_file(r)
-            out.append((f"{p}.attention.w_qkv.{r}.weight", f, dtype, (h, qkv_r)))
+            out += _linear(f"{p}.attention.w_qkv.{r}", f, h, h_q, qkv_r, dtype, quant)
             if model["attn_bias"]:
                 out.append((f"{p}.attention.w_qkv.{r}.bias", f, dtype, (qkv_r,)))
-            out += [
-                (f"{p}.attention.wo.{r}.weight", f, dtype, (hq * hd // tp, h)),
-                (f"{p}.feed_forward.w13.{r}.weight", f, dtype, (h, 2 * inter_padded // tp)),
-                (f"{p}.feed_forward.w2.{r}.weight", f, dtype, (inter_padded // tp, h)),
-            ]
+            out += _linear(f"{p}.attention.wo.{r}", f, hq * hd // tp, hq * hd // tp, h, dtype, quant)
+            out += _linear(f"{p}.feed_forward.w13.{r}", f, h, h_q, 2 * inter_padded // tp, dtype, quant)
+            out += _linear(f"{p}.feed_forward.w2.{r}", f, inter_padded // tp, inter_padded // tp, h, dtype, quant)
     out.append(("norm.weight", SHARED_FILE, dtype, (h,)))
     if not model["tie_word_embeddings"]:
         out.append(("output.weight", SHARED_FILE, dtype, (h, model["vocab_size"])))
     return out
+
+
+def manifest_index(plan: list[tuple[str, str, torch.dtype, tuple[int, ...]]]) -> dict[str, dict]:
+    return {n: {"file": f, "dtype": TENSOR_DTYPE_NAMES[dt], "shape": list(s)} for n, f, dt, s in plan}
 
 
 class EngineWriter:
@@ -143,7 +188,7 @@ class Engine:
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             self._fail(f"manifest format is {m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT!r}")
         v = m.get("format_version")
-        if not isinstance(v, int):
+        if not isinstance(v, int) or isinstance(v, bool):
             self._fail("manifest has no integer format_version")
         if v > VERSION:
             self._fail(f"engine format version {v} is newer than this lmkiln reads ({VERSION}); upgrade lmkiln")
@@ -155,34 +200,108 @@ class Engine:
         for key, typ in REQUIRED_MODEL.items():
             val = model.get(key)
             ok = isinstance(val, typ) or (typ is float and isinstance(val, int) and not isinstance(val, bool))
-            if not ok or (typ is int and isinstance(val, bool)):
-                self._fail(f"manifest model.{key} must be {typ.__name__}, got {val!r}")
+            if not ok or (typ is int and (isinstance(val, bool) or val < 1)):
+                self._fail(f"manifest model.{key} must be {'a positive ' if typ is int else ''}{typ.__name__}, got {val!r}")
         wt = m.get("weight_type")
-        if wt not in WEIGHT_TYPES:
-            self._fail(f"weight_type {wt!r} is not one of {sorted(WEIGHT_TYPES)}")
+        if wt not in WEIGHT_TYPES and wt not in QUANT_TYPES:
+            self._fail(f"weight_type {wt!r} is not one of {sorted(WEIGHT_TYPES) + sorted(QUANT_TYPES)}")
         tp = m.get("tensor_parallel")
-        if not isinstance(tp, int) or tp < 1:
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             self._fail(f"tensor_parallel must be a positive integer, got {tp!r}")
+        why = check_tp(model["head_num"], model["kv_head_num"], tp)
+        if why:
+            self._fail(f"tensor_parallel {tp}: {why}")
+        self._validate_rope(model)
+        sw = model.get("sliding_window")
+        if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):
+            self._fail(f"model.sliding_window must be null or a positive integer, got {sw!r}")
         inter_p = model.get("inter_size_padded")
         if not isinstance(inter_p, int) or inter_p < model["inter_size"] or inter_p % tp:
             self._fail(f"model.inter_size_padded {inter_p!r} must be >= inter_size and a multiple of tensor_parallel")
+        quant = None
+        if wt in QUANT_TYPES:
+            fp = m.get("fp_dtype")
+            if fp not in WEIGHT_TYPES:
+                self._fail(f"weight_type {wt!r} needs fp_dtype, one of {sorted(WEIGHT_TYPES)}; got {fp!r}")
+            quant = self._validate_quant(wt, model, tp, inter_p)
+            dtype = WEIGHT_TYPES[fp]
+        else:
+            if "quantization" in m or ("fp_dtype" in m and m["fp_dtype"] != wt):
+                self._fail(f"weight_type {wt!r} contradicts the manifest's quantization block or fp_dtype")
+            dtype = WEIGHT_TYPES[wt]
         index = m.get("tensors")
         if not isinstance(index, dict):
             self._fail("manifest has no 'tensors' index")
-        expected = expected_tensors(model, tp, inter_p, WEIGHT_TYPES[wt])
-        want = {name: (f, DTYPE_NAMES.get(dt, str(dt)), list(shape)) for name, f, dt, shape in expected}
+        expected = expected_tensors(model, tp, inter_p, dtype, quant)
+        want = {name: (f, TENSOR_DTYPE_NAMES[dt], list(shape)) for name, f, dt, shape in expected}
         for name in want:
             if name not in index:
                 self._fail(f"tensor {name!r} is missing from the manifest index; the engine is incomplete, re-run the conversion")
         for name, entry in index.items():
             if name not in want:
                 self._fail(f"tensor {name!r} in the manifest is not part of format v{VERSION} for this model")
-            got = (entry.get("file"), entry.get("dtype"), entry.get("shape"))
+            got = (entry.get("file"), entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else entry
             if got != want[name]:
                 self._fail(f"tensor {name!r}: manifest says file/dtype/shape {got}, the model config implies {want[name]}")
         files = m.get("files")
         if not isinstance(files, dict) or set(files) != {f for f, _, _ in want.values()}:
             self._fail(f"manifest 'files' must list exactly the weight files {sorted({f for f, _, _ in want.values()})}")
+        for fname, meta in files.items():
+            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
+                self._fail(f"manifest files[{fname!r}] must be an object with a string sha256 and an integer size, got {meta!r}")
+
+    def _validate_rope(self, model: dict) -> None:
+        rope = model["rope"]
+        base, scaling = rope.get("base"), rope.get("scaling")
+        if rope.get("type") not in ROPE_TYPES:
+            self._fail(f"model.rope.type {rope.get('type')!r} is not one of {list(ROPE_TYPES)}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or base <= 0:
+            self._fail(f"model.rope.base must be a positive number, got {base!r}")
+        if rope.get("dim") != model["size_per_head"]:
+            self._fail(f"model.rope.dim {rope.get('dim')!r} must equal size_per_head {model['size_per_head']}")
+        if (rope["type"] == "default") != (scaling is None) or not (scaling is None or isinstance(scaling, dict)):
+            self._fail(f"model.rope.scaling must be null for rope type 'default' and an object otherwise, got {scaling!r}")
+        needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        missing = [k for k in needs.get(rope["type"], ()) if not isinstance(scaling.get(k), (int, float))]
+        if missing:
+            self._fail(f"model.rope.scaling for {rope['type']!r} needs numbers {missing}")
+
+    def _validate_quant(self, wt: str, model: dict, tp: int, inter_p: int) -> dict:
+        """The `quantization` block: known keys only, types, and the padding rules."""
+        q = self.manifest.get("quantization")
+        if not isinstance(q, dict):
+            self._fail(f"weight_type {wt!r} needs a 'quantization' object")
+        unknown = sorted(set(q) - set(QUANT_REQUIRED) - set(QUANT_OPTIONAL))
+        if unknown:
+            self._fail(f"quantization has keys this lmkiln does not know ({unknown}); upgrade lmkiln")
+        for key, typ in [*QUANT_REQUIRED.items(), *((k, t) for k, t in QUANT_OPTIONAL.items() if k in q)]:
+            if key not in q or not isinstance(q[key], typ) or (isinstance(q[key], bool) and typ is not bool):
+                self._fail(f"quantization.{key} is missing or has the wrong type: {q.get(key)!r}")
+        if q["bits"] != QUANT_TYPES[wt]:
+            self._fail(f"quantization.bits {q['bits']} contradicts weight_type {wt!r}")
+        h, width = model["hidden_units"], model["head_num"] * model["size_per_head"]
+        g = q["group_size"]
+        if q["granularity"] == "group":
+            if g is None or g < 1:
+                self._fail(f"quantization.group_size must be a positive integer for granularity 'group', got {g!r}")
+            if (width // tp) % g:
+                self._fail(f"attention output width {width} / {tp} ranks is not a multiple of group_size {g}")
+            if inter_p % (g * tp):
+                self._fail(f"model.inter_size_padded {inter_p} is not a multiple of group_size x tensor_parallel = {g * tp}")
+        elif q["granularity"] == "channel":
+            if g is not None:
+                self._fail(f"quantization.group_size must be null for granularity 'channel', got {g!r}")
+        else:
+            self._fail(f"quantization.granularity must be 'group' or 'channel', got {q['granularity']!r}")
+        if q["hidden_padded"] != quant_layout(model, tp, g)[0]:
+            self._fail(f"quantization.hidden_padded {q['hidden_padded']} must be {quant_layout(model, tp, g)[0]}")
+        if q["bits"] == 4 and (h % 2 or model["size_per_head"] % 2):
+            self._fail("int4 packs two output columns per byte; hidden size and head dim must be even")
+        names = set(linear_names(model))
+        unq = q["unquantized"]
+        if not all(isinstance(n, str) for n in unq) or len(set(unq)) != len(unq) or not set(unq) <= names:
+            self._fail(f"quantization.unquantized must list distinct linears of this model (e.g. 'layers.0.feed_forward.w2'), got {q['unquantized']!r}")
+        return q
 
     def _validate_files(self, check: bool) -> None:
         index = self.manifest["tensors"]
@@ -193,14 +312,17 @@ class Engine:
             size = fpath.stat().st_size
             if size != meta.get("size"):
                 self._fail(f"weight file {fname} is {size} bytes, manifest says {meta.get('size')}; truncated or replaced, re-run the conversion")
-            header, _ = read_header(fpath)
+            try:
+                header, _ = read_header(fpath)
+            except SafetensorsFormatError as e:
+                raise EngineFormatError(f"{e}; re-run the conversion") from None
             in_file = {n for n, e in index.items() if e["file"] == fname}
             if set(header) != in_file:
                 odd = sorted(set(header) ^ in_file)[:3]
                 self._fail(f"weight file {fname} holds different tensors than the manifest says (e.g. {odd})")
             for n in in_file:
                 info = header[n]
-                if info.dtype != CODES[WEIGHT_TYPES[index[n]["dtype"]]] or list(info.shape) != index[n]["shape"]:
+                if info.dtype != CODES[TENSOR_DTYPES[index[n]["dtype"]]] or list(info.shape) != index[n]["shape"]:
                     self._fail(f"tensor {n!r} in {fname} is {info.dtype} {list(info.shape)}, manifest says {index[n]['dtype']} {index[n]['shape']}")
             if check:
                 digest = sha256_file(fpath)
@@ -222,7 +344,18 @@ class Engine:
 
     @property
     def dtype(self) -> torch.dtype:
-        return WEIGHT_TYPES[self.manifest["weight_type"]]
+        """The dtype of the fp tensors (all of them in an fp engine)."""
+        return WEIGHT_TYPES[self.manifest.get("fp_dtype", self.manifest["weight_type"])]
+
+    @property
+    def quant(self) -> dict | None:
+        """The `quantization` block of an int4/int8 engine, None for an fp engine."""
+        return self.manifest.get("quantization")
+
+    def is_quantized(self, linear: str) -> bool:
+        """Whether per-layer linear `linear` (e.g. 'layers.0.attention.wo') is stored quantized."""
+        q = self.quant
+        return q is not None and linear not in q["unquantized"]
 
     def get(self, name: str) -> torch.Tensor:
         entry = self.manifest["tensors"].get(name)
@@ -237,4 +370,4 @@ class Engine:
         return name in self.manifest["tensors"]
 
 
-__all__ = ["Engine", "EngineWriter", "expected_tensors", "is_engine", "DTYPES"]
+__all__ = ["Engine", "EngineWriter", "expected_tensors", "is_engine", "DTYPES", "QUANT_TYPES", "quant_layout"]

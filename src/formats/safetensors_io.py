@@ -83,6 +83,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{path}: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsFormatError(f"{path}: __metadata__ must be a JSON object of strings")
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     spans = []

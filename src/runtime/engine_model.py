@@ -4,6 +4,8 @@ Built from the manifest and the weight files alone (no transformers model code),
 a preallocated KV cache, prefill + decode, and batches of prompts of different lengths
 (left padding + attention mask). Tensor-parallel ranks are merged at load time, so an
 engine written with any --tp runs on one device with the same logits as --tp 1.
+int4/int8 engines merge their ranks in the integer domain (codes, scales and zeros
+move like weights) and run each linear as a `QuantLinear`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkiln.formats.engine import Engine, kv_heads_per_rank
+from lmkiln.quant.primitives import dequantize, unpack_int4
 from lmkiln.runtime.rope import apply_rotary, cos_sin, inv_freq
 
 
@@ -42,6 +45,64 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class QuantLinear(nn.Module):
+    """`Linear` for a weight held as integer codes: w = (code - zero) * scale per group.
+
+    codes uint8 (in_padded, out), scales/zeros (in_padded / g, out); `in_features` is
+    the activation width (in_padded - in_features trailing rows are zero padding).
+    On CPU it runs a packed integer kernel when one fits (`mode` says which):
+    - "int4": aten._weight_int4pack_mm_for_cpu, which computes (q - 8) * scale + zero_fp,
+      so zero_fp = (8 - zero) * scale; in float32 both products and their sum are exact
+      (small integers times an fp16 scale), so the weights equal the dequantized ones;
+    - "int8": aten._weight_int8pack_mm for per-channel symmetric int8 (zero 128 and one
+      scale per output column), with int8 weights code - 128;
+    - "dequant" otherwise: the weight is dequantized ONCE here, at load, into the compute
+      dtype, and runs as a plain matmul (memory as an fp engine, numerics identical).
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int,
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device="cpu", kernels: bool = True):
+        super().__init__()
+        k, n = codes.shape
+        g = k // scales.shape[0]
+        self.in_features, self.k, self.n, self.group_size = in_features, k, n, g
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        scales, zeros = scales.float(), zeros.to(torch.int32)
+        cpu = kernels and torch.device(device).type == "cpu" and dtype in KERNEL_DTYPES
+        if cpu and bits == 4 and n % 16 == 0 and g in INT4_KERNEL_GROUPS:
+            self.mode = "int4"
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().to(torch.int32).contiguous(), 1))
+            zero_fp = (8 - zeros).float() * scales
+            self.register_buffer("scales_and_zeros", torch.stack([scales, zero_fp], -1).to(dtype).contiguous())
+        elif cpu and bits == 8 and bool((zeros == 128).all()) and bool((scales == scales[:1]).all()):
+            self.mode = "int8"
+            self.register_buffer("qweight", (codes.t().to(torch.int32) - 128).to(torch.int8).contiguous())
+            self.register_buffer("scale", scales[0].to(dtype).contiguous())
+        else:
+            self.mode = "dequant"
+            w = dequantize(codes.t(), scales.t(), zeros.t(), g).t()[:in_features]
+            self.weight = nn.Parameter(w.to(dtype).contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "dequant":
+            y = x @ self.weight
+        else:
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])  # the kernels take 2-D input only
+            if self.k > self.in_features:
+                x2 = F.pad(x2, (0, self.k - self.in_features))
+            if self.mode == "int4":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+            y = y.reshape(*lead, self.n)
         return y if self.bias is None else y + self.bias
 
 
@@ -111,48 +172,78 @@ class DecoderLayer(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def _merge(kind: str, parts: list[torch.Tensor], m: dict, tp: int) -> torch.Tensor:
+    """One linear's full (in, out) tensor from its per-rank (in_r, out_r) shards.
+
+    Works for anything laid out like a weight along the output dim: weights, biases,
+    int codes, and group scales/zeros (whose rows are groups of input rows).
+    """
+    if kind == "attention.w_qkv":
+        hd, hq, hkv = m["size_per_head"], m["head_num"], m["kv_head_num"]
+        kv_r = kv_heads_per_rank(hkv, tp)
+        # With kv heads replicated over ranks, take each kv head from the first rank holding it.
+        kv_ranks = [r for r in range(tp) if tp <= hkv or r % (tp // hkv) == 0]
+        split = [t.split([hq // tp * hd, kv_r * hd, kv_r * hd], dim=-1) for t in parts]
+        q = torch.cat([split[r][0] for r in range(tp)], -1)
+        k = torch.cat([split[r][1] for r in kv_ranks], -1)
+        v = torch.cat([split[r][2] for r in kv_ranks], -1)
+        return torch.cat([q, k, v], -1).contiguous()
+    if kind == "feed_forward.w13":
+        halves = [t.chunk(2, dim=-1) for t in parts]
+        return torch.cat([torch.cat([a for a, _ in halves], -1), torch.cat([b for _, b in halves], -1)], -1).contiguous()
+    return torch.cat(parts, 0)  # wo, w2: split along the input dim
+
+
 def merge_ranks(engine: Engine, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One layer's full (in, out) weights from its tensor-parallel shards."""
+    """One layer's full (in, out) weights from the tensor-parallel shards of an fp engine."""
     m, tp = engine.model, engine.tp
-    hd, hq, hkv = m["size_per_head"], m["head_num"], m["kv_head_num"]
-    kv_r = kv_heads_per_rank(hkv, tp)
-    split = [hq // tp * hd, kv_r * hd, kv_r * hd]
-    # With kv heads replicated over ranks, take each kv head from the first rank holding it.
-    kv_ranks = [r for r in range(tp) if tp <= hkv or r % (tp // hkv) == 0]
     p = f"layers.{layer}"
-    get = lambda n: engine.get(n).to(dtype)  # noqa: E731
-    out = {}
-    for kind in ("weight", "bias") if m["attn_bias"] else ("weight",):
-        parts = [get(f"{p}.attention.w_qkv.{r}.{kind}").split(split, dim=-1) for r in range(tp)]
-        q = torch.cat([parts[r][0] for r in range(tp)], -1)
-        k = torch.cat([parts[r][1] for r in kv_ranks], -1)
-        v = torch.cat([parts[r][2] for r in kv_ranks], -1)
-        out[f"qkv.{kind}"] = torch.cat([q, k, v], -1).contiguous()
-    out["wo"] = torch.cat([get(f"{p}.attention.wo.{r}.weight") for r in range(tp)], 0)
-    w13 = [get(f"{p}.feed_forward.w13.{r}.weight").chunk(2, dim=-1) for r in range(tp)]
-    out["w13"] = torch.cat([torch.cat([a for a, _ in w13], -1), torch.cat([b for _, b in w13], -1)], -1).contiguous()
-    out["w2"] = torch.cat([get(f"{p}.feed_forward.w2.{r}.weight") for r in range(tp)], 0)
+    shards = lambda kind, suffix: [engine.get(f"{p}.{kind}.{r}.{suffix}").to(dtype) for r in range(tp)]  # noqa: E731
+    out = {"qkv.weight": _merge("attention.w_qkv", shards("attention.w_qkv", "weight"), m, tp)}
+    if m["attn_bias"]:
+        out["qkv.bias"] = _merge("attention.w_qkv", shards("attention.w_qkv", "bias"), m, tp)
+    out["wo"] = _merge("attention.wo", shards("attention.wo", "weight"), m, tp)
+    out["w13"] = _merge("feed_forward.w13", shards("feed_forward.w13", "weight"), m, tp)
+    out["w2"] = _merge("feed_forward.w2", shards("feed_forward.w2", "weight"), m, tp)
     return out
 
 
+def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, device="cpu", kernels: bool = True) -> nn.Module:
+    """Linear `layers.{layer}.{kind}` with its tensor-parallel ranks merged: `Linear` or `QuantLinear`."""
+    m, tp = engine.model, engine.tp
+    base = f"layers.{layer}.{kind}"
+
+    def merged(suffix, convert=lambda t: t):
+        return _merge(kind, [convert(engine.get(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
+
+    bias = merged("bias").to(dtype) if kind == "attention.w_qkv" and m["attn_bias"] else None
+    if not engine.is_quantized(base):
+        return Linear(merged("weight").to(dtype), bias)
+    bits = engine.quant["bits"]
+    codes = merged("qweight", unpack_int4 if bits == 4 else (lambda t: t))
+    in_features = {"attention.w_qkv": m["hidden_units"], "feed_forward.w13": m["hidden_units"]}.get(kind, codes.shape[0])
+    return QuantLinear(codes, merged("scales"), merged("zeros"), bits, in_features, bias, dtype, device, kernels)
+
+
 class EngineModel(nn.Module):
-    def __init__(self, engine: Engine, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, engine: Engine, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: bool = True):
+        """`kernels=False` runs quantized linears dequantized even where an integer kernel fits."""
         super().__init__()
         self.config = cfg = engine.model
         self.compute_dtype = dtype
         eps = float(cfg["norm_eps"])
         get = lambda n: engine.get(n).to(dtype)  # noqa: E731
+        lin = lambda i, kind: load_linear(engine, i, kind, dtype, device, kernels)  # noqa: E731
         self.tok_embeddings = nn.Parameter(get("tok_embeddings.weight"), requires_grad=False)
         layers = []
         for i in range(cfg["num_layer"]):
-            w = merge_ranks(engine, i, dtype)
             p = f"layers.{i}"
             qn = kn = None
             if cfg["qk_norm"]:
                 qn, kn = RMSNorm(get(f"{p}.attention.q_norm.weight"), eps), RMSNorm(get(f"{p}.attention.k_norm.weight"), eps)
-            attn = Attention(cfg, Linear(w["qkv.weight"], w.get("qkv.bias")), Linear(w["wo"]), qn, kn)
-            layers.append(DecoderLayer(RMSNorm(get(f"{p}.attention_norm.weight"), eps), attn,
-                                       RMSNorm(get(f"{p}.ffn_norm.weight"), eps), FeedForward(Linear(w["w13"]), Linear(w["w2"]))))
+            attn = Attention(cfg, lin(i, "attention.w_qkv"), lin(i, "attention.wo"), qn, kn)
+            ffn = FeedForward(lin(i, "feed_forward.w13"), lin(i, "feed_forward.w2"))
+            layers.append(DecoderLayer(RMSNorm(get(f"{p}.attention_norm.weight"), eps), attn, RMSNorm(get(f"{p}.ffn_norm.weight"), eps), ffn))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(get("norm.weight"), eps)
         self.output = None if cfg["tie_word_embeddings"] else Linear(get("output.weight"))
@@ -161,8 +252,9 @@ class EngineModel(nn.Module):
         self.eval().to(device)
 
     @classmethod
-    def from_path(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", check: bool = False) -> "EngineModel":
-        return cls(Engine(path, check=check), dtype=dtype, device=device)
+    def from_path(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", check: bool = False,
+                  kernels: bool = True) -> "EngineModel":
+        return cls(Engine(path, check=check), dtype=dtype, device=device, kernels=kernels)
 
     @property
     def device(self) -> torch.device:

@@ -12,6 +12,11 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory never needs the hub
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # Calibration and evaluation tokenize whole documents and window them afterwards;
+    # the "longer than the maximum sequence length" warning does not apply.
+    hf_logging.set_verbosity_error()
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

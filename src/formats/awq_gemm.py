@@ -1,0 +1,93 @@
+"""The AWQ-GEMM interchange layout: what `lmkiln quantize --to hf` writes and what
+`lmkiln convert hf-to-engine` reads (ours, AutoAWQ's, lmdeploy lite's).
+
+Per quantized linear `M` (HF module path): `M.qweight` int32 (in, out/8), `M.qzeros`
+int32 (in/g, out/8), `M.scales` fp16 (in/g, out), `M.bias` when the module has one;
+config.json carries `quantization_config = {quant_method: "awq", bits, group_size,
+zero_point, version: "gemm", modules_to_not_convert}`.
+
+8-bit has no ecosystem layout; lmkiln writes `version: "lmkiln-gemm-int8"` (four codes
+per int32, plain byte order) so other tools refuse it instead of misreading it.
+Widths that are not multiples of the group (input) or of the pack width (output) are
+zero-padded; the padded shapes are visible in the tensors and flagged in
+`quantization_config.lmkiln_padded`, since other loaders require unpadded shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmkiln.convert.transforms import round_up
+from lmkiln.errors import CheckpointError
+from lmkiln.quant.primitives import from_awq_gemm, to_awq_gemm
+from lmkiln.quant.qtensor import QTensor
+
+SUFFIXES = ("qweight", "qzeros", "scales")
+VERSIONS = {4: "gemm", 8: "lmkiln-gemm-int8"}
+PACK = {4: 8, 8: 4}  # codes per int32 word
+
+
+@dataclass(frozen=True)
+class AwqSpec:
+    bits: int
+    group_size: int  # -1 = per channel
+    zero_point: bool
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def to_config(self, padded: bool, extra: dict | None = None) -> dict:
+        cfg = {
+            "quant_method": "awq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "zero_point": self.zero_point,
+            "version": VERSIONS[self.bits],
+            "modules_to_not_convert": list(self.modules_to_not_convert) or None,
+        }
+        if padded:
+            cfg["lmkiln_padded"] = True
+        if extra:
+            cfg.update(extra)
+        return cfg
+
+
+def awq_spec(config: dict) -> AwqSpec | None:
+    """The AWQ settings of a checkpoint's config.json, None if it is not quantized."""
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    method = str(q.get("quant_method", "")).lower()
+    version = str(q.get("version", "gemm")).lower()
+    bits = q.get("bits", q.get("w_bit"))
+    if method != "awq" or bits not in VERSIONS or version != VERSIONS[bits]:
+        raise CheckpointError(
+            f"quantization_config {method!r} version {version!r} bits {bits!r} is not supported; lmkiln reads AWQ-GEMM 4-bit "
+            "(AutoAWQ/lmdeploy/lmkiln) and lmkiln's 8-bit layout"
+        )
+    return AwqSpec(bits=bits, group_size=int(q.get("group_size", q.get("q_group_size", 128))),
+                   zero_point=bool(q.get("zero_point", True)), modules_to_not_convert=tuple(q.get("modules_to_not_convert") or ()))
+
+
+def qlinear_shapes(spec: AwqSpec, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+    g = in_features if spec.group_size == -1 else spec.group_size
+    i_p, o_p = round_up(in_features, g), round_up(out_features, PACK[spec.bits])
+    return {"qweight": (i_p, o_p // PACK[spec.bits]), "qzeros": (i_p // g, o_p // PACK[spec.bits]), "scales": (i_p // g, o_p)}
+
+
+def read_qlinear(get, module: str, spec: AwqSpec, out_features: int, in_features: int) -> QTensor:
+    """Unpack module `module` (via `get(name) -> tensor`) into a QTensor without output padding."""
+    g = in_features if spec.group_size == -1 else spec.group_size
+    qweight, qzeros, scales = (get(f"{module}.{s}") for s in SUFFIXES)
+    codes, sc, z = from_awq_gemm(qweight, qzeros, scales, g, bits=spec.bits)
+    qt = QTensor(codes=codes, scales=sc, zeros=z, bits=spec.bits, group_size=g, in_features=in_features)
+    return qt.map_rows(lambda t: t[:out_features])
+
+
+def write_qlinear(qt: QTensor) -> dict[str, torch.Tensor]:
+    """QTensor -> {qweight, qzeros, scales}, padding the output width to the pack width."""
+    o_p = round_up(qt.out_features, PACK[qt.bits])
+    pad = o_p - qt.out_features
+    if pad:
+        qt = qt.map_rows(lambda t: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]))
+    return to_awq_gemm(qt.codes, qt.scales, qt.zeros, bits=qt.bits)

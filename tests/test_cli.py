@@ -1,0 +1,282 @@
+"""The command line: exit codes, one-line errors, --debug tracebacks, and the main commands."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lmkiln
+from helpers import copy_tree, edit_json, make_tiny_model
+from lmkiln.cli import app
+from lmkiln.errors import InputError, OutputExistsError
+from lmkiln.formats.engine import MANIFEST, rank_file
+
+ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+
+
+def assert_one_line_error(result, code=2, *needles):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert result.stdout.strip() == ""
+    return lines[0]
+
+
+def run_module(*args, cwd=None, timeout=120):
+    env = {**os.environ, **ENV}
+    return subprocess.run([sys.executable, "-m", "lmkiln", *[str(a) for a in args]], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+# -- success paths ------------------------------------------------------------------------
+
+
+def test_version():
+    r = invoke("--version")
+    assert r.exit_code == 0
+    assert r.stdout.strip() == f"lmkiln {lmkiln.__version__}"
+
+
+def test_no_args_shows_help():
+    r = invoke()
+    assert "convert" in r.output and "inspect" in r.output and "generate" in r.output
+
+
+def test_convert_success(tiny_llama, tmp_path):
+    out = tmp_path / "e"
+    r = invoke("convert", "hf-to-engine", tiny_llama, "-o", out, "--dtype", "fp16", "--tp", "2")
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.stdout and str(out) in r.stdout
+    from lmkiln.formats.engine import Engine
+
+    eng = Engine(out, check=True)
+    assert eng.tp == 2 and eng.dtype == torch.float16
+    assert (out / rank_file(1)).is_file()
+
+
+def test_inspect_hf(tiny_llama):
+    r = invoke("inspect", tiny_llama)
+    assert r.exit_code == 0, r.output
+    assert "LlamaForCausalLM" in r.stdout
+    assert "Hugging Face checkpoint" in r.stdout
+    assert "float32" in r.stdout and "model.safetensors" in r.stdout
+    assert "tokenizer.json" in r.stdout
+
+
+def test_inspect_engine(tiny_engine):
+    r = invoke("inspect", tiny_engine)
+    assert r.exit_code == 0, r.output
+    assert "LlamaForCausalLM" in r.stdout
+    assert "lmkiln engine" in r.stdout
+    assert "all hold" in r.stdout
+    assert "fp32" in r.stdout and "lmkiln-engine v1" in r.stdout
+
+
+def test_inspect_tampered_engine(tiny_engine, tmp_path):
+    eng = copy_tree(tiny_engine, tmp_path / "e")
+    f = eng / rank_file(0)
+    raw = bytearray(f.read_bytes())
+    raw[-10] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    r = invoke("inspect", eng)
+    assert r.exit_code == 1, r.output
+    assert "MISMATCH" in r.stdout and rank_file(0) in r.stdout
+    assert "all hold" not in r.stdout
+    r = invoke("inspect", eng, "--no-check")
+    assert r.exit_code == 0
+    assert "not checked" in r.stdout
+
+
+def test_generate_engine(tiny_engine):
+    r = invoke("generate", tiny_engine, "-p", "Once upon a time", "-p", "The cat", "-n", "8")
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 2
+    assert lines[0].startswith("Once upon a time") and len(lines[0]) > len("Once upon a time")
+    assert lines[1].startswith("The cat") and len(lines[1]) > len("The cat")
+
+
+def test_generate_hf_dir_matches_engine(tiny_llama, tiny_engine):
+    a = invoke("generate", tiny_llama, "-p", "Hello there", "-n", "6")
+    b = invoke("generate", tiny_engine, "-p", "Hello there", "-n", "6")
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert a.stdout.startswith("Hello there") and len(a.stdout.strip()) > len("Hello there")
+    assert a.stdout == b.stdout  # converted on the fly == converted ahead of time
+
+
+def test_demo(tmp_path):
+    work = tmp_path / "demo"
+    r = invoke("demo", "--workdir", work)
+    assert r.exit_code == 0, r.output
+    assert "Once upon a time" in r.stdout
+    story = r.stdout.split("Once upon a time", 1)[1]
+    assert len(story.split()) >= 5  # a continuation, in words
+    assert (work / "stories260K.engine" / MANIFEST).is_file()
+    # Running it again replaces its own output.
+    assert invoke("demo", "--workdir", work).exit_code == 0
+
+
+def test_pickle_opt_in(tmp_path, tiny_llama):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copyfile(tiny_llama / "config.json", d / "config.json")
+    torch.save(load_file(str(tiny_llama / "model.safetensors")), d / "pytorch_model.bin")
+    assert_one_line_error(invoke("convert", "hf-to-engine", d, "-o", tmp_path / "e"), 2, "--allow-pickle")
+    r = invoke("convert", "hf-to-engine", d, "-o", tmp_path / "e", "--allow-pickle")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "e" / MANIFEST).is_file()
+
+
+def test_inspect_pickle_follows_its_own_advice(tmp_path, tiny_llama):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copyfile(tiny_llama / "config.json", d / "config.json")
+    torch.save(load_file(str(tiny_llama / "model.safetensors")), d / "pytorch_model.bin")
+    assert_one_line_error(invoke("inspect", d), 2, "--allow-pickle")
+    r = invoke("inspect", d, "--allow-pickle")
+    assert r.exit_code == 0, r.output
+    assert "LlamaForCausalLM" in r.stdout
+
+
+# -- one-line errors ----------------------------------------------------------------------
+
+
+def test_error_missing_dir(tmp_path):
+    line = assert_one_line_error(invoke("convert", "hf-to-engine", tmp_path / "absent", "-o", tmp_path / "e"), 2, "no such directory")
+    assert str(tmp_path / "absent") in line
+    assert not (tmp_path / "e").exists()
+
+
+def test_error_no_config(tmp_path, tiny_llama):
+    d = copy_tree(tiny_llama, tmp_path / "m")
+    (d / "config.json").unlink()
+    assert_one_line_error(invoke("convert", "hf-to-engine", d, "-o", tmp_path / "e"), 2, "no config.json")
+    assert_one_line_error(invoke("inspect", d), 2, "no config.json")
+
+
+def test_error_unsupported_architecture(tmp_path, tiny_llama):
+    d = copy_tree(tiny_llama, tmp_path / "m")
+    edit_json(d / "config.json", lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    line = assert_one_line_error(invoke("convert", "hf-to-engine", d, "-o", tmp_path / "e"), 2, "GPT2LMHeadModel", "LlamaForCausalLM")
+    assert "supported" in line
+    assert_one_line_error(invoke("inspect", d), 2, "GPT2LMHeadModel")
+
+
+def test_error_truncated_safetensors(tmp_path, tiny_llama):
+    d = copy_tree(tiny_llama, tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    assert_one_line_error(invoke("convert", "hf-to-engine", d, "-o", tmp_path / "e"), 2, "truncated", "model.safetensors")
+    assert_one_line_error(invoke("generate", d, "-p", "hi"), 2, "truncated")
+    assert not (tmp_path / "e").exists()
+
+
+def test_error_bad_manifest(tmp_path, tiny_engine):
+    eng = copy_tree(tiny_engine, tmp_path / "e")
+    (eng / MANIFEST).write_text("{ this is not json")
+    assert_one_line_error(invoke("inspect", eng), 2, "not valid JSON")
+    assert_one_line_error(invoke("generate", eng, "-p", "hi"), 2, "not valid JSON")
+
+
+def test_error_newer_engine_format(tmp_path, tiny_engine):
+    eng = copy_tree(tiny_engine, tmp_path / "e")
+    edit_json(eng / MANIFEST, lambda m: m.update(format_version=2))
+    assert_one_line_error(invoke("inspect", eng), 2, "upgrade lmkiln")
+
+
+def test_error_existing_output(tmp_path, tiny_llama):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert_one_line_error(invoke("convert", "hf-to-engine", tiny_llama, "-o", out), 2, "already exists", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    r = invoke("convert", "hf-to-engine", tiny_llama, "-o", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert (out / MANIFEST).is_file() and not (out / "mine.txt").exists()
+
+
+def test_error_bad_options(tmp_path, tiny_llama):
+    assert_one_line_error(invoke("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e", "--tp", "3"), 2, "--tp 3")
+    assert_one_line_error(invoke("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e", "--dtype", "fp8"), 2, "--dtype")
+    assert not (tmp_path / "e").exists()
+
+
+def test_error_output_inside_input(tmp_path, tiny_llama):
+    d = copy_tree(tiny_llama, tmp_path / "m")
+    assert_one_line_error(invoke("convert", "hf-to-engine", d, "-o", d / "engine"), 2, "must not be")
+    assert not (d / "engine").exists()
+
+
+def test_internal_error_is_one_line_exit_3(monkeypatch, tiny_llama):
+    import lmkiln.inspect_model
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("synthetic bug")
+
+    monkeypatch.setattr(lmkiln.inspect_model, "describe", boom)
+    r = invoke("inspect", tiny_llama)
+    assert r.exit_code == 3
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("internal error:")
+    assert "ZeroDivisionError" in lines[0] and "--debug" in lines[0]
+    r = invoke("--debug", "inspect", tiny_llama)
+    assert isinstance(r.exception, ZeroDivisionError)
+
+
+def test_debug_propagates_exception(tmp_path, tiny_llama):
+    r = invoke("--debug", "convert", "hf-to-engine", tmp_path / "absent", "-o", tmp_path / "e")
+    assert r.exit_code != 0
+    assert isinstance(r.exception, InputError)
+    out = tmp_path / "e2"
+    out.mkdir()
+    r = invoke("--debug", "convert", "hf-to-engine", tiny_llama, "-o", out)
+    assert isinstance(r.exception, OutputExistsError)
+    # --debug does not stick to the next invocation.
+    assert_one_line_error(invoke("convert", "hf-to-engine", tmp_path / "absent", "-o", tmp_path / "e"), 2)
+
+
+# -- real subprocesses --------------------------------------------------------------------
+
+
+def test_subprocess_version():
+    p = run_module("--version")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"lmkiln {lmkiln.__version__}"
+
+
+def test_subprocess_error_and_debug(tmp_path):
+    p = run_module("inspect", tmp_path / "absent")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no such file or directory" in lines[0]
+    p = run_module("--debug", "inspect", tmp_path / "absent")
+    assert p.returncode != 0
+    assert "Traceback" in p.stderr
+    assert "InputError" in p.stderr
+
+
+def test_convert_and_inspect_qwen3(tmp_path):
+    hf = make_tiny_model(tmp_path / "hf", "Qwen3ForCausalLM", seed=5)
+    r = invoke("convert", "hf-to-engine", hf, "-o", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    r = invoke("inspect", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    assert "Qwen3ForCausalLM" in r.stdout and "all hold" in r.stdout
+    assert "4 / 2 / 24" in r.stdout  # heads / kv heads / explicit head_dim

@@ -1,0 +1,572 @@
+"""Engine format v1: conversion output, the validating reader, atomic writes and accounting."""
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+
+import lmkiln.convert.hf_to_engine as h2e
+from helpers import ARCHS, LLAMA3_ROPE, add_tensor, copy_tree, edit_json, load_hf_model, make_tiny_model, read_raw_header, remove_tensor, replace_tensor, rewrite_header
+from lmkiln.convert.architectures import ARCHITECTURES
+from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+from lmkiln.errors import (
+    CheckpointError, ChecksumError, EngineFormatError, InputError, LmkilnError, OutputExistsError, UnsupportedArchitectureError,
+)
+from lmkiln.formats.engine import MANIFEST, SHARED_FILE, Engine, expected_tensors, rank_file
+from lmkiln.errors import SafetensorsFormatError
+from lmkiln.formats.safetensors_io import read_header
+from lmkiln.runtime.engine_model import EngineModel
+
+WEIGHT = rank_file(0)
+
+
+@pytest.fixture
+def engine_copy(tiny_engine, tmp_path):
+    return copy_tree(tiny_engine, tmp_path / "copy.engine")
+
+
+def _manifest(path):
+    return json.loads((path / MANIFEST).read_text())
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if "lmkiln-tmp" in p.name or "lmkiln-old" in p.name)
+
+
+# -- what a conversion writes -------------------------------------------------------------
+
+
+def test_converted_engine_layout(tiny_engine, tiny_llama):
+    m = _manifest(tiny_engine)
+    assert m["format"] == "lmkiln-engine" and m["format_version"] == 1
+    assert m["weight_type"] == "fp32" and m["tensor_parallel"] == 1
+    model = m["model"]
+    assert model["architecture"] == "LlamaForCausalLM"
+    assert (model["head_num"], model["kv_head_num"], model["size_per_head"], model["hidden_units"]) == (4, 2, 16, 64)
+    assert model["inter_size"] == model["inter_size_padded"] == 96
+    assert model["num_layer"] == 2 and model["vocab_size"] == 512 and model["tie_word_embeddings"] is False
+    assert model["eos_token_id"] == [2]
+    # The index is exactly the format's expected list, and the files hold exactly it.
+    want = expected_tensors(model, 1, 96, torch.float32)
+    assert {n: (f, list(s)) for n, f, _, s in want} == {n: (e["file"], e["shape"]) for n, e in m["tensors"].items()}
+    assert set(m["files"]) == {SHARED_FILE, WEIGHT}
+    for fname in m["files"]:
+        infos, _ = read_header(tiny_engine / fname)
+        assert set(infos) == {n for n, e in m["tensors"].items() if e["file"] == fname}
+    # Side files travel with the engine.
+    assert (tiny_engine / "source_config.json").read_text() == (tiny_llama / "config.json").read_text()
+    for name in m["tokenizer_files"]:
+        assert (tiny_engine / name).read_bytes() == (tiny_llama / name).read_bytes()
+    assert "tokenizer.json" in m["tokenizer_files"]
+    assert m["source"]["architecture"] == "LlamaForCausalLM"
+    assert m["source"]["skipped_tensors"] == {}
+
+
+def test_manifest_sha256_and_sizes(tiny_engine):
+    m = _manifest(tiny_engine)
+    for fname, meta in m["files"].items():
+        data = (tiny_engine / fname).read_bytes()
+        assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+        assert meta["size"] == len(data)
+    eng = Engine(tiny_engine, check=True)
+    assert eng.verify_checksums() == {f: True for f in m["files"]}
+
+
+def test_engine_tensors_are_the_transformed_hf_tensors(tiny_engine, tiny_llama):
+    from lmkiln.convert.transforms import permute_rotary
+    from lmkiln.formats.hf import HFCheckpoint
+
+    eng, ck = Engine(tiny_engine), HFCheckpoint(tiny_llama)
+    assert torch.equal(eng.get("tok_embeddings.weight"), ck.get("model.embed_tokens.weight"))
+    assert torch.equal(eng.get("output.weight"), ck.get("lm_head.weight").t())
+    assert torch.equal(eng.get("layers.1.ffn_norm.weight"), ck.get("model.layers.1.post_attention_layernorm.weight"))
+    qkv = eng.get("layers.0.attention.w_qkv.0.weight")  # (in, out) = (64, (4 + 2 + 2) * 16)
+    q = permute_rotary(ck.get("model.layers.0.self_attn.q_proj.weight"), 4, 16)
+    k = permute_rotary(ck.get("model.layers.0.self_attn.k_proj.weight"), 2, 16)
+    v = ck.get("model.layers.0.self_attn.v_proj.weight")
+    assert torch.equal(qkv, torch.cat([q, k, v]).t())
+    w13 = eng.get("layers.0.feed_forward.w13.0.weight")
+    assert torch.equal(w13, torch.cat([ck.get("model.layers.0.mlp.gate_proj.weight"), ck.get("model.layers.0.mlp.up_proj.weight")]).t())
+    with pytest.raises(EngineFormatError, match="no tensor"):
+        eng.get("layers.9.nothing")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_reproduces_hf_logits(tmp_path, arch):
+    """A converted engine (tp 1 and tp 4 with kv replication and FFN padding) gives HF's logits."""
+    hf_dir = make_tiny_model(tmp_path / "hf", arch, seed=3, intermediate_size=90, tie_word_embeddings=arch == "Qwen2ForCausalLM",
+                             rope_scaling="llama3" if arch == "LlamaForCausalLM" else None)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = load_hf_model(hf_dir)(ids).logits
+    for tp in (1, 4):
+        eng = convert_hf_to_engine(hf_dir, tmp_path / f"tp{tp}.engine", tp=tp)
+        m = _manifest(eng)
+        assert m["tensor_parallel"] == tp and m["model"]["inter_size_padded"] == (90 if tp == 1 else 92)
+        got = EngineModel.from_path(eng, check=True)(ids)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _parity(hf_dir, engine_dir, T=12):
+    ids = torch.randint(0, 512, (1, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = load_hf_model(hf_dir)(ids).logits
+    return EngineModel.from_path(engine_dir)(ids), ref
+
+
+@pytest.mark.parametrize("arch, kw", [
+    ("MistralForCausalLM", {"sliding_window": 4}),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}),
+])
+def test_sliding_window_parity(tmp_path, arch, kw):
+    hf_dir = make_tiny_model(tmp_path / "hf", arch, tokenizer=False, **kw)
+    eng = convert_hf_to_engine(hf_dir, tmp_path / "e")
+    assert _manifest(eng)["model"]["sliding_window"] == 4
+    got, ref = _parity(hf_dir, eng)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unused_sliding_window_is_dropped(tmp_path):
+    hf_dir = make_tiny_model(tmp_path / "hf", "Qwen2ForCausalLM", tokenizer=False, use_sliding_window=False, sliding_window=4)
+    assert _manifest(convert_hf_to_engine(hf_dir, tmp_path / "e"))["model"]["sliding_window"] is None
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_sliding_window_only_on_some_layers(tmp_path, arch):
+    hf_dir = make_tiny_model(tmp_path / "hf", arch, tokenizer=False, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    try:
+        eng = convert_hf_to_engine(hf_dir, tmp_path / "e")
+    except UnsupportedArchitectureError:
+        return  # refusing what the engine cannot run would be correct too
+    got, ref = _parity(hf_dir, eng)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("old_key", ["rope_type", "type"])
+def test_pre_v5_rope_config(tmp_path, old_key):
+    """A transformers-4 style config (rope_theta + rope_scaling) converts like the v5 rope_parameters one."""
+    hf_dir = make_tiny_model(tmp_path / "hf", rope_scaling={**LLAMA3_ROPE, "rope_theta": 50000.0}, tokenizer=False)
+    new = _manifest(convert_hf_to_engine(hf_dir, tmp_path / "new"))["model"]["rope"]
+    assert new["type"] == "llama3" and new["base"] == 50000.0 and new["dim"] == 16
+    assert new["scaling"]["factor"] == 8.0 and new["scaling"]["original_max_position_embeddings"] == 32
+
+    def to_old_style(c):
+        rp = dict(c.pop("rope_parameters"))
+        c["rope_theta"] = rp.pop("rope_theta")
+        rp[old_key] = rp.pop("rope_type")
+        c["rope_scaling"] = rp
+
+    edit_json(hf_dir / "config.json", to_old_style)
+    old = _manifest(convert_hf_to_engine(hf_dir, tmp_path / "old"))["model"]["rope"]
+    assert old == new
+    got, ref = _parity(hf_dir, tmp_path / "old")  # transformers reads the old style too
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, code, name", [("fp16", "F16", "fp16"), ("bf16", "BF16", "bf16"), ("fp32", "F32", "fp32")])
+def test_dtype_option(tiny_llama, tmp_path, dtype, code, name):
+    eng = convert_hf_to_engine(tiny_llama, tmp_path / "e", dtype=dtype)
+    m = _manifest(eng)
+    assert m["weight_type"] == name
+    assert {e["dtype"] for e in m["tensors"].values()} == {name}
+    for fname in m["files"]:
+        infos, _ = read_header(eng / fname)
+        assert {i.dtype for i in infos.values()} == {code}
+    e = Engine(eng, check=True)
+    assert e.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    assert e.get("norm.weight").dtype == e.dtype
+
+
+def test_dtype_auto_keeps_source(tmp_path):
+    hf = make_tiny_model(tmp_path / "hf", dtype=torch.float16, tokenizer=False)
+    m = _manifest(convert_hf_to_engine(hf, tmp_path / "e"))
+    assert m["weight_type"] == "fp16" and m["source"]["source_dtype"] == "float16"
+
+
+def test_dtype_invalid(tiny_llama, tmp_path):
+    with pytest.raises(InputError, match="--dtype"):
+        convert_hf_to_engine(tiny_llama, tmp_path / "e", dtype="int3")
+    assert not (tmp_path / "e").exists()
+
+
+def test_tp_invalid(tiny_llama, tmp_path):
+    with pytest.raises(InputError, match="--tp 3"):
+        convert_hf_to_engine(tiny_llama, tmp_path / "e", tp=3)
+    assert not (tmp_path / "e").exists()
+
+
+def test_tied_embeddings_have_no_output(tmp_path):
+    hf = make_tiny_model(tmp_path / "hf", tie_word_embeddings=True, tokenizer=False)
+    m = _manifest(convert_hf_to_engine(hf, tmp_path / "e"))
+    assert m["model"]["tie_word_embeddings"] is True
+    assert "output.weight" not in m["tensors"]
+
+
+# -- the reader rejects damaged engines ---------------------------------------------------
+
+
+def _flip_data_byte(path):
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    pos = 8 + n + (len(raw) - 8 - n) // 2
+    raw[pos] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_data_byte_needs_check(engine_copy):
+    _flip_data_byte(engine_copy / WEIGHT)
+    Engine(engine_copy)  # header and sizes still agree: loads without hashing
+    with pytest.raises(ChecksumError, match="sha256") as ei:
+        Engine(engine_copy, check=True)
+    assert WEIGHT in str(ei.value)
+    assert isinstance(ei.value, EngineFormatError)
+    assert Engine(engine_copy).verify_checksums() == {SHARED_FILE: True, WEIGHT: False}
+
+
+def test_truncated_weight_file(engine_copy):
+    f = engine_copy / WEIGHT
+    f.write_bytes(f.read_bytes()[:-16])
+    with pytest.raises(EngineFormatError, match="truncated") as ei:
+        Engine(engine_copy)
+    assert WEIGHT in str(ei.value)
+
+
+def test_size_mismatch_in_manifest(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m["files"][SHARED_FILE].update(size=m["files"][SHARED_FILE]["size"] + 1))
+    with pytest.raises(EngineFormatError, match=f"{SHARED_FILE} is .* bytes, manifest says"):
+        Engine(engine_copy)
+
+
+def test_missing_weight_file(engine_copy):
+    (engine_copy / SHARED_FILE).unlink()
+    with pytest.raises(EngineFormatError, match=f"weight file {SHARED_FILE} is missing"):
+        Engine(engine_copy)
+
+
+def test_tensor_removed_from_index(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m["tensors"].pop("layers.1.ffn_norm.weight"))
+    with pytest.raises(EngineFormatError, match="'layers.1.ffn_norm.weight' is missing from the manifest index"):
+        Engine(engine_copy)
+
+
+def test_unknown_tensor_in_index(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m["tensors"].update({"layers.0.extra.weight": {"file": SHARED_FILE, "dtype": "fp32", "shape": [64]}}))
+    with pytest.raises(EngineFormatError, match="'layers.0.extra.weight' in the manifest is not part of format v1"):
+        Engine(engine_copy)
+
+
+def test_wrong_shape_in_manifest(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m["tensors"]["norm.weight"].update(shape=[65]))
+    with pytest.raises(EngineFormatError, match="'norm.weight'"):
+        Engine(engine_copy)
+
+
+def test_wrong_dtype_in_manifest_entry(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m["tensors"]["norm.weight"].update(dtype="fp16"))
+    with pytest.raises(EngineFormatError, match="'norm.weight'"):
+        Engine(engine_copy)
+
+
+def test_model_config_disagrees_with_index(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m["model"].update(num_layer=3))
+    with pytest.raises(EngineFormatError, match="layers.2"):
+        Engine(engine_copy)
+
+
+def test_file_header_disagrees_with_manifest(engine_copy):
+    """Same byte count, transposed shape in the weight file itself."""
+    f = engine_copy / WEIGHT
+    before = f.stat().st_size
+    rewrite_header(f, lambda h: h["layers.0.feed_forward.w2.0.weight"].update(shape=[64, 96]))
+    assert f.stat().st_size == before
+    with pytest.raises(EngineFormatError, match="w2.0.weight' in rank0.safetensors is F32 \\[64, 96\\]"):
+        Engine(engine_copy)
+
+
+def test_file_holds_other_tensors(engine_copy):
+    f = engine_copy / SHARED_FILE
+
+    def rename(h):
+        h["norm.weightX"] = h.pop("norm.weight")
+
+    rewrite_header(f, rename)
+    edit_json(engine_copy / MANIFEST, lambda m: m["files"][SHARED_FILE].update(size=f.stat().st_size))
+    with pytest.raises(EngineFormatError, match="holds different tensors"):
+        Engine(engine_copy)
+
+
+def test_format_version_newer(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m.update(format_version=2))
+    with pytest.raises(EngineFormatError, match="version 2 is newer.*upgrade lmkiln"):
+        Engine(engine_copy)
+
+
+@pytest.mark.parametrize("version, match", [(0, "invalid"), ("1", "integer format_version"), (None, "integer format_version")])
+def test_format_version_bad(engine_copy, version, match):
+    edit_json(engine_copy / MANIFEST, lambda m: m.update(format_version=version))
+    with pytest.raises(EngineFormatError, match=match):
+        Engine(engine_copy)
+
+
+def test_wrong_format_name(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m.update(format="turbomind"))
+    with pytest.raises(EngineFormatError, match="'turbomind', expected 'lmkiln-engine'"):
+        Engine(engine_copy)
+
+
+def test_manifest_not_an_object(engine_copy):
+    (engine_copy / MANIFEST).write_text("[]")
+    with pytest.raises(EngineFormatError, match="manifest format"):
+        Engine(engine_copy)
+
+
+def test_invalid_json_manifest(engine_copy):
+    (engine_copy / MANIFEST).write_text('{"format": "lmkiln-engine", ')
+    with pytest.raises(EngineFormatError, match="not valid JSON"):
+        Engine(engine_copy)
+
+
+def test_missing_manifest(engine_copy):
+    (engine_copy / MANIFEST).unlink()
+    with pytest.raises(EngineFormatError, match="no manifest.json"):
+        Engine(engine_copy)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(InputError):
+        Engine(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda m: m.update(weight_type="int3"), "weight_type"),
+        (lambda m: m.update(tensor_parallel=0), "tensor_parallel"),
+        (lambda m: m.pop("model"), "'model'"),
+        (lambda m: m.pop("tensors"), "'tensors'"),
+        (lambda m: m["model"].update(head_num="4"), "model.head_num"),
+        (lambda m: m["model"].update(head_num=True), "model.head_num"),
+        (lambda m: m["model"].pop("rope"), "model.rope"),
+        (lambda m: m["model"].update(inter_size_padded=95), "inter_size_padded"),
+        (lambda m: m["files"].update({"rank1.safetensors": {"sha256": "0", "size": 1}}), "'files' must list exactly"),
+        (lambda m: m["files"].pop(SHARED_FILE), "'files' must list exactly"),
+    ],
+)
+def test_manifest_field_validation(engine_copy, mutate, match):
+    edit_json(engine_copy / MANIFEST, mutate)
+    with pytest.raises(EngineFormatError, match=match):
+        Engine(engine_copy)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m["tensors"].update({"norm.weight": SHARED_FILE}),
+        lambda m: m["files"].update({SHARED_FILE: "deadbeef"}),
+        lambda m: m["files"][SHARED_FILE].pop("size"),
+        lambda m: m.update(tensor_parallel=True),
+    ],
+)
+def test_malformed_manifest_entries(engine_copy, mutate):
+    edit_json(engine_copy / MANIFEST, mutate)
+    with pytest.raises(EngineFormatError):
+        Engine(engine_copy)
+
+
+def test_format_version_bool(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m.update(format_version=True))
+    with pytest.raises(EngineFormatError, match="format_version"):
+        Engine(engine_copy)
+
+
+def test_corrupt_weight_file_header(engine_copy):
+    """Bit rot inside a weight file's JSON header (size unchanged) is a clear, typed error naming the file."""
+    f = engine_copy / WEIGHT
+    raw = bytearray(f.read_bytes())
+    raw[8] ^= 0xFF  # the header's opening brace
+    f.write_bytes(bytes(raw))
+    for check in (False, True):
+        with pytest.raises((EngineFormatError, SafetensorsFormatError)) as ei:
+            Engine(engine_copy, check=check)
+        assert WEIGHT in str(ei.value)
+
+
+# -- atomic output ------------------------------------------------------------------------
+
+
+def test_existing_output_refused(tiny_llama, tmp_path):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--force"):
+        convert_hf_to_engine(tiny_llama, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert not (out / MANIFEST).exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_force_replaces_output(tiny_llama, tmp_path):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    convert_hf_to_engine(tiny_llama, out, force=True)
+    assert not (out / "stale.txt").exists()
+    Engine(out, check=True)
+    assert _leftovers(tmp_path) == []
+
+
+def test_force_refuses_to_replace_a_file(tiny_llama, tmp_path):
+    out = tmp_path / "e"
+    out.write_text("a file")
+    with pytest.raises(OutputExistsError, match="not a directory"):
+        convert_hf_to_engine(tiny_llama, out, force=True)
+    assert out.read_text() == "a file"
+
+
+def _failing_produce(after, exc):
+    real = h2e.produce
+
+    def produce(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == after:
+                raise exc
+            yield item
+
+    return produce
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_failure_midway_leaves_nothing(tiny_llama, tmp_path, monkeypatch, exc):
+    monkeypatch.setattr(h2e, "produce", _failing_produce(4, exc))
+    out = tmp_path / "e"
+    with pytest.raises(type(exc)):
+        convert_hf_to_engine(tiny_llama, out)
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_failure_midway_keeps_old_output(tiny_llama, tiny_engine, tmp_path, monkeypatch):
+    out = copy_tree(tiny_engine, tmp_path / "e")
+    before = (out / MANIFEST).read_text()
+    monkeypatch.setattr(h2e, "produce", _failing_produce(6, RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        convert_hf_to_engine(tiny_llama, out, force=True)
+    assert (out / MANIFEST).read_text() == before
+    Engine(out, check=True)
+    assert _leftovers(tmp_path) == []
+
+
+def test_output_inside_input_refused(tmp_path, tiny_llama):
+    hf = copy_tree(tiny_llama, tmp_path / "hf")
+    with pytest.raises(InputError, match="must not be, contain or sit inside"):
+        convert_hf_to_engine(hf, hf / "engine")
+    with pytest.raises(InputError, match="must not be, contain or sit inside"):
+        convert_hf_to_engine(hf, hf, force=True)
+    with pytest.raises(InputError, match="must not be, contain or sit inside"):
+        convert_hf_to_engine(hf, tmp_path, force=True)
+    assert not (hf / "engine").exists()
+    assert sorted(p.name for p in hf.iterdir()) == sorted(p.name for p in tiny_llama.iterdir())
+
+
+def test_output_parent_missing(tiny_llama, tmp_path):
+    with pytest.raises(InputError, match="parent directory"):
+        convert_hf_to_engine(tiny_llama, tmp_path / "no" / "e")
+
+
+# -- accounting ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hf_copy(tiny_llama, tmp_path):
+    return copy_tree(tiny_llama, tmp_path / "hf")
+
+
+def test_unknown_tensor_refused(hf_copy, tmp_path):
+    add_tensor(hf_copy / "model.safetensors", "model.layers.0.mlp.extra_proj.weight", torch.zeros(4, 4))
+    with pytest.raises(CheckpointError, match="model.layers.0.mlp.extra_proj.weight") as ei:
+        convert_hf_to_engine(hf_copy, tmp_path / "e")
+    assert "does not account for" in str(ei.value)
+    assert not (tmp_path / "e").exists()
+
+
+def test_missing_tensor_refused(hf_copy, tmp_path):
+    remove_tensor(hf_copy / "model.safetensors", "model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(CheckpointError, match="'model.layers.1.mlp.up_proj.weight' \\(up\\) is missing"):
+        convert_hf_to_engine(hf_copy, tmp_path / "e")
+
+
+def test_missing_lm_head_when_untied(hf_copy, tmp_path):
+    remove_tensor(hf_copy / "model.safetensors", "lm_head.weight")
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        convert_hf_to_engine(hf_copy, tmp_path / "e")
+
+
+def test_wrong_shape_refused(hf_copy, tmp_path):
+    replace_tensor(hf_copy / "model.safetensors", "model.layers.0.self_attn.k_proj.weight", torch.zeros(64, 64))
+    with pytest.raises(CheckpointError, match="k_proj.weight' has shape \\[64, 64\\], config.json implies \\[32, 64\\]"):
+        convert_hf_to_engine(hf_copy, tmp_path / "e")
+
+
+def test_config_disagrees_with_weights(hf_copy, tmp_path):
+    edit_json(hf_copy / "config.json", lambda c: c.update(intermediate_size=128))
+    with pytest.raises(CheckpointError, match="gate_proj.weight' has shape"):
+        convert_hf_to_engine(hf_copy, tmp_path / "e")
+
+
+def test_unsupported_architecture(hf_copy, tmp_path):
+    edit_json(hf_copy / "config.json", lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(UnsupportedArchitectureError, match="'GPT2LMHeadModel' is not supported") as ei:
+        convert_hf_to_engine(hf_copy, tmp_path / "e")
+    for name in ARCHITECTURES:
+        assert name in str(ei.value)
+    assert set(ARCHS) <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"hidden_act": "gelu"}, "activation 'gelu'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "rope type 'yarn'"),
+        ({"num_key_value_heads": 3}, "not a multiple of 3 kv heads"),
+    ],
+)
+def test_unsupported_config(hf_copy, tmp_path, change, match):
+    edit_json(hf_copy / "config.json", lambda c: c.update(change))
+    with pytest.raises(UnsupportedArchitectureError, match=match):
+        convert_hf_to_engine(hf_copy, tmp_path / "e")
+
+
+def test_rotary_buffers_skipped_and_recorded(hf_copy, tmp_path):
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    for i in range(2):
+        add_tensor(hf_copy / "model.safetensors", f"model.layers.{i}.self_attn.rotary_emb.inv_freq", inv)
+    eng = convert_hf_to_engine(hf_copy, tmp_path / "e")
+    skipped = _manifest(eng)["source"]["skipped_tensors"]
+    assert set(skipped) == {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(2)}
+    assert all("recomputed" in why for why in skipped.values())
+    Engine(eng, check=True)
+
+
+def test_tied_checkpoint_with_lm_head_copy_skips_it(tmp_path):
+    hf = make_tiny_model(tmp_path / "hf", tie_word_embeddings=True, tokenizer=False)
+    emb = read_raw_header(hf / "model.safetensors")[0]["model.embed_tokens.weight"]["shape"]
+    add_tensor(hf / "model.safetensors", "lm_head.weight", torch.zeros(emb))
+    m = _manifest(convert_hf_to_engine(hf, tmp_path / "e"))
+    assert "lm_head.weight" in m["source"]["skipped_tensors"]
+    assert "output.weight" not in m["tensors"]
+
+
+def test_sharded_and_single_convert_identically(tiny_llama, tiny_llama_sharded, tmp_path):
+    a = convert_hf_to_engine(tiny_llama, tmp_path / "a")
+    b = convert_hf_to_engine(tiny_llama_sharded, tmp_path / "b")
+    ma, mb = _manifest(a), _manifest(b)
+    assert ma["files"] == mb["files"]  # same bytes, same hashes
+    assert ma["tensors"] == mb["tensors"]
+
+
+def test_all_errors_are_lmkiln_errors():
+    for cls in (CheckpointError, ChecksumError, EngineFormatError, InputError, OutputExistsError, UnsupportedArchitectureError):
+        assert issubclass(cls, LmkilnError) and cls.exit_code == 2
