@@ -100,6 +100,62 @@ def hf_to_engine(
     out.print(f"[green]wrote[/] {output}")
 
 
+@app.command("quantize")
+@guarded
+def quantize_cmd(
+    model: Path = typer.Argument(..., help="Hugging Face model directory (fp16/bf16/fp32)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory to create."),
+    w4a16: bool = typer.Option(False, "--w4a16", help="4-bit weights, 16-bit activations."),
+    w8a16: bool = typer.Option(False, "--w8a16", help="8-bit weights, 16-bit activations."),
+    method: str = typer.Option("awq", help="awq (calibrated) or rtn (round to nearest, no calibration)."),
+    group_size: int = typer.Option(128, "--group-size", help="Weights per quantization group along the input; -1 = per channel."),
+    sym: bool = typer.Option(False, "--sym", help="Symmetric quantization (no zero points)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=".txt, .jsonl (text field) or a directory of them; default: bundled WikiText-2 validation excerpt."),
+    calib_samples: int = typer.Option(128, "--calib-samples", min=1),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", min=8),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows."),
+    no_clip: bool = typer.Option(False, "--no-clip", help="Skip the weight clipping search."),
+    duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="Scale by activation and weight magnitude (AutoAWQ's duo scaling)."),
+    to: str = typer.Option("hf", "--to", help="hf: AWQ-GEMM Hugging Face directory; engine: an lmkiln engine."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the quantization report (JSON) here."),
+):
+    """Quantize weights to int4/int8 with AWQ (or RTN), one decoder layer at a time."""
+    from lmkiln.errors import InputError
+    from lmkiln.quant.awq import QuantOptions
+    from lmkiln.quant.pipeline import CalibOptions, quantize_model
+
+    if w4a16 == w8a16:
+        raise InputError("choose exactly one of --w4a16 or --w8a16")
+    opts = QuantOptions(bits=4 if w4a16 else 8, group_size=group_size, symmetric=sym, method=method,
+                        clip=not no_clip, duo_scaling=duo_scaling)
+    calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
+    with progress_bar() as bar:
+        task = bar.add_task("layers", total=None)
+
+        def on_layer(i, n, rep):
+            bar.update(task, total=n, completed=i + 1)
+
+        result = quantize_model(model, output, opts, calib_opts, to=to, force=force, resume=resume, report_path=report,
+                                on_layer=on_layer, on_info=lambda msg: bar.console.print(msg, highlight=False))
+    _quant_table(result.report)
+    out.print(f"[green]wrote[/] {result.output}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB)")
+
+
+def _quant_table(report: dict) -> None:
+    table = Table(title=f"{report['method'].upper()} W{report['options']['bits']} g{report['options']['group_size']}")
+    for col in ("layer", "group", "alpha", "MSE rtn", "MSE final", "seconds"):
+        table.add_column(col, justify="right" if col != "group" else "left")
+    for lay in report["layers"]:
+        groups = [g for g in lay["groups"] if "alpha" in g] or [{}]
+        for j, g in enumerate(groups):
+            table.add_row(str(lay["layer"]) if j == 0 else "", "→".join([g.get("prev", "-"), ",".join(g.get("linears", []))]) if g else "all (rtn)",
+                          f"{g['alpha']:.2f}" if "alpha" in g else "", f"{g['mse_rtn']:.3g}" if "mse_rtn" in g else "",
+                          f"{g['mse_final']:.3g}" if "mse_final" in g else "", f"{lay['seconds']:.1f}" if j == 0 else "")
+    out.print(table)
+
+
 @app.command("inspect")
 @guarded
 def inspect_cmd(

@@ -242,8 +242,10 @@ def convert_hf_to_engine(
     force: bool = False,
     allow_pickle: bool = False,
     progress: ProgressFn | None = None,
+    extra_files: tuple[Path, ...] = (),
 ) -> Path:
-    """Convert; returns the engine path. `progress(name, nbytes)` is called per tensor written."""
+    """Convert; returns the engine path. `progress(name, nbytes)` is called per tensor written.
+    `extra_files` (e.g. a quantization report) are copied in before the engine appears."""
     ckpt = HFCheckpoint(model_dir, allow_pickle=allow_pickle)
     plan = make_plan(ckpt, tp, dtype)
     out_dir = Path(out_dir)
@@ -259,6 +261,7 @@ def convert_hf_to_engine(
             writer.abort()
             raise
         side = copy_side_files(ckpt.tokenizer_files(), tmp)
+        copy_side_files([Path(p) for p in extra_files], tmp)
         shutil.copyfile(ckpt.path / "config.json", tmp / "source_config.json")
         manifest = {"format": FORMAT, "format_version": VERSION, "model": plan.model}
         if plan.quant is None:

@@ -263,7 +263,7 @@ def quantize_model(
     if to == "engine":
         from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 
-        convert_hf_to_engine(hf_target, out_dir, force=force, extra_files=[hf_target / REPORT])
+        convert_hf_to_engine(hf_target, out_dir, force=force, extra_files=(hf_target / REPORT,))
     shutil.rmtree(partial, ignore_errors=True)
     report["totals"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if report_path:
