@@ -197,9 +197,11 @@ def generate_cmd(
 def demo_cmd(
     workdir: Optional[Path] = typer.Option(None, help="Where to write the demo outputs (default: a temporary directory)."),
 ):
-    """Run the main job on the bundled model: convert it, then generate with the engine."""
+    """Run the main job on the bundled model: convert, quantize (AWQ W4), generate with both engines."""
     from lmkiln.assets import bundled_model_path
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.quant.awq import QuantOptions
+    from lmkiln.quant.pipeline import CalibOptions, quantize_model
     from lmkiln.runtime.session import generate_text
 
     tmp = None
@@ -208,13 +210,19 @@ def demo_cmd(
         workdir = Path(tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     model = bundled_model_path()
+    prompt = "Once upon a time"
     engine = workdir / "stories260K.engine"
     out.print(f"[bold]1. convert[/] {model.name} -> {engine}")
     convert_hf_to_engine(model, engine, force=True)
-    out.print("[bold]2. generate[/] with the engine runner")
-    prompt = "Once upon a time"
-    (text,) = generate_text(engine, [prompt], 48)
-    out.print(f"   [italic]{prompt}{text}[/]", highlight=False)
+    out.print(f"[bold]2. quantize[/] AWQ W4 g32 on the bundled calibration text -> {workdir / 'stories260K-w4.engine'}")
+    q = quantize_model(model, workdir / "stories260K-w4.engine", QuantOptions(bits=4, group_size=32),
+                       CalibOptions(n_samples=32, seqlen=256), to="engine", force=True,
+                       on_info=lambda m: out.print(f"   {m}", highlight=False))
+    out.print(f"   {len(q.report['layers'])} layers in {q.report['totals']['seconds']:.1f} s, peak RSS {q.report['totals']['peak_rss_mb']:.0f} MB")
+    out.print("[bold]3. generate[/] greedily with both engines")
+    for name, path in (("fp32", engine), ("int4", q.output)):
+        (text,) = generate_text(path, [prompt], 48)
+        out.print(f"   [bold]{name}:[/] [italic]{prompt}{text}[/]", highlight=False)
     if tmp is not None:
         tmp.cleanup()
 

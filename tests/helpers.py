@@ -219,3 +219,33 @@ def edit_json(path: str | Path, mutate) -> dict:
 def copy_tree(src: str | Path, dst: str | Path) -> Path:
     shutil.copytree(src, dst)
     return Path(dst)
+
+
+# -- evaluation -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perplexity(logits_fn, ids, seqlen: int, bos_id: int | None) -> float:
+    """Perplexity of token stream `ids` (1-D) in non-overlapping windows of `seqlen` tokens.
+
+    Each window is scored on its own, with `bos_id` prepended (when not None) so its first
+    token is predicted too; `logits_fn(input_ids (1, T)) -> logits (1, T, vocab)`. A
+    trailing partial window is scored as well. Returns exp(mean NLL over all tokens).
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if ids.numel() == 0 or seqlen < 1:
+        raise ValueError("perplexity needs at least one token and seqlen >= 1")
+    total, count = 0.0, 0
+    for start in range(0, ids.numel(), seqlen):
+        window = ids[start:start + seqlen]
+        prefix = [bos_id] if bos_id is not None else []
+        inp = torch.cat([torch.tensor(prefix, dtype=torch.long), window])[None]
+        logits = logits_fn(inp)
+        logits = getattr(logits, "logits", logits).float()
+        pred, target = logits[0, :-1], inp[0, 1:]  # position t predicts token t + 1
+        if target.numel() == 0:
+            continue
+        nll = torch.nn.functional.cross_entropy(pred, target, reduction="sum")
+        total += float(nll)
+        count += target.numel()
+    return float(torch.exp(torch.tensor(total / count, dtype=torch.float64)))
