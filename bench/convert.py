@@ -187,8 +187,22 @@ def _status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, steal) clock ticks of the whole machine so far, from /proc/stat."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    user, nice, system, idle, iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 def run_child(argv: list[str], log) -> dict:
     """Run argv; wall seconds, peak RSS (ru_maxrss), CPU seconds, sampled peak RssAnon/RssFile."""
+    busy0, steal0 = cpu_jiffies()
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     peaks = {"RssAnon": 0, "RssFile": 0}
@@ -204,15 +218,23 @@ def run_child(argv: list[str], log) -> dict:
     th.start()
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
+    busy1, steal1 = cpu_jiffies()
     done.set()
     th.join()
     p.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
     if p.returncode != 0:
         raise SystemExit(f"command failed (exit {p.returncode}): {' '.join(argv)}; see {log.name}")
+    cpu = ru.ru_utime + ru.ru_stime
     return {
         "wall_s": wall,
         "maxrss_kib": ru.ru_maxrss,
-        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "cpu_s": cpu,
+        "user_s": ru.ru_utime,
+        "sys_s": ru.ru_stime,
+        # CPU that other processes used meanwhile (the sampler thread's share is negligible);
+        # on a shared machine this is what makes one run slower than the next.
+        "others_cpu_s": max(0.0, (busy1 - busy0) / HZ - cpu),
+        "steal_s": (steal1 - steal0) / HZ,
         "peak_rss_anon_kib": peaks["RssAnon"],
         "peak_rss_file_kib": peaks["RssFile"],
     }
@@ -240,8 +262,7 @@ def run_variant(steps: list[list[str]], log) -> dict:
     """Run commands one after another as one measurement: wall and CPU add, peaks take the max."""
     parts = [run_child(a, log) for a in steps]
     return {
-        "wall_s": sum(r["wall_s"] for r in parts),
-        "cpu_s": sum(r["cpu_s"] for r in parts),
+        **{k: sum(r[k] for r in parts) for k in ("wall_s", "cpu_s", "user_s", "sys_s", "others_cpu_s", "steal_s")},
         **{k: max(r[k] for r in parts) for k in ("maxrss_kib", "peak_rss_anon_kib", "peak_rss_file_kib")},
     }
 
@@ -292,6 +313,9 @@ def summarize(runs: dict[str, list[dict]], src_bytes: int) -> dict[str, dict]:
             "max_s": max(r["wall_s"] for r in rs),
             "gb_per_s": src_bytes / med / GB,
             "cpu_s": statistics.median(r["cpu_s"] for r in rs),
+            "user_s": statistics.median(r["user_s"] for r in rs),
+            "sys_s": statistics.median(r["sys_s"] for r in rs),
+            "others_cores": statistics.median(r["others_cpu_s"] / r["wall_s"] for r in rs),
             "peak_rss_mb": max(r["maxrss_kib"] for r in rs) * 1024 / MB,
             "peak_anon_mb": max(r["peak_rss_anon_kib"] for r in rs) * 1024 / MB,
             "peak_file_mb": max(r["peak_rss_file_kib"] for r in rs) * 1024 / MB,
@@ -305,13 +329,15 @@ def summarize(runs: dict[str, list[dict]], src_bytes: int) -> dict[str, dict]:
 
 def table(summary: dict[str, dict], repeats: int) -> str:
     rows = [
-        f"| variant | median s (min–max, n={repeats}) | GB/s | × cp | CPU s | peak RSS MB | RSS / model | peak anon MB | peak file-mapped MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| variant | median s (min–max, n={repeats}) | GB/s | × cp | CPU s (user+sys) | peak RSS MB | RSS / model "
+        "| peak anon MB | peak file-mapped MB | others' load (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         rows.append(
             f"| {name} | {s['median_s']:.2f} ({s['min_s']:.2f}–{s['max_s']:.2f}) | {s['gb_per_s']:.2f} | {s['x_cp']:.2f} | "
-            f"{s['cpu_s']:.1f} | {s['peak_rss_mb']:.0f} | {s['rss_frac']:.2f} | {s['peak_anon_mb']:.0f} | {s['peak_file_mb']:.0f} |"
+            f"{s['cpu_s']:.1f} ({s['user_s']:.1f}+{s['sys_s']:.1f}) | {s['peak_rss_mb']:.0f} | {s['rss_frac']:.2f} | "
+            f"{s['peak_anon_mb']:.0f} | {s['peak_file_mb']:.0f} | {s['others_cores']:.2f} |"
         )
     return "\n".join(rows)
 
@@ -324,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="measured runs per variant, after one warm-up each (default 3)")
     ap.add_argument("--tp", default="1,2", help="comma-separated --tp values to convert with (default 1,2)")
     ap.add_argument("--no-cp-sync", action="store_true", help="skip the cp+sync reference row")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                    help="before measuring, wait up to S seconds for the 1-minute load average to fall below 0.3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the summary and every run to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (a later run with the same --workdir reuses the model)")
@@ -351,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {info['params'] / 1e6:.0f}M params, {info['desc']['layers']} layers, {info['shards']} shards, "
               f"{src_bytes / GB:.3f} GB on disk ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
+        deadline = time.monotonic() + args.wait_idle
+        while os.getloadavg()[0] >= 0.3 and time.monotonic() < deadline:
+            time.sleep(5)
+        load = os.getloadavg()[0]
+        if load >= 0.3:
+            print(f"  warning: load average {load:.2f} before measuring: other processes compete for the "
+                  f"{os.cpu_count()} cores and the disk; see the others' load column", file=sys.stderr)
+
         plan = variants(src, work, tps)
         if args.no_cp_sync:
             plan.pop("cp+sync")
@@ -376,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                     log.flush()
                     r = run_variant(steps, log)
                     label = "warm-up" if rep < 0 else f"run {rep + 1}/{args.repeats}"
-                    print(f"  {label:9} {name:12} {r['wall_s']:7.2f} s  peak RSS {r['maxrss_kib'] / 1024:7.0f} MiB",
+                    print(f"  {label:9} {name:12} {r['wall_s']:7.2f} s  CPU {r['cpu_s']:5.1f} s  peak RSS "
+                          f"{r['maxrss_kib'] / 1024:6.0f} MiB  others' CPU {r['others_cpu_s'] / r['wall_s']:4.2f} cores",
                           file=sys.stderr, flush=True)
                     if rep >= 0:
                         runs[name].append(r)
@@ -394,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Synthetic LlamaForCausalLM fp16: {info['params'] / 1e6:.0f}M params, {info['desc']['layers']} layers, "
               f"{info['shards']} shards, {src_bytes / GB:.3f} GB. Warm page cache; {args.repeats} measured runs per "
               f"variant after one warm-up each; GB/s = source bytes / median wall time.")
-        print(f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem']} RAM; Python {mach['python']}, torch {mach['torch']}.")
+        print(f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem']} RAM; Python {mach['python']}, torch {mach['torch']}; "
+              f"load average before measuring {load:.2f}.")
         print()
         print(table(summary, args.repeats))
         print()
@@ -405,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(anonymous {conv['peak_anon_mb']:.0f} MB)")
         if args.json:
             args.json.write_text(json.dumps({
-                "machine": mach, "model": info, "source_bytes": src_bytes, "repeats": args.repeats,
+                "machine": mach, "load_before": load, "model": info, "source_bytes": src_bytes, "repeats": args.repeats,
                 "commands": {k: steps for k, (_, steps) in plan.items()},
                 "summary": summary, "runs": runs,
             }, indent=2))

@@ -100,7 +100,7 @@ def test_logits_and_generation_match_fake_quantized(quant_models, tmp_path, fami
             convert_hf_to_engine(awq, tmp_path / "e", tp=tp)
         return
     engine = convert_hf_to_engine(awq, tmp_path / "e", tp=tp)
-    model = EngineModel.from_path(engine, check=True)
+    model = EngineModel.from_path(engine, check=True, kernels=True)  # the default (dequantized) path: test below
     assert modes(model) == {EXPECTED_MODE[qname]}
     ref = hf_model(fake)
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_logits_and_generation_match_fake_quantized(quant_models, tmp_path, fami
 def test_kernels_agree_with_dequantized_fallback(quant_models, tmp_path):
     awq, _ = quant_models("llama", "int4-g32")
     engine = convert_hf_to_engine(awq, tmp_path / "e", tp=2)
-    fast, slow = EngineModel.from_path(engine), EngineModel.from_path(engine, kernels=False)
+    fast, slow = EngineModel.from_path(engine, kernels=True), EngineModel.from_path(engine)
     assert modes(fast) == {"int4"} and modes(slow) == {"dequant"}
     assert (fast(IDS) - slow(IDS)).abs().max().item() < 1e-5
 
@@ -121,7 +121,7 @@ def test_kernels_agree_with_dequantized_fallback(quant_models, tmp_path):
 def test_bf16_compute_runs_the_kernels(quant_models, tmp_path):
     awq, fake = quant_models("llama", "int4-g32")
     engine = convert_hf_to_engine(awq, tmp_path / "e")
-    model = EngineModel.from_path(engine, dtype=torch.bfloat16)
+    model = EngineModel.from_path(engine, dtype=torch.bfloat16, kernels=True)
     assert modes(model) == {"int4"}
     with torch.no_grad():
         want = hf_model(fake)(IDS).logits
@@ -137,7 +137,7 @@ def test_quant_linear_paths_equal_dequantized_matmul(n, k, in_features, g):
     scales = (torch.rand(k // g, n, generator=gen) * 0.1).half().float()
     zeros = torch.randint(0, 16, (k // g, n), generator=gen, dtype=torch.uint8)
     codes[in_features:] = 0  # padded input rows
-    layer = QuantLinear(codes, scales, zeros, 4, in_features)
+    layer = QuantLinear(codes, scales, zeros, 4, in_features, kernels=True)
     assert layer.mode == ("int4" if n % 16 == 0 and g in (32, 64) else "dequant")
     w = dequantize(codes.t(), scales.t(), zeros.t().int(), g).t()[:in_features]
     x = torch.randn(2, 3, in_features, generator=gen)
@@ -330,7 +330,7 @@ def stories_w4(tmp_path_factory):
 
 def test_stories260k_w4_engine_matches_and_generates(stories_w4):
     awq, fake, engine = stories_w4
-    model = EngineModel.from_path(engine, check=True)
+    model = EngineModel.from_path(engine, check=True, kernels=True)
     assert modes(model) == {"int4"}
     ref = hf_model(fake)
     with torch.no_grad():

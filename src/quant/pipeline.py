@@ -167,9 +167,13 @@ def quantize_model(
                                        lambda s: tok(s, add_special_tokens=False).input_ids,
                                        calib.n_samples, calib.seqlen, calib.seed)
         ids = cs.input_ids
+        from lmkiln.verify.data import shingles
+
         calib_info = {"source": str(calib.path) if calib.path else "bundled:wikitext2_valid_excerpt",
                       "samples": cs.n_samples, "seqlen": cs.seqlen, "tokens": cs.n_tokens,
-                      "documents": cs.n_documents_used, "seed": calib.seed, "sha256": cs.sha256, "summary": cs.describe()}
+                      "documents": cs.n_documents_used, "seed": calib.seed, "sha256": cs.sha256, "summary": cs.describe(),
+                      # lets `verify` warn when its evaluation text overlaps the calibration text
+                      "shingles": [h for row in ids.tolist() for h in shingles(row)]}
         info(f"calibration: {cs.describe()}")
     elif options.method != "rtn":
         raise InputError(f"--method {options.method!r}: choose awq or rtn")

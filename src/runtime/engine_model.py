@@ -57,7 +57,10 @@ class QuantLinear(nn.Module):
 
     codes uint8 (in_padded, out), scales/zeros (in_padded / g, out); `in_features` is
     the activation width (in_padded - in_features trailing rows are zero padding).
-    On CPU it runs a packed integer kernel when one fits (`mode` says which):
+    With `kernels=True`, on CPU it runs a packed integer kernel when one fits (`mode`
+    says which). The default is False: on AVX2-only CPUs (no AVX-512, like our CI
+    machines) PyTorch's int4 CPU kernel measured 10-40x slower than an fp32 matmul
+    (bench/kernels.py, docs/BENCHMARKS.md), so speed wins over resident memory there.
     - "int4": aten._weight_int4pack_mm_for_cpu, which computes (q - 8) * scale + zero_fp,
       so zero_fp = (8 - zero) * scale; in float32 both products and their sum are exact
       (small integers times an fp16 scale), so the weights equal the dequantized ones;
@@ -68,7 +71,7 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int,
-                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device="cpu", kernels: bool = True):
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device="cpu", kernels: bool = False):
         super().__init__()
         k, n = codes.shape
         g = k // scales.shape[0]
@@ -208,7 +211,7 @@ def merge_ranks(engine: Engine, layer: int, dtype: torch.dtype) -> dict[str, tor
     return out
 
 
-def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, device="cpu", kernels: bool = True) -> nn.Module:
+def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, device="cpu", kernels: bool = False) -> nn.Module:
     """Linear `layers.{layer}.{kind}` with its tensor-parallel ranks merged: `Linear` or `QuantLinear`."""
     m, tp = engine.model, engine.tp
     base = f"layers.{layer}.{kind}"
@@ -226,8 +229,9 @@ def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, devic
 
 
 class EngineModel(nn.Module):
-    def __init__(self, engine: Engine, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: bool = True):
-        """`kernels=False` runs quantized linears dequantized even where an integer kernel fits."""
+    def __init__(self, engine: Engine, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: bool = False):
+        """`kernels=True` runs quantized linears with packed integer kernels where they fit;
+        by default they are dequantized once at load (see QuantLinear)."""
         super().__init__()
         self.config = cfg = engine.model
         self.compute_dtype = dtype
@@ -253,8 +257,18 @@ class EngineModel(nn.Module):
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", check: bool = False,
-                  kernels: bool = True) -> "EngineModel":
+                  kernels: bool = False) -> "EngineModel":
         return cls(Engine(path, check=check), dtype=dtype, device=device, kernels=kernels)
+
+    name = "torch-engine"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.config["eos_token_id"])
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Benchmark: `lmkiln export onnx` decode / prefill tok/s on onnxruntime CPU.
+
+Side by side, same model, same prompt, same harness (onnxruntime-genai, greedy):
+
+  ours int4        export of an int4-g32 RTN engine (MatMulNBits, accuracy_level 0 = exact)
+  ours int4 acc4   the same with accuracy_level 4 (int8 activations, as the builder's int4 CPU default)
+  ours fp32        export of the fp32 engine
+  builder int4     `python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu`
+  transformers     fp32 `generate` (prefill = one forward over the prompt)
+
+Models: stories260K (bundled) and a synthetic random-init seeded Llama big enough to be
+bandwidth-bound (hidden 2048, FFN 5632, 8 layers, 16 heads / 8 kv heads, vocab 512 =
+the bundled tokenizer, untied head). Memory bandwidth is measured with a numpy copy of
+a 512 MiB array (read + write bytes / s); the roofline for decode is bandwidth / bytes
+of weights read per token (every initializer except the embedding table, which is
+gathered one row at a time unless tied).
+
+    .venv/bin/python bench/onnx.py --out bench/out/onnx --json bench/out/onnx.json
+    .venv/bin/python bench/onnx.py --models stories --tokens 32      # quick
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named onnx.py: keep its folder off sys.path so `import onnx` finds the library.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
+    a = np.ones(mib * 2**20 // 8)
+    b = np.empty_like(a)
+    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(repeats))
+    return 2 * a.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def make_synthetic(path: Path) -> Path:
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmkiln.assets import bundled_model_path
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=8, max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    path.mkdir(parents=True)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        shutil.copyfile(bundled_model_path() / f, path / f)
+    return path
+
+
+def weight_bytes(onnx_dir: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    total = 0
+    tied = not any(i.name.startswith("output") or "lm_head" in i.name for i in m.graph.initializer)
+    for t in m.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        size = {1: 4, 10: 2, 2: 1, 21: 0.5, 7: 8, 6: 4, 22: 0.5}.get(t.data_type, 4) * n
+        if ("embed" in t.name and not tied) or "cos_cache" in t.name or "sin_cache" in t.name:
+            continue
+        total += size
+    return int(total)
+
+
+def genai_speed(onnx_dir: Path, prompt: list[int], n_new: int, repeats: int) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_dir))
+    pre, dec = [], []
+    for _ in range(repeats + 1):  # the first run is a warm-up
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n_new, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.array(prompt, dtype=np.int32))
+        t1 = time.perf_counter()
+        steps = 0
+        while not gen.is_done() and steps < n_new:
+            gen.generate_next_token()
+            steps += 1
+        t2 = time.perf_counter()
+        pre.append(len(prompt) / (t1 - t0))
+        dec.append(steps / (t2 - t1))
+    return {"prefill_tok_s": float(np.median(pre[1:])), "decode_tok_s": float(np.median(dec[1:]))}
+
+
+def transformers_speed(hf_dir: Path, prompt: list[int], n_new: int, repeats: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
+    ids = torch.tensor([prompt])
+    pre, dec = [], []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            tp = _timed(lambda: model(ids))
+            tg = _timed(lambda: model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                               pad_token_id=0))
+            pre.append(len(prompt) / tp)
+            dec.append((n_new - 1) / max(tg - tp, 1e-9))  # generate = one prefill + n_new - 1 decode steps
+    return {"prefill_tok_s": float(np.median(pre[1:])), "decode_tok_s": float(np.median(dec[1:]))}
+
+
+def run_builder(hf_dir: Path, out: Path, timeout: int) -> str | None:
+    """The onnxruntime-genai builder's int4 CPU export; None on success, else why not."""
+    if (out / "genai_config.json").exists():
+        return None
+    cache = out.parent / (out.name + "-cache")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out), "-p", "int4", "-e", "cpu",
+           "-c", str(cache)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"builder timed out after {timeout}s"
+    if r.returncode or not (out / "genai_config.json").exists():
+        return f"builder failed (rc {r.returncode}): {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    return None
+
+
+def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int, repeats: int, bw: float,
+                builder_timeout: int) -> dict:
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.export import export_onnx
+    from lmkiln.quant.awq import QuantOptions
+    from lmkiln.quant.pipeline import quantize_model
+    from lmkiln.runtime.tokenizer import load_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(hf_dir)
+    text = (Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tinystories_eval.txt").read_text()
+    prompt = tok(text).input_ids[:prompt_len]
+    if not (work / "eng-fp32").exists():
+        convert_hf_to_engine(hf_dir, work / "eng-fp32")
+    if not (work / "eng-int4").exists():
+        quantize_model(hf_dir, work / "eng-int4", QuantOptions(bits=4, group_size=32, method="rtn"), to="engine")
+    variants = {}
+    t = time.perf_counter()
+    if not (work / "ours-int4").exists():
+        export_onnx(work / "eng-int4", work / "ours-int4")
+    t_export = time.perf_counter() - t
+    if not (work / "ours-int4-acc4").exists():
+        export_onnx(work / "eng-int4", work / "ours-int4-acc4", accuracy_level=4)
+    if not (work / "ours-fp32").exists():
+        export_onnx(work / "eng-fp32", work / "ours-fp32")
+    variants = {"ours int4": work / "ours-int4", "ours int4 acc4": work / "ours-int4-acc4", "ours fp32": work / "ours-fp32"}
+    why = run_builder(hf_dir, work / "builder-int4", builder_timeout)
+    if why is None:
+        variants["builder int4"] = work / "builder-int4"
+    rows = {}
+    for label, d in variants.items():
+        r = genai_speed(d, prompt, n_new, repeats)
+        wb = weight_bytes(d)
+        r.update(weight_mb=wb / 1e6, roofline_tok_s=bw * 1e9 / wb)
+        r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        rows[label] = r
+        print(f"  {name:8s} {label:16s} prefill {r['prefill_tok_s']:9.1f} tok/s  decode {r['decode_tok_s']:8.1f} tok/s  "
+              f"weights {wb / 1e6:8.1f} MB  roofline {r['roofline_fraction']:.0%}", flush=True)
+    rows["transformers fp32"] = transformers_speed(hf_dir, prompt, n_new, repeats)
+    print(f"  {name:8s} transformers fp32 prefill {rows['transformers fp32']['prefill_tok_s']:9.1f} tok/s  "
+          f"decode {rows['transformers fp32']['decode_tok_s']:8.1f} tok/s", flush=True)
+    res = {"rows": rows, "prompt_tokens": len(prompt), "new_tokens": n_new, "export_int4_s": t_export, "builder_error": why}
+    base = rows["ours int4"]["decode_tok_s"]
+    res["ratios"] = {"ours_int4_vs_transformers_fp32": base / rows["transformers fp32"]["decode_tok_s"]}
+    if "builder int4" in rows:
+        res["ratios"]["ours_int4_vs_builder_int4"] = base / rows["builder int4"]["decode_tok_s"]
+        res["ratios"]["ours_int4_acc4_vs_builder_int4"] = rows["ours int4 acc4"]["decode_tok_s"] / rows["builder int4"]["decode_tok_s"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench/out/onnx"))
+    ap.add_argument("--models", default="stories,synth")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--builder-timeout", type=int, default=1800)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    from lmkiln.assets import bundled_model_path
+
+    bw = bandwidth_gbs()
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "bandwidth_gbs": bw, "python": platform.python_version(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    import onnxruntime
+    import onnxruntime_genai
+
+    info.update(onnxruntime=onnxruntime.__version__, onnxruntime_genai=onnxruntime_genai.__version__)
+    print(json.dumps(info), flush=True)
+    results = {"machine": info, "models": {}}
+    for name in a.models.split(","):
+        hf = bundled_model_path() if name == "stories" else make_synthetic(a.out / "synth-hf")
+        results["models"][name] = bench_model(name, hf, a.out / name, a.prompt_len, a.tokens, a.repeats, bw, a.builder_timeout)
+        print(json.dumps({name: results["models"][name]["ratios"], "builder_error": results["models"][name]["builder_error"]}), flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""`lmkiln export onnx`: an engine (or an HF / AWQ-GEMM directory) -> an ONNX decoder
+folder that onnxruntime runs, onnxruntime-genai loads and Triton can serve.
+
+    export_onnx(source, out_dir, ep="cpu", portable=False, triton=False, force=False, progress=None) -> Path
+
+See docs/export-onnx.md for the graph, the options and the parity numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import lmkiln
+from lmkiln.errors import InputError
+
+MODEL_FILE = "model.onnx"
+EXTERNAL_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf's limit is 2 GB)
+EPS = ("cpu", "cuda")
+
+
+def source_summary(engine) -> dict:
+    """The manifest subset recorded in the ONNX metadata (key lmkiln.source_manifest)."""
+    m = engine.manifest
+    return {k: m[k] for k in ("format", "format_version", "weight_type", "fp_dtype", "tensor_parallel", "quantization",
+                              "files", "source") if k in m} | {"architecture": m["model"].get("architecture")}
+
+
+def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton: bool = False, force: bool = False,
+                progress: Callable[[str, int], None] | None = None, accuracy_level: int | None = None) -> Path:
+    """Export `source` into `out_dir` (atomic; an existing one only with force). Returns out_dir.
+
+    ep "cpu": float32 graph; "cuda": float16 activations and fp weights (same ops).
+    portable: standard opset-21 ops only. triton: also lay out model_repository/.
+    accuracy_level: MatMulNBits' (0 = dequantize to the activation type, exact; 4 = int8
+    activations, faster on CPU); default 0.
+    """
+    from lmkiln.formats.atomic import atomic_dir, check_output
+    from lmkiln.formats.engine import Engine
+    from lmkiln.runtime.session import engine_dir
+
+    if ep not in EPS:
+        raise InputError(f"--ep {ep!r}: choose one of {', '.join(EPS)}")
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"{source}: no such engine or model directory")
+    out_dir = Path(out_dir)
+    check_output(out_dir, force, (source,))
+    with engine_dir(source) as epath:
+        engine = Engine(epath)
+        with atomic_dir(out_dir, force=force, inputs=(source,)) as tmp:
+            files = write_model(engine, tmp, ep, portable, progress, accuracy_level or 0)
+            side = [f for f in engine.manifest.get("tokenizer_files", []) if (engine.path / f).is_file()]
+            for f in side:
+                shutil.copyfile(engine.path / f, tmp / f)
+            from lmkiln.export.layout import genai_config, write_triton
+
+            cfg = genai_config(engine.model, ep)
+            (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            if triton:
+                import onnx
+
+                write_triton(tmp, onnx.load(str(tmp / MODEL_FILE), load_external_data=False), out_dir.name, ep, files)
+    return out_dir
+
+
+def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_level: int) -> list[str]:
+    """model.onnx (+ model.onnx.data) in `out`, checked; returns the files written."""
+    import onnx
+
+    from lmkiln.export.onnx_graph import DecoderBuilder
+    from lmkiln.export.store import DATA_FILE, Graph, TensorStore
+
+    dtype = np.float16 if ep == "cuda" else np.float32
+    weight_bytes = sum(f["size"] for f in engine.manifest["files"].values())
+    if engine.quant is None and dtype == np.float32 and engine.dtype.itemsize == 2:
+        weight_bytes *= 2
+    store = TensorStore(out, external=weight_bytes > EXTERNAL_THRESHOLD, progress=progress)
+    try:
+        b = DecoderBuilder(engine, Graph(store), dtype, portable, accuracy_level)
+        meta = {
+            "lmkiln.version": lmkiln.__version__,
+            "lmkiln.graph": "portable" if portable else "contrib",
+            "lmkiln.ep": ep,
+            "lmkiln.accuracy_level": str(accuracy_level),
+            "lmkiln.model": json.dumps(engine.model, sort_keys=True),
+            "lmkiln.source_manifest": json.dumps(source_summary(engine), sort_keys=True),
+        }
+        model = b.build(metadata=meta)
+        if b.fallbacks:
+            model.metadata_props.add(key="lmkiln.dequantized_linears", value=json.dumps(b.fallbacks))
+    finally:
+        store.close()
+    onnx.save_model(model, str(out / MODEL_FILE))
+    del model
+    onnx.checker.check_model(str(out / MODEL_FILE))
+    files = [MODEL_FILE]
+    if store.external:
+        files.append(DATA_FILE)
+    else:
+        (out / DATA_FILE).unlink(missing_ok=True)
+    return files
+
+
+__all__ = ["export_onnx"]

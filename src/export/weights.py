@@ -1,0 +1,123 @@
+"""Per-layer weights of an engine, ranks merged, in the layouts the ONNX graph needs.
+
+An engine stores linears (in, out), possibly split over tensor-parallel ranks and,
+for int4/int8 engines, as codes + fp16 scales + uint8 zeros per group of input rows
+(docs/engine-format.md section 5). `load_linear` merges the ranks (reusing the torch
+runner's merge, so both backends see the same weight) and returns a `LinearW`; the
+`to_*` helpers turn one into the tensors of `MatMulNBits` or of a blocked
+`DequantizeLinear`. Codes are moved, never requantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmkiln.formats.engine import Engine
+from lmkiln.quant.primitives import unpack_int4
+from lmkiln.runtime.engine_model import _merge
+
+
+@dataclass
+class LinearW:
+    """One merged linear. fp: `weight` (in, out). Quantized: `codes` uint8 (in_q, out)
+    (one code per byte), `scales` fp16 / `zeros` uint8 (in_q / g, out)."""
+
+    in_features: int  # the activation width (in_q - in_features trailing rows are padding)
+    out_features: int
+    bits: int = 0  # 0 = fp
+    weight: np.ndarray | None = None
+    codes: np.ndarray | None = None
+    scales: np.ndarray | None = None
+    zeros: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    @property
+    def group(self) -> int:
+        return self.codes.shape[0] // self.scales.shape[0]
+
+
+def np_fp(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """A torch float tensor (any fp dtype, bf16 included) as a contiguous numpy array."""
+    return np.ascontiguousarray(t.to(torch.float32 if dtype == np.float32 else torch.float16).numpy())
+
+
+def load_linear(engine: Engine, layer: int, kind: str, dtype: np.dtype) -> LinearW:
+    """`layers.{layer}.{kind}` (kind e.g. "attention.w_qkv") with its ranks merged."""
+    m, tp = engine.model, engine.tp
+    base = f"layers.{layer}.{kind}"
+
+    def merged(suffix, convert=lambda t: t):
+        return _merge(kind, [convert(engine.get(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
+
+    bias = np_fp(merged("bias"), dtype) if kind == "attention.w_qkv" and m["attn_bias"] else None
+    if not engine.is_quantized(base):
+        w = np_fp(merged("weight"), dtype)
+        return LinearW(w.shape[0], w.shape[1], weight=w, bias=bias)
+    bits = engine.quant["bits"]
+    codes = merged("qweight", unpack_int4 if bits == 4 else (lambda t: t)).numpy()
+    in_features = {"attention.w_qkv": m["hidden_units"], "feed_forward.w13": m["hidden_units"]}.get(kind, codes.shape[0])
+    return LinearW(in_features, codes.shape[1], bits, codes=np.ascontiguousarray(codes),
+                   scales=merged("scales").to(torch.float16).numpy(), zeros=merged("zeros").numpy(), bias=bias)
+
+
+def dequantized(lw: LinearW, dtype: np.dtype) -> np.ndarray:
+    """The (in_features, out) fp weight of a quantized linear: (code - zero) * scale."""
+    g = lw.group
+    w = (lw.codes.astype(np.float32) - np.repeat(lw.zeros, g, 0).astype(np.float32)) * np.repeat(lw.scales, g, 0).astype(np.float32)
+    return np.ascontiguousarray(w[: lw.in_features].astype(dtype))
+
+
+def nbits_block(group: int, cap: int = 128) -> int:
+    """MatMulNBits' block_size for a group: the largest power of two (16..cap) dividing
+    it (a group then spans several blocks sharing its scale); 0 when there is none."""
+    b = group & -group
+    b = min(b, cap)
+    return b if b >= 16 else 0
+
+
+def pack_nibbles(a: np.ndarray) -> np.ndarray:
+    """uint8 values < 16, last axis even -> bytes, low nibble = even element."""
+    return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
+
+
+def to_matmulnbits(lw: LinearW, dtype: np.dtype) -> dict:
+    """B (N, k_blocks, blob), scales (N * k_blocks,), zero points and the K/N/bits/block_size
+    attributes of com.microsoft MatMulNBits for `lw` (None when no block size fits).
+
+    K is the true activation width: k_blocks = ceil(K / block) rows of blocks are kept
+    and the padded rows beyond K inside the last block are ignored by the kernel.
+    """
+    block = nbits_block(lw.group)
+    if not block:
+        return None
+    rep = lw.group // block
+    K, N = lw.in_features, lw.out_features
+    kb = -(-K // block)
+    codes = lw.codes[: kb * block].T  # (N, kb * block): K-major per output column
+    scales = np.repeat(lw.scales, rep, 0)[:kb].T.astype(dtype)  # (N, kb)
+    zeros = np.repeat(lw.zeros, rep, 0)[:kb].T  # (N, kb)
+    if lw.bits == 4:
+        B = pack_nibbles(codes).reshape(N, kb, block // 2)
+        zp = pack_nibbles(np.pad(zeros, ((0, 0), (0, kb % 2))))  # (N, ceil(kb / 2))
+    else:
+        B = codes.reshape(N, kb, block)
+        zp = zeros
+    return {"B": np.ascontiguousarray(B), "scales": np.ascontiguousarray(scales.reshape(-1)),
+            "zero_points": np.ascontiguousarray(zp.reshape(-1)), "K": K, "N": N, "bits": lw.bits, "block_size": block}
+
+
+def to_blocked_dq(lw: LinearW, dtype: np.dtype) -> dict:
+    """x / scale / zero point of an ONNX opset-21 DequantizeLinear(axis=0, block_size=g)
+    giving the (in_q, out) weight. int4 tensors are returned as raw uint4 bytes (two
+    codes per byte, low nibble first in row-major order: the engine's own packing)."""
+    out = {"shape": lw.codes.shape, "zshape": lw.zeros.shape, "block_size": lw.group,
+           "scale": np.ascontiguousarray(lw.scales.astype(dtype))}
+    if lw.bits == 4:
+        out["x_raw"] = pack_nibbles(lw.codes).tobytes()
+        out["zero_raw"] = pack_nibbles(np.ascontiguousarray(lw.zeros).reshape(-1)).tobytes()
+    else:
+        out["x"], out["zero"] = lw.codes, np.ascontiguousarray(lw.zeros)
+    return out

@@ -1,0 +1,108 @@
+"""The onnxruntime runner: an `lmkiln export onnx` folder behind the Runner interface.
+
+The KV cache is the graph's own past/present tensors (numpy, grown by concatenation)
+plus the attention mask seen so far. Batches of one, and batches without padding, work
+with every export. Left-padded batches need a `--portable` export: the default graph's
+GroupQueryAttention derives positions from the mask's row sums, which is only right
+for rows without left padding, so the runner refuses them rather than return wrong logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmkiln.errors import InputError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class OnnxCache:
+    past: dict[str, np.ndarray]
+    mask: np.ndarray  # (B, length) int64: every token fed so far
+    capacity: int
+    present_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+def _metadata(model_file: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(model_file), load_external_data=False).metadata_props}
+
+
+class OnnxRunner:
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, spin: bool = False):
+        """`spin=False` stops onnxruntime's idle threads busy-waiting between runs, which
+        otherwise starves torch (or anything else) sharing the CPU; benchmarks may enable it."""
+        import onnxruntime as ort
+
+        path = Path(path)
+        model_file = path / "model.onnx" if path.is_dir() else path
+        if not model_file.is_file():
+            raise InputError(f"{path}: no model.onnx; export one with `lmkiln export onnx`")
+        if provider not in PROVIDERS:
+            raise InputError(f"provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise InputError(f"onnxruntime here has no {PROVIDERS[provider]} (available: {ort.get_available_providers()})")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        meta = _metadata(model_file)
+        # onnxruntime fuses a portable graph's DequantizeLinear + MatMul into MatMulNBits with
+        # int8 activations (accuracy level 4) by default; keep the export's recorded level.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", meta.get("lmkiln.accuracy_level", "0"))
+        self.session = ort.InferenceSession(str(model_file), opts, providers=[PROVIDERS[provider]])
+        self.device = provider
+        self.graph_kind = meta.get("lmkiln.graph", "contrib")
+        self.config = json.loads(meta["lmkiln.model"]) if "lmkiln.model" in meta else {}
+        self._past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self._np_dtype = np.float16 if self._past and self._past[0].type == "tensor(float16)" else np.float32
+        shape = self._past[0].shape if self._past else [None, 1, None, 1]
+        self._kv, self._hd = shape[1], shape[3]
+        self._vocab = self.session.get_outputs()[0].shape[-1]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.get("vocab_size", self._vocab))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.config.get("eos_token_id", []))
+
+    def new_cache(self, batch: int, capacity: int) -> OnnxCache:
+        empty = np.zeros((batch, self._kv, 0, self._hd), dtype=self._np_dtype)
+        return OnnxCache({i.name: empty for i in self._past}, np.zeros((batch, 0), dtype=np.int64), capacity)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: OnnxCache | None = None) -> torch.Tensor:
+        ids = np.ascontiguousarray(torch.as_tensor(input_ids).cpu().numpy().astype(np.int64))
+        B, T = ids.shape
+        new_mask = np.ones((B, T), np.int64) if attention_mask is None else torch.as_tensor(attention_mask).cpu().numpy().astype(np.int64)
+        if cache is None:
+            cache = self.new_cache(B, T)
+        if cache.length + T > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length + T} needed")
+        mask = np.concatenate([cache.mask, new_mask], axis=1)
+        if self.graph_kind != "portable" and not mask.all():
+            raise InputError("this ONNX export (GroupQueryAttention) does not support padded batches; "
+                             "run prompts one at a time or export with --portable")
+        feeds = {"input_ids": ids, "attention_mask": mask, **cache.past}
+        outs = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        res = dict(zip(names, outs))
+        for name in cache.past:
+            cache.past[name] = res["present." + name[len("past_key_values."):]]
+        cache.mask = mask
+        return torch.from_numpy(np.asarray(res["logits"], dtype=np.float32))

@@ -1,0 +1,1 @@
+"""`lmkiln verify`: compare a reference model with a candidate artifact, across runners."""

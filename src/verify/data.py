@@ -1,0 +1,65 @@
+"""Evaluation text and prompts: bundled defaults, user files, and calibration overlap."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from lmkiln.assets import ASSETS
+from lmkiln.errors import InputError
+
+SHINGLE = 32  # tokens per shingle: long enough that a shared one means shared text
+SHINGLE_STRIDE = 16
+
+
+def bundled_eval_path() -> Path:
+    """WikiText-2 *test* excerpt (CC BY-SA 3.0), see assets/eval/README.md."""
+    return ASSETS / "eval" / "wikitext2_test_excerpt.txt"
+
+
+def bundled_prompts_path() -> Path:
+    return ASSETS / "eval" / "prompts.txt"
+
+
+def _read(path: Path, what: str) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: {what} is not UTF-8 text") from None
+    if not text.strip():
+        raise InputError(f"{path}: {what} is empty")
+    return text
+
+
+def load_eval_text(path: Path | None) -> str:
+    return _read(path or bundled_eval_path(), "evaluation text")
+
+
+def load_prompts(path: Path | None) -> list[str]:
+    return [line for line in _read(path or bundled_prompts_path(), "prompts file").splitlines() if line.strip()]
+
+
+def _hash(window) -> str:
+    return hashlib.blake2b(np.asarray(window, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
+
+
+def shingles(ids, stride: int = SHINGLE_STRIDE) -> list[str]:
+    """Hashes of SHINGLE-token windows every `stride` tokens (stride 1: all of them)."""
+    ids = list(ids)
+    return [_hash(ids[i:i + SHINGLE]) for i in range(0, len(ids) - SHINGLE + 1, stride)]
+
+
+def overlap_tokens(eval_ids, calib_shingles: list[str]) -> int:
+    """How many evaluation shingle positions also occur in the calibration text.
+
+    Calibration shingles are sampled every SHINGLE_STRIDE tokens, so any shared run of
+    at least SHINGLE + SHINGLE_STRIDE tokens is found."""
+    if not calib_shingles:
+        return 0
+    known = set(calib_shingles)
+    return sum(1 for h in shingles(eval_ids, 1) if h in known)

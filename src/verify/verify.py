@@ -1,0 +1,173 @@
+"""`lmkiln verify`: reference vs candidate, with thresholds a CI can gate on."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmkiln
+from lmkiln.errors import InputError
+from lmkiln.runtime.generate import greedy_generate
+from lmkiln.runtime.tokenizer import load_tokenizer
+from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
+from lmkiln.verify.metrics import compare
+from lmkiln.verify.runners import kind_of, open_runner, weight_type
+
+# Defaults per candidate weight type: what a healthy conversion/quantization of a real
+# model stays within (int4 is loosest; fp32 must be numerically the same model).
+DEFAULT_THRESHOLDS = {
+    "fp32": {"max_ppl_increase": 0.1, "max_kl": 1e-4, "min_top1": 0.995},
+    "fp16": {"max_ppl_increase": 0.5, "max_kl": 1e-3, "min_top1": 0.98},
+    "bf16": {"max_ppl_increase": 1.0, "max_kl": 5e-3, "min_top1": 0.97},
+    "int8": {"max_ppl_increase": 1.0, "max_kl": 5e-3, "min_top1": 0.95},
+    "int4": {"max_ppl_increase": 10.0, "max_kl": 0.1, "min_top1": 0.80},
+}
+
+
+@dataclass
+class VerifyOptions:
+    data: Path | None = None
+    seqlen: int | None = None  # default: min(2048, context length)
+    max_tokens: int = 8192
+    prompts: Path | None = None
+    max_new_tokens: int = 32
+    runner: str = "auto"
+    device: str = "cpu"
+    score_second_half: bool = False
+    max_ppl_increase: float | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
+
+
+@dataclass
+class VerifyResult:
+    report: dict
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    kl_values: object = None
+
+
+def _context_length(path: Path) -> int:
+    kind = kind_of(path)
+    if kind == "engine":
+        return json.loads((Path(path) / "manifest.json").read_text())["model"]["max_position_embeddings"]
+    if kind == "hf":
+        return int(json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings", 2048))
+    return 2048
+
+
+def _calibration_shingles(candidate: Path) -> list[str]:
+    rep = Path(candidate) / "lmkiln_quant_report.json"
+    if not rep.is_file():
+        return []
+    try:
+        return (json.loads(rep.read_text()).get("calibration") or {}).get("shingles") or []
+    except (json.JSONDecodeError, OSError):
+        return []
+
+
+def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None) -> VerifyResult:
+    reference, candidate = Path(reference), Path(candidate)
+    kind_of(reference), kind_of(candidate)  # clear errors before any heavy loading
+    wt = weight_type(candidate)
+    defaults = DEFAULT_THRESHOLDS.get(wt, DEFAULT_THRESHOLDS["int4"])
+    thresholds = {k: (getattr(o, k) if getattr(o, k) is not None else v) for k, v in defaults.items()}
+    for k, v in thresholds.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise InputError(f"--{k.replace('_', '-')} must be a number")
+    ctx = min(_context_length(reference), _context_length(candidate))
+    seqlen = o.seqlen or min(2048, ctx)
+    if seqlen > ctx:
+        raise InputError(f"--seqlen {seqlen} exceeds the context length {ctx}")
+    if o.max_tokens < 2:
+        raise InputError("--max-tokens must be at least 2")
+    tok = load_tokenizer(reference)
+    text = load_eval_text(o.data)
+    ids = tok(text, add_special_tokens=False).input_ids[: o.max_tokens]
+    if len(ids) < 2:
+        raise InputError("the evaluation text has fewer than 2 tokens")
+    # BOS per window exactly when the tokenizer itself starts a text with it.
+    probe = tok("a").input_ids
+    bos = tok.bos_token_id if tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id else None
+    prompts = load_prompts(o.prompts)
+    warnings = []
+    overlap = overlap_tokens(ids, _calibration_shingles(candidate))
+    if overlap:
+        warnings.append(f"the evaluation text shares {overlap} 32-token spans with the candidate's calibration text; "
+                        "perplexity is optimistic (evaluate on other text)")
+    t0 = time.time()
+    with open_runner(reference, "reference", "auto", o.device) as ref, open_runner(candidate, "candidate", o.runner, o.device) as cand:
+        if ref.vocab_size != cand.vocab_size:
+            raise InputError(f"vocabularies differ: reference {ref.vocab_size}, candidate {cand.vocab_size}")
+        stats = compare(ref, cand, ids, seqlen, bos, o.score_second_half, progress)
+        greedy = []
+        for p in prompts:
+            pid = tok(p).input_ids
+            a = greedy_generate(ref, [pid], o.max_new_tokens, ref.eos_token_ids)[0]
+            b = greedy_generate(cand, [pid], o.max_new_tokens, cand.eos_token_ids)[0]
+            div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+            greedy.append({"prompt": p, "match": a == b, "first_divergence": div,
+                           "reference": tok.decode(a, skip_special_tokens=True), "candidate": tok.decode(b, skip_special_tokens=True)})
+        runners = {"reference": f"{ref.name}@{o.device}", "candidate": f"{cand.name}@{o.device}"}
+    kl_values = stats.pop("kl_values")
+    checks = {
+        "max_ppl_increase": (stats["ppl_increase_pct"], stats["ppl_increase_pct"] <= thresholds["max_ppl_increase"]),
+        "max_kl": (stats["kl"]["mean"], stats["kl"]["mean"] <= thresholds["max_kl"]),
+        "min_top1": (stats["top1_agreement"], stats["top1_agreement"] >= thresholds["min_top1"]),
+    }
+    failures = [f"{k}: {v:.6g} vs threshold {thresholds[k]:.6g}" for k, (v, ok) in checks.items() if not ok]
+    report = {
+        "lmkiln_version": lmkiln.__version__,
+        "reference": {"path": str(reference), **stats["reference"]},
+        "candidate": {"path": str(candidate), "weight_type": wt, **stats["candidate"]},
+        "ppl_increase_pct": stats["ppl_increase_pct"],
+        "kl": stats["kl"],
+        "top1_agreement": stats["top1_agreement"],
+        "max_abs_dlogit": stats["max_abs_dlogit"],
+        "greedy_match": all(g["match"] for g in greedy),
+        "greedy": greedy,
+        "thresholds": thresholds,
+        "checks": {k: {"value": v, "passed": ok} for k, (v, ok) in checks.items()},
+        "passed": not failures,
+        "protocol": {
+            "data": str(o.data) if o.data else "bundled:wikitext2_test_excerpt",
+            "tokens": len(ids), "scored_tokens": stats["scored_tokens"], "seqlen": seqlen, "windows": stats["n_windows"],
+            "bos_per_window": bos is not None, "score_second_half": o.score_second_half,
+            "ppl": "exp(mean NLL) over scored tokens of non-overlapping windows; stderr by the delta method",
+            "kl": "KL(reference || candidate) of next-token distributions at scored positions",
+            "max_new_tokens": o.max_new_tokens,
+        },
+        "runners": runners,
+        "windows": stats["windows"],
+        "warnings": warnings,
+        "seconds": round(time.time() - t0, 2),
+    }
+    return VerifyResult(report, not failures, failures, warnings, kl_values)
+
+
+def write_plot(result: VerifyResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = result.report["windows"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot([x["reference_nll"] for x in w], marker="o", label="reference")
+    a.plot([x["candidate_nll"] for x in w], marker="x", label="candidate")
+    a.set_xlabel("window")
+    a.set_ylabel("mean NLL (nats)")
+    a.set_title("per-window NLL")
+    a.legend()
+    kl = result.kl_values.clamp(min=1e-12).log10().numpy()
+    b.hist(kl, bins=50)
+    b.set_xlabel("log10 KL(reference || candidate) per token")
+    b.set_ylabel("tokens")
+    b.set_title(f"KL: mean {result.report['kl']['mean']:.3g}, p99 {result.report['kl']['p99']:.3g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

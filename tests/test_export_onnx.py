@@ -1,0 +1,214 @@
+"""`lmkiln export onnx`: parity of onnxruntime (CPU) on the export against the torch
+engine runner on the same engine, for fp32 / int4 / int8 engines, the contrib and the
+portable graphs, HF sources converted on the fly, Triton layout, onnxruntime-genai."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from helpers import make_tiny_model
+from lmkiln.assets import bundled_model_path
+from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+from lmkiln.errors import InputError, OutputExistsError
+from lmkiln.export import export_onnx
+from lmkiln.quant.awq import QuantOptions
+from lmkiln.quant.pipeline import quantize_model
+from lmkiln.runtime.engine_model import EngineModel
+from lmkiln.runtime.generate import greedy_generate
+from lmkiln.runtime.onnx_runner import OnnxRunner
+from lmkiln.runtime.tokenizer import load_tokenizer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tinystories_eval.txt"
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben"]
+N_TOKENS = 300
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(bundled_model_path())
+
+
+@pytest.fixture(scope="module")
+def text_ids(tok):
+    return torch.tensor([tok(FIXTURE.read_text(encoding="utf-8")).input_ids[:N_TOKENS]])
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """stories260K as fp32, int4-g32 and int8-g32 (RTN) engines."""
+    d = tmp_path_factory.mktemp("onnx-eng")
+    out = {"fp32": convert_hf_to_engine(bundled_model_path(), d / "fp32")}
+    for bits in (4, 8):
+        quantize_model(bundled_model_path(), d / f"int{bits}", QuantOptions(bits=bits, group_size=32, method="rtn"), to="engine")
+        out[f"int{bits}"] = d / f"int{bits}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(engines, tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx-out")
+    out = {}
+    for name, eng in engines.items():
+        out[name] = export_onnx(eng, d / name)
+        out[name + "-portable"] = export_onnx(eng, d / (name + "-portable"), portable=True)
+    return out
+
+
+def _stats(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    lr, lg = ref.log_softmax(-1), got.log_softmax(-1)
+    return {"max_abs": (ref - got).abs().max().item(),
+            "top1": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+            "kl": (lr.exp() * (lr - lg)).sum(-1).mean().item()}
+
+
+def _greedy(model, tok, n=40):
+    return [greedy_generate(model, [tok(p).input_ids], n)[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4", "int8", "fp32-portable", "int4-portable", "int8-portable"])
+def test_parity_with_engine_runner(kind, engines, exports, text_ids, tok):
+    eng = EngineModel.from_path(engines[kind.split("-")[0]])
+    runner = OnnxRunner(exports[kind])
+    s = _stats(eng.forward(text_ids), runner.forward(text_ids))
+    print(kind, s)
+    if kind.startswith("fp32"):
+        assert s["max_abs"] <= 1e-3
+    assert s["top1"] >= 0.999 and s["kl"] <= 1e-4
+    # Decoding token by token through the KV cache reproduces the prefill logits.
+    cache = runner.new_cache(1, 40)
+    steps = torch.cat([runner.forward(text_ids[:, i:i + 1], None, cache) for i in range(40)], 1)
+    assert (steps - runner.forward(text_ids[:, :40])).abs().max().item() <= 1e-4
+    assert _greedy(runner, tok) == _greedy(eng, tok)
+
+
+def test_model_checks_and_metadata(engines, exports):
+    path = exports["int4"] / "model.onnx"
+    onnx.checker.check_model(str(path))
+    m = onnx.load(str(path))
+    meta = {p.key: p.value for p in m.metadata_props}
+    src = json.loads(meta["lmkiln.source_manifest"])
+    manifest = json.loads((engines["int4"] / "manifest.json").read_text())
+    assert src["quantization"] == manifest["quantization"] and src["files"] == manifest["files"]
+    ops = {(n.domain, n.op_type) for n in m.graph.node}
+    assert ("com.microsoft", "MatMulNBits") in ops and ("com.microsoft", "GroupQueryAttention") in ops
+    assert ("com.microsoft", "SkipSimplifiedLayerNormalization") in ops
+    names = [i.name for i in m.graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
+    assert [o.name for o in m.graph.output][:2] == ["logits", "present.0.key"]
+    portable = onnx.load(str(exports["int4-portable"] / "model.onnx"))
+    assert {n.domain for n in portable.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain: o.version for o in portable.opset_import} == {"": 21}
+    assert "DequantizeLinear" in {n.op_type for n in portable.graph.node}
+    cfg = json.loads((exports["fp32"] / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["num_key_value_heads"] == 4 and cfg["model"]["vocab_size"] == 512
+    assert (exports["fp32"] / "tokenizer.json").is_file()
+
+
+def test_portable_left_padded_batch(engines, exports, tok):
+    """The portable graph takes positions from the mask, so left-padded batches work."""
+    prompts = [tok(p).input_ids for p in ["Once upon a time there was a big red ball", *PROMPTS]]
+    assert len({len(p) for p in prompts}) > 1
+    eng = EngineModel.from_path(engines["fp32"])
+    assert greedy_generate(OnnxRunner(exports["fp32-portable"]), prompts, 20) == greedy_generate(eng, prompts, 20)
+    with pytest.raises(InputError, match="--portable"):
+        greedy_generate(OnnxRunner(exports["fp32"]), prompts, 5)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_hf_source_families(arch, tmp_path):
+    """HF sources are converted on the fly. Llama's head_dim 16 runs rotary inside GQA,
+    Qwen3 (head_dim 24, q/k norm) rotates with standard ops before GQA; Qwen2 has qkv bias."""
+    hf = make_tiny_model(tmp_path / "hf", arch, seed=1)
+    eng = EngineModel.from_path(convert_hf_to_engine(hf, tmp_path / "eng"))
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    ref = eng.forward(ids)
+    for portable in (False, True):
+        out = export_onnx(hf, tmp_path / f"onnx-{portable}", portable=portable)
+        runner = OnnxRunner(out)
+        assert _stats(ref, runner.forward(ids))["max_abs"] <= 1e-3
+        assert greedy_generate(runner, [[1, 5, 9]], 20) == greedy_generate(eng, [[1, 5, 9]], 20)
+
+
+def test_awq_gemm_source(tmp_path, engines):
+    """An AWQ-GEMM checkpoint (lmkiln quantize --to hf) exports through the same path."""
+    awq = tmp_path / "awq"
+    quantize_model(bundled_model_path(), awq, QuantOptions(bits=4, group_size=64, method="rtn"), to="hf")
+    out = export_onnx(awq, tmp_path / "onnx")
+    eng = EngineModel.from_path(convert_hf_to_engine(awq, tmp_path / "eng"))
+    ids = torch.randint(3, 512, (1, 100), generator=torch.Generator().manual_seed(0))
+    s = _stats(eng.forward(ids), OnnxRunner(out).forward(ids))
+    assert s["top1"] >= 0.999 and s["kl"] <= 1e-4
+
+
+def test_triton_layout(engines, tmp_path):
+    out = export_onnx(engines["int4"], tmp_path / "my model", triton=True)
+    repo = out / "model_repository" / "my_model"
+    assert (repo / "1" / "model.onnx").is_file()
+    cfg = (repo / "config.pbtxt").read_text()
+    assert 'name: "my_model"' in cfg and 'backend: "onnxruntime"' in cfg and "max_batch_size: 0" in cfg
+    assert 'name: "input_ids"\n    data_type: TYPE_INT64\n    dims: [ -1, -1 ]' in cfg
+    assert 'name: "logits"\n    data_type: TYPE_FP32\n    dims: [ -1, -1, 512 ]' in cfg
+    assert 'name: "present.4.value"\n    data_type: TYPE_FP32\n    dims: [ -1, 4, -1, 8 ]' in cfg
+    assert "kind: KIND_CPU" in cfg
+    onnx.checker.check_model(str(repo / "1" / "model.onnx"))
+
+
+def test_external_data(engines, tmp_path, monkeypatch):
+    """Above the threshold weights go to model.onnx.data; the path-based checker and
+    onnxruntime read them, and the Triton copy carries the data file."""
+    import lmkiln.export as ex
+
+    monkeypatch.setattr(ex, "EXTERNAL_THRESHOLD", 0)
+    out = export_onnx(engines["fp32"], tmp_path / "ext", triton=True)
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    assert (out / "model_repository" / "ext" / "1" / "model.onnx.data").is_file()
+    onnx.checker.check_model(str(out / "model.onnx"))
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    ref = EngineModel.from_path(engines["fp32"]).forward(ids)
+    assert (OnnxRunner(out).forward(ids) - ref).abs().max().item() <= 1e-3
+
+
+def test_bad_input(engines, tmp_path):
+    with pytest.raises(InputError, match="--ep"):
+        export_onnx(engines["fp32"], tmp_path / "x", ep="tpu")
+    with pytest.raises(InputError):
+        export_onnx(tmp_path / "missing", tmp_path / "y")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputExistsError):
+        export_onnx(engines["fp32"], tmp_path / "exists")
+    assert not list(tmp_path.glob(".*lmkiln-tmp*"))
+
+
+def test_onnxruntime_genai_loads_and_generates(exports, tok):
+    og = pytest.importorskip("onnxruntime_genai")
+    for kind in ("fp32", "int4"):
+        model = og.Model(str(exports[kind]))
+        ids = tok(PROMPTS[0]).input_ids
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 20, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array(ids, dtype=np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+        new = [int(t) for t in gen.get_sequence(0)][len(ids):]
+        assert new == greedy_generate(OnnxRunner(exports[kind]), [ids], 20)[0][: len(new)]
+        assert len(new) == 20
+        assert og.Tokenizer(model).decode(np.array(new, dtype=np.int32))
+
+
+def test_cuda_export(engines, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime here has no CUDAExecutionProvider")
+    out = export_onnx(engines["int4"], tmp_path / "cuda", ep="cuda")
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    ids = torch.randint(3, 512, (1, 100), generator=torch.Generator().manual_seed(0))
+    s = _stats(EngineModel.from_path(engines["int4"]).forward(ids), OnnxRunner(out, provider="cuda").forward(ids))
+    assert s["top1"] >= 0.99
