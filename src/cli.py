@@ -8,6 +8,7 @@ to re-run with --debug for the traceback.
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -154,6 +155,76 @@ def _quant_table(report: dict) -> None:
                           f"{g['alpha']:.2f}" if "alpha" in g else "", f"{g['mse_rtn']:.3g}" if "mse_rtn" in g else "",
                           f"{g['mse_final']:.3g}" if "mse_final" in g else "", f"{lay['seconds']:.1f}" if j == 0 else "")
     out.print(table)
+
+
+@app.command("verify")
+@guarded
+def verify_cmd(
+    reference: Path = typer.Argument(..., help="The original: an HF directory (run with transformers, fp32) or an engine."),
+    candidate: Path = typer.Argument(..., help="An engine (fp or quantized), an AWQ-GEMM HF directory, or an ONNX export folder."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text (.txt); default: bundled WikiText-2 test excerpt."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", min=8, help="Window length; default min(2048, context length)."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", min=2, help="Evaluate at most this many tokens of the text."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Greedy-generation prompts, one per line; default: bundled."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    runner: str = typer.Option("auto", "--runner", help="Candidate runner: auto, torch, onnx or transformers."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    score_second_half: bool = typer.Option(False, "--score-second-half", help="Score only the second half of each window (llama.cpp's protocol)."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Fail above this perplexity increase, in percent."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Fail above this mean KL(reference || candidate)."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Fail below this top-1 agreement (0..1)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: per-window NLL of both, KL histogram."),
+):
+    """Compare REFERENCE with CANDIDATE: perplexity, KL, top-1, greedy match. Exit 0 pass, 1 fail, 2 bad input."""
+    from lmkiln.errors import InputError
+    from lmkiln.verify.verify import VerifyOptions, run_verify, write_plot
+
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: choose cpu or cuda")
+    opts = VerifyOptions(data=data, seqlen=seqlen, max_tokens=max_tokens, prompts=prompts, max_new_tokens=max_new_tokens,
+                         runner=runner, device=device, score_second_half=score_second_half,
+                         max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1)
+    from lmkiln.verify.runners import kind_of
+
+    kind_of(reference), kind_of(candidate)  # fail on a bad path before drawing anything
+    with progress_bar() as bar:
+        task = bar.add_task("windows", total=None)
+        res = run_verify(reference, candidate, opts, progress=lambda k, n: bar.update(task, total=n, completed=k))
+    r = res.report
+    for w in res.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    table = Table(title=f"verify: {candidate} vs {reference}")
+    for col in ("metric", "reference", "candidate", "threshold", ""):
+        table.add_column(col)
+    ref_ppl, cand_ppl = r["reference"], r["candidate"]
+    table.add_row("perplexity", f"{ref_ppl['ppl']:.4f} ± {ref_ppl['ppl_stderr']:.3f}", f"{cand_ppl['ppl']:.4f} ± {cand_ppl['ppl_stderr']:.3f}", "", "")
+    rows = [("ppl increase %", r["ppl_increase_pct"], "max_ppl_increase", "≤"), ("mean KL", r["kl"]["mean"], "max_kl", "≤"),
+            ("top-1 agreement", r["top1_agreement"], "min_top1", "≥")]
+    for name, val, key, op in rows:
+        ok = r["checks"][key]["passed"]
+        table.add_row(name, "", f"{val:.6g}", f"{op} {r['thresholds'][key]:.6g}", "[green]pass[/]" if ok else "[bold red]FAIL[/]",
+                      style=None if ok else "red")
+    table.add_row("KL p99 / max", "", f"{r['kl']['p99']:.4g} / {r['kl']['max']:.4g}", "", "")
+    table.add_row("max |Δlogit|", "", f"{r['max_abs_dlogit']:.4g}", "", "")
+    g = r["greedy"]
+    table.add_row("greedy match", "", f"{sum(x['match'] for x in g)}/{len(g)} prompts", "", "")
+    out.print(table)
+    for x in g:
+        if not x["match"]:
+            out.print(f"  greedy output of {x['prompt']!r} diverges at new token {x['first_divergence']}", highlight=False)
+    p = r["protocol"]
+    out.print(f"  {p['scored_tokens']} tokens scored in {p['windows']} windows of {p['seqlen']}; "
+              f"reference {r['runners']['reference']}, candidate {r['runners']['candidate']}", highlight=False)
+    if report:
+        report.write_text(json.dumps(r, indent=1))
+    if plot:
+        write_plot(res, plot)
+    if not res.passed:
+        for f in res.failures:
+            err.print(f"[bold red]FAIL[/] {f}", highlight=False)
+        raise typer.Exit(1)
+    out.print("[green]PASS[/]")
 
 
 @app.command("inspect")

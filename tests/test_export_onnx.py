@@ -212,3 +212,16 @@ def test_cuda_export(engines, tmp_path):
     ids = torch.randint(3, 512, (1, 100), generator=torch.Generator().manual_seed(0))
     s = _stats(EngineModel.from_path(engines["int4"]).forward(ids), OnnxRunner(out, provider="cuda").forward(ids))
     assert s["top1"] >= 0.99
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_cuda_flavour_graph_runs_on_cpu(engines, tmp_path, portable):
+    """--ep cuda only changes dtypes (fp16 activations, fp weights and KV cache; logits
+    stay float32); onnxruntime's CPU kernels run that graph too, so it is checked here."""
+    out = export_onnx(engines["int4"], tmp_path / "cuda", ep="cuda", portable=portable)
+    m = onnx.load(str(out / "model.onnx"))
+    assert m.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ids = torch.randint(3, 512, (1, 100), generator=torch.Generator().manual_seed(0))
+    s = _stats(EngineModel.from_path(engines["int4"]).forward(ids), OnnxRunner(out).forward(ids))
+    assert s["top1"] >= 0.98 and s["max_abs"] < 0.2

@@ -17,6 +17,7 @@ def load_tokenizer(path: str | Path):
     # Calibration and evaluation tokenize whole documents and window them afterwards;
     # the "longer than the maximum sequence length" warning does not apply.
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
