@@ -268,7 +268,7 @@ def generate_cmd(
 def demo_cmd(
     workdir: Optional[Path] = typer.Option(None, help="Where to write the demo outputs (default: a temporary directory)."),
 ):
-    """Run the main job on the bundled model: convert, quantize (AWQ W4), generate with both engines."""
+    """Run the main job on the bundled model: convert, quantize (AWQ W4), generate, verify."""
     from lmkiln.assets import bundled_model_path
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
     from lmkiln.quant.awq import QuantOptions
@@ -294,8 +294,23 @@ def demo_cmd(
     for name, path in (("fp32", engine), ("int4", q.output)):
         (text,) = generate_text(path, [prompt], 48)
         out.print(f"   [bold]{name}:[/] [italic]{prompt}{text}[/]", highlight=False)
+    out.print("[bold]4. verify[/] the int4 engine against the original on in-domain text")
+    from lmkiln.assets import ASSETS
+    from lmkiln.verify.verify import VerifyOptions, run_verify
+
+    # A 260K-parameter model is far more fragile at 4 bits than a real one: looser
+    # thresholds than the int4 defaults (docs/verify.md), on text it was trained for.
+    res = run_verify(model, q.output, VerifyOptions(data=ASSETS / "eval" / "tinystories_sample.txt", max_new_tokens=16,
+                                                    max_ppl_increase=15.0, max_kl=0.25, min_top1=0.7))
+    r = res.report
+    out.print(f"   perplexity {r['reference']['ppl']:.3f} -> {r['candidate']['ppl']:.3f} (+{r['ppl_increase_pct']:.2f}%), "
+              f"mean KL {r['kl']['mean']:.4f}, top-1 {r['top1_agreement']:.3f}, "
+              f"greedy match {sum(g['match'] for g in r['greedy'])}/{len(r['greedy'])}: "
+              + ("[green]PASS[/]" if res.passed else "[bold red]FAIL[/] " + "; ".join(res.failures)), highlight=False)
     if tmp is not None:
         tmp.cleanup()
+    if not res.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:
