@@ -24,6 +24,8 @@ from lmkiln.errors import LmkilnError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn Hugging Face LLM checkpoints into verified, quantized engines.")
 convert_app = typer.Typer(no_args_is_help=True, help="Convert between formats.")
 app.add_typer(convert_app, name="convert")
+export_app = typer.Typer(no_args_is_help=True, help="Export engines for other runtimes.")
+app.add_typer(export_app, name="export")
 
 out = Console()
 err = Console(stderr=True)
@@ -99,6 +101,27 @@ def hf_to_engine(
         convert_hf_to_engine(model, output, dtype=dtype, tp=tp, force=force, allow_pickle=allow_pickle,
                              progress=lambda name, nbytes: bar.advance(task))
     out.print(f"[green]wrote[/] {output}")
+
+
+@export_app.command("onnx")
+@guarded
+def export_onnx_cmd(
+    source: Path = typer.Argument(..., help="An engine (fp, int4, int8), or an HF / AWQ-GEMM directory (converted on the fly)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Export folder to create."),
+    ep: str = typer.Option("cpu", "--ep", help="Execution provider the graph targets: cpu (fp32) or cuda (fp16)."),
+    portable: bool = typer.Option(False, "--portable", help="Standard ONNX ops only (opset 21 DequantizeLinear + MatMul, plain attention)."),
+    triton: bool = typer.Option(False, "--triton", help="Also lay out a Triton Inference Server model repository."),
+    accuracy_level: int = typer.Option(0, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact (default), 4 int8 activations, faster on CPU."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+):
+    """Export to ONNX for onnxruntime (CPU/CUDA), onnxruntime-genai and Triton."""
+    from lmkiln.export import export_onnx
+
+    with progress_bar() as bar:
+        task = bar.add_task("exporting", total=None)
+        path = export_onnx(source, output, ep=ep, portable=portable, triton=triton, force=force,
+                           progress=lambda name, n: bar.advance(task), accuracy_level=accuracy_level)
+    out.print(f"[green]wrote[/] {path}")
 
 
 @app.command("quantize")

@@ -249,3 +249,23 @@ def perplexity(logits_fn, ids, seqlen: int, bos_id: int | None) -> float:
         total += float(nll)
         count += target.numel()
     return float(torch.exp(torch.tensor(total / count, dtype=torch.float64)))
+
+
+class torch_threads:
+    """Context manager: run torch ops on `n` intra-op threads, restoring the old count.
+
+    The quantization tests push many tiny matrices through torch; on a loaded 2-core
+    machine extra threads only spin, so they run single-threaded (also keeps results
+    independent of the thread count within one session)."""
+
+    def __init__(self, n: int = 1):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+        return False

@@ -19,6 +19,7 @@ import lmkiln
 from lmkiln.errors import InputError
 
 MODEL_FILE = "model.onnx"
+EXPORT_INFO = "lmkiln_export.json"
 EXTERNAL_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf's limit is 2 GB)
 EPS = ("cpu", "cuda")
 
@@ -61,6 +62,13 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
 
             cfg = genai_config(engine.model, ep)
             (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            # What `lmkiln verify` reads to pick default thresholds and check calibration overlap.
+            (tmp / EXPORT_INFO).write_text(json.dumps({
+                "weight_type": engine.manifest["weight_type"], "ep": ep, "portable": portable,
+                "accuracy_level": accuracy_level or 0, "lmkiln_version": lmkiln.__version__,
+                "source": source_summary(engine)}, indent=1) + "\n", encoding="utf-8")
+            if (engine.path / "lmkiln_quant_report.json").is_file():
+                shutil.copyfile(engine.path / "lmkiln_quant_report.json", tmp / "lmkiln_quant_report.json")
             if triton:
                 import onnx
 
