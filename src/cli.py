@@ -291,7 +291,7 @@ def generate_cmd(
 def demo_cmd(
     workdir: Optional[Path] = typer.Option(None, help="Where to write the demo outputs (default: a temporary directory)."),
 ):
-    """Run the main job on the bundled model: convert, quantize (AWQ W4), generate, verify."""
+    """Run the main job on the bundled model: convert, quantize (AWQ W4), generate, verify, export ONNX."""
     from lmkiln.assets import bundled_model_path
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
     from lmkiln.quant.awq import QuantOptions
@@ -330,9 +330,18 @@ def demo_cmd(
               f"mean KL {r['kl']['mean']:.4f}, top-1 {r['top1_agreement']:.3f}, "
               f"greedy match {sum(g['match'] for g in r['greedy'])}/{len(r['greedy'])}: "
               + ("[green]PASS[/]" if res.passed else "[bold red]FAIL[/] " + "; ".join(res.failures)), highlight=False)
+    out.print(f"[bold]5. export[/] the int4 engine to ONNX (MatMulNBits) and check onnxruntime against the torch engine")
+    from lmkiln.export import export_onnx
+
+    onnx_dir = export_onnx(q.output, workdir / "stories260K-w4.onnx", force=True)
+    res2 = run_verify(q.output, onnx_dir, VerifyOptions(data=ASSETS / "eval" / "tinystories_sample.txt", max_new_tokens=16))
+    r2 = res2.report
+    out.print(f"   {onnx_dir}: mean KL {r2['kl']['mean']:.2e}, top-1 {r2['top1_agreement']:.4f}, max |Δlogit| "
+              f"{r2['max_abs_dlogit']:.1e}, greedy match {sum(g['match'] for g in r2['greedy'])}/{len(r2['greedy'])}: "
+              + ("[green]PASS[/]" if res2.passed else "[bold red]FAIL[/] " + "; ".join(res2.failures)), highlight=False)
     if tmp is not None:
         tmp.cleanup()
-    if not res.passed:
+    if not (res.passed and res2.passed):
         raise typer.Exit(1)
 
 

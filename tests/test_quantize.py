@@ -33,7 +33,8 @@ from lmkiln.quant.primitives import unpack_awq_int4, unpack_int8
 
 STORIES = bundled_model_path()
 EVAL_TEXT = Path(__file__).parent / "fixtures" / "tinystories_eval.txt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 PPL_SEQLEN = 511  # + BOS = the model's 512-token context
 
@@ -388,6 +389,22 @@ def test_cli_quantize_rtn_needs_no_calibration(quantized, tmp_path):
     rep = load_report(out)
     assert rep["method"] == "rtn" and rep["calibration"] is None
     assert sha256(out / "model.safetensors") == sha256(quantized("w4-rtn") / "model.safetensors")  # same as the Python API
+
+
+def test_cli_quantize_interrupt_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["quantize", STORIES, "-o", out, "--w4a16", "--group-size", "32", "--calib-samples", "8", "--calib-seqlen", "64"]
+    monkeypatch.setenv(STOP_ENV, "1")
+    r = invoke(*args)
+    assert r.exit_code == 130, r.output
+    assert "interrupted" in r.stderr and "Traceback" not in r.output
+    assert not out.exists() and (tmp_path / ".out.lmkiln-partial").is_dir()
+    monkeypatch.delenv(STOP_ENV)
+    r = invoke(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resuming after 2 finished layer(s)" in r.stderr
+    assert [lay["layer"] for lay in load_report(out)["layers"]] == list(range(N_LAYERS))
+    assert not (tmp_path / ".out.lmkiln-partial").exists()
 
 
 @pytest.fixture(scope="module")
