@@ -341,19 +341,24 @@ def _status_kib(pid: int, keys=("RssAnon", "RssFile")) -> dict[str, int]:
 
 
 class Bench:
-    def __init__(self, work: Path, log_path: Path):
+    def __init__(self, work: Path, log_path: Path, threads: int | None, save=lambda: None):
         self.work = work
         self.log = open(log_path, "a")
+        self.threads = threads
+        self.save = save  # called after each measured run, so a killed bench keeps its results
 
-    def child(self, argv: list[str], what: str) -> dict:
+    def child(self, argv: list[str], what: str, threads: int | None = None) -> dict:
         """Run argv to completion; wall, CPU and peak memory of that child alone."""
         print(f"  {what} ...", file=sys.stderr, end="", flush=True)
         self.log.write(f"\n### {what}\n$ {' '.join(argv)}\n")
         self.log.flush()
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, cwd=ROOT,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        threads = threads or self.threads
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        p = subprocess.Popen(argv, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
         peaks = {"RssAnon": 0, "RssFile": 0}
         done = threading.Event()
 
@@ -377,10 +382,10 @@ class Bench:
                 "rss_anon_mib": round(peaks["RssAnon"] / 1024, 1), "rss_file_mib": round(peaks["RssFile"] / 1024, 1),
                 "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2)}
 
-    def worker(self, kind: str, what: str, **a) -> tuple[dict, dict]:
+    def worker(self, kind: str, what: str, threads: int | None = None, **a) -> tuple[dict, dict]:
         res = self.work / f"result-{kind}-{time.monotonic_ns()}.json"
         a["result"] = str(res)
-        m = self.child([sys.executable, str(Path(__file__).resolve()), "--_worker", kind, json.dumps(a)], what)
+        m = self.child([sys.executable, str(Path(__file__).resolve()), "--_worker", kind, json.dumps(a)], what, threads)
         return json.loads(res.read_text()), m
 
     def quantize(self, model: Path, out: Path, bits: int, group: int, method: str, calib: Path | None,
@@ -449,7 +454,7 @@ def stories_bench(b: Bench, args, out: dict) -> None:
         calibs["in-domain"] = w / "calib_indomain.txt"
 
     def ppl(engine: Path, what: str) -> dict:
-        r, _ = b.worker("ppl", f"ppl {what}", engine=str(engine), text=str(eval_text))
+        r, _ = b.worker("ppl", f"ppl {what}", threads=1, engine=str(engine), text=str(eval_text))
         return r
 
     fp = w / "fp32"
@@ -477,8 +482,14 @@ def stories_bench(b: Bench, args, out: dict) -> None:
             r.update({"config": label, "bits": bits, "group": group, "method": method, "calib": cname,
                       "ppl": p["ppl"], "eval_tokens": p["tokens"], "linear_modes": p["linear_modes"]})
             rows.append(r)
+            out["stories"] = rows
+            b.save()
             print(f"    ppl {p['ppl']:.4f} (fp32 {base['ppl']:.4f})", file=sys.stderr, flush=True)
     out["stories"] = rows
+    if args.profile:
+        prof_s, _ = b.worker("profile", "profile stories260K AWQ layer 0", model=str(STORIES), bits=4, group=32,
+                             samples=args.stories_samples, seqlen=args.stories_seqlen, layers=1)
+        out.setdefault("profile", {})["stories260K, W4 g32, layer 0"] = prof_s
 
 
 def synth_bench(b: Bench, args, out: dict) -> None:
@@ -488,7 +499,7 @@ def synth_bench(b: Bench, args, out: dict) -> None:
     if args.quick:
         plan = [(2, "rtn"), (2, "awq")]
     else:
-        plan = [(8, "rtn"), (8, "awq"), (args.synth_rtn_layers_2, "rtn"), (args.synth_awq_layers_2, "awq")]
+        plan = [(n, "rtn") for n in args.synth_rtn_layers] + [(n, "awq") for n in args.synth_awq_layers]
     models: dict[int, dict] = {}
     for layers, method in plan:
         src = b.work / f"synth{layers}"
@@ -505,18 +516,17 @@ def synth_bench(b: Bench, args, out: dict) -> None:
         shutil.rmtree(dst, ignore_errors=True)
         r.update({"layers": layers, "method": method, "group": args.synth_group, **models[layers]})
         runs.append(r)
+        out["synthetic"] = {"shape": shape, "runs": runs}
+        b.save()
     out["synthetic"] = {"shape": shape, "runs": runs}
     if args.profile:
-        layers = 1
         src = b.work / "synth-profile"
-        b.worker("synth", "write synthetic 1-layer model (profile)", path=str(src), shape=shape, layers=layers, seed=0,
+        b.worker("synth", "write synthetic 1-layer model (profile)", path=str(src), shape=shape, layers=1, seed=0,
                  shard_mb=args.shard_mb)
         prof, _ = b.worker("profile", "profile one synthetic AWQ layer", model=str(src), bits=4, group=args.synth_group,
                            samples=args.synth_samples, seqlen=args.synth_seqlen, layers=1)
         shutil.rmtree(src, ignore_errors=True)
-        prof_s, _ = b.worker("profile", "profile stories260K AWQ layers", model=str(STORIES), bits=4, group=32,
-                             samples=args.stories_samples, seqlen=args.stories_seqlen, layers=1 if args.quick else 2)
-        out["profile"] = {"synthetic_layer": prof, "stories_layer": prof_s}
+        out.setdefault("profile", {})[f"synthetic, W4 g{args.synth_group}, layer 0"] = prof
     for k in list(models):
         shutil.rmtree(b.work / f"synth{k}", ignore_errors=True)
 
@@ -602,13 +612,15 @@ def main() -> None:
     ap.add_argument("--stories-seqlen", type=int, default=None, help="calibration window (default 512; quick 256)")
     ap.add_argument("--synth-samples", type=int, default=None, help="calibration samples, synthetic (default 32; quick 4)")
     ap.add_argument("--synth-seqlen", type=int, default=None, help="default 512; quick 128")
-    ap.add_argument("--synth-hidden", type=int, default=SYNTH["hidden"])
-    ap.add_argument("--synth-heads", type=int, default=SYNTH["heads"])
-    ap.add_argument("--synth-kv-heads", type=int, default=SYNTH["kv_heads"])
-    ap.add_argument("--synth-inter", type=int, default=SYNTH["inter"])
+    ap.add_argument("--synth-hidden", type=int, default=None, help="default 1024 (quick 256)")
+    ap.add_argument("--synth-heads", type=int, default=None, help="default 16 (quick 4)")
+    ap.add_argument("--synth-kv-heads", type=int, default=None, help="default 4 (quick 2)")
+    ap.add_argument("--synth-inter", type=int, default=None, help="default 2816 (quick 704)")
     ap.add_argument("--synth-group", type=int, default=128)
-    ap.add_argument("--synth-rtn-layers-2", type=int, default=32, help="second layer count for the RTN memory-scaling run")
-    ap.add_argument("--synth-awq-layers-2", type=int, default=2, help="second layer count for the AWQ memory-scaling run")
+    ap.add_argument("--synth-rtn-layers", default="8,32", help="layer counts of the synthetic RTN runs (comma list)")
+    ap.add_argument("--synth-awq-layers", default="8,2", help="layer counts of the synthetic AWQ runs (comma list)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for the quantize runs (default: unset, torch's default)")
     ap.add_argument("--shard-mb", type=int, default=200, help="synthetic checkpoint shard size")
     ap.add_argument("--skip-stories", action="store_true")
     ap.add_argument("--skip-synth", action="store_true")
@@ -621,6 +633,11 @@ def main() -> None:
     args.stories_seqlen = args.stories_seqlen or (256 if q else 512)
     args.synth_samples = args.synth_samples or (4 if q else 32)
     args.synth_seqlen = args.synth_seqlen or (128 if q else 512)
+    for k, quick in (("hidden", 256), ("heads", 4), ("kv_heads", 2), ("inter", 704)):
+        if getattr(args, f"synth_{k}") is None:
+            setattr(args, f"synth_{k}", quick if q else SYNTH[k])
+    args.synth_rtn_layers = [int(x) for x in args.synth_rtn_layers.split(",") if x]
+    args.synth_awq_layers = [int(x) for x in args.synth_awq_layers.split(",") if x]
     if not Path(args.eval_text).is_file():
         raise SystemExit(f"--eval-text {args.eval_text}: no such file")
 
@@ -629,10 +646,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
     print(f"scratch {work}; child output in {log}", file=sys.stderr)
-    b = Bench(work, log)
-    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:], "machine": machine(),
+    res: dict = {}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+
+    b = Bench(work, log, args.threads, save)
+    res.update({"date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:], "machine": machine(),
            "eval_text_name": Path(args.eval_text).name,
-           "settings": {k: v for k, v in vars(args).items()}}
+           "settings": {k: v for k, v in vars(args).items()}})
     try:
         _, res["baseline"] = b.worker("baseline", "import baseline")
         if not args.skip_stories:
@@ -640,8 +663,7 @@ def main() -> None:
         if not args.skip_synth:
             synth_bench(b, args, res)
     finally:
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1))
+        save()
         if own:
             shutil.rmtree(work, ignore_errors=True)
     print(markdown(res))

@@ -1,7 +1,7 @@
 """`lmkiln verify`: reference vs candidate through the command line.
 
 Everything runs on the bundled stories260K model (context 512, vocab 512) and artifacts
-built from it once per session: its fp32 engine, int4 / int8 RTN engines, an int4 engine
+built from it once per module: its fp32 engine, int4 / int8 RTN engines, an int4 engine
 with one layer's scales deliberately doubled, an AWQ engine calibrated on the TinyStories
 fixture, and an AWQ-GEMM Hugging Face directory. Runs use 1024 tokens (two windows of
 512) and 8 new tokens per greedy prompt to stay fast.
@@ -55,22 +55,35 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-300)
 
 
-# -- artifacts, built once per session -------------------------------------------------
+# -- artifacts, built once per module --------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def vdir(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run this module's tiny-model forwards on one intra-op thread (restored afterwards).
+
+    With torch's default of one thread per core on a 2-core machine that other processes
+    also load, thread hand-offs dominate forwards this small: one `verify` measured
+    5-16 s with 2 threads and 1.1 s with 1. Numerics are unaffected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vdir(one_thread, tmp_path_factory):
     return tmp_path_factory.mktemp("verify")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def one_prompt(vdir):
     p = vdir / "one_prompt.txt"
     p.write_text("Once upon a time\n")
     return p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fp_engine(vdir):
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 
@@ -84,36 +97,38 @@ def _rtn(out: Path, bits: int, to: str = "engine") -> Path:
     return quantize_model(STORIES, out, QuantOptions(bits=bits, group_size=32, method="rtn"), to=to).output
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def w4_engine(vdir):
     return _rtn(vdir / "w4.engine", 4)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def w8_engine(vdir):
     return _rtn(vdir / "w8.engine", 8)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def awq_hf(vdir):
     """An AWQ-GEMM Hugging Face directory (int4 g32; codes found by RTN, the layout is the same)."""
     return _rtn(vdir / "w4-awq-gemm", 4, to="hf")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def awq_tinystories_engine(vdir):
-    """AWQ W4 g32 calibrated on the TinyStories evaluation fixture (on purpose: overlap)."""
+    """AWQ W4 g32 calibrated on the TinyStories evaluation fixture (on purpose: overlap).
+
+    A coarse scale grid and no clip search keep it quick; only its calibration record matters here."""
     from lmkiln.quant.awq import QuantOptions
     from lmkiln.quant.pipeline import CalibOptions, quantize_model
 
-    return quantize_model(STORIES, vdir / "awq-ts.engine", QuantOptions(bits=4, group_size=32, clip=False),
+    return quantize_model(STORIES, vdir / "awq-ts.engine", QuantOptions(bits=4, group_size=32, clip=False, n_grid=5),
                           CalibOptions(path=TINYSTORIES, n_samples=8, seqlen=128), to="engine").output
 
 
 DAMAGED_TENSOR = "layers.0.attention.w_qkv.0.scales"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def damaged_engine(w4_engine, vdir):
     """The W4 engine with one layer's q/k/v scales doubled, manifest updated so it still reads."""
     d = copy_tree(w4_engine, vdir / "w4-damaged.engine")
@@ -132,7 +147,7 @@ def damaged_engine(w4_engine, vdir):
     return d
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def w4_run(w4_engine, one_prompt, vdir):
     """stories260K vs its W4 engine on in-domain text, with --report and --plot."""
     report, plot = vdir / "w4-report.json", vdir / "w4.png"
@@ -267,7 +282,7 @@ def assert_input_error(r, *needles) -> str:
     return errors[0]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vocab256_model(vdir):
     """A tiny random Llama whose vocabulary (256) differs from stories260K's (512)."""
     return make_tiny_model(vdir / "vocab256", "LlamaForCausalLM", seed=0, vocab_size=256)
@@ -343,8 +358,8 @@ def test_score_second_half_halves_scored_tokens(w4_run, w4_engine, one_prompt, v
     assert 0.45 < p["scored_tokens"] / pf["scored_tokens"] < 0.55, (p["scored_tokens"], pf["scored_tokens"])
     assert p["scored_tokens"] == 2 * 256  # positions 255..510 of each 512-token window
     assert f"{p['scored_tokens']} tokens scored in 2 windows of 512" in r.stdout
-    # Later positions have more context: the reference is at least as sure of itself there.
-    assert rep["reference"]["ppl"] != full["reference"]["ppl"]
+    # Later positions have more context: on this text the reference predicts them better.
+    assert rep["reference"]["ppl"] < full["reference"]["ppl"]
 
 
 def test_default_thresholds_depend_on_weight_type(w4_run, w8_engine, one_prompt, vdir):

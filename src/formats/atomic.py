@@ -51,10 +51,34 @@ def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (),
         if not keep_on_failure:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_tree(tmp)  # the rename must never publish a directory whose files are still only in cache
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.lmkiln-old-{os.getpid()}"
         os.rename(target, old)
     os.rename(tmp, target)
+    _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory below root (cheap for files already synced)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(dirpath))

@@ -11,10 +11,10 @@ opts in, and then loaded with `weights_only=True`. Remote code is never run.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from lmkiln.errors import CheckpointError, InputError
 from lmkiln.formats.safetensors_io import DTYPES, read_header
@@ -61,7 +61,7 @@ class HFCheckpoint:
         if not (self.path / "config.json").exists():
             raise InputError(f"{self.path}: no config.json here; is this a Hugging Face model directory?")
         self.config = read_json(self.path / "config.json", "config.json")
-        self._handles: dict[str, object] = {}
+        self._spans: dict[str, object] = {}  # name -> validated TensorInfo (byte span in its file)
         self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.weight_map: dict[str, str] = {}  # tensor name -> file name
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -102,6 +102,7 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.path}: tensor {name!r} appears in both {self.weight_map[name]} and {fname}")
             self.weight_map[name] = fname
             self._shapes[name] = (info.shape, DTYPES[info.dtype])
+            self._spans[name] = info
 
     def _load_sharded(self) -> None:
         index = read_json(self.path / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
@@ -146,16 +147,33 @@ class HFCheckpoint:
         return self._shapes[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its memory map (a view: do not modify in place)."""
+        """One tensor, read into its own buffer.
+
+        Reading the validated byte span with pread (rather than keeping every shard
+        memory-mapped) keeps resident memory to the tensors in use: mapped pages count
+        as RSS and, over a whole conversion, added up to the model's size."""
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: tensor {name!r} not in the checkpoint")
         fname = self.weight_map[name]
         if self.is_pickle:
             return self._pickle_cache[fname][name]
-        h = self._handles.get(fname)
-        if h is None:
-            h = self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
-        return h.get_tensor(name)
+        info = self._spans[name]
+        shape, dtype = self._shapes[name]
+        out = torch.empty(shape, dtype=dtype)
+        if info.nbytes == 0:
+            return out
+        buf = out.view(-1).view(torch.uint8).numpy()
+        fd = os.open(self.path / fname, os.O_RDONLY)
+        try:
+            got = 0
+            while got < info.nbytes:
+                n = os.preadv(fd, [memoryview(buf)[got:]], info.begin + got)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path / fname}: file ended inside tensor {name!r}; it changed while reading")
+                got += n
+        finally:
+            os.close(fd)
+        return out
 
     @property
     def architecture(self) -> str:
