@@ -77,6 +77,37 @@ def progress_bar() -> Progress:
                     TimeRemainingColumn(), console=err, transient=False)
 
 
+class LazyProgress:
+    """A progress bar that appears on the first update, so input errors found before
+    any work starts stay a single line on stderr."""
+
+    def __init__(self, description: str):
+        self.description, self.bar, self.task = description, None, None
+
+    def _start(self):
+        if self.bar is None:
+            self.bar = progress_bar()
+            self.bar.start()
+            self.task = self.bar.add_task(self.description, total=None)
+        return self.bar
+
+    def update(self, completed: int, total: int | None = None) -> None:
+        self._start().update(self.task, completed=completed, total=total)
+
+    def advance(self) -> None:
+        self._start().advance(self.task)
+
+    def print(self, msg: str) -> None:
+        (self.bar.console if self.bar else err).print(msg, highlight=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
 @convert_app.command("hf-to-engine")
 @guarded
 def hf_to_engine(
@@ -117,10 +148,9 @@ def export_onnx_cmd(
     """Export to ONNX for onnxruntime (CPU/CUDA), onnxruntime-genai and Triton."""
     from lmkiln.export import export_onnx
 
-    with progress_bar() as bar:
-        task = bar.add_task("exporting", total=None)
+    with LazyProgress("exporting") as bar:
         path = export_onnx(source, output, ep=ep, portable=portable, triton=triton, force=force,
-                           progress=lambda name, n: bar.advance(task), accuracy_level=accuracy_level)
+                           progress=lambda name, n: bar.advance(), accuracy_level=accuracy_level)
     out.print(f"[green]wrote[/] {path}")
 
 
@@ -155,14 +185,9 @@ def quantize_cmd(
     opts = QuantOptions(bits=4 if w4a16 else 8, group_size=group_size, symmetric=sym, method=method,
                         clip=not no_clip, duo_scaling=duo_scaling)
     calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
-    with progress_bar() as bar:
-        task = bar.add_task("layers", total=None)
-
-        def on_layer(i, n, rep):
-            bar.update(task, total=n, completed=i + 1)
-
+    with LazyProgress("layers") as bar:
         result = quantize_model(model, output, opts, calib_opts, to=to, force=force, resume=resume, report_path=report,
-                                on_layer=on_layer, on_info=lambda msg: bar.console.print(msg, highlight=False))
+                                on_layer=lambda i, n, rep: bar.update(i + 1, n), on_info=bar.print)
     _quant_table(result.report)
     out.print(f"[green]wrote[/] {result.output}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB)")
 
@@ -208,12 +233,8 @@ def verify_cmd(
     opts = VerifyOptions(data=data, seqlen=seqlen, max_tokens=max_tokens, prompts=prompts, max_new_tokens=max_new_tokens,
                          runner=runner, device=device, score_second_half=score_second_half,
                          max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1)
-    from lmkiln.verify.runners import kind_of
-
-    kind_of(reference), kind_of(candidate)  # fail on a bad path before drawing anything
-    with progress_bar() as bar:
-        task = bar.add_task("windows", total=None)
-        res = run_verify(reference, candidate, opts, progress=lambda k, n: bar.update(task, total=n, completed=k))
+    with LazyProgress("windows") as bar:
+        res = run_verify(reference, candidate, opts, progress=lambda k, n: bar.update(k, n))
     r = res.report
     for w in res.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)

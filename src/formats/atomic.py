@@ -43,6 +43,9 @@ def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (),
     keep_on_failure = tmp is not None
     if tmp is None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any mkdir
     else:
         tmp.mkdir(parents=True, exist_ok=True)
     try:

@@ -152,6 +152,11 @@ def quantize_model(
     acc = account(ckpt, arch, mcfg)
     out_dir = check_output(Path(out_dir), force, inputs=(ckpt.path,))
     n_layer = mcfg["num_layer"]
+    attn_width = mcfg["head_num"] * mcfg["size_per_head"]
+    if to == "engine" and options.group_size != -1 and attn_width % options.group_size:
+        # Found now rather than after calibration: the engine splits wo's input on group boundaries.
+        raise InputError(f"--to engine: the attention width {attn_width} is not a multiple of --group-size "
+                         f"{options.group_size}; choose a group size that divides it, or --to hf")
     src_dtype = ckpt.source_dtype if ckpt.source_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
     ids = None
@@ -219,7 +224,7 @@ def quantize_model(
         if start_layer == 0:
             hidden = torch.nn.functional.embedding(ids, ckpt.get(arch.hf_name_of("embed")).float())
         else:
-            hidden = torch.load(state / "hidden.pt", weights_only=True)
+            hidden = torch.load(state / f"hidden{start_layer - 1}.pt", weights_only=True)
         layer_kwargs = {"position_embeddings": _position_embeddings(mcfg, ids.shape[1]), "attention_mask": None}
 
     for i in range(start_layer, n_layer):
@@ -232,11 +237,14 @@ def quantize_model(
             qts, rep = rtn_layer(layer, arch, options), {"groups": [], "linears": {}}
         tensors = _layer_tensors(layer, arch, mcfg, i, qts, src_dtype)
         rep.update({"layer": i, "seconds": round(time.time() - t0, 3)})
+        # Per-layer hidden files: the input of layer i+1 must survive until layer i+1 is
+        # marked done, or a resume would re-run a layer on the wrong input.
         if hidden is not None:
             torch.save(hidden, state / "hidden.tmp")
-            os.replace(state / "hidden.tmp", state / "hidden.pt")
+            os.replace(state / "hidden.tmp", state / f"hidden{i}.pt")
         (state / f"layer{i}.json").write_text(json.dumps(rep))
         _atomic_save(tensors, state / f"layer{i}.safetensors")  # last: its presence marks the layer done
+        (state / f"hidden{i - 1}.pt").unlink(missing_ok=True)
         layer_reports.append(rep)
         if on_layer:
             on_layer(i, n_layer, rep)
