@@ -537,6 +537,12 @@ def fmt_gap(x):
     return "–" if x is None else f"{x:+.4f}"
 
 
+def cpu_per_layer(r: dict, res: dict) -> float:
+    """The run's CPU seconds less the import baseline's, per layer (an upper bound: it also
+    holds tokenizing, writing and, for `--to engine`, the conversion)."""
+    return (r["cpu_s"] - res.get("baseline", {}).get("cpu_s", 0.0)) / len(r["seconds_per_layer"])
+
+
 def markdown(res: dict) -> str:
     L = []
     m = res["machine"]
@@ -551,7 +557,7 @@ def markdown(res: dict) -> str:
         L.append(f"### stories260K: perplexity on {res['eval_text_name']} ({res['stories_fp32']['tokens']} tokens, "
                  f"windows of {res['stories_fp32']['window']} + BOS); fp32 = {fp:.4f}")
         L.append("")
-        L.append("| config | method | calibration | ppl | gap to fp32 | AWQ gap / RTN gap | median s/layer | CPU s | peak RSS MiB (anon / file) | path |")
+        L.append("| config | method | calibration | ppl | gap to fp32 | AWQ gap / RTN gap | median wall s/layer | CPU s/layer | peak RSS MiB (anon / file) | path |")
         L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
         rtn_gap = {}
         for r in res["stories"]:
@@ -565,7 +571,7 @@ def markdown(res: dict) -> str:
             elif rtn_gap.get(r["config"]):
                 ratio = f"{gap / rtn_gap[r['config']]:.2f}"
             L.append(f"| {r['config']} | {r['method'].upper()} | {r['calib']} | {r['ppl']:.4f} | {gap:+.4f} | {ratio} | "
-                     f"{r['median_layer_s']:.2f} | {r['cpu_s']:.0f} | {r['maxrss_mib']:.0f} ({r['rss_anon_mib']:.0f} / {r['rss_file_mib']:.0f}) | {r['path']} |")
+                     f"{r['median_layer_s']:.2f} | {cpu_per_layer(r, res):.1f} | {r['maxrss_mib']:.0f} ({r['rss_anon_mib']:.0f} / {r['rss_file_mib']:.0f}) | {r['path']} |")
         cal = sorted({(r["calib"], r["calibration"]) for r in res["stories"] if r.get("method") == "awq"})
         L.append("")
         for c, s in cal:
@@ -580,12 +586,12 @@ def markdown(res: dict) -> str:
         L.append(f"### synthetic Llama (random, hidden {s['hidden']}, {s['heads']} heads / {s['kv_heads']} kv, ffn {s['inter']}, "
                  f"vocab {s['vocab']}; fp16 shards; `--to hf`)")
         L.append("")
-        L.append("| layers | method | fp32 model MiB | fp32 layer MiB | median s/layer | wall s | CPU s | peak RSS MiB | RssAnon MiB | RssFile MiB | (peak − baseline) / layer fp32 | calibration |")
-        L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        L.append("| layers | method | fp32 model MiB | fp32 layer MiB | median wall s/layer | CPU s/layer | wall s | CPU s | peak RSS MiB | RssAnon MiB | RssFile MiB | (peak − baseline) / layer fp32 | calibration |")
+        L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         base = res.get("baseline", {}).get("maxrss_mib", 0)
         for r in res["synthetic"]["runs"]:
             L.append(f"| {r['layers']} | {r['method'].upper()} | {r['fp32_bytes'] / MIB:.0f} | {r['layer_fp32_bytes'] / MIB:.1f} | "
-                     f"{r['median_layer_s']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['maxrss_mib']:.0f} | {r['rss_anon_mib']:.0f} | "
+                     f"{r['median_layer_s']:.2f} | {cpu_per_layer(r, res):.1f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['maxrss_mib']:.0f} | {r['rss_anon_mib']:.0f} | "
                      f"{r['rss_file_mib']:.0f} | {(r['maxrss_mib'] - base) * MIB / r['layer_fp32_bytes']:.1f} | {r['calibration'] or '–'} |")
     if "profile" in res:
         for name, p in res["profile"].items():

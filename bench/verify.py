@@ -155,7 +155,7 @@ def build_artifacts(hf: Path, work: Path, group_size: int) -> tuple[dict, dict]:
     return paths, notes
 
 
-def open_runners(paths: dict) -> dict:
+def open_runners(paths: dict, threads: int | None = None) -> dict:
     """label -> zero-argument constructor of the runner."""
     from lmkiln.runtime.engine_model import EngineModel
     from lmkiln.runtime.hf_runner import TransformersRunner
@@ -171,7 +171,7 @@ def open_runners(paths: dict) -> dict:
 
         for kind in ("fp32", "int4"):
             if f"onnx-{kind}" in paths:
-                runners[f"onnx {kind}"] = (lambda p: lambda: OnnxRunner(p))(paths[f"onnx-{kind}"])
+                runners[f"onnx {kind}"] = (lambda p: lambda: OnnxRunner(p, threads=threads))(paths[f"onnx-{kind}"])
     return runners
 
 
@@ -179,20 +179,19 @@ def open_runners(paths: dict) -> dict:
 
 
 @torch.inference_mode()
-def score(runner, wins: list[list[int]]) -> tuple[float, int]:
-    """Sum of NLL and number of scored tokens over windows, as verify's compare() scores one side."""
-    nll, n = 0.0, 0
+def score(runner, wins: list[list[int]]) -> list[tuple[float, int]]:
+    """(sum of NLL, scored tokens) per window, as verify's compare() scores one side."""
+    out = []
     for w in wins:
         x = torch.tensor([w], dtype=torch.long)
         logits = runner.forward(x)[0].float().cpu()
         lp = logits[:-1].double().log_softmax(-1)
-        nll += float(torch.nn.functional.nll_loss(lp, x[0, 1:], reduction="sum"))
-        n += len(w) - 1
-    return nll, n
+        out.append((float(torch.nn.functional.nll_loss(lp, x[0, 1:], reduction="sum")), len(w) - 1))
+    return out
 
 
 def bench_model(name: str, hf: Path, work: Path, group_size: int, n_windows: int, repeats: int, slow_s: float,
-                only: set[str] | None) -> dict:
+                only: set[str] | None, threads: int | None = None) -> dict:
     from lmkiln.runtime.tokenizer import load_tokenizer
     from lmkiln.verify.data import load_eval_text
     from lmkiln.verify.metrics import windows
@@ -203,7 +202,7 @@ def bench_model(name: str, hf: Path, work: Path, group_size: int, n_windows: int
     tok = load_tokenizer(hf)
     ids = tok(load_eval_text(None), add_special_tokens=False).input_ids
     wins = windows(ids, SEQLEN, tok.bos_token_id)[:n_windows]
-    makers = open_runners(paths)
+    makers = open_runners(paths, threads)
     if only:
         makers = {k: v for k, v in makers.items() if k in only}
     loaded, plan = {}, {}
@@ -235,10 +234,11 @@ def bench_model(name: str, hf: Path, work: Path, group_size: int, n_windows: int
             if rep >= p["repeats"]:
                 continue
             with Meter() as m:
-                nll, n = score(loaded[label], p["windows"])
+                per_window = score(loaded[label], p["windows"])
+            nll, n = sum(a for a, _ in per_window), sum(b for _, b in per_window)
             samples[label].append(n / m.wall)
             others[label].append(m.others)
-            ppl[label] = (math.exp(nll / n), n)
+            ppl[label] = (math.exp(nll / n), n, math.exp(per_window[0][0] / per_window[0][1]))
             print(f"[{name}] repeat {rep + 1}/{repeats} {label:20s} {n / m.wall:10.1f} tok/s  "
                   f"({n} tokens in {m.wall:6.2f} s; others {m.others:.2f} cores)", flush=True)
     base = statistics.median(samples["transformers fp32"]) if "transformers fp32" in samples else None
@@ -247,7 +247,7 @@ def bench_model(name: str, hf: Path, work: Path, group_size: int, n_windows: int
         med = statistics.median(samples[label])
         rows[label] = {
             "tok_s_median": med, "tok_s_all": samples[label], "n": len(samples[label]),
-            "scored_tokens": ppl[label][1], "ppl": ppl[label][0], "vs_transformers": med / base if base else None,
+            "scored_tokens": ppl[label][1], "ppl": ppl[label][0], "ppl_first_window": ppl[label][2], "vs_transformers": med / base if base else None,
             "others_cores_median": statistics.median(others[label]), "load_s": plan[label]["load_s"],
             "modes": plan[label]["modes"], "slow_single_window": plan[label]["slow"],
         }
@@ -302,15 +302,17 @@ def micro(repeats: int, group: int = 128) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    out = []
+    m = results["machine"]
+    out = [f"torch threads {m['torch_threads']}, onnxruntime threads {m.get('ort_threads') or 'default'}; "
+           f"load average {m['loadavg_start'][0]:.1f} at the start"]
     for name, res in results["models"].items():
         out.append(f"\n{name} ({res['windows']} windows of {res['seqlen']}, int4 g{res['group_size']}):\n")
-        out.append("| runner | tok/s (median) | vs transformers | n | ppl | others (cores) |")
-        out.append("|---|---:|---:|---:|---:|---:|")
+        out.append("| runner | tok/s (median) | vs transformers | n | ppl | ppl, window 1 | others (cores) |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
         for label, r in res["rows"].items():
             vs = f"{r['vs_transformers']:.2f}x" if r["vs_transformers"] else ""
             n = f"{r['n']}" + (" (1 window)" if r["slow_single_window"] else "")
-            out.append(f"| {label} | {r['tok_s_median']:.1f} | {vs} | {n} | {r['ppl']:.4f} | {r['others_cores_median']:.2f} |")
+            out.append(f"| {label} | {r['tok_s_median']:.1f} | {vs} | {n} | {r['ppl']:.4f} | {r['ppl_first_window']:.4f} | {r['others_cores_median']:.2f} |")
         for k, v in res["notes"].items():
             out.append(f"\nnote ({k}): {v}")
     if results.get("micro"):
@@ -334,7 +336,8 @@ def main() -> None:
     ap.add_argument("--runners", default=None, help="comma-separated subset of runner labels")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--micro-repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads and onnxruntime intra-op threads (default: each library's own)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.threads:
@@ -344,7 +347,7 @@ def main() -> None:
     info = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "mem_gb": round(mem_total_gb(), 1),
             "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "loadavg_start": os.getloadavg(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "ort_threads": a.threads, "loadavg_start": os.getloadavg(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
     try:
         import onnxruntime
         import transformers
@@ -363,7 +366,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown model {name!r}: choose stories or synth")
         n_windows = a.windows if name == "stories" else a.synth_windows
-        results["models"][name] = bench_model(name, hf, a.out / name, g, n_windows, a.repeats, a.slow_s, only)
+        results["models"][name] = bench_model(name, hf, a.out / name, g, n_windows, a.repeats, a.slow_s, only, a.threads)
     if not a.no_micro:
         results["micro"] = micro(a.micro_repeats)
     info["loadavg_end"] = os.getloadavg()

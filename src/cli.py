@@ -77,6 +77,14 @@ def progress_bar() -> Progress:
                     TimeRemainingColumn(), console=err, transient=False)
 
 
+def check_writable(path: Optional[Path], option: str) -> None:
+    """Refuse an output file whose directory is missing before any work, not after it."""
+    from lmkiln.errors import InputError
+
+    if path is not None and not path.absolute().parent.is_dir():
+        raise InputError(f"{option} {path}: directory {path.absolute().parent} does not exist")
+
+
 class LazyProgress:
     """A progress bar that appears on the first update, so input errors found before
     any work starts stay a single line on stderr."""
@@ -185,6 +193,7 @@ def quantize_cmd(
     opts = QuantOptions(bits=4 if w4a16 else 8, group_size=group_size, symmetric=sym, method=method,
                         clip=not no_clip, duo_scaling=duo_scaling)
     calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
+    check_writable(report, "--report")
     with LazyProgress("layers") as bar:
         result = quantize_model(model, output, opts, calib_opts, to=to, force=force, resume=resume, report_path=report,
                                 on_layer=lambda i, n, rep: bar.update(i + 1, n), on_info=bar.print)
@@ -233,6 +242,7 @@ def verify_cmd(
     opts = VerifyOptions(data=data, seqlen=seqlen, max_tokens=max_tokens, prompts=prompts, max_new_tokens=max_new_tokens,
                          runner=runner, device=device, score_second_half=score_second_half,
                          max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1)
+    check_writable(report, "--report"), check_writable(plot, "--plot")
     with LazyProgress("windows") as bar:
         res = run_verify(reference, candidate, opts, progress=lambda k, n: bar.update(k, n))
     r = res.report

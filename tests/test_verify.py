@@ -324,10 +324,6 @@ def test_device_cuda_without_cuda_is_an_input_error(fp_engine, one_prompt):
     assert_input_error(r, "--device cuda", "no CUDA")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: input errors found inside run_verify (--data/--prompts/--seqlen/--runner/"
-                   "--device/vocab checks) are raised after the CLI has drawn its progress bar, so stderr holds a "
-                   "stray 'windows ━━━ 0/?' line before the one-line 'error:' (cli.py: verify_cmd validates only the "
-                   "paths before `with progress_bar()`)")
 def test_input_error_after_progress_bar_is_still_one_line(fp_engine, one_prompt, vdir):
     r = invoke("verify", STORIES, fp_engine, *FAST, "--prompts", one_prompt, "--seqlen", 1024)
     assert r.exit_code == 2
@@ -335,10 +331,6 @@ def test_input_error_after_progress_bar_is_still_one_line(fp_engine, one_prompt,
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --report (or --plot) into a directory that does not exist is not "
-                   "checked up front; after the whole evaluation report.write_text raises FileNotFoundError, which "
-                   "the CLI reports as 'internal error' with exit 3 (should be exit 2 before any work, or create the "
-                   "parent directory)")
 def test_report_into_missing_directory_is_not_an_internal_error(fp_engine, one_prompt, vdir):
     r = invoke("verify", STORIES, fp_engine, "--max-tokens", 600, "--max-new-tokens", 1, "--prompts", one_prompt,
                "--report", vdir / "no-such-dir" / "report.json")

@@ -9,6 +9,7 @@ so `--resume` continues after the last finished layer with bit-identical results
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -114,6 +115,19 @@ def _layer_tensors(layer, arch, model_cfg, i: int, qts: dict, out_dtype: torch.d
         else:
             out[name] = layer.get_parameter(name[len(prefix) + 1:]).detach().to(out_dtype).contiguous()
     return out
+
+
+@contextlib.contextmanager
+def _threads_for(mcfg: dict):
+    """Intra-op threads only pay off on large matmuls; on tiny models (the bundled one)
+    they cost several times the work itself, badly so on a busy machine."""
+    before = torch.get_num_threads()
+    if mcfg["hidden_units"] <= 256:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
@@ -232,7 +246,8 @@ def quantize_model(
         prefix = arch.layer_prefix.format(i=i)
         _load_layer(layer, ckpt, prefix)
         if options.method == "awq":
-            qts, hidden, rep = awq_layer(layer, arch, hidden, layer_kwargs, options, i)
+            with _threads_for(mcfg):
+                qts, hidden, rep = awq_layer(layer, arch, hidden, layer_kwargs, options, i)
         else:
             qts, rep = rtn_layer(layer, arch, options), {"groups": [], "linears": {}}
         tensors = _layer_tensors(layer, arch, mcfg, i, qts, src_dtype)
