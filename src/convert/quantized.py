@@ -109,7 +109,7 @@ def resolve_quant(spec: AwqSpec, qcfg: dict, model: dict, tp: int, unquantized: 
         "granularity": "channel" if channel else "group",
         "requested_group_size": spec.group_size,
         "symmetric": not spec.zero_point,
-        "method": qcfg.get("quant_method"),
+        "method": qcfg.get("lmkiln_method") or qcfg.get("quant_method"),  # rtn/awq as lmkiln wrote it, else the format name
         "source_layout": "awq-gemm",
         "hidden_padded": hidden_p,
         "unquantized": unquantized,
