@@ -183,7 +183,12 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
         variants["builder int4"] = work / "builder-int4"
     rows = {}
     for label, d in variants.items():
-        r = genai_speed(d, prompt, n_new, repeats)
+        try:
+            r = genai_speed(d, prompt, n_new, repeats)
+        except RuntimeError as e:  # the builder's graph can fail at run time (GQA needs head_dim % 16 == 0)
+            why = f"{label} failed to run: {str(e).splitlines()[0][:200]}"
+            print(f"  {name:8s} {label:16s} {why}", flush=True)
+            continue
         wb = weight_bytes(d)
         r.update(weight_mb=wb / 1e6, roofline_tok_s=bw * 1e9 / wb)
         r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
