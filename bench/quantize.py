@@ -389,10 +389,11 @@ class Bench:
         return json.loads(res.read_text()), m
 
     def quantize(self, model: Path, out: Path, bits: int, group: int, method: str, calib: Path | None,
-                 samples: int, seqlen: int, to: str, what: str) -> dict:
-        """One quantization in a child: the CLI for W4/W8, the in-process worker for other widths."""
+                 samples: int, seqlen: int, to: str, what: str, in_process: bool = False) -> dict:
+        """One quantization in a child: the CLI (W4/W8), or the in-process fake-quant worker
+        (any width; always for W3, which the CLI does not write)."""
         report = out.with_suffix(".report.json")
-        if bits in (4, 8) and not what.endswith("[in-process]"):
+        if bits in (4, 8) and not in_process:
             argv = [sys.executable, "-m", "lmkiln", "quantize", str(model), "-o", str(out), f"--w{bits}a16",
                     "--method", method, "--group-size", str(group), "--calib-samples", str(samples),
                     "--calib-seqlen", str(seqlen), "--to", to, "--report", str(report), "--force"]
@@ -445,7 +446,8 @@ def stories_bench(b: Bench, args, out: dict) -> None:
     w = b.work / "stories"
     w.mkdir(exist_ok=True)
     cfg = json.loads((STORIES / "config.json").read_text())
-    min_in = min(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"] * cfg.get("head_dim", 0) or cfg["hidden_size"])
+    q_width = cfg["num_attention_heads"] * cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    min_in = min(cfg["hidden_size"], cfg["intermediate_size"], q_width)  # narrowest linear input
     eval_text = Path(args.eval_text)
     calibs: dict[str, Path | None] = {"wikitext": None}
     if args.calib_text:
@@ -470,13 +472,13 @@ def stories_bench(b: Bench, args, out: dict) -> None:
             rows.append({"config": label, "skipped": f"group {group} > smallest linear input width {min_in}"})
             continue
         variants = [("rtn", None, "-")] + [("awq", c, name) for name, c in calibs.items()]
-        if args.quick and bits == 4:
+        if args.quick and bits == 4:  # cross-check: the in-process path must reproduce the CLI row
             variants.append(("awq", None, "wikitext [in-process]"))
         for method, calib, cname in variants:
             what = f"{label} {method.upper()} calib={cname}"
             eng = w / re.sub(r"[^A-Za-z0-9]+", "_", what)
             r = b.quantize(STORIES, eng, bits, group, method, calib, args.stories_samples, args.stories_seqlen, "engine",
-                           what + (" [in-process]" if bits not in (4, 8) and "[in-process]" not in what else ""))
+                           what, in_process=bits not in (4, 8) or cname.endswith("[in-process]"))
             p = ppl(eng, what)
             shutil.rmtree(eng)
             r.update({"config": label, "bits": bits, "group": group, "method": method, "calib": cname,
