@@ -206,21 +206,25 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, o: QuantOptions) -> torch.Tens
     xp = xp[::step][: o.clip_tokens]
     out_f, in_p = wp.shape
     ng = in_p // g
-    xg = xp.view(1, -1, ng, g)
+    xk = xp.view(-1, ng, g).transpose(0, 1)  # (ng, tokens, g)
+
+    def contribution(w):  # (ob, in_p) -> (ob, tokens, ng): each group's part of each output, one bmm
+        return torch.bmm(xk, w.view(-1, ng, g).permute(1, 2, 0)).permute(2, 1, 0)
+
     best_max = torch.empty(out_f, ng)
-    ob = max(1, min(out_f, (1 << 24) // max(1, xg.shape[1] * in_p)))
+    ob = max(1, min(out_f, (1 << 24) // max(1, xk.shape[1] * ng)))
     for o0 in range(0, out_f, ob):
         wb = wp[o0:o0 + ob]
         wg = wb.view(-1, 1, ng, g)
         org_max = wg.abs().amax(-1, keepdim=True)  # (ob, 1, ng, 1)
-        ref = (xg * wg).sum(-1)  # (ob, tokens, ng): each group's contribution
+        ref = contribution(wb)
         min_err = torch.full((wb.shape[0], ng), float("inf"))
         best = org_max.clone()
         for i in range(int(o.max_shrink * o.n_grid)):
             mv = org_max * (1 - i / o.n_grid)
             cur = wg.clamp(-mv, mv).reshape(wb.shape[0], in_p)
-            q = fake_quantize(cur, o.bits, g, o.symmetric).view(-1, 1, ng, g)
-            err = ((xg * q).sum(-1) - ref).pow(2).mean(1)  # (ob, ng)
+            q = fake_quantize(cur, o.bits, g, o.symmetric)
+            err = (contribution(q) - ref).pow(2).mean(1)  # (ob, ng)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better[:, None, :, None], mv, best)
