@@ -46,6 +46,8 @@ from pathlib import Path
 
 from importlib import metadata
 
+from common import llama_tensors
+
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
 MB = 1e6
@@ -56,27 +58,6 @@ SHAPE = dict(hidden=2048, heads=16, kv_heads=4, inter=5632, vocab=32000)
 
 
 # -- synthetic checkpoint ----------------------------------------------------------------
-
-def llama_tensors(hidden: int, heads: int, kv_heads: int, inter: int, vocab: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF name, shape) of every LlamaForCausalLM tensor, in checkpoint order."""
-    hd = hidden // heads
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        out += [
-            (f"{p}.input_layernorm.weight", (hidden,)),
-            (f"{p}.self_attn.q_proj.weight", (heads * hd, hidden)),
-            (f"{p}.self_attn.k_proj.weight", (kv_heads * hd, hidden)),
-            (f"{p}.self_attn.v_proj.weight", (kv_heads * hd, hidden)),
-            (f"{p}.self_attn.o_proj.weight", (hidden, heads * hd)),
-            (f"{p}.post_attention_layernorm.weight", (hidden,)),
-            (f"{p}.mlp.gate_proj.weight", (inter, hidden)),
-            (f"{p}.mlp.up_proj.weight", (inter, hidden)),
-            (f"{p}.mlp.down_proj.weight", (hidden, inter)),
-        ]
-    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return out
-
 
 def nbytes(shape: tuple[int, ...], itemsize: int = 2) -> int:
     return math.prod(shape) * itemsize

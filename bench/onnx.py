@@ -38,6 +38,12 @@ import time
 
 import numpy as np
 
+import importlib.util as _ilu
+
+_spec = _ilu.spec_from_file_location("lmkiln_bench_common", Path(__file__).with_name("common.py"))
+common = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -53,33 +59,6 @@ def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def make_synthetic(path: Path) -> Path:
-    if (path / "config.json").exists():
-        return path
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lmkiln.assets import bundled_model_path
-
-    cfg = LlamaConfig(vocab_size=512, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-                      num_key_value_heads=8, max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    path.mkdir(parents=True)
-    model.save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-        shutil.copyfile(bundled_model_path() / f, path / f)
-    return path
 
 
 def weight_bytes(onnx_dir: Path) -> int:
@@ -220,7 +199,7 @@ def main() -> None:
     from lmkiln.assets import bundled_model_path
 
     bw = bandwidth_gbs()
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "bandwidth_gbs": bw, "python": platform.python_version(),
+    info = {"cpu": common.cpu_model(), "cores": os.cpu_count(), "bandwidth_gbs": bw, "python": platform.python_version(),
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
     import onnxruntime
     import onnxruntime_genai
@@ -229,7 +208,7 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     results = {"machine": info, "models": {}}
     for name in a.models.split(","):
-        hf = bundled_model_path() if name == "stories" else make_synthetic(a.out / "synth-hf")
+        hf = bundled_model_path() if name == "stories" else common.make_synthetic(a.out / "synth-hf", hidden=2048, inter=5632, layers=8, heads=16, kv_heads=8)
         results["models"][name] = bench_model(name, hf, a.out / name, a.prompt_len, a.tokens, a.repeats, bw, a.builder_timeout)
         print(json.dumps({name: results["models"][name]["ratios"], "builder_error": results["models"][name]["builder_error"]}), flush=True)
     if a.json:

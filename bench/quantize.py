@@ -60,6 +60,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from common import llama_tensors
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = ROOT / "tests" / "fixtures" / "tinystories_eval.txt"
 STORIES = ROOT / "src" / "assets" / "stories260K"  # == lmkiln.assets.bundled_model_path()
@@ -73,26 +75,6 @@ SYNTH = dict(hidden=1024, heads=16, kv_heads=4, inter=2816, vocab=512)
 # =========================================================================================
 # workers: run as `python bench/quantize.py --_worker KIND JSON` (these import torch)
 # =========================================================================================
-
-def llama_tensors(hidden, heads, kv_heads, inter, vocab, layers):
-    hd = hidden // heads
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        out += [
-            (f"{p}.input_layernorm.weight", (hidden,)),
-            (f"{p}.self_attn.q_proj.weight", (heads * hd, hidden)),
-            (f"{p}.self_attn.k_proj.weight", (kv_heads * hd, hidden)),
-            (f"{p}.self_attn.v_proj.weight", (kv_heads * hd, hidden)),
-            (f"{p}.self_attn.o_proj.weight", (hidden, heads * hd)),
-            (f"{p}.post_attention_layernorm.weight", (hidden,)),
-            (f"{p}.mlp.gate_proj.weight", (inter, hidden)),
-            (f"{p}.mlp.up_proj.weight", (inter, hidden)),
-            (f"{p}.mlp.down_proj.weight", (hidden, inter)),
-        ]
-    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return out
-
 
 def synth_sizes(layers: int, shape: dict = SYNTH) -> dict:
     t = llama_tensors(**shape, layers=layers)

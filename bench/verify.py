@@ -41,6 +41,12 @@ from pathlib import Path
 # This file is named verify.py: keep its folder off sys.path so no import can pick it up.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import importlib.util as _ilu
+
+_spec = _ilu.spec_from_file_location("lmkiln_bench_common", Path(__file__).with_name("common.py"))
+common = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 import argparse
 import json
 import math
@@ -58,13 +64,6 @@ SEQLEN = 512
 
 
 # -- machine and load -------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def cpu_flags() -> list[str]:
@@ -103,27 +102,6 @@ class Meter:
 
 
 # -- models -----------------------------------------------------------------------------
-
-
-def make_synthetic(path: Path) -> Path:
-    if (path / "config.json").exists():
-        return path
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lmkiln.assets import bundled_model_path
-
-    cfg = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                      num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    path.mkdir(parents=True)
-    model.save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-        shutil.copyfile(bundled_model_path() / f, path / f)
-    return path
 
 
 def build_artifacts(hf: Path, work: Path, group_size: int) -> tuple[dict, dict]:
@@ -344,7 +322,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from lmkiln.assets import bundled_model_path
 
-    info = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "mem_gb": round(mem_total_gb(), 1),
+    info = {"cpu": common.cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "mem_gb": round(mem_total_gb(), 1),
             "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "ort_threads": a.threads, "loadavg_start": os.getloadavg(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
@@ -362,7 +340,7 @@ def main() -> None:
         if name == "stories":
             hf, g = bundled_model_path(), 32
         elif name == "synth":
-            hf, g = make_synthetic(a.out / "synth-hf"), 128
+            hf, g = common.make_synthetic(a.out / "synth-hf", hidden=1024, inter=2816, layers=8, heads=16, kv_heads=4), 128
         else:
             raise SystemExit(f"unknown model {name!r}: choose stories or synth")
         n_windows = a.windows if name == "stories" else a.synth_windows
