@@ -10,6 +10,7 @@ One `Architecture` entry per Hugging Face `architectures[0]`. An entry says
 - `quirks`: engine config flags that differ from the Llama defaults, each with the reason.
 - `awq_groups`: which linears are scaled together and from which preceding op (the
   AWQ "mappings"), consumed by `lmkiln quantize`.
+- `genai_type`: the model type onnxruntime-genai expects in an export's genai_config.
 - `config`: engine config field <- HF config key (a tuple is a fallback chain).
 
 Adding a family is adding an entry; see docs/architectures.md.
@@ -60,6 +61,7 @@ class Architecture:
     quirks: dict[str, object] = field(default_factory=dict)
     quirk_reasons: dict[str, str] = field(default_factory=dict)
     awq_groups: tuple[ScaleGroup, ...] = ()
+    genai_type: str = "llama"  # onnxruntime-genai's model "type" for an export of this family
 
     def hf_name_of(self, role: str, layer: int | None = None) -> str | None:
         t = self.tensors.get(role)
@@ -142,6 +144,7 @@ register(Architecture(
 
 register(Architecture(
     hf_name="MistralForCausalLM",
+    genai_type="mistral",
     tensors=LLAMA_TENSORS,
     config={**LLAMA_LIKE_CONFIG, "sliding_window": "sliding_window"},
     optional=TIED_LM_HEAD,
@@ -153,6 +156,7 @@ register(Architecture(
 
 register(Architecture(
     hf_name="Qwen2ForCausalLM",
+    genai_type="qwen2",
     tensors={
         **LLAMA_TENSORS,
         "q_bias": "model.layers.{i}.self_attn.q_proj.bias",
@@ -173,6 +177,7 @@ register(Architecture(
 
 register(Architecture(
     hf_name="Qwen3ForCausalLM",
+    genai_type="qwen3",
     tensors={
         **LLAMA_TENSORS,
         "q_norm": "model.layers.{i}.self_attn.q_norm.weight",

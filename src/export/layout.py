@@ -9,8 +9,7 @@ from pathlib import Path
 
 import onnx
 
-GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3"}
+from lmkiln.convert.architectures import get_architecture
 
 PROVIDERS = {"cpu": [], "cuda": [{"cuda": {}}]}
 
@@ -37,7 +36,7 @@ def genai_config(model: dict, ep: str, filename: str = "model.onnx") -> dict:
             },
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": eos[0] if eos else 0,
-            "type": GENAI_TYPES.get(model.get("architecture"), "llama"),
+            "type": get_architecture(model["architecture"]).genai_type,
             "vocab_size": model["vocab_size"],
         },
         "search": {
