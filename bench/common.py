@@ -58,3 +58,20 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+def machine(*packages: str) -> dict:
+    """CPU, cores, memory, Python, kernel and the versions of `packages` (for benchmark records)."""
+    import os
+    from importlib import metadata
+
+    mem = "unknown"
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        mem = f"{kib / 1024 / 1024:.1f} GiB"
+    except (OSError, IndexError, ValueError):
+        pass
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "mem": mem, "python": platform.python_version()}
+    info.update({p: metadata.version(p) for p in packages})
+    info["kernel"] = platform.release()
+    return info

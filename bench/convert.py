@@ -46,7 +46,7 @@ from pathlib import Path
 
 from importlib import metadata
 
-from common import llama_tensors
+from common import llama_tensors, machine as _machine
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -248,26 +248,12 @@ def run_variant(steps: list[list[str]], log) -> dict:
     }
 
 
-# -- the bench -----------------------------------------------------------------------------
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "unknown"
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f"{kib / 1024 / 1024:.1f} GiB"
-    except (OSError, IndexError, ValueError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem": mem, "python": platform.python_version(),
-            "torch": metadata.version("torch"), "kernel": platform.release()}
+    return _machine("torch")
 
+
+# -- the bench -----------------------------------------------------------------------------
 
 def variants(src: Path, work: Path, tps: list[int]) -> dict[str, tuple[Path, list[list[str]]]]:
     v = {}

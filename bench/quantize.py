@@ -60,7 +60,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from common import llama_tensors
+from common import llama_tensors, machine as _machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = ROOT / "tests" / "fixtures" / "tinystories_eval.txt"
@@ -75,6 +75,10 @@ SYNTH = dict(hidden=1024, heads=16, kv_heads=4, inter=2816, vocab=512)
 # =========================================================================================
 # workers: run as `python bench/quantize.py --_worker KIND JSON` (these import torch)
 # =========================================================================================
+
+
+def machine() -> dict:
+    return _machine("torch", "transformers")
 
 def synth_sizes(layers: int, shape: dict = SYNTH) -> dict:
     t = llama_tensors(**shape, layers=layers)
@@ -392,25 +396,6 @@ class Bench:
         return {"path": path, **m, "seconds_per_layer": spl, "median_layer_s": round(statistics.median(spl), 2),
                 "calibration": (rep.get("calibration") or {}).get("summary"),
                 "report_peak_rss_mb": rep["totals"].get("peak_rss_mb")}
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "unknown"
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f"{kib / 1024 / 1024:.1f} GiB"
-    except (OSError, IndexError, ValueError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem": mem, "python": platform.python_version(),
-            "torch": metadata.version("torch"), "transformers": metadata.version("transformers"), "kernel": platform.release()}
 
 
 def filter_calib(calib: Path, eval_text: Path, dest: Path) -> dict:
