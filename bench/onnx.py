@@ -135,9 +135,9 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
                 builder_timeout: int) -> dict:
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
     from lmkiln.export import export_onnx
+    from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.quant.awq import QuantOptions
     from lmkiln.quant.pipeline import quantize_model
-    from lmkiln.runtime.tokenizer import load_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(hf_dir)

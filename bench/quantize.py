@@ -141,8 +141,8 @@ def w_synth(a: dict) -> dict:
 
 def _calibration(ckpt, mcfg, a: dict):
     """The calibration ids exactly as quantize_model builds them."""
+    from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.quant.calib import build_calibration_samples, load_calibration_texts
-    from lmkiln.runtime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ckpt.path)
     return build_calibration_samples(load_calibration_texts(a.get("calib")), lambda s: tok(s, add_special_tokens=False).input_ids,
@@ -213,8 +213,8 @@ def w_ppl(a: dict) -> dict:
     """Perplexity of an engine on a text: non-overlapping windows of ctx-1 tokens, BOS first."""
     import torch
 
+    from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.runtime.engine_model import EngineModel
-    from lmkiln.runtime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(a["engine"])
     text = Path(a["text"]).read_text(encoding="utf-8")

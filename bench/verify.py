@@ -170,7 +170,7 @@ def score(runner, wins: list[list[int]]) -> list[tuple[float, int]]:
 
 def bench_model(name: str, hf: Path, work: Path, group_size: int, n_windows: int, repeats: int, slow_s: float,
                 only: set[str] | None, threads: int | None = None) -> dict:
-    from lmkiln.runtime.tokenizer import load_tokenizer
+    from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.verify.data import load_eval_text
     from lmkiln.verify.metrics import windows
 

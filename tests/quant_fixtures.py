@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from lmkiln.assets import bundled_model_path
 from lmkiln.convert.architectures import LINEAR_ROLES, get_architecture
 from lmkiln.formats.awq_gemm import PACK, AwqSpec, write_qlinear
-from lmkiln.quant.primitives import compute_qparams, dequantize, pad_to_multiple, quantize
-from lmkiln.quant.qtensor import QTensor
+from lmkiln.formats.qtensor import QTensor, dequantize
+from lmkiln.quant.primitives import compute_qparams, pad_to_multiple, quantize
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 

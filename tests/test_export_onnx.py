@@ -17,12 +17,12 @@ from lmkiln.assets import bundled_model_path
 from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 from lmkiln.errors import InputError, OutputExistsError
 from lmkiln.export import export_onnx
+from lmkiln.formats.tokenizer import load_tokenizer
 from lmkiln.quant.awq import QuantOptions
 from lmkiln.quant.pipeline import quantize_model
 from lmkiln.runtime.engine_model import EngineModel
 from lmkiln.runtime.generate import greedy_generate
 from lmkiln.runtime.onnx_runner import OnnxRunner
-from lmkiln.runtime.tokenizer import load_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tinystories_eval.txt"
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben"]

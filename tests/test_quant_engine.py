@@ -22,8 +22,9 @@ from lmkiln.errors import CheckpointError, EngineFormatError, InputError
 from lmkiln.formats.awq_gemm import awq_spec, read_qlinear
 from lmkiln.formats.engine import MANIFEST, Engine, rank_file
 from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.packing import unpack_int4
+from lmkiln.formats.qtensor import dequantize
 from lmkiln.inspect_model import describe
-from lmkiln.quant.primitives import dequantize, unpack_int4
 from lmkiln.runtime.engine_model import EngineModel, QuantLinear
 from lmkiln.runtime.generate import greedy_generate
 from lmkiln.runtime.session import generate_text

@@ -1,4 +1,5 @@
-"""Quantization primitives: qparams, round-trip error bounds, packing layouts."""
+"""Quantization primitives (quant/primitives.py: qparams, round-trip error bounds) and
+packing layouts (formats/packing.py, formats/qtensor.py's dequantize)."""
 
 import pytest
 import torch
@@ -6,22 +7,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmkiln.errors import QuantizationError
-from lmkiln.quant.primitives import (
+from lmkiln.formats.packing import (
     AWQ_ORDER,
-    compute_qparams,
-    dequantize,
-    fake_quantize,
     from_awq_gemm,
     pack_awq_int4,
     pack_int4,
     pack_int8,
-    pad_to_multiple,
-    quantize,
     to_awq_gemm,
     unpack_awq_int4,
     unpack_int4,
     unpack_int8,
 )
+from lmkiln.formats.qtensor import dequantize
+from lmkiln.quant.primitives import compute_qparams, fake_quantize, pad_to_multiple, quantize
 
 
 def _weight(out_f, in_f, seed=0, scale=0.05):

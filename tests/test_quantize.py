@@ -25,11 +25,11 @@ from lmkiln.cli import app
 from lmkiln.errors import InputError
 from lmkiln.formats.awq_gemm import PACK
 from lmkiln.formats.engine import MANIFEST
+from lmkiln.formats.packing import unpack_awq_int4, unpack_int8
 from lmkiln.quant.awq import QuantOptions
 from lmkiln.quant.calib import build_calibration_samples, load_calibration_texts
 from lmkiln.quant.dequant import fake_quant_state_dict
 from lmkiln.quant.pipeline import REPORT, STOP_ENV, CalibOptions, quantize_model
-from lmkiln.quant.primitives import unpack_awq_int4, unpack_int8
 
 STORIES = bundled_model_path()
 EVAL_TEXT = Path(__file__).parent / "fixtures" / "tinystories_eval.txt"
@@ -92,7 +92,7 @@ def quantized(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok():
-    from lmkiln.runtime.tokenizer import load_tokenizer
+    from lmkiln.formats.tokenizer import load_tokenizer
 
     return load_tokenizer(STORIES)
 

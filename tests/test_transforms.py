@@ -7,11 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lmkiln.convert.rope import apply_rotary, cos_sin, inv_freq
 from lmkiln.convert.transforms import (
-    check_tp, fuse_qkv_rank, fuse_w13_rank, kv_rank_heads, pad_cols, pad_rows, permute_rotary, rank_cols, rank_rows,
-    round_up, unpermute_rotary,
+    fuse_qkv_rank, fuse_w13_rank, kv_rank_heads, pad_cols, pad_rows, permute_rotary, rank_cols, rank_rows, unpermute_rotary,
 )
-from lmkiln.runtime.rope import apply_rotary, cos_sin, inv_freq
+from lmkiln.formats.engine import check_tp
+from lmkiln.formats.packing import round_up
 
 FAST = settings(max_examples=25, deadline=None)
 

@@ -1,1 +1,1 @@
-"""Architecture knowledge and HF -> engine conversion."""
+"""Architecture knowledge, rope math and HF -> engine conversion."""

@@ -6,7 +6,6 @@ One `Architecture` entry per Hugging Face `architectures[0]`. An entry says
   is generic: it never tests a model name, it reads roles from here.
 - `optional`: roles that may be missing from a checkpoint (with the reason).
 - `skips`: HF tensors that are deliberately not converted, each with the reason.
-- `transforms`: named transforms (src/convert/transforms.py) this family needs.
 - `quirks`: engine config flags that differ from the Llama defaults, each with the reason.
 - `awq_groups`: which linears are scaled together and from which preceding op (the
   AWQ "mappings"), consumed by `lmkiln quantize`.
@@ -39,14 +38,15 @@ class ScaleGroup:
 
     `prev` is the role whose output feeds `linears` (a norm weight or a linear);
     `inspect` is the HF submodule of the decoder layer whose output the scale search
-    scores (the whole attention block for q/k/v, so the search sees softmax effects);
-    `when` names a shape condition under which the group applies (else skipped).
+    scores (the whole attention block for q/k/v, so the search sees softmax effects).
+    `reason` says why the linears share the scale; a group folding into a linear whose
+    output width differs from the group's input width is skipped (quant.awq.group_applies:
+    v -> o under GQA), and the report quotes `reason` for the skip.
     """
 
     prev: str
     linears: tuple[str, ...]
     inspect: str
-    when: str | None = None
     reason: str = ""
 
 
@@ -57,7 +57,6 @@ class Architecture:
     config: dict[str, str | tuple[str, ...]]
     optional: dict[str, str] = field(default_factory=dict)
     skips: dict[str, str] = field(default_factory=dict)
-    transforms: tuple[str, ...] = ()
     quirks: dict[str, object] = field(default_factory=dict)
     quirk_reasons: dict[str, str] = field(default_factory=dict)
     awq_groups: tuple[ScaleGroup, ...] = ()
@@ -114,7 +113,7 @@ LLAMA_TENSORS = {
 # The AWQ scaling groups of a pre-norm Llama block (the published AWQ mappings).
 LLAMA_AWQ = (
     ScaleGroup("attn_norm", ("q", "k", "v"), inspect="self_attn", reason="q/k/v read the attention norm's output"),
-    ScaleGroup("v", ("o",), inspect="self_attn.o_proj", when="v_out_equals_o_in",
+    ScaleGroup("v", ("o",), inspect="self_attn.o_proj",
                reason="o reads v's output per head; with GQA v is narrower than o's input, so no shared scale"),
     ScaleGroup("ffn_norm", ("gate", "up"), inspect="mlp", reason="gate/up read the FFN norm's output"),
     ScaleGroup("up", ("down",), inspect="mlp.down_proj", reason="down reads silu(gate)*up, linear in up's output"),
@@ -122,7 +121,6 @@ LLAMA_AWQ = (
 
 TIED_LM_HEAD = {"lm_head": "absent when tie_word_embeddings: the output projection is the embedding"}
 ROTARY_BUFFERS = {"model.layers.{i}.self_attn.rotary_emb.inv_freq": "a buffer, recomputed from the rope config"}
-PERMUTE = ("permute_rotary_qk", "fuse_qkv", "fuse_w13")
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
@@ -138,7 +136,6 @@ register(Architecture(
     config=LLAMA_LIKE_CONFIG,
     optional=TIED_LM_HEAD,
     skips=ROTARY_BUFFERS,
-    transforms=PERMUTE,
     awq_groups=LLAMA_AWQ,
 ))
 
@@ -149,7 +146,6 @@ register(Architecture(
     config={**LLAMA_LIKE_CONFIG, "sliding_window": "sliding_window"},
     optional=TIED_LM_HEAD,
     skips=ROTARY_BUFFERS,
-    transforms=PERMUTE,
     quirk_reasons={"sliding_window": "Mistral v0.1 attends to the last `sliding_window` keys only (null = full)"},
     awq_groups=LLAMA_AWQ,
 ))
@@ -166,7 +162,6 @@ register(Architecture(
     config={**LLAMA_LIKE_CONFIG, "sliding_window": "sliding_window", "use_sliding_window": "use_sliding_window"},
     optional=TIED_LM_HEAD,
     skips=ROTARY_BUFFERS,
-    transforms=PERMUTE,
     quirks={"attn_bias": True},
     quirk_reasons={
         "attn_bias": "Qwen2 has biases on q/k/v (not on o); the q/k biases are rotary-permuted like their rows",
@@ -187,7 +182,6 @@ register(Architecture(
             "attn_bias": "attention_bias"},
     optional=TIED_LM_HEAD,
     skips=ROTARY_BUFFERS,
-    transforms=PERMUTE,
     quirks={"qk_norm": True},
     quirk_reasons={
         "qk_norm": "Qwen3 RMS-normalises each q/k head before rotary; the norm weights are permuted like the rows",

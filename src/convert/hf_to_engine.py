@@ -23,15 +23,16 @@ from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.convert.quantized import (
     check_symmetric, engine_tensors, is_quantized, module_name, pad_in, rank_in, resolve_quant, rows, unquantized_linears,
 )
-from lmkiln.convert.transforms import check_tp, fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary, round_up
+from lmkiln.convert.transforms import fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary
 from lmkiln.errors import CheckpointError, InputError
 from lmkiln.formats.atomic import atomic_dir
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
 from lmkiln.formats.engine import (
-    DTYPE_NAMES, FORMAT, QUANT_TYPES, VERSION, WEIGHT_TYPES, EngineWriter, config_sha256, copy_side_files, expected_tensors,
-    manifest_index, write_manifest,
+    DTYPE_NAMES, FORMAT, QUANT_TYPES, VERSION, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
+    expected_tensors, manifest_index, write_manifest,
 )
 from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.packing import round_up
 
 ProgressFn = Callable[[str, int], None]
 

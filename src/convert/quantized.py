@@ -23,8 +23,8 @@ from lmkiln.convert.transforms import pad_cols, rank_cols
 from lmkiln.errors import CheckpointError, InputError
 from lmkiln.formats.awq_gemm import AwqSpec
 from lmkiln.formats.engine import quant_layout
-from lmkiln.quant.primitives import pack_int4
-from lmkiln.quant.qtensor import QTensor
+from lmkiln.formats.packing import pack_int4
+from lmkiln.formats.qtensor import QTensor
 
 # Engine linear (per layer, see LINEAR_KINDS in formats/engine.py) <- the HF linear roles fused into it.
 ENGINE_LINEARS = {

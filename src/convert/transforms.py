@@ -2,7 +2,8 @@
 
 All take HF-orientation linear weights, (out, in), and return new tensors; the final
 transpose to the engine's (in, out) happens once, at the end, in the converter.
-Tensor-parallel helpers compute one rank's slice so a rank never needs the others.
+Tensor-parallel helpers compute one rank's slice so a rank never needs the others
+(which splits are allowed is the engine format's rule: `lmkiln.formats.engine.check_tp`).
 """
 
 from __future__ import annotations
@@ -81,20 +82,3 @@ def fuse_qkv_rank(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: i
 def fuse_w13_rank(gate: torch.Tensor, up: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """[w1_r | w3_r] along dim 0 for one rank; gate/up already padded to a multiple of tp."""
     return torch.cat([rank_rows(gate, tp, rank), rank_rows(up, tp, rank)], 0)
-
-
-def check_tp(head_num: int, kv_head_num: int, tp: int) -> str | None:
-    """Why `tp` cannot split these heads, or None when it can."""
-    if tp < 1:
-        return "--tp must be at least 1"
-    if head_num % tp:
-        return f"{head_num} attention heads do not split into {tp} ranks"
-    if tp <= kv_head_num and kv_head_num % tp:
-        return f"{kv_head_num} kv heads do not split into {tp} ranks"
-    if tp > kv_head_num and tp % kv_head_num:
-        return f"{tp} ranks cannot replicate {kv_head_num} kv heads evenly"
-    return None
-
-
-def round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
+from lmkiln.convert.rope import inv_freq
 from lmkiln.errors import InputError
 from lmkiln.export.store import NP_TO_ONNX, Graph
 from lmkiln.export.weights import LinearW, dequantized, load_linear, np_fp, to_blocked_dq, to_matmulnbits
 from lmkiln.formats.engine import Engine
-from lmkiln.runtime.rope import inv_freq
 
 OPSET = 21
 MS = "com.microsoft"

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from lmkiln.formats.engine import Engine
-from lmkiln.quant.primitives import unpack_int4
-from lmkiln.runtime.engine_model import _merge
+from lmkiln.formats.packing import unpack_int4
+from lmkiln.runtime.engine_model import merge_shards
 
 
 @dataclass
@@ -50,7 +50,7 @@ def load_linear(engine: Engine, layer: int, kind: str, dtype: np.dtype) -> Linea
     base = f"layers.{layer}.{kind}"
 
     def merged(suffix, convert=lambda t: t):
-        return _merge(kind, [convert(engine.get(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
+        return merge_shards(kind, [convert(engine.get(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
 
     bias = np_fp(merged("bias"), dtype) if kind == "attention.w_qkv" and m["attn_bias"] else None
     if not engine.is_quantized(base):

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lmkiln.convert.transforms import round_up
 from lmkiln.errors import CheckpointError
-from lmkiln.quant.primitives import from_awq_gemm, to_awq_gemm
-from lmkiln.quant.qtensor import QTensor
+from lmkiln.formats.packing import from_awq_gemm, round_up, to_awq_gemm
+from lmkiln.formats.qtensor import QTensor
 
 SUFFIXES = ("qweight", "qzeros", "scales")
 VERSIONS = {4: "gemm", 8: "lmkiln-gemm-int8"}

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lmkiln.convert.transforms import check_tp, round_up
 from lmkiln.errors import ChecksumError, EngineFormatError, InputError, SafetensorsFormatError
+from lmkiln.formats.packing import round_up
 from lmkiln.formats.safetensors_io import CODES, DTYPES, StreamWriter, read_header, sha256_file
 
 FORMAT = "lmkiln-engine"
@@ -28,7 +28,7 @@ SHARED_FILE = "shared.safetensors"
 WEIGHT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in WEIGHT_TYPES.items()}
 QUANT_TYPES = {"int4": 4, "int8": 8}  # weight_type -> bits
-ROPE_TYPES = ("default", "linear", "llama3")  # what src/runtime/rope.py implements
+ROPE_TYPES = ("default", "linear", "llama3")  # what src/convert/rope.py implements
 # dtype names used in the manifest's tensor index (fp weight types plus the code/zero byte type)
 TENSOR_DTYPES = {**WEIGHT_TYPES, "uint8": torch.uint8}
 TENSOR_DTYPE_NAMES = {v: k for k, v in TENSOR_DTYPES.items()}
@@ -47,6 +47,19 @@ REQUIRED_MODEL = {
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
+
+
+def check_tp(head_num: int, kv_head_num: int, tp: int) -> str | None:
+    """Why `tp` cannot split these heads, or None when it can."""
+    if tp < 1:
+        return "--tp must be at least 1"
+    if head_num % tp:
+        return f"{head_num} attention heads do not split into {tp} ranks"
+    if tp <= kv_head_num and kv_head_num % tp:
+        return f"{kv_head_num} kv heads do not split into {tp} ranks"
+    if tp > kv_head_num and tp % kv_head_num:
+        return f"{tp} ranks cannot replicate {kv_head_num} kv heads evenly"
+    return None
 
 
 def kv_heads_per_rank(kv_head_num: int, tp: int) -> int:

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from lmkiln.convert.architectures import LINEAR_ROLES, Architecture, ScaleGroup
-from lmkiln.convert.transforms import round_up
+from lmkiln.formats.packing import round_up
 from lmkiln.errors import QuantizationError
 from lmkiln.quant.primitives import compute_qparams, fake_quantize, pad_to_multiple, quantize
-from lmkiln.quant.qtensor import QTensor
+from lmkiln.formats.qtensor import QTensor
 
 NO_CLIP_ROLES = ("q", "k")
 

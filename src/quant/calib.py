@@ -4,7 +4,8 @@ Activation-aware quantization needs a few tens of thousands of tokens of ordinar
 The default is a bundled WikiText-2 validation excerpt (see assets/calib/README.md), so
 calibration never touches the network. Everything here is deterministic given the seed,
 and :attr:`CalibrationSet.sha256` fingerprints the exact token ids so a resumed run can
-detect that its calibration changed.
+detect that its calibration changed. :func:`shingles` hashes token windows so `verify`
+can warn when its evaluation text overlaps the calibration text.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from lmkiln.errors import InputError
 
 BUNDLED_NAME = "wikitext2_valid_excerpt.txt"
+SHINGLE = 32  # tokens per shingle: long enough that a shared one means shared text
+SHINGLE_STRIDE = 16  # calibration records one shingle every SHINGLE_STRIDE tokens
 
 # A WikiText top-level heading: " = Title = " (section headings are " = = Sub = = ").
 _WIKI_HEADING = re.compile(r"^ = [^=].* = $", re.MULTILINE)
@@ -197,3 +200,20 @@ def build_calibration_samples(
         sha256=_fingerprint(ids),
         n_requested=n_samples,
     )
+
+
+# -- shingles: a fingerprint of the calibration text, for verify's overlap warning ----------
+
+
+def _hash(window) -> str:
+    return hashlib.blake2b(np.asarray(window, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
+
+
+def shingles(ids, stride: int = SHINGLE_STRIDE) -> list[str]:
+    """Hashes of SHINGLE-token windows every `stride` tokens (stride 1: all of them).
+
+    Quantization records them for its calibration windows in its report; verify compares
+    them with the evaluation text's (lmkiln.verify.data.overlap_tokens).
+    """
+    ids = list(ids)
+    return [_hash(ids[i:i + SHINGLE]) for i in range(0, len(ids) - SHINGLE + 1, stride)]

@@ -36,7 +36,7 @@ from lmkiln.formats.engine import config_sha256
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.safetensors_io import DTYPES, StreamWriter, read_header
 from lmkiln.quant.awq import QuantOptions, awq_layer, rtn_layer
-from lmkiln.runtime.rope import inv_freq
+from lmkiln.convert.rope import inv_freq
 
 REPORT = "lmkiln_quant_report.json"
 STOP_ENV = "LMKILN_STOP_AFTER_LAYER"  # test hook: simulate a crash after layer N is saved
@@ -177,7 +177,7 @@ def quantize_model(
     calib_info = None
     if options.method == "awq":
         from lmkiln.quant.calib import build_calibration_samples, load_calibration_texts
-        from lmkiln.runtime.tokenizer import load_tokenizer
+        from lmkiln.formats.tokenizer import load_tokenizer
 
         if calib.seqlen > mcfg["max_position_embeddings"]:
             raise InputError(f"--calib-seqlen {calib.seqlen} exceeds the model's context ({mcfg['max_position_embeddings']})")
@@ -186,7 +186,7 @@ def quantize_model(
                                        lambda s: tok(s, add_special_tokens=False).input_ids,
                                        calib.n_samples, calib.seqlen, calib.seed)
         ids = cs.input_ids
-        from lmkiln.verify.data import shingles
+        from lmkiln.quant.calib import shingles
 
         calib_info = {"source": str(calib.path) if calib.path else "bundled:wikitext2_valid_excerpt",
                       "samples": cs.n_samples, "seqlen": cs.seqlen, "tokens": cs.n_tokens,

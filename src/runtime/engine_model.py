@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkiln.convert.rope import apply_rotary, cos_sin, inv_freq
 from lmkiln.formats.engine import Engine, kv_heads_per_rank
-from lmkiln.quant.primitives import dequantize, unpack_int4
-from lmkiln.runtime.rope import apply_rotary, cos_sin, inv_freq
+from lmkiln.formats.packing import unpack_int4
+from lmkiln.formats.qtensor import dequantize
 
 
 class RMSNorm(nn.Module):
@@ -175,7 +176,7 @@ class DecoderLayer(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def _merge(kind: str, parts: list[torch.Tensor], m: dict, tp: int) -> torch.Tensor:
+def merge_shards(kind: str, parts: list[torch.Tensor], m: dict, tp: int) -> torch.Tensor:
     """One linear's full (in, out) tensor from its per-rank (in_r, out_r) shards.
 
     Works for anything laid out like a weight along the output dim: weights, biases,
@@ -202,12 +203,12 @@ def merge_ranks(engine: Engine, layer: int, dtype: torch.dtype) -> dict[str, tor
     m, tp = engine.model, engine.tp
     p = f"layers.{layer}"
     shards = lambda kind, suffix: [engine.get(f"{p}.{kind}.{r}.{suffix}").to(dtype) for r in range(tp)]  # noqa: E731
-    out = {"qkv.weight": _merge("attention.w_qkv", shards("attention.w_qkv", "weight"), m, tp)}
+    out = {"qkv.weight": merge_shards("attention.w_qkv", shards("attention.w_qkv", "weight"), m, tp)}
     if m["attn_bias"]:
-        out["qkv.bias"] = _merge("attention.w_qkv", shards("attention.w_qkv", "bias"), m, tp)
-    out["wo"] = _merge("attention.wo", shards("attention.wo", "weight"), m, tp)
-    out["w13"] = _merge("feed_forward.w13", shards("feed_forward.w13", "weight"), m, tp)
-    out["w2"] = _merge("feed_forward.w2", shards("feed_forward.w2", "weight"), m, tp)
+        out["qkv.bias"] = merge_shards("attention.w_qkv", shards("attention.w_qkv", "bias"), m, tp)
+    out["wo"] = merge_shards("attention.wo", shards("attention.wo", "weight"), m, tp)
+    out["w13"] = merge_shards("feed_forward.w13", shards("feed_forward.w13", "weight"), m, tp)
+    out["w2"] = merge_shards("feed_forward.w2", shards("feed_forward.w2", "weight"), m, tp)
     return out
 
 
@@ -217,7 +218,7 @@ def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, devic
     base = f"layers.{layer}.{kind}"
 
     def merged(suffix, convert=lambda t: t):
-        return _merge(kind, [convert(engine.get(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
+        return merge_shards(kind, [convert(engine.get(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
 
     bias = merged("bias").to(dtype) if kind == "attention.w_qkv" and m["attn_bias"] else None
     if not engine.is_quantized(base):

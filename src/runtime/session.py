@@ -30,9 +30,9 @@ def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]
 
 
 def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle: bool = False, device: str = "cpu") -> list[str]:
+    from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.runtime.engine_model import EngineModel
     from lmkiln.runtime.generate import greedy_generate
-    from lmkiln.runtime.tokenizer import load_tokenizer
 
     with engine_dir(source, allow_pickle) as path:
         model = EngineModel.from_path(path, dtype=torch.float32, device=device)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-
-import numpy as np
 
 from lmkiln.assets import ASSETS
 from lmkiln.errors import InputError
-
-SHINGLE = 32  # tokens per shingle: long enough that a shared one means shared text
-SHINGLE_STRIDE = 16
+from lmkiln.quant.calib import shingles
 
 
 def bundled_eval_path() -> Path:
@@ -44,21 +39,11 @@ def load_prompts(path: Path | None) -> list[str]:
     return [line for line in _read(path or bundled_prompts_path(), "prompts file").splitlines() if line.strip()]
 
 
-def _hash(window) -> str:
-    return hashlib.blake2b(np.asarray(window, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
-
-
-def shingles(ids, stride: int = SHINGLE_STRIDE) -> list[str]:
-    """Hashes of SHINGLE-token windows every `stride` tokens (stride 1: all of them)."""
-    ids = list(ids)
-    return [_hash(ids[i:i + SHINGLE]) for i in range(0, len(ids) - SHINGLE + 1, stride)]
-
-
 def overlap_tokens(eval_ids, calib_shingles: list[str]) -> int:
     """How many evaluation shingle positions also occur in the calibration text.
 
-    Calibration shingles are sampled every SHINGLE_STRIDE tokens, so any shared run of
-    at least SHINGLE + SHINGLE_STRIDE tokens is found."""
+    Calibration shingles (lmkiln.quant.calib.shingles) are sampled every SHINGLE_STRIDE
+    tokens, so any shared run of at least SHINGLE + SHINGLE_STRIDE tokens is found."""
     if not calib_shingles:
         return 0
     known = set(calib_shingles)

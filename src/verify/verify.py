@@ -10,8 +10,8 @@ from pathlib import Path
 
 import lmkiln
 from lmkiln.errors import InputError
+from lmkiln.formats.tokenizer import load_tokenizer
 from lmkiln.runtime.generate import greedy_generate
-from lmkiln.runtime.tokenizer import load_tokenizer
 from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
 from lmkiln.verify.metrics import compare
 from lmkiln.verify.runners import kind_of, open_runner, weight_type

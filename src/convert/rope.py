@@ -1,8 +1,10 @@
 """Rotary position embeddings for interleaved pairs, from the manifest's `rope` block.
 
-The inverse frequencies follow the published definitions (RoFormer; linear position
-interpolation; Llama 3.1's piecewise "llama3" scaling) so the runner agrees with
-transformers without importing its model code.
+The `rope` block is derived from the model config (src/convert/hf_config.py); this is
+its math, shared by the torch runner, the ONNX export and AWQ calibration. The inverse
+frequencies follow the published definitions (RoFormer; linear position interpolation;
+Llama 3.1's piecewise "llama3" scaling) so every user agrees with transformers without
+importing its model code.
 """
 
 from __future__ import annotations

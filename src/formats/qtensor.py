@@ -1,9 +1,14 @@
 """QTensor: one quantized linear weight in HF orientation, unpacked, ready to transform.
 
-Conversion applies the same row transforms (rotary permute, padding, rank slices,
-fusion) to quantized weights as to fp ones. Codes, scales and zeros all have the
-output dimension first, so a row transform applied to each of the three is exact.
-Input-dimension slices (tensor parallel wo/w2) must fall on group boundaries.
+QTensor is the in-memory form every quantized format reads and writes (AWQ-GEMM files,
+the engine's int4/int8 tensors) and what quantization produces. Conversion applies the
+same row transforms (rotary permute, padding, rank slices, fusion) to quantized weights
+as to fp ones. Codes, scales and zeros all have the output dimension first, so a row
+transform applied to each of the three is exact. Input-dimension slices (tensor
+parallel wo/w2) must fall on group boundaries.
+
+Dequantization is defined here, once: ``w_hat = (q - zero) * scale`` per group of
+``group_size`` consecutive input columns (the conventions of src/quant/primitives.py).
 """
 
 from __future__ import annotations
@@ -14,7 +19,33 @@ from typing import Callable
 import torch
 
 from lmkiln.errors import QuantizationError
-from lmkiln.quant.primitives import dequantize
+
+
+def resolve_group(in_features: int, group_size: int) -> int:
+    """Resolve g = -1 to a whole row and check that groups tile the input dimension."""
+    g = in_features if group_size == -1 else group_size
+    if g <= 0 or in_features % g != 0:
+        raise QuantizationError(
+            f"input dimension {in_features} is not a multiple of group_size={group_size}; "
+            "pad the weight with pad_to_multiple(w, dim=1, multiple=group_size) first"
+        )
+    return g
+
+
+def dequantize(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """``w_hat = (q - zero) * scale`` as float32 (out, in) from codes (out, in)."""
+    out_f, in_f = q.shape
+    g = resolve_group(in_f, group_size)
+    if scales.shape != (out_f, in_f // g) or zeros.shape != scales.shape:
+        raise QuantizationError(
+            f"qparams of shape {tuple(scales.shape)}/{tuple(zeros.shape)} do not match codes "
+            f"{tuple(q.shape)} with group_size={group_size}"
+        )
+    qg = q.to(torch.float32).reshape(out_f, in_f // g, g)
+    w = (qg - zeros.to(torch.float32).unsqueeze(-1)) * scales.to(torch.float32).unsqueeze(-1)
+    return w.reshape(out_f, in_f)
 
 
 @dataclass(frozen=True)
