@@ -182,35 +182,65 @@ def quantize_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the quantization report (JSON) here."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N: where every step runs."),
+    dtype: str = typer.Option("auto", "--dtype", help="Calibration precision: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16. The output keeps the source dtype."),
+    chunk: int = typer.Option(16, "--chunk", min=1, help="Calibration samples per forward: bounds activation memory, never changes results."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, disk) from the headers alone and exit."),
+    probe: bool = typer.Option(False, "--probe", help="With --dry-run: also time one layer to estimate the total."),
 ):
     """Quantize weights to int4/int8 with AWQ (or RTN), one decoder layer at a time."""
     from lmkiln.errors import InputError
     from lmkiln.quant.awq import QuantOptions
-    from lmkiln.quant.pipeline import CalibOptions, quantize_model
+    from lmkiln.quant.job import resolve_compute
+    from lmkiln.quant.pipeline import CalibOptions, plan_quantize, quantize_model
 
     if w4a16 == w8a16:
         raise InputError("choose exactly one of --w4a16 or --w8a16")
+    if probe and not dry_run:
+        raise InputError("--probe goes with --dry-run")
     opts = QuantOptions(bits=4 if w4a16 else 8, group_size=group_size, symmetric=sym, method=method,
-                        clip=not no_clip, duo_scaling=duo_scaling)
+                        clip=not no_clip, duo_scaling=duo_scaling, chunk=chunk)
     calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
+    if dry_run:
+        compute = resolve_compute(device, dtype)
+        if not probe:
+            _plan_table(plan_quantize(model, output, opts, calib_opts, compute))
+            return
+        res = quantize_model(model, output, opts, calib_opts, to=to, device=device, dtype=dtype, probe_only=True)
+        secs = res.report["layers"][0]["seconds"]
+        _plan_table(res.plan, [("seconds for one layer (probe)", f"{secs:.1f} s"),
+                               ("estimated total", f"{secs * res.plan.n_layers / 60:.1f} min for {res.plan.n_layers} layers")])
+        return
     check_writable(report, "--report")
     with LazyProgress("layers") as bar:
         result = quantize_model(model, output, opts, calib_opts, to=to, force=force, resume=resume, report_path=report,
-                                on_layer=lambda i, n, rep: bar.update(i + 1, n), on_info=bar.print)
+                                on_layer=lambda i, n, rep: bar.update(i + 1, n), on_info=bar.print, device=device, dtype=dtype)
     _quant_table(result.report)
-    out.print(f"[green]wrote[/] {result.output}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB)")
+    dev = result.report["totals"].get("peak_device_mb")
+    out.print(f"[green]wrote[/] {result.output}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB"
+              + (f", peak device memory {dev:.0f} MB" if dev else "") + ")")
+
+
+def _plan_table(plan, extra=()) -> None:
+    table = Table(title="quantize plan (estimates; see docs/quantize.md)")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, value in [*plan.rows(), *extra]:
+        table.add_row(what, value)
+    out.print(table)
 
 
 def _quant_table(report: dict) -> None:
     table = Table(title=f"{report['method'].upper()} W{report['options']['bits']} g{report['options']['group_size']}")
-    for col in ("layer", "group", "alpha", "MSE rtn", "MSE final", "seconds"):
+    for col in ("layer", "group", "alpha", "MSE rtn", "MSE final", "layer MSE", "seconds"):
         table.add_column(col, justify="right" if col != "group" else "left")
     for lay in report["layers"]:
         groups = [g for g in lay["groups"] if "alpha" in g] or [{}]
         for j, g in enumerate(groups):
             table.add_row(str(lay["layer"]) if j == 0 else "", "→".join([g.get("prev", "-"), ",".join(g.get("linears", []))]) if g else "all (rtn)",
                           f"{g['alpha']:.2f}" if "alpha" in g else "", f"{g['mse_rtn']:.3g}" if "mse_rtn" in g else "",
-                          f"{g['mse_final']:.3g}" if "mse_final" in g else "", f"{lay['seconds']:.1f}" if j == 0 else "")
+                          f"{g['mse_final']:.3g}" if "mse_final" in g else "",
+                          f"{lay['mse_output']:.3g}" if j == 0 and "mse_output" in lay else "", f"{lay['seconds']:.1f}" if j == 0 else "")
     out.print(table)
 
 

@@ -17,9 +17,9 @@ from lmkiln.convert.architectures import get_architecture
 from lmkiln.errors import QuantizationError
 from lmkiln.quant.awq import (
     QuantOptions,
+    Master,
     apply_clip,
     awq_layer,
-    capture,
     fold_scale,
     group_applies,
     linear_roles,
@@ -145,9 +145,7 @@ def test_fold_scale_keeps_fp_output(kv_heads):
     x, kw = _inputs(model)
     layer = copy.deepcopy(model.model.layers[0])
     ref = _run(layer, x, kw)
-    names = sorted({ARCH.module_of(r) for r in linear_roles(ARCH)} | {g.inspect for g in ARCH.awq_groups})
-    cap = capture(layer, names, x, kw, chunk=4)
-    torch.testing.assert_close(cap.output, ref, rtol=0, atol=0)
+    master = Master(layer)
 
     g = torch.Generator().manual_seed(7)
     folded = []
@@ -156,16 +154,25 @@ def test_fold_scale_keeps_fp_output(kv_heads):
             continue
         width = layer.get_submodule(ARCH.module_of(gr.linears[0])).weight.shape[1]
         s = 0.25 + 3.75 * torch.rand(width, generator=g)  # random positive, in [0.25, 4]
-        fold_scale(layer, ARCH, gr, s, cap)
+        fold_scale(master, ARCH, gr, s)
         folded.append(gr.prev)
     assert folded == (["attn_norm", "ffn_norm", "up"] if kv_heads == 2 else ["attn_norm", "v", "ffn_norm", "up"])
     assert not torch.equal(layer.input_layernorm.weight, model.model.layers[0].input_layernorm.weight)
-
     torch.testing.assert_close(_run(layer, x, kw), ref, rtol=0, atol=1e-5)
-    # The captured inputs were rescaled as the folded layer now produces them.
-    again = capture(layer, names, x, kw, chunk=4)
-    for name in names:
-        torch.testing.assert_close(cap.inputs[name], again.inputs[name], rtol=1e-5, atol=1e-5)
+
+
+def test_fold_into_bf16_module_keeps_fp32_master():
+    """A bf16 module folds through its fp32 master: the master stays exact, the module gets casts."""
+    model = _model(num_key_value_heads=4)
+    layer = copy.deepcopy(model.model.layers[0])
+    exact = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    layer = layer.to(torch.bfloat16)
+    master = Master(layer, exact)
+    s = torch.full((64,), 3.0)
+    fold_scale(master, ARCH, _group("attn_norm"), s)
+    want = model.model.layers[0].input_layernorm.weight / 3
+    assert torch.equal(master.param("input_layernorm"), want)
+    assert torch.equal(layer.input_layernorm.weight, want.to(torch.bfloat16))
 
 
 # -- 3. clip search -----------------------------------------------------------------------

@@ -283,6 +283,12 @@ def test_engine_equals_converted_hf_output(quantized, tmp_path):
     assert a["weight_type"] == "int4" and a["quantization"]["method"] == "awq"
     for f, meta in a["files"].items():
         assert sha256(engine / f) == meta["sha256"] == sha256(tmp_path / "conv" / f)
+    # Identical but for the source: the streamed engine names the fp checkpoint it came
+    # from, the converted one the AWQ-GEMM directory in between.
+    from lmkiln.formats.engine import config_sha256
+
+    assert a["source"].pop("config_sha256") == config_sha256(json.loads((STORIES / "config.json").read_text()))
+    assert b["source"].pop("config_sha256") == config_sha256(json.loads((hf / "config.json").read_text()))
     assert a == b
     assert untimed(load_report(engine)["layers"]) == untimed(load_report(hf)["layers"])  # the report travels with the engine
     assert not any(p.name.endswith(".lmkiln-partial") for p in engine.parent.iterdir())
@@ -319,21 +325,21 @@ def test_resume_is_bit_identical(quantized, tmp_path, monkeypatch):
 
 
 def test_resume_after_interrupt_while_saving_a_layer(tmp_path, monkeypatch):
-    import lmkiln.quant.pipeline as pipeline
+    import lmkiln.quant.state as state
 
     small = CalibOptions(n_samples=4, seqlen=64)
     ref = quantize_model(STORIES, tmp_path / "ref", W4, small).output
-    save = pipeline._atomic_save
+    save = state._atomic_save
 
     def interrupted_save(tensors, path):
         if path.name == "layer2.safetensors":
             raise KeyboardInterrupt("Ctrl-C while layer 2 is being saved")
         return save(tensors, path)
 
-    monkeypatch.setattr(pipeline, "_atomic_save", interrupted_save)
+    monkeypatch.setattr(state, "_atomic_save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(STORIES, tmp_path / "out", W4, small)
-    monkeypatch.setattr(pipeline, "_atomic_save", save)
+    monkeypatch.setattr(state, "_atomic_save", save)
     out = quantize_model(STORIES, tmp_path / "out", W4, small, resume=True).output
     assert sha256(out / "model.safetensors") == sha256(ref / "model.safetensors")
 

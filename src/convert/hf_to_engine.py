@@ -126,9 +126,35 @@ def account(ckpt, arch: Architecture, model: dict, spec: AwqSpec | None = None) 
     return acc
 
 
-def produce(ckpt, arch: Architecture, model: dict, tp: int, out_dtype: torch.dtype,
-            quant: dict | None = None, spec: AwqSpec | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (engine name, tensor) in the order of `expected_tensors`, one layer in memory at a time.
+class CheckpointSource:
+    """The tensors `produce_*` asks for, by role, from an HF checkpoint (fp or AWQ-GEMM).
+
+    Other producers (quantize's engine sink) supply the same two methods: `fp(role, i)`
+    for a non-linear tensor in the engine's fp dtype, `linear(role, i, kind)` for a
+    linear weight in HF orientation (out, in), fp or a QTensor."""
+
+    def __init__(self, ckpt, arch: Architecture, model: dict, out_dtype: torch.dtype,
+                 quant: dict | None = None, spec: AwqSpec | None = None):
+        self.ckpt, self.arch, self.model, self.out_dtype, self.quant, self.spec = ckpt, arch, model, out_dtype, quant, spec
+
+    def fp(self, role: str, i: int | None = None) -> torch.Tensor:
+        return self.ckpt.get(self.arch.hf_name_of(role, i)).to(self.out_dtype)
+
+    def linear(self, role: str, i: int, kind: str):
+        if self.quant is None or f"layers.{i}.{kind}" in self.quant["unquantized"]:
+            return self.fp(role, i)
+        module = module_name(self.arch, role, i)
+        qt = read_qlinear(self.ckpt.get, module, self.spec, *role_shapes(self.model)[role])
+        check_symmetric(qt, self.spec, module)
+        return qt
+
+
+def produce_head(src, model: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    yield "tok_embeddings.weight", src.fp("embed")
+
+
+def produce_layer(src, model: dict, i: int, tp: int, quant: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Decoder layer i's engine tensors in the order of `expected_tensors`.
 
     A linear is an fp tensor or (with `quant`) a QTensor, HF orientation (out, in); the
     transforms below are the same for both (`rows`, `pad_in`, `rank_in` dispatch).
@@ -136,46 +162,44 @@ def produce(ckpt, arch: Architecture, model: dict, tp: int, out_dtype: torch.dty
     hd, hq, kv = model["size_per_head"], model["head_num"], model["kv_head_num"]
     inter_p = model["inter_size_padded"]
     channel = quant is not None and quant["granularity"] == "channel"
-    shapes = role_shapes(model)
-
-    def get(role, i=None):
-        return ckpt.get(arch.hf_name_of(role, i)).to(out_dtype)
-
-    def linear(role, i, kind):
-        if quant is None or f"layers.{i}.{kind}" in quant["unquantized"]:
-            return get(role, i)
-        module = module_name(arch, role, i)
-        qt = read_qlinear(ckpt.get, module, spec, *shapes[role])
-        check_symmetric(qt, spec, module)
-        return qt
-
-    yield "tok_embeddings.weight", get("embed")
-    for i in range(model["num_layer"]):
-        p = f"layers.{i}"
-        yield f"{p}.attention_norm.weight", get("attn_norm", i)
-        yield f"{p}.ffn_norm.weight", get("ffn_norm", i)
-        if model["qk_norm"]:
-            yield f"{p}.attention.q_norm.weight", permute_rotary(get("q_norm", i), 1, hd)
-            yield f"{p}.attention.k_norm.weight", permute_rotary(get("k_norm", i), 1, hd)
-        q = rows(lambda t: permute_rotary(t, hq, hd), linear("q", i, "attention.w_qkv"))
-        k = rows(lambda t: permute_rotary(t, kv, hd), linear("k", i, "attention.w_qkv"))
-        v = linear("v", i, "attention.w_qkv")
+    p = f"layers.{i}"
+    yield f"{p}.attention_norm.weight", src.fp("attn_norm", i)
+    yield f"{p}.ffn_norm.weight", src.fp("ffn_norm", i)
+    if model["qk_norm"]:
+        yield f"{p}.attention.q_norm.weight", permute_rotary(src.fp("q_norm", i), 1, hd)
+        yield f"{p}.attention.k_norm.weight", permute_rotary(src.fp("k_norm", i), 1, hd)
+    q = rows(lambda t: permute_rotary(t, hq, hd), src.linear("q", i, "attention.w_qkv"))
+    k = rows(lambda t: permute_rotary(t, kv, hd), src.linear("k", i, "attention.w_qkv"))
+    v = src.linear("v", i, "attention.w_qkv")
+    if model["attn_bias"]:
+        qb, kb, vb = permute_rotary(src.fp("q_bias", i), hq, hd), permute_rotary(src.fp("k_bias", i), kv, hd), src.fp("v_bias", i)
+    o = src.linear("o", i, "attention.wo")
+    gate = rows(lambda t: pad_rows(t, inter_p), src.linear("gate", i, "feed_forward.w13"))
+    up = rows(lambda t: pad_rows(t, inter_p), src.linear("up", i, "feed_forward.w13"))
+    down = pad_in(src.linear("down", i, "feed_forward.w2"), inter_p, channel)
+    for r in range(tp):
+        yield from engine_tensors(f"{p}.attention.w_qkv.{r}", rows(lambda *w: fuse_qkv_rank(*w, hd, kv, tp, r), q, k, v))
         if model["attn_bias"]:
-            qb, kb, vb = permute_rotary(get("q_bias", i), hq, hd), permute_rotary(get("k_bias", i), kv, hd), get("v_bias", i)
-        o = linear("o", i, "attention.wo")
-        gate = rows(lambda t: pad_rows(t, inter_p), linear("gate", i, "feed_forward.w13"))
-        up = rows(lambda t: pad_rows(t, inter_p), linear("up", i, "feed_forward.w13"))
-        down = pad_in(linear("down", i, "feed_forward.w2"), inter_p, channel)
-        for r in range(tp):
-            yield from engine_tensors(f"{p}.attention.w_qkv.{r}", rows(lambda *w: fuse_qkv_rank(*w, hd, kv, tp, r), q, k, v))
-            if model["attn_bias"]:
-                yield f"{p}.attention.w_qkv.{r}.bias", fuse_qkv_rank(qb, kb, vb, hd, kv, tp, r).contiguous()
-            yield from engine_tensors(f"{p}.attention.wo.{r}", rank_in(o, tp, r, channel))
-            yield from engine_tensors(f"{p}.feed_forward.w13.{r}", rows(lambda *w: fuse_w13_rank(*w, tp, r), gate, up))
-            yield from engine_tensors(f"{p}.feed_forward.w2.{r}", rank_in(down, tp, r, channel))
-    yield "norm.weight", get("final_norm")
+            yield f"{p}.attention.w_qkv.{r}.bias", fuse_qkv_rank(qb, kb, vb, hd, kv, tp, r).contiguous()
+        yield from engine_tensors(f"{p}.attention.wo.{r}", rank_in(o, tp, r, channel))
+        yield from engine_tensors(f"{p}.feed_forward.w13.{r}", rows(lambda *w: fuse_w13_rank(*w, tp, r), gate, up))
+        yield from engine_tensors(f"{p}.feed_forward.w2.{r}", rank_in(down, tp, r, channel))
+
+
+def produce_tail(src, model: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    yield "norm.weight", src.fp("final_norm")
     if not model["tie_word_embeddings"]:
-        yield "output.weight", get("lm_head").t().contiguous()
+        yield "output.weight", src.fp("lm_head").t().contiguous()
+
+
+def produce(ckpt, arch: Architecture, model: dict, tp: int, out_dtype: torch.dtype,
+            quant: dict | None = None, spec: AwqSpec | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (engine name, tensor) in the order of `expected_tensors`, one layer in memory at a time."""
+    src = CheckpointSource(ckpt, arch, model, out_dtype, quant, spec)
+    yield from produce_head(src, model)
+    for i in range(model["num_layer"]):
+        yield from produce_layer(src, model, i, tp, quant)
+    yield from produce_tail(src, model)
 
 
 def resolve_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
@@ -264,26 +288,31 @@ def convert_hf_to_engine(
         side = copy_side_files(ckpt.tokenizer_files(), tmp)
         copy_side_files([Path(p) for p in extra_files], tmp)
         shutil.copyfile(ckpt.path / "config.json", tmp / "source_config.json")
-        manifest = {"format": FORMAT, "format_version": VERSION, "model": plan.model}
-        if plan.quant is None:
-            manifest["weight_type"] = DTYPE_NAMES[plan.fp_dtype]
-            manifest["tensor_parallel"] = tp
-        else:
-            manifest["weight_type"] = next(k for k, bits in QUANT_TYPES.items() if bits == plan.quant["bits"])
-            manifest["fp_dtype"] = DTYPE_NAMES[plan.fp_dtype]
-            manifest["tensor_parallel"] = tp
-            manifest["quantization"] = plan.quant
-        manifest.update({
-            "tensors": manifest_index(plan.tensors),
-            "files": files,
-            "tokenizer_files": side,
-            "source": {
-                "architecture": plan.arch.hf_name,
-                "config_sha256": config_sha256(ckpt.config),
-                "source_dtype": str(plan.source_dtype).replace("torch.", ""),
-                "skipped_tensors": plan.acc.skipped,
-                "lmkiln_version": lmkiln.__version__,
-            },
-        })
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, engine_manifest(plan, ckpt, tp, files, side))
     return out_dir
+
+
+def engine_manifest(plan: EnginePlan, ckpt, tp: int, files: dict, tokenizer_files: list[str]) -> dict:
+    """The manifest of an engine written from `plan` (docs/engine-format.md)."""
+    manifest = {"format": FORMAT, "format_version": VERSION, "model": plan.model}
+    if plan.quant is None:
+        manifest["weight_type"] = DTYPE_NAMES[plan.fp_dtype]
+        manifest["tensor_parallel"] = tp
+    else:
+        manifest["weight_type"] = next(k for k, bits in QUANT_TYPES.items() if bits == plan.quant["bits"])
+        manifest["fp_dtype"] = DTYPE_NAMES[plan.fp_dtype]
+        manifest["tensor_parallel"] = tp
+        manifest["quantization"] = plan.quant
+    manifest.update({
+        "tensors": manifest_index(plan.tensors),
+        "files": files,
+        "tokenizer_files": tokenizer_files,
+        "source": {
+            "architecture": plan.arch.hf_name,
+            "config_sha256": config_sha256(ckpt.config),
+            "source_dtype": str(plan.source_dtype).replace("torch.", ""),
+            "skipped_tensors": plan.acc.skipped,
+            "lmkiln_version": lmkiln.__version__,
+        },
+    })
+    return manifest

@@ -1,4 +1,4 @@
-"""Activation-aware weight quantization (AWQ) of one decoder layer.
+"""Activation-aware weight quantization (AWQ) of one decoder layer, streamed over chunks.
 
 Objective (Lin et al., 2023): for each group of linears that read the same input X,
 find a per-input-channel scale s minimising
@@ -13,20 +13,35 @@ rows), so the fp model is unchanged and only the quantization error moves. Then 
 clip search shrinks each weight group's range to (1 - i/20) * max, i < 10, keeping the
 ratio with the least error of that group's contribution to the output. q/k are not
 clipped: their error passes through softmax, which the per-output proxy ignores.
+
+Memory: nothing here holds (all tokens x intermediate width). The calibration hidden
+states X (n, T, hidden) and the layer's fp output stay where the caller keeps them
+(device or host); every pass moves `chunk` samples at a time to the layer's device:
+
+- pass 1 (statistics): the fp output, mean |input| per group, the clip-search tokens;
+- pass 2 (search): each chunk's inputs are captured once and every grid point of every
+  group is scored on them, the squared error summed per grid point in float64;
+- pass 3 (report): each group's error as stored, and the whole quantized layer's.
+
+Each search sees the ORIGINAL layer (scales are folded after all searches, as AutoAWQ),
+so one forward per chunk serves all groups. Weights the search changes are kept in an
+fp32 master copy (the module itself when it computes in fp32); the module only ever
+receives casts of it, so bf16/fp16 calibration never folds or quantizes in low precision.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from lmkiln.convert.architectures import LINEAR_ROLES, Architecture, ScaleGroup
-from lmkiln.formats.packing import round_up
 from lmkiln.errors import QuantizationError
-from lmkiln.quant.primitives import compute_qparams, fake_quantize, pad_to_multiple, quantize
+from lmkiln.formats.packing import round_up
 from lmkiln.formats.qtensor import QTensor
+from lmkiln.quant.primitives import compute_qparams, fake_quantize, pad_to_multiple, quantize
 
 NO_CLIP_ROLES = ("q", "k")
 
@@ -42,7 +57,7 @@ class QuantOptions:
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens sampled for the clip search, as AutoAWQ
-    chunk: int = 16  # calibration samples per forward, bounds activation memory
+    chunk: int = 16  # calibration samples per forward: bounds activation memory, never changes results
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -70,57 +85,50 @@ def _out(y):
     return y[0] if isinstance(y, tuple) else y
 
 
-@torch.no_grad()
-def run_module(mod: nn.Module, x: torch.Tensor, kwargs: dict, chunk: int) -> torch.Tensor:
-    return torch.cat([_out(mod(x[i:i + chunk], **kwargs)) for i in range(0, x.shape[0], chunk)])
-
-
-@torch.no_grad()
-def module_mse(mod, x, kwargs, ref, chunk) -> float:
-    total = 0.0
-    for i in range(0, x.shape[0], chunk):
-        total += (_out(mod(x[i:i + chunk], **kwargs)).double() - ref[i:i + chunk].double()).pow(2).sum().item()
-    return total / ref.numel()
-
-
-@dataclass
-class Captured:
-    """Inputs (and call kwargs) of the layer's submodules during one fp forward."""
-
-    inputs: dict[str, torch.Tensor]
-    kwargs: dict[str, dict]
-    output: torch.Tensor
-
-
-@torch.no_grad()
-def capture(layer: nn.Module, names: list[str], x: torch.Tensor, layer_kwargs: dict, chunk: int) -> Captured:
-    store: dict[str, list] = {n: [] for n in names}
-    kw: dict[str, dict] = {}
-    hooks = []
-    for n in set(names):
-        def hook(mod, args, kwargs, n=n):
-            store[n].append((args[0] if args else kwargs["hidden_states"]).detach())
-            kw.setdefault(n, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-        hooks.append(layer.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        out = run_module(layer, x, layer_kwargs, chunk)
-    finally:
-        for h in hooks:
-            h.remove()
-    # q/k/v (and gate/up, and a block with its first linear) see the very same tensors:
-    # concatenate each distinct input once and share it.
-    joined: dict[tuple, torch.Tensor] = {}
-    inputs = {}
-    for n, v in store.items():
-        key = tuple(id(t) for t in v)
-        inputs[n] = joined[key] if key in joined else joined.setdefault(key, torch.cat(v))
-    return Captured(inputs, kw, out)
-
-
 def _finite(t: torch.Tensor, what: str, layer: int) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise QuantizationError(f"layer {layer}: non-finite {what}; the model or calibration activations overflow")
     return t
+
+
+def sq_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Sum of squared differences: differences in fp32, the sum in fp64 (grid choices hang on it)."""
+    return float((out.float() - ref.float()).pow_(2).sum(dtype=torch.float64))
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
+
+
+def layer_dtype(layer: nn.Module) -> torch.dtype:
+    return next(layer.parameters()).dtype
+
+
+def chunks(x: torch.Tensor, chunk: int, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(sample slice, those samples on the compute device in the compute dtype)."""
+    for i in range(0, x.shape[0], chunk):
+        sl = slice(i, min(i + chunk, x.shape[0]))
+        yield sl, x[sl].to(device=device, dtype=dtype, non_blocking=True)
+
+
+class Hooks:
+    """Forward pre-hooks that hand each named submodule's input to a callback."""
+
+    def __init__(self, layer: nn.Module, names, fn):
+        self.kwargs: dict[str, dict] = {}
+        self._handles = []
+        for n in sorted(set(names)):
+            def hook(mod, args, kwargs, n=n):
+                fn(n, args[0] if args else kwargs["hidden_states"])
+                self.kwargs.setdefault(n, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            self._handles.append(layer.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
 
 
 def linear_roles(arch: Architecture) -> list[str]:
@@ -136,64 +144,81 @@ def group_applies(group: ScaleGroup, arch: Architecture, layer: nn.Module) -> bo
     return all(prev.weight.shape[0] == layer.get_submodule(arch.module_of(r)).weight.shape[1] for r in group.linears)
 
 
+class Master:
+    """fp32 copies of the layer's parameters that AWQ changes; the module gets casts.
+
+    In fp32 the copies ARE the module's parameters (no extra memory), so trial weights
+    are swapped in by rebinding `.data`, never written over a parameter."""
+
+    def __init__(self, layer: nn.Module, exact: dict[str, torch.Tensor] | None = None):
+        self.layer = layer
+        # `exact`: fp32 tensors read from the checkpoint, for a module that computes in a
+        # dtype that cannot hold the source weights (bf16 calibration of an fp32 model).
+        self.w = exact if exact is not None else {n: p.detach().float() for n, p in layer.named_parameters()}
+
+    def param(self, module: str, kind: str = "weight") -> torch.Tensor:
+        return self.w[f"{module}.{kind}"]
+
+    def sync(self, modules) -> None:
+        """Refresh the module parameters of `modules` from the master (a no-op where aliased)."""
+        for m in modules:
+            for kind, p in self.layer.get_submodule(m).named_parameters(recurse=False):
+                src = self.param(m, kind)
+                if p.data_ptr() != src.data_ptr():
+                    p.data.copy_(src)
+
+
+class Swap:
+    """Temporarily give some modules other weights (cast to the module's dtype)."""
+
+    def __init__(self, layer: nn.Module, weights: dict[str, torch.Tensor]):
+        self.params = {m: layer.get_submodule(m).weight for m in weights}
+        self.weights, self.saved = weights, {}
+
+    def __enter__(self):
+        for m, p in self.params.items():
+            self.saved[m] = p.data
+            p.data = self.weights[m].to(p.dtype)
+        return self
+
+    def __exit__(self, *exc):
+        for m, p in self.params.items():
+            p.data = self.saved[m]
+
+
 @torch.no_grad()
-def search_scale(layer, arch, group: ScaleGroup, cap: Captured, ref: torch.Tensor, o: QuantOptions, layer_idx: int) -> dict:
-    """Grid-search the group's scale; returns {s, alpha, mse_rtn, mse_best}.
+def fold_scale(master: Master, arch: Architecture, group: ScaleGroup, s: torch.Tensor) -> None:
+    """Divide the producer of X by s and multiply the consumers' columns by s (fp-exact)."""
+    pm = arch.module_of(group.prev)
+    if group.prev in LINEAR_ROLES:
+        master.param(pm).div_(s[:, None])
+        if f"{pm}.bias" in master.w:
+            master.param(pm, "bias").div_(s)
+    else:
+        master.param(pm).div_(s)
+    for r in group.linears:
+        master.param(arch.module_of(r)).mul_(s)
+    master.sync([pm, *(arch.module_of(r) for r in group.linears)])
 
-    `ref` is the fp output of the group's inspect module on the captured inputs."""
-    lins = [layer.get_submodule(arch.module_of(r)) for r in group.linears]
-    x = cap.inputs[arch.module_of(group.linears[0])]
-    insp = layer.get_submodule(group.inspect)
-    xin, kw = cap.inputs[group.inspect], cap.kwargs[group.inspect]
-    x_mean = _finite(x.abs().reshape(-1, x.shape[-1]).float().mean(0), "activation statistics", layer_idx)
-    orig = [m.weight.detach().clone() for m in lins]
-    w = torch.cat(orig, 0)
-    g = o.group_for(w.shape[1])
-    wp, n = pad_to_multiple(w.abs(), 1, g)
-    wp = wp.view(-1, g)
-    w_mean = (wp / (wp.amax(1, keepdim=True) + 1e-6)).view(w.shape[0], -1)[:, :n].mean(0)
 
-    def loss_with(s):
-        for m, w0 in zip(lins, orig):
-            m.weight.copy_(qdq(w0 * s, o) / s)
-        return module_mse(insp, xin, kw, ref, o.chunk)
-
-    mse_rtn = loss_with(torch.ones_like(x_mean))
-    best = (float("inf"), None, None)
+def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, o: QuantOptions, group, layer_idx: int):
+    """The grid of (alpha, s) the search scores."""
+    out = []
     for i in range(o.n_grid):
         a = i / o.n_grid
         s = x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4) if o.duo_scaling else x_mean.pow(a)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        _finite(s, f"AWQ scales for {group.linears}", layer_idx)
-        loss = loss_with(s)
-        if loss < best[0]:
-            best = (loss, a, s)
-    for m, w0 in zip(lins, orig):
-        m.weight.copy_(w0)
-    if best[2] is None:
-        raise QuantizationError(f"layer {layer_idx}: AWQ scale search for {group.linears} found no finite loss")
-    return {"s": best[2], "alpha": best[1], "mse_rtn": mse_rtn, "mse_best": best[0]}
+        out.append((a, _finite(s, f"AWQ scales for {group.linears}", layer_idx)))
+    return out
 
 
-@torch.no_grad()
-def fold_scale(layer, arch, group: ScaleGroup, s: torch.Tensor, cap: Captured) -> None:
-    """Divide the producer of X by s and multiply the consumers' columns by s (fp-exact)."""
-    prev = layer.get_submodule(arch.module_of(group.prev))
-    if group.prev in LINEAR_ROLES:
-        prev.weight.div_(s[:, None])
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(s)
-    else:
-        prev.weight.div_(s)
-    for r in group.linears:
-        layer.get_submodule(arch.module_of(r)).weight.mul_(s)
-    # Later searches (clip) must see the inputs as the scaled model produces them;
-    # shared input tensors are divided once and stay shared.
-    done: dict[int, torch.Tensor] = {}
-    for name in {arch.module_of(r) for r in group.linears} | {group.inspect}:
-        t = cap.inputs[name]
-        cap.inputs[name] = done[id(t)] if id(t) in done else done.setdefault(id(t), t / s)
+def weight_mean(w: torch.Tensor, o: QuantOptions) -> torch.Tensor:
+    """Mean over output rows of |w| normalised by its group's max (AutoAWQ's w_mean)."""
+    g = o.group_for(w.shape[1])
+    wp, n = pad_to_multiple(w.abs(), 1, g)
+    wp = wp.view(-1, g)
+    return (wp / (wp.amax(1, keepdim=True) + 1e-6)).view(w.shape[0], -1)[:, :n].mean(0)
 
 
 @torch.no_grad()
@@ -201,9 +226,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, o: QuantOptions) -> torch.Tens
     """Best per-group clip bound (out, in_padded/g) for weight (out, in) given inputs x (tokens, in)."""
     g = o.group_for(w.shape[1])
     wp, _ = pad_to_multiple(w.float(), 1, g)
-    xp, _ = pad_to_multiple(x.reshape(-1, x.shape[-1]).float(), 1, g)
-    step = max(1, xp.shape[0] // o.clip_tokens)
-    xp = xp[::step][: o.clip_tokens]
+    xp, _ = pad_to_multiple(x.reshape(-1, x.shape[-1]).float().to(w.device), 1, g)
+    xp = xp[clip_positions(xp.shape[0], o, w.device)]  # a no-op on tokens already sampled
     out_f, in_p = wp.shape
     ng = in_p // g
     xk = xp.view(-1, ng, g).transpose(0, 1)  # (ng, tokens, g)
@@ -211,14 +235,14 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, o: QuantOptions) -> torch.Tens
     def contribution(w):  # (ob, in_p) -> (ob, tokens, ng): each group's part of each output, one bmm
         return torch.bmm(xk, w.view(-1, ng, g).permute(1, 2, 0)).permute(2, 1, 0)
 
-    best_max = torch.empty(out_f, ng)
+    best_max = torch.empty(out_f, ng, device=w.device)
     ob = max(1, min(out_f, (1 << 24) // max(1, xk.shape[1] * ng)))
     for o0 in range(0, out_f, ob):
         wb = wp[o0:o0 + ob]
         wg = wb.view(-1, 1, ng, g)
         org_max = wg.abs().amax(-1, keepdim=True)  # (ob, 1, ng, 1)
         ref = contribution(wb)
-        min_err = torch.full((wb.shape[0], ng), float("inf"))
+        min_err = torch.full((wb.shape[0], ng), float("inf"), device=w.device)
         best = org_max.clone()
         for i in range(int(o.max_shrink * o.n_grid)):
             mv = org_max * (1 - i / o.n_grid)
@@ -240,56 +264,137 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor, o: QuantOptions) -> torch
     return torch.max(torch.min(wp, mv), -mv)[:, :n]
 
 
+def clip_positions(n_tokens: int, o: QuantOptions, device: torch.device) -> torch.Tensor:
+    """Global token indices the clip search uses: an even stride over all tokens."""
+    step = max(1, n_tokens // o.clip_tokens)
+    return torch.arange(0, n_tokens, step, device=device)[: o.clip_tokens]
+
+
 @torch.no_grad()
-def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwargs: dict, o: QuantOptions, layer_idx: int):
+def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwargs: dict, o: QuantOptions,
+              layer_idx: int, out: torch.Tensor | None = None, master: dict[str, torch.Tensor] | None = None):
     """Quantize one decoder layer in place on calibration inputs x (n, T, hidden).
 
-    Returns (qtensors by role, fp output of the ORIGINAL layer for the next layer, report).
-    """
+    x may live on the host while the layer sits on a GPU: chunks move as needed.
+    `master`: fp32 copies of the layer's parameters by name (see Master); they receive
+    the folded scales. Returns (qtensors by role, fp output of the ORIGINAL layer for the
+    next layer (in `out` when given, else a new tensor like x), report)."""
+    dev, cdt = layer_device(layer), layer_dtype(layer)
+    n, T = x.shape[:2]
+    y = torch.empty_like(x) if out is None else out
     groups = [gr for gr in arch.awq_groups if group_applies(gr, arch, layer)]
     roles = linear_roles(arch)
-    names = sorted({arch.module_of(r) for r in roles} | {gr.inspect for gr in groups})
-    cap = capture(layer, names, x, layer_kwargs, o.chunk)
-    _finite(cap.output, "layer output", layer_idx)
+    mod = {r: arch.module_of(r) for r in roles}
+    clip_roles = [r for r in roles if o.clip and r not in NO_CLIP_ROLES]
+    first = {gr: mod[gr.linears[0]] for gr in groups}  # the module whose input is the group's X
+
+    # -- pass 1: fp output, activation statistics, clip-search tokens ----------------------
+    keep = clip_positions(n * T, o, dev)
+    abs_sum = {m: None for m in first.values()}
+    clip_x: dict[str, list] = {mod[r]: [] for r in clip_roles}
+    pos = [0]
+
+    def stats(name, t):
+        flat = t.reshape(-1, t.shape[-1])
+        if name in abs_sum:
+            s = flat.abs().sum(0, dtype=torch.float64)
+            abs_sum[name] = s if abs_sum[name] is None else abs_sum[name] + s
+        if name in clip_x:
+            lo = pos[0]
+            sel = keep[(keep >= lo) & (keep < lo + flat.shape[0])] - lo
+            clip_x[name].append(flat[sel].float())
+
+    with Hooks(layer, set(abs_sum) | set(clip_x), stats):
+        for sl, xc in chunks(x, o.chunk, dev, cdt):
+            pos[0] = sl.start * T
+            y[sl].copy_(_finite(_out(layer(xc, **layer_kwargs)), "layer output", layer_idx))
+    x_mean = {m: _finite((s / (n * T)).float(), "activation statistics", layer_idx) for m, s in abs_sum.items()}
+    clip_in = {m: torch.cat(v) for m, v in clip_x.items()}
+
+    # -- pass 2: score every grid point of every group, chunk by chunk ---------------------
+    master = Master(layer, master)
+    cands, orig = {}, {}
+    for gr in groups:
+        orig[gr] = [master.param(mod[r]) for r in gr.linears]
+        w_mean = weight_mean(torch.cat(orig[gr], 0), o)
+        cands[gr] = scale_candidates(x_mean[first[gr]], w_mean, o, gr, layer_idx)
+    loss = {gr: [0.0] * (o.n_grid + 1) for gr in groups}  # last slot: plain RTN (s = 1)
+    count = {gr: 0 for gr in groups}  # output elements scored, to turn sums into means
+    inputs: dict[str, torch.Tensor] = {}
+    with Hooks(layer, {gr.inspect for gr in groups}, lambda nm, t: inputs.__setitem__(nm, t)) as hooks:
+        for _, xc in chunks(x, o.chunk, dev, cdt):
+            layer(xc, **layer_kwargs)
+            for gr in groups:
+                insp, xin, kw = layer.get_submodule(gr.inspect), inputs[gr.inspect], hooks.kwargs[gr.inspect]
+                ref = _out(insp(xin, **kw))
+                count[gr] += ref.numel()
+                trials = [(k, s) for k, (_, s) in enumerate(cands[gr])] + [(o.n_grid, None)]
+                for k, s in trials:
+                    qw = {mod[r]: (qdq(w0, o) if s is None else qdq(w0 * s, o) / s) for r, w0 in zip(gr.linears, orig[gr])}
+                    with Swap(layer, qw):
+                        loss[gr][k] += sq_err(_out(insp(xin, **kw)), ref)
+            inputs.clear()
     report = {"groups": [], "linears": {}}
-    refs = {gr.inspect: run_module(layer.get_submodule(gr.inspect), cap.inputs[gr.inspect], cap.kwargs[gr.inspect], o.chunk)
-            for gr in groups}
-    searched = [(gr, search_scale(layer, arch, gr, cap, refs[gr.inspect], o, layer_idx)) for gr in groups]
-    for gr, res in searched:  # fold after all searches: each search saw the original layer, as AutoAWQ
-        fold_scale(layer, arch, gr, res["s"], cap)
-    for gr, res in searched:
-        report["groups"].append({"prev": gr.prev, "linears": list(gr.linears), "alpha": res["alpha"],
-                                 "mse_rtn": res["mse_rtn"], "mse_scaled": res["mse_best"]})
-    skipped = [gr for gr in arch.awq_groups if gr not in groups]
-    for gr in skipped:
-        report["groups"].append({"prev": gr.prev, "linears": list(gr.linears), "skipped": gr.reason or "shapes differ"})
+    scales = {}
+    for gr in groups:
+        best = min(range(o.n_grid), key=lambda k: (loss[gr][k], k))
+        if loss[gr][best] != loss[gr][best]:  # NaN
+            raise QuantizationError(f"layer {layer_idx}: AWQ scale search for {gr.linears} found no finite loss")
+        scales[gr] = cands[gr][best][1]
+        report["groups"].append({"prev": gr.prev, "linears": list(gr.linears), "alpha": cands[gr][best][0],
+                                 "_loss_rtn": loss[gr][o.n_grid], "_loss_best": loss[gr][best]})
+    for gr in arch.awq_groups:
+        if gr not in groups:
+            report["groups"].append({"prev": gr.prev, "linears": list(gr.linears), "skipped": gr.reason or "shapes differ"})
+
+    # -- fold, then let the clip search see the inputs as the scaled model feeds them ------
+    for gr, s in scales.items():
+        fold_scale(master, arch, gr, s)
+        for r in gr.linears:
+            if mod[r] in clip_in:
+                clip_in[mod[r]] = clip_in[mod[r]] / s.to(clip_in[mod[r]].device)
+
+    # -- clip search and quantization ------------------------------------------------------
     qts = {}
     for r in roles:
-        mod = layer.get_submodule(arch.module_of(r))
+        w = master.param(mod[r])
         entry = {"clip": None}
-        if o.clip and r not in NO_CLIP_ROLES:
-            mv = search_clip(mod.weight, cap.inputs[arch.module_of(r)], o)
-            g = o.group_for(mod.weight.shape[1])
-            full = pad_to_multiple(mod.weight.abs(), 1, g)[0].view(mod.weight.shape[0], -1, g).amax(-1)
+        if r in clip_roles:
+            mv = search_clip(w, clip_in[mod[r]], o)
+            g = o.group_for(w.shape[1])
+            full = pad_to_multiple(w.abs(), 1, g)[0].view(w.shape[0], -1, g).amax(-1)
             entry["clip"] = float((mv / full.clamp(min=1e-12)).mean())
-            mod.weight.copy_(apply_clip(mod.weight, mv, o))
-        qts[r] = quantize_weight(mod.weight, o)
+            w = apply_clip(w, mv, o)
+        qts[r] = quantize_weight(w, o)
         report["linears"][r] = entry
-    # Score each group as stored (scaled, clipped, quantized), with only its own linears
-    # quantized so the number compares with mse_rtn.
+
+    # -- pass 3: error as stored: each group alone, and the whole quantized layer ----------
+    deq = {mod[r]: qts[r].dequantize() for r in roles}
+    final = {gr: 0.0 for gr in groups}
+    out_err = 0.0
+    with Hooks(layer, {gr.inspect for gr in groups}, lambda nm, t: inputs.__setitem__(nm, t)) as hooks:
+        for sl, xc in chunks(x, o.chunk, dev, cdt):
+            layer(xc, **layer_kwargs)
+            for gr in groups:
+                insp, xin, kw = layer.get_submodule(gr.inspect), inputs[gr.inspect], hooks.kwargs[gr.inspect]
+                ref = _out(insp(xin, **kw))
+                with Swap(layer, {mod[r]: deq[mod[r]] for r in gr.linears}):
+                    final[gr] += sq_err(_out(insp(xin, **kw)), ref)
+            inputs.clear()
+            with Swap(layer, deq):
+                out_err += sq_err(_out(layer(xc, **layer_kwargs)), y[sl].to(dev))
     for entry, gr in zip(report["groups"], groups):
-        mods = [layer.get_submodule(arch.module_of(r)) for r in gr.linears]
-        saved = [m.weight.clone() for m in mods]
-        for m, r in zip(mods, gr.linears):
-            m.weight.copy_(qts[r].dequantize())
-        entry["mse_final"] = module_mse(layer.get_submodule(gr.inspect), cap.inputs[gr.inspect], cap.kwargs[gr.inspect], refs[gr.inspect], o.chunk)
-        for m, w in zip(mods, saved):
-            m.weight.copy_(w)
-    return qts, cap.output, report
+        entry["mse_rtn"] = entry.pop("_loss_rtn") / count[gr]
+        entry["mse_scaled"] = entry.pop("_loss_best") / count[gr]
+        entry["mse_final"] = final[gr] / count[gr]
+    report["mse_output"] = out_err / y.numel()
+    return qts, y, report
 
 
-def rtn_layer(layer: nn.Module, arch: Architecture, o: QuantOptions) -> dict[str, QTensor]:
-    return {r: quantize_weight(layer.get_submodule(arch.module_of(r)).weight, o) for r in linear_roles(arch)}
+def rtn_layer(layer: nn.Module, arch: Architecture, o: QuantOptions,
+              master: dict[str, torch.Tensor] | None = None) -> dict[str, QTensor]:
+    m = Master(layer, master)
+    return {r: quantize_weight(m.param(arch.module_of(r)), o) for r in linear_roles(arch)}
 
 
 def padded_in(in_features: int, o: QuantOptions) -> int:

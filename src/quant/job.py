@@ -1,0 +1,151 @@
+"""One decoder layer as a job: (layer weights, input hidden states, options, device) in,
+(quantized tensors, the layer's other fp tensors, output hidden states, report) out.
+
+This is the unit every driver schedules (the single-process loop in pipeline.py now,
+other drivers later): it reads only its own layer's tensors from the checkpoint,
+straight onto the compute device, and touches nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lmkiln.convert.architectures import LINEAR_ROLES, Architecture
+from lmkiln.convert.rope import inv_freq
+from lmkiln.errors import InputError
+from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.qtensor import QTensor
+from lmkiln.quant.awq import QuantOptions, awq_layer, rtn_layer
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and in which precision a job computes: chosen once per run."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def describe(self) -> str:
+        name = str(self.device)
+        if self.device.type == "cuda":
+            name += f" ({torch.cuda.get_device_name(self.device)})"
+        return f"{name}, {str(self.dtype).replace('torch.', '')}"
+
+
+def resolve_compute(device: str = "auto", dtype: str = "auto") -> Compute:
+    """--device auto|cpu|cuda|cuda:N and --dtype auto|fp32|bf16|fp16 -> Compute.
+
+    auto: CUDA when available, else the CPU; fp32 on the CPU, bf16 on CUDA."""
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(d)
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: this machine has no CUDA device usable by torch "
+                             f"(torch {torch.__version__}); use --device cpu or auto")
+        index = 0 if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)")
+        dev = torch.device("cuda", index)
+    t = (dtype or "auto").strip().lower()
+    if t == "auto":
+        t = "bf16" if dev.type == "cuda" else "fp32"
+    if t not in COMPUTE_DTYPES:
+        raise InputError(f"--dtype {dtype!r}: use auto, fp32, bf16 or fp16")
+    return Compute(dev, COMPUTE_DTYPES[t])
+
+
+@dataclass
+class LayerResult:
+    """A finished layer: what every sink takes."""
+
+    index: int
+    qtensors: dict[str, QTensor]  # linear role -> quantized weight (CPU)
+    fp: dict[str, torch.Tensor]  # HF name -> every other tensor of the layer (norms with folded scales, biases)
+    report: dict = field(default_factory=dict)
+
+
+class LayerModule:
+    """transformers' own decoder layer for this config, materialised once on the compute
+    device and refilled for each layer, so calibration runs the reference model's math.
+
+    Built on the meta device from config.json alone (no weights, no remote code)."""
+
+    def __init__(self, ckpt: HFCheckpoint, arch: Architecture, compute: Compute):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt, self.arch, self.compute = ckpt, arch, compute
+        config = AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=compute.dtype)
+        self.layer = model.get_submodule(arch.layer_prefix.format(i=0)).to_empty(device=compute.device).eval()
+        self.layer.requires_grad_(False)
+
+    def load(self, i: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
+        """Layer i's weights, tensor by tensor from disk into the module on the device.
+
+        Returns (module, master): when the module computes in a dtype narrower than fp32,
+        master holds fp32 copies (exact source values) for AWQ to fold and quantize;
+        in fp32 it is None and the module's own parameters serve."""
+        prefix = self.arch.layer_prefix.format(i=i)
+        exact = self.compute.dtype != torch.float32
+        master = {} if exact else None
+        for name, p in self.layer.state_dict(keep_vars=True).items():
+            full = f"{prefix}.{name}"
+            if full not in self.ckpt:
+                raise InputError(f"{self.ckpt.path}: tensor {full!r} missing for decoder layer {prefix}")
+            t = self.ckpt.get(full).to(self.compute.device, non_blocking=False)
+            p.data.copy_(t)
+            if exact:
+                master[name] = t.float()
+            del t
+        return self.layer, master
+
+
+def position_embeddings(rope: dict, seqlen: int, compute: Compute):
+    """cos/sin (1, T, head_dim) in HF's half-split layout, as the decoder layer takes them."""
+    freqs = torch.arange(seqlen, dtype=torch.float32)[:, None] * inv_freq(rope)[None]
+    emb = torch.cat([freqs, freqs], -1)[None].to(compute.device)
+    return emb.cos().to(compute.dtype), emb.sin().to(compute.dtype)
+
+
+def run_layer(mod: LayerModule, i: int, options: QuantOptions, out_dtype: torch.dtype,
+              hidden: torch.Tensor | None = None, layer_kwargs: dict | None = None,
+              hidden_out: torch.Tensor | None = None) -> tuple[LayerResult, torch.Tensor | None]:
+    """Quantize decoder layer i. AWQ needs `hidden` (n, T, hidden), the layer's input, on
+    the device or the host; it returns the ORIGINAL layer's output (into `hidden_out`
+    when given). RTN needs neither."""
+    t0 = time.time()
+    arch = mod.arch
+    layer, master = mod.load(i)
+    if options.method == "awq":
+        qts, hidden, rep = awq_layer(layer, arch, hidden, layer_kwargs, options, i, out=hidden_out, master=master)
+    else:
+        qts, rep = rtn_layer(layer, arch, options, master), {"groups": [], "linears": {}}
+    qts = {r: q.map_rows(lambda t: t.cpu()) for r, q in qts.items()}
+    prefix = arch.layer_prefix.format(i=i)
+    linear_names = {arch.hf_name_of(r, i) for r in LINEAR_ROLES}
+    params = master if master is not None else dict(layer.named_parameters())  # norms now carry the folded scales
+    fp = {f"{prefix}.{n}": p.detach().to(device="cpu", dtype=out_dtype).contiguous()
+          for n, p in params.items() if f"{prefix}.{n}" not in linear_names}
+    if mod.compute.device.type == "cuda":
+        torch.cuda.synchronize(mod.compute.device)
+    rep.update({"layer": i, "seconds": round(time.time() - t0, 3), "device": str(mod.compute.device)})
+    return LayerResult(i, qts, fp, rep), hidden

@@ -1,0 +1,98 @@
+"""The resume state of a quantize run: what a crashed or interrupted run leaves behind
+so that `--resume` continues after the last finished layer with bit-identical output.
+
+Layout, inside the output's partial directory (`.NAME.lmkiln-partial/state/`):
+- `fingerprint.json`: model, calibration, options, compute dtype/device kind, version;
+  a resume with any of them changed is refused.
+- `layer{i}.safetensors`: layer i's result in AWQ-GEMM naming (packed codes, fp16
+  scales, zeros; the layer's fp tensors), written last and atomically: its presence
+  marks the layer done. The packing round-trips bit-exactly (formats/awq_gemm.py).
+- `layer{i}.json`: layer i's report.
+- `hidden{i}.pt`: the input of layer i+1 (AWQ only). It is written before layer i is
+  marked done and the previous one removed after, so an interrupt at any point leaves
+  a consistent state.
+
+It knows nothing of drivers or sinks: a driver saves results in any order it likes,
+and `done()` counts the finished prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lmkiln.errors import InputError
+from lmkiln.formats.awq_gemm import AwqSpec, read_qlinear, write_qlinear
+from lmkiln.quant.job import LayerResult
+
+
+def _atomic_save(tensors: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+class ResumeState:
+    def __init__(self, partial: Path, fingerprint: dict, resume: bool, info=lambda s: None):
+        self.dir = Path(partial) / "state"
+        self.fingerprint = fingerprint
+        if Path(partial).exists():
+            if resume:
+                try:
+                    old = json.loads((self.dir / "fingerprint.json").read_text())
+                except (OSError, json.JSONDecodeError):
+                    raise InputError(f"{partial}: the partial run has no readable fingerprint; remove it and start again") from None
+                diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+                if diff:
+                    raise InputError(f"cannot resume from {partial}: the {' and '.join(diff)} changed since it started; "
+                                     "run without --resume to start over")
+            else:
+                shutil.rmtree(partial)
+        elif resume:
+            info("nothing to resume; starting from the first layer")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+
+    def _layer(self, i: int) -> Path:
+        return self.dir / f"layer{i}.safetensors"
+
+    def done(self, n_layers: int) -> int:
+        """How many layers, from the first, are finished."""
+        i = 0
+        while i < n_layers and self._layer(i).exists():
+            i += 1
+        return i
+
+    def save(self, res: LayerResult, module_of, hidden: torch.Tensor | None = None) -> None:
+        """Persist a finished layer; `module_of(role, i)` names its HF linear module."""
+        if hidden is not None:
+            tmp = self.dir / "hidden.tmp"
+            torch.save(hidden.cpu() if hidden.device.type != "cpu" else hidden, tmp)
+            os.replace(tmp, self.dir / f"hidden{res.index}.pt")
+        tensors = dict(res.fp)
+        for role, qt in res.qtensors.items():
+            module = module_of(role, res.index)
+            tensors.update({f"{module}.{k}": v.contiguous() for k, v in write_qlinear(qt).items()})
+        (self.dir / f"layer{res.index}.json").write_text(json.dumps(res.report))
+        _atomic_save(tensors, self._layer(res.index))  # last: its presence marks the layer done
+        (self.dir / f"hidden{res.index - 1}.pt").unlink(missing_ok=True)
+
+    def load(self, i: int, spec: AwqSpec, linears: dict[str, tuple[str, tuple[int, int]]]) -> LayerResult:
+        """Layer i as saved; `linears`: role -> (HF module, (out, in)) of its quantized linears."""
+        with safe_open(str(self._layer(i)), framework="pt") as f:
+            names = set(f.keys())
+            qts = {role: read_qlinear(f.get_tensor, module, spec, *shape) for role, (module, shape) in linears.items()}
+            quantized = {f"{m}.{s}" for m, _ in linears.values() for s in ("qweight", "qzeros", "scales")}
+            fp = {n: f.get_tensor(n) for n in sorted(names - quantized)}
+        report = json.loads((self.dir / f"layer{i}.json").read_text())
+        return LayerResult(i, qts, fp, report)
+
+    def hidden(self, i: int) -> torch.Tensor:
+        """The saved input of layer i + 1."""
+        return torch.load(self.dir / f"hidden{i}.pt", weights_only=True)

@@ -1,0 +1,249 @@
+"""Quantize at scale: the device option, chunked (memory-bounded) calibration that never
+changes results, the plan (--dry-run), the disk check, and the job/sink structure.
+
+CUDA tests skip without a GPU; everything else runs on the CPU in CI.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import build_model, make_tiny_model, torch_threads
+from lmkiln.assets import bundled_model_path
+from lmkiln.cli import app
+from lmkiln.convert.architectures import get_architecture
+from lmkiln.errors import InputError
+from lmkiln.formats.engine import Engine
+from lmkiln.quant.awq import QuantOptions, awq_layer
+from lmkiln.quant.job import resolve_compute
+from lmkiln.quant.pipeline import CalibOptions, plan_quantize, quantize_model
+
+STORIES = bundled_model_path()
+ARCH = get_architecture("LlamaForCausalLM")
+ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+SMALL = CalibOptions(n_samples=8, seqlen=64)
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+
+
+def read_all(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name != "lmkiln_quant_report.json"}
+
+
+def choices(report: dict) -> list:
+    """What the searches chose, per layer: each group's alpha and each linear's clip ratio."""
+    return [([g.get("alpha") for g in lay["groups"]], lay["linears"]) for lay in report["layers"]]
+
+
+@torch.no_grad()
+def _layer_inputs(n=8, t=32, seed=1):
+    model = build_model("LlamaForCausalLM", seed=0, attn_implementation="sdpa")
+    ids = torch.randint(3, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(seed))
+    x = model.model.embed_tokens(ids)
+    kw = {"position_embeddings": model.model.rotary_emb(x, torch.arange(t)[None]), "attention_mask": None}
+    return model, x, kw
+
+
+# -- chunking bounds memory and changes nothing --------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_awq_layer_chunking_changes_nothing(chunk):
+    model, x, kw = _layer_inputs()
+    whole = QuantOptions(bits=4, group_size=32, chunk=x.shape[0])
+    runs = []
+    for o in (whole, QuantOptions(bits=4, group_size=32, chunk=chunk)):
+        layer = copy.deepcopy(model.model.layers[0])
+        runs.append(awq_layer(layer, ARCH, x, kw, o, layer_idx=0))
+    (qa, ya, ra), (qb, yb, rb) = runs
+    assert torch.equal(ya, yb)
+    assert [g.get("alpha") for g in ra["groups"]] == [g.get("alpha") for g in rb["groups"]]
+    assert ra["linears"] == rb["linears"]
+    for role in qa:
+        assert torch.equal(qa[role].codes, qb[role].codes), role
+        assert torch.equal(qa[role].scales, qb[role].scales), role
+        assert torch.equal(qa[role].zeros, qb[role].zeros), role
+
+
+def test_bundled_model_chunked_and_unchunked_are_bit_identical(tmp_path):
+    w4 = dict(bits=4, group_size=32)
+    a = quantize_model(STORIES, tmp_path / "whole", QuantOptions(**w4, chunk=SMALL.n_samples), SMALL)
+    b = quantize_model(STORIES, tmp_path / "chunked", QuantOptions(**w4, chunk=1), SMALL)
+    assert choices(a.report) == choices(b.report)
+    assert read_all(a.output) == read_all(b.output)
+
+
+def test_awq_layer_allocates_nothing_on_the_default_device():
+    """Run the whole layer job with the default device set to `meta`: any tensor created
+    without an explicit device (torch.zeros(...) instead of zeros(..., device=w.device))
+    lands on meta and the job fails, so this catches on a CPU what would put tensors on
+    the wrong device on a GPU."""
+    model, x, kw = _layer_inputs(n=4)
+    ref_layer = copy.deepcopy(model.model.layers[0])
+    o = QuantOptions(bits=4, group_size=32, chunk=2)
+    qref, yref, _ = awq_layer(ref_layer, ARCH, x, kw, o, layer_idx=0)
+    layer = copy.deepcopy(model.model.layers[0])
+    with torch.device("meta"):
+        qts, y, _ = awq_layer(layer, ARCH, x, kw, o, layer_idx=0)
+    assert y.device.type == "cpu" and torch.equal(y, yref)
+    for role, qt in qts.items():
+        assert qt.codes.device.type == "cpu" and torch.equal(qt.codes, qref[role].codes), role
+
+
+# -- the device and dtype options ---------------------------------------------------------------
+
+
+def test_resolve_compute_defaults():
+    c = resolve_compute("auto", "auto")
+    assert c.device.type == ("cuda" if CUDA else "cpu")
+    assert c.dtype == (torch.bfloat16 if CUDA else torch.float32)
+    assert resolve_compute("cpu", "bf16").dtype == torch.bfloat16
+    with pytest.raises(InputError, match="--dtype"):
+        resolve_compute("cpu", "int8")
+    with pytest.raises(InputError, match="--device"):
+        resolve_compute("tpu", "auto")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error on a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    with pytest.raises(InputError, match="no CUDA device"):
+        resolve_compute("cuda", "auto")
+    r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--device", "cuda:1")
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cuda" in lines[0] and "--device cpu" in lines[0], r.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_bf16_calibration_on_cpu(tmp_path):
+    """bf16 calibration (the CUDA default) works on any device and only perturbs choices."""
+    o = QuantOptions(bits=4, group_size=32)
+    fp32 = quantize_model(STORIES, tmp_path / "fp32", o, SMALL, device="cpu", dtype="fp32")
+    bf16 = quantize_model(STORIES, tmp_path / "bf16", o, SMALL, device="cpu", dtype="bf16")
+    assert bf16.report["compute"]["dtype"] == "bfloat16"
+    mse32 = [lay["mse_output"] for lay in fp32.report["layers"]]
+    mse16 = [lay["mse_output"] for lay in bf16.report["layers"]]
+    # bf16 forwards are noisier, but the quantized layers must stay as good within 2x
+    assert all(b < 2 * a + 1e-6 for a, b in zip(mse32, mse16)), (mse32, mse16)
+    # the output keeps the source's dtype: the fp tensors are fp32 like stories260K
+    from safetensors import safe_open
+
+    with safe_open(str(bf16.output / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.layers.0.input_layernorm.weight").dtype == torch.float32
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_fp32_matches_cpu(tmp_path):
+    o = QuantOptions(bits=4, group_size=32)
+    cpu = quantize_model(STORIES, tmp_path / "cpu", o, SMALL, device="cpu", dtype="fp32")
+    gpu = quantize_model(STORIES, tmp_path / "gpu", o, SMALL, device="cuda", dtype="fp32")
+    assert choices(cpu.report) == choices(gpu.report)
+    from safetensors import safe_open
+
+    with safe_open(str(cpu.output / "model.safetensors"), framework="pt") as a, \
+            safe_open(str(gpu.output / "model.safetensors"), framework="pt") as b:
+        differ = [n for n in a.keys() if not torch.equal(a.get_tensor(n), b.get_tensor(n))]
+    assert differ == [], f"tensors that differ between CPU and CUDA: {differ}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_bf16_default_runs_and_reports_device_memory(tmp_path):
+    res = quantize_model(STORIES, tmp_path / "q", QuantOptions(bits=4, group_size=32), SMALL, to="engine")
+    assert res.report["compute"]["device"].startswith("cuda")
+    assert res.report["totals"]["peak_device_mb"] > 0
+    Engine(res.output, check=True)
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+
+def test_dry_run_reads_headers_only(tmp_path, monkeypatch):
+    from lmkiln.formats.hf import HFCheckpoint
+
+    def no_reads(self, name):
+        raise AssertionError(f"--dry-run read tensor {name}")
+
+    monkeypatch.setattr(HFCheckpoint, "get", no_reads)
+    r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--dry-run", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    for what in ("decoder layers", "peak host RAM", "output on disk", "resume state on disk", "free disk"):
+        assert what in r.output, (what, r.output)
+    assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_probe_measures_one_layer(tmp_path):
+    r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--dry-run", "--probe",
+               "--calib-samples", "4", "--calib-seqlen", "64")
+    assert r.exit_code == 0, r.output
+    assert "seconds for one layer" in r.output and "estimated total" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_grows_with_calibration_not_depth(tmp_path):
+    shallow = make_tiny_model(tmp_path / "a", num_hidden_layers=2)
+    deep = make_tiny_model(tmp_path / "b", num_hidden_layers=6)
+    c = resolve_compute("cpu", "fp32")
+    o = QuantOptions(bits=4, group_size=32)
+    p2 = plan_quantize(shallow, tmp_path / "o", o, CalibOptions(n_samples=16, seqlen=64), c)
+    p6 = plan_quantize(deep, tmp_path / "o", o, CalibOptions(n_samples=16, seqlen=64), c)
+    p6_more = plan_quantize(deep, tmp_path / "o", o, CalibOptions(n_samples=64, seqlen=64), c)
+    assert p2.peak_host == p6.peak_host
+    assert p6.output_bytes > p2.output_bytes
+    # more calibration samples add exactly their hidden states (the chunk is capped at 16 samples)
+    assert p6_more.peak_host - p6.peak_host == p6_more.hidden - p6.hidden == 2 * 48 * 64 * 64 * 4
+
+
+def test_refuses_to_start_without_disk_space(tmp_path, monkeypatch):
+    import lmkiln.quant.plan as plan
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--method", "rtn")
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and " free, the output needs" in lines[0] and "needs" in lines[0], r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- structure: --to engine streams layers, no AWQ-GEMM detour -----------------------------------
+
+
+def test_to_engine_writes_no_awq_checkpoint(tmp_path, monkeypatch):
+    import lmkiln.convert.hf_to_engine as h2e
+
+    def no_conversion(*a, **k):
+        raise AssertionError("--to engine went through an AWQ-GEMM checkpoint and convert_hf_to_engine")
+
+    monkeypatch.setattr(h2e, "convert_hf_to_engine", no_conversion)
+    res = quantize_model(STORIES, tmp_path / "e", QuantOptions(bits=4, group_size=32, method="rtn"), to="engine")
+    eng = Engine(res.output, check=True)
+    assert eng.manifest["weight_type"] == "int4" and eng.quant["method"] == "rtn"
+
+
+def test_report_has_per_layer_output_error_and_device(tmp_path):
+    res = quantize_model(STORIES, tmp_path / "q", QuantOptions(bits=4, group_size=32), SMALL)
+    rtn = quantize_model(STORIES, tmp_path / "r", QuantOptions(bits=4, group_size=32, method="rtn"), SMALL)
+    for lay in res.report["layers"]:
+        assert lay["device"] == "cpu" and lay["mse_output"] > 0
+        for g in lay["groups"]:
+            if "alpha" in g:
+                assert g["mse_final"] <= g["mse_rtn"] * 1.0001, g
+    assert rtn.report["layers"][0]["groups"] == []
+    saved = json.loads((res.output / "lmkiln_quant_report.json").read_text())
+    assert saved["plan"]["n_layers"] == 5 and saved["compute"]["device"].startswith("cpu")
