@@ -32,8 +32,10 @@ def llama_tensors(hidden: int, heads: int, kv_heads: int, inter: int, vocab: int
     return out
 
 
-def make_synthetic(path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int) -> Path:
-    """A seeded random-init LlamaForCausalLM with the bundled tokenizer (vocab 512), reused if present."""
+def make_synthetic(path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, dtype: str = "float32") -> Path:
+    """A seeded random-init LlamaForCausalLM with the bundled tokenizer (vocab 512), reused if present.
+
+    `dtype`: the dtype on disk ("float32", "bfloat16", "float16")."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -45,7 +47,7 @@ def make_synthetic(path: Path, hidden: int, inter: int, layers: int, heads: int,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval().to(getattr(torch, dtype))
     path.mkdir(parents=True)
     model.save_pretrained(path)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):

@@ -247,3 +247,23 @@ def test_report_has_per_layer_output_error_and_device(tmp_path):
     assert rtn.report["layers"][0]["groups"] == []
     saved = json.loads((res.output / "lmkiln_quant_report.json").read_text())
     assert saved["plan"]["n_layers"] == 5 and saved["compute"]["device"].startswith("cpu")
+
+
+# -- the in-place search kernels are the reference ones, bit for bit ------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape, group", [((48, 80), 32), ((16, 172), -1), ((64, 64), 8)])
+def test_in_place_fake_quantize_matches_reference(shape, group, symmetric):
+    from lmkiln.quant.awq import qdq, trial_weight
+    from lmkiln.quant.primitives import fake_quantize, fake_quantize_, pad_to_multiple
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape, generator=g) * torch.rand(shape[1], generator=g) * 4
+    gs = shape[1] if group == -1 else group
+    wp, _ = pad_to_multiple(w, 1, gs)
+    assert torch.equal(fake_quantize_(wp.clone(), 4, gs, symmetric), fake_quantize(wp, 4, gs, symmetric))
+    o = QuantOptions(bits=4, group_size=group, symmetric=symmetric)
+    s = 0.5 + torch.rand(shape[1], generator=g)
+    assert torch.equal(trial_weight(w, s, o), qdq(w * s, o) / s)
+    assert torch.equal(trial_weight(w, None, o), qdq(w, o))

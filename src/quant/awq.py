@@ -41,7 +41,7 @@ from lmkiln.convert.architectures import LINEAR_ROLES, Architecture, ScaleGroup
 from lmkiln.errors import QuantizationError
 from lmkiln.formats.packing import round_up
 from lmkiln.formats.qtensor import QTensor
-from lmkiln.quant.primitives import compute_qparams, fake_quantize, pad_to_multiple, quantize
+from lmkiln.quant.primitives import compute_qparams, fake_quantize, fake_quantize_, pad_to_multiple, quantize
 
 NO_CLIP_ROLES = ("q", "k")
 
@@ -68,6 +68,17 @@ def qdq(w: torch.Tensor, o: QuantOptions, clip_max: torch.Tensor | None = None) 
     g = o.group_for(w.shape[1])
     wp, n = pad_to_multiple(w, 1, g)
     return fake_quantize(wp, o.bits, g, o.symmetric, clip_max=clip_max)[:, :n]
+
+
+def trial_weight(w: torch.Tensor, s: torch.Tensor | None, o: QuantOptions) -> torch.Tensor:
+    """Q(w * s) / s for the scale search (s None: plain Q(w)), in fp32, with one large
+    allocation: the same values as qdq(w * s, o) / s."""
+    g = o.group_for(w.shape[1])
+    t = w * s if s is not None else w.clone()
+    tp, n = pad_to_multiple(t, 1, g)
+    fake_quantize_(tp, o.bits, g, o.symmetric, check=False)
+    t = tp[:, :n] if tp is not t else tp
+    return t.div_(s) if s is not None else t
 
 
 def quantize_weight(w: torch.Tensor, o: QuantOptions) -> QTensor:
@@ -232,11 +243,13 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, o: QuantOptions) -> torch.Tens
     ng = in_p // g
     xk = xp.view(-1, ng, g).transpose(0, 1)  # (ng, tokens, g)
 
-    def contribution(w):  # (ob, in_p) -> (ob, tokens, ng): each group's part of each output, one bmm
-        return torch.bmm(xk, w.view(-1, ng, g).permute(1, 2, 0)).permute(2, 1, 0)
+    def contribution(w):  # (ob, in_p) -> (ng, tokens, ob): each group's part of each output, one bmm
+        return torch.bmm(xk, w.view(-1, ng, g).permute(1, 2, 0))
 
     best_max = torch.empty(out_f, ng, device=w.device)
-    ob = max(1, min(out_f, (1 << 24) // max(1, xk.shape[1] * ng)))
+    # Blocks of output rows sized so the (ng, tokens, rows) products stay below glibc's
+    # mmap threshold (32 MiB): larger temporaries are mapped and faulted in on every step.
+    ob = max(1, min(out_f, (1 << 22) // max(1, xk.shape[1] * ng)))
     for o0 in range(0, out_f, ob):
         wb = wp[o0:o0 + ob]
         wg = wb.view(-1, 1, ng, g)
@@ -247,8 +260,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, o: QuantOptions) -> torch.Tens
         for i in range(int(o.max_shrink * o.n_grid)):
             mv = org_max * (1 - i / o.n_grid)
             cur = wg.clamp(-mv, mv).reshape(wb.shape[0], in_p)
-            q = fake_quantize(cur, o.bits, g, o.symmetric)
-            err = (contribution(q) - ref).pow(2).mean(1)  # (ob, ng)
+            q = fake_quantize_(cur, o.bits, g, o.symmetric, check=False)
+            err = contribution(q).sub_(ref).pow_(2).mean(1).t()  # (ob, ng): mean over tokens
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better[:, None, :, None], mv, best)
@@ -330,7 +343,8 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
                 count[gr] += ref.numel()
                 trials = [(k, s) for k, (_, s) in enumerate(cands[gr])] + [(o.n_grid, None)]
                 for k, s in trials:
-                    qw = {mod[r]: (qdq(w0, o) if s is None else qdq(w0 * s, o) / s) for r, w0 in zip(gr.linears, orig[gr])}
+                    # cast each trial weight as soon as it exists: one linear's fp32 temporaries at a time
+                    qw = {mod[r]: trial_weight(w0, s, o).to(cdt) for r, w0 in zip(gr.linears, orig[gr])}
                     with Swap(layer, qw):
                         loss[gr][k] += sq_err(_out(insp(xin, **kw)), ref)
             inputs.clear()

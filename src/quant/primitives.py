@@ -62,8 +62,12 @@ def compute_qparams(
     group_size: int,
     symmetric: bool,
     clip_max: torch.Tensor | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scales and zero points for ``w`` (out, in).
+
+    ``check=False`` skips the finiteness check of ``w`` (a full pass), for search loops
+    whose weights were checked once up front.
 
     Objective: the smallest uniform grid ``(q - zero) * scale``, ``q`` unsigned, that covers
     the group's range, so rounding error is at most ``scale / 2`` for every element.
@@ -80,7 +84,7 @@ def compute_qparams(
     out_f, in_f = w.shape
     g = resolve_group(in_f, group_size)
     wg = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
-    if not torch.isfinite(wg).all():
+    if check and not torch.isfinite(wg).all():
         raise QuantizationError(f"weight of shape {tuple(w.shape)} contains NaN or Inf values")
     qmax = 2**bits - 1
 
@@ -140,3 +144,24 @@ def fake_quantize(
     scales, zeros = compute_qparams(w, bits, group_size, symmetric, clip_max)
     q = quantize(w, scales, zeros, bits, group_size)
     return dequantize(q, scales, zeros, group_size).to(w.dtype)
+
+
+def fake_quantize_(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    clip_max: torch.Tensor | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """:func:`fake_quantize` in place on a contiguous float32 ``w``: the same values, bit
+    for bit (the same operations in the same order), without the code and float
+    temporaries. Search loops call this thousands of times; their large temporaries
+    were most of their time on the CPU (allocation and page faults)."""
+    if w.dtype != torch.float32 or not w.is_contiguous():
+        raise QuantizationError("fake_quantize_ needs a contiguous float32 tensor")
+    scales, zeros = compute_qparams(w, bits, group_size, symmetric, clip_max, check=check)
+    out_f, in_f = w.shape
+    s, z = scales.unsqueeze(-1), zeros.unsqueeze(-1)
+    w.view(out_f, scales.shape[1], -1).div_(s).round_().add_(z).clamp_(0, 2**bits - 1).sub_(z).mul_(s)
+    return w
