@@ -15,6 +15,7 @@ bit-identical output (finished layers are replayed from the state into the sink)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -196,7 +197,8 @@ def quantize_model(
     if probe_only:
         hidden = _embed(ckpt, arch, ids, compute, plan)
         torch.cuda.reset_peak_memory_stats(compute.device) if compute.device.type == "cuda" else None
-        res, _ = run_layer(mod, 0, options, src_dtype, hidden, layer_kwargs)
+        with _threads_for(mcfg, compute):
+            res, _ = run_layer(mod, 0, options, src_dtype, hidden, layer_kwargs)
         report = {"layers": [res.report], "totals": _totals(t_start, [res.report], calib_info, compute)}
         return QuantResult(None, report, plan)
 
@@ -207,7 +209,7 @@ def quantize_model(
     stop_after = int(os.environ.get(STOP_ENV, "-1"))
     reports = []
     linears = lambda i: layer_linears(arch, mcfg, i)  # noqa: E731
-    with atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out") as tmp:
+    with atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out") as tmp, _threads_for(mcfg, compute):
         sink = make_sink(to, tmp, ckpt, arch, mcfg, spec, options.method, src_dtype, acc)
         try:
             sink.begin()
@@ -250,6 +252,19 @@ def quantize_model(
 
         Path(report_path).write_text(json.dumps(report, indent=1))
     return QuantResult(out_dir, report, plan)
+
+
+@contextlib.contextmanager
+def _threads_for(mcfg: dict, compute: Compute):
+    """Intra-op threads only pay off on large matmuls; on tiny models (the bundled one) on
+    the CPU they cost several times the work itself, badly so on a busy machine."""
+    before = torch.get_num_threads()
+    if compute.device.type == "cpu" and mcfg["hidden_units"] <= 256:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _totals(t_start: float, reports: list[dict], calib_info, compute: Compute) -> dict:
