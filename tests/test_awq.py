@@ -270,3 +270,32 @@ def test_group_applies_v_to_o_only_without_gqa(kv_heads, v_applies):
         assert "alpha" in v and "skipped" not in v
     else:
         assert "alpha" not in v and v["skipped"]
+
+
+# -- 6. each group is scored on the inputs the unmodified layer produces --------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_group_inputs_are_the_fp_layers(kv_heads):
+    """Scoring the MLP group runs down_proj with trial gate/up weights; the up -> down group
+    must still be scored on the fp layer's down_proj input (and o on the fp attention's)."""
+    model = _model(salient=True, num_key_value_heads=kv_heads)
+    x, kw = _inputs(model)
+    layer = copy.deepcopy(model.model.layers[0])
+    seen = {}
+    hooks = [layer.get_submodule(m).register_forward_pre_hook(lambda mod, a, m=m: seen.__setitem__(m, a[0]))
+             for m in ("mlp.down_proj", "self_attn.o_proj")]
+    with torch.no_grad():
+        _run(layer, x, kw)
+    for h in hooks:
+        h.remove()
+    _, _, rep = awq_layer(copy.deepcopy(layer), ARCH, x, kw, W4G32, layer_idx=0)
+    groups = {g["prev"]: g for g in rep["groups"]}
+    for prev, module in (("up", "mlp.down_proj"), ("v", "self_attn.o_proj")):
+        if "alpha" not in groups[prev]:
+            continue  # v -> o does not apply under GQA
+        lin = layer.get_submodule(module)
+        with torch.no_grad():
+            ref = lin(seen[module])
+            want = _mse(torch.nn.functional.linear(seen[module], qdq(lin.weight, W4G32)), ref)
+        assert groups[prev]["mse_rtn"] == pytest.approx(want, rel=1e-4), (prev, groups[prev]["mse_rtn"], want)

@@ -142,6 +142,24 @@ class Hooks:
             h.remove()
 
 
+@torch.no_grad()
+def inspected_chunks(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, groups, chunk: int):
+    """Per chunk of samples: (slice, the chunk on the device, [(group, inspected module, its
+    input, its call kwargs, its fp output)]).
+
+    The hooks are off again before anything else runs: scoring a group calls modules that
+    are other groups' inspected modules (the MLP contains down_proj), and their inputs
+    must stay the ones the unmodified layer produced."""
+    dev, cdt = layer_device(layer), layer_dtype(layer)
+    inputs: dict[str, torch.Tensor] = {}
+    for sl, xc in chunks(x, chunk, dev, cdt):
+        with Hooks(layer, {gr.inspect for gr in groups}, inputs.__setitem__) as hooks:
+            layer(xc, **layer_kwargs)
+        items = [(gr, layer.get_submodule(gr.inspect), inputs[gr.inspect], hooks.kwargs[gr.inspect]) for gr in groups]
+        inputs.clear()
+        yield sl, xc, [(gr, insp, xin, kw, _out(insp(xin, **kw))) for gr, insp, xin, kw in items]
+
+
 def linear_roles(arch: Architecture) -> list[str]:
     return [r for r in LINEAR_ROLES if r in arch.tensors]
 
@@ -333,21 +351,15 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
         cands[gr] = scale_candidates(x_mean[first[gr]], w_mean, o, gr, layer_idx)
     loss = {gr: [0.0] * (o.n_grid + 1) for gr in groups}  # last slot: plain RTN (s = 1)
     count = {gr: 0 for gr in groups}  # output elements scored, to turn sums into means
-    inputs: dict[str, torch.Tensor] = {}
-    with Hooks(layer, {gr.inspect for gr in groups}, lambda nm, t: inputs.__setitem__(nm, t)) as hooks:
-        for _, xc in chunks(x, o.chunk, dev, cdt):
-            layer(xc, **layer_kwargs)
-            for gr in groups:
-                insp, xin, kw = layer.get_submodule(gr.inspect), inputs[gr.inspect], hooks.kwargs[gr.inspect]
-                ref = _out(insp(xin, **kw))
-                count[gr] += ref.numel()
-                trials = [(k, s) for k, (_, s) in enumerate(cands[gr])] + [(o.n_grid, None)]
-                for k, s in trials:
-                    # cast each trial weight as soon as it exists: one linear's fp32 temporaries at a time
-                    qw = {mod[r]: trial_weight(w0, s, o).to(cdt) for r, w0 in zip(gr.linears, orig[gr])}
-                    with Swap(layer, qw):
-                        loss[gr][k] += sq_err(_out(insp(xin, **kw)), ref)
-            inputs.clear()
+    for _, _, items in inspected_chunks(layer, x, layer_kwargs, groups, o.chunk):
+        for gr, insp, xin, kw, ref in items:
+            count[gr] += ref.numel()
+            trials = [(k, s) for k, (_, s) in enumerate(cands[gr])] + [(o.n_grid, None)]
+            for k, s in trials:
+                # cast each trial weight as soon as it exists: one linear's fp32 temporaries at a time
+                qw = {mod[r]: trial_weight(w0, s, o).to(cdt) for r, w0 in zip(gr.linears, orig[gr])}
+                with Swap(layer, qw):
+                    loss[gr][k] += sq_err(_out(insp(xin, **kw)), ref)
     report = {"groups": [], "linears": {}}
     scales = {}
     for gr in groups:
@@ -386,17 +398,12 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     deq = {mod[r]: qts[r].dequantize() for r in roles}
     final = {gr: 0.0 for gr in groups}
     out_err = 0.0
-    with Hooks(layer, {gr.inspect for gr in groups}, lambda nm, t: inputs.__setitem__(nm, t)) as hooks:
-        for sl, xc in chunks(x, o.chunk, dev, cdt):
-            layer(xc, **layer_kwargs)
-            for gr in groups:
-                insp, xin, kw = layer.get_submodule(gr.inspect), inputs[gr.inspect], hooks.kwargs[gr.inspect]
-                ref = _out(insp(xin, **kw))
-                with Swap(layer, {mod[r]: deq[mod[r]] for r in gr.linears}):
-                    final[gr] += sq_err(_out(insp(xin, **kw)), ref)
-            inputs.clear()
-            with Swap(layer, deq):
-                out_err += sq_err(_out(layer(xc, **layer_kwargs)), y[sl].to(dev))
+    for sl, xc, items in inspected_chunks(layer, x, layer_kwargs, groups, o.chunk):
+        for gr, insp, xin, kw, ref in items:
+            with Swap(layer, {mod[r]: deq[mod[r]] for r in gr.linears}):
+                final[gr] += sq_err(_out(insp(xin, **kw)), ref)
+        with Swap(layer, deq):
+            out_err += sq_err(_out(layer(xc, **layer_kwargs)), y[sl].to(dev))
     for entry, gr in zip(report["groups"], groups):
         entry["mse_rtn"] = entry.pop("_loss_rtn") / count[gr]
         entry["mse_scaled"] = entry.pop("_loss_best") / count[gr]
