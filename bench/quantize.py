@@ -24,7 +24,7 @@ vocab 512 with the bundled stories tokenizer, fp16 sharded safetensors)
     (W4 g128, `--to hf`), at 8 layers and at a second layer count (RTN 32 layers, AWQ 2
     layers) to show whether peak RSS follows the layer count. Random weights have no
     meaningful perplexity, so none is reported. A profile worker splits one AWQ layer's
-    time into its phases (capture, scale search, clip search, ...).
+    time into its phases (trial weights, scoring, clip search, ...; the forwards are the rest).
 
 Perplexity: the eval text is tokenized whole (no special tokens), cut into
 non-overlapping windows of ctx-1 tokens, each window scored with BOS prepended (so its
@@ -159,26 +159,27 @@ def w_fakequant(a: dict) -> dict:
     from lmkiln.convert.hf_config import engine_config_from_hf
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
     from lmkiln.formats.hf import HFCheckpoint
-    from lmkiln.quant import pipeline as P
     from lmkiln.quant.awq import QuantOptions, awq_layer, rtn_layer
+    from lmkiln.quant.job import LayerModule, position_embeddings, resolve_compute
 
     t_start = time.time()
     ckpt = HFCheckpoint(a["model"])
     arch = get_architecture(ckpt.architecture)
     mcfg = engine_config_from_hf(arch, ckpt.config)
     o = QuantOptions(bits=a["bits"], group_size=a["group"], method=a["method"])
-    layer = P._hf_layer(ckpt, arch, arch.layer_prefix)
+    compute = resolve_compute("cpu", "fp32")
+    mod = LayerModule(ckpt, arch, compute)
     hidden, kw, calib = None, {}, None
     if o.method == "awq":
         cs = _calibration(ckpt, mcfg, a)
         calib = {"samples": cs.n_samples, "seqlen": cs.seqlen, "tokens": cs.n_tokens, "sha256": cs.sha256, "summary": cs.describe()}
         hidden = torch.nn.functional.embedding(cs.input_ids, ckpt.get(arch.hf_name_of("embed")).float())
-        kw = {"position_embeddings": P._position_embeddings(mcfg, cs.seqlen), "attention_mask": None}
+        kw = {"position_embeddings": position_embeddings(mcfg["rope"], cs.seqlen, compute), "attention_mask": None}
     sd, secs = {}, []
     for i in range(mcfg["num_layer"]):
         t0 = time.time()
         prefix = arch.layer_prefix.format(i=i)
-        P._load_layer(layer, ckpt, prefix)
+        layer, _ = mod.load(i)
         if o.method == "awq":
             qts, hidden, _ = awq_layer(layer, arch, hidden, kw, o, i)
         else:
@@ -252,7 +253,7 @@ def w_profile(a: dict) -> dict:
     from lmkiln.convert.hf_config import engine_config_from_hf
     from lmkiln.formats.hf import HFCheckpoint
     from lmkiln.quant import awq as A
-    from lmkiln.quant import pipeline as P
+    from lmkiln.quant.job import LayerModule, position_embeddings, resolve_compute
 
     excl: dict[str, float] = {}
     calls: dict[str, int] = {}
@@ -272,8 +273,7 @@ def w_profile(a: dict) -> dict:
                     stack[-1][2] += el
         return wrapper
 
-    for name in ("capture", "run_module", "module_mse", "search_scale", "fold_scale", "search_clip", "apply_clip",
-                 "quantize_weight", "qdq"):
+    for name in ("trial_weight", "sq_err", "fold_scale", "search_clip", "apply_clip", "quantize_weight", "weight_mean"):
         setattr(A, name, timed(name, getattr(A, name)))
 
     ckpt = HFCheckpoint(a["model"])
@@ -281,12 +281,13 @@ def w_profile(a: dict) -> dict:
     mcfg = engine_config_from_hf(arch, ckpt.config)
     o = A.QuantOptions(bits=a["bits"], group_size=a["group"])
     cs = _calibration(ckpt, mcfg, a)
-    layer = P._hf_layer(ckpt, arch, arch.layer_prefix)
+    compute = resolve_compute("cpu", "fp32")
+    mod = LayerModule(ckpt, arch, compute)
     hidden = torch.nn.functional.embedding(cs.input_ids, ckpt.get(arch.hf_name_of("embed")).float())
-    kw = {"position_embeddings": P._position_embeddings(mcfg, cs.seqlen), "attention_mask": None}
+    kw = {"position_embeddings": position_embeddings(mcfg["rope"], cs.seqlen, compute), "attention_mask": None}
     t0 = time.perf_counter()
     for i in range(a["layers"]):
-        P._load_layer(layer, ckpt, arch.layer_prefix.format(i=i))
+        layer, _ = mod.load(i)
         stack.append(["awq_layer (rest)", time.perf_counter(), 0.0])
         _, hidden, _ = A.awq_layer(layer, arch, hidden, kw, o, i)
         n, ts, child = stack.pop()

@@ -6,10 +6,11 @@ Memory model (docs/quantize.md explains each term; b = bytes per element of the
 calibration dtype, N x T calibration tokens, h hidden, I intermediate):
 
     weights   W = P * b  (+ P * 4 when b < 4: the fp32 master copy AWQ folds into)
-    search    S = 4 * G * 4          G = the largest scale group's weights (gate+up)
+    search    S = G * b + 2 * L * 4  G = the largest scale group's weights (gate+up),
+                                     L = the largest linear's
     hidden    H = 2 * N * T * h * b  the layer's input and output hidden states
-    chunk     A = c * T * (5 * I + 12 * h) * 4   c = samples per chunk
-    clip      C = 2^24 * 4 * 4       the clip search's batched contributions
+    chunk     A = c * T * (6 * I * b + 8 * h * 4)   c = samples per chunk
+    clip      C = 2^22 * 4 * 4       the clip search's batched contributions
     device peak = W + S + A + C (+ H when the hidden states fit on the device)
     host peak   = runtime baseline + largest tensor + (H when kept on the host)
 
@@ -34,9 +35,9 @@ from lmkiln.quant.awq import QuantOptions
 from lmkiln.quant.job import Compute
 
 GIB = 1 << 30
-HOST_BASELINE = 700 << 20  # python + torch + transformers imported, measured (RSS) on the CPU wheel
-CLIP_BYTES = (1 << 24) * 4 * 4
-CHUNK_PER_TOKEN = (5, 12)  # live (intermediate, hidden)-wide fp32 rows per token in a chunk's forward
+HOST_BASELINE = 400 << 20  # python, torch, transformers, lmkiln, an empty layer: 340 MiB RSS measured on the CPU wheel
+CLIP_BYTES = (1 << 22) * 4 * 4
+CHUNK_PER_TOKEN = (6, 8)  # live intermediate-wide (calibration dtype) and hidden-wide (fp32) rows per token
 
 
 @dataclass
@@ -133,10 +134,10 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     h, inter = model["hidden_units"], model["inter_size"]
     awq = o.method == "awq"
     weights = per_layer * b + (per_layer * 4 if b < 4 else 0)
-    search = 4 * max(groups) * 4
+    search = max(groups) * b + 2 * max(_numel(s) for s in lin.values()) * 4
     hidden = 2 * n_tokens * h * b if awq else 0
     chunk_tokens = min(n_samples, o.chunk) * seqlen if awq else 0
-    chunk = chunk_tokens * (CHUNK_PER_TOKEN[0] * inter + CHUNK_PER_TOKEN[1] * h) * 4
+    chunk = chunk_tokens * (CHUNK_PER_TOKEN[0] * inter * b + CHUNK_PER_TOKEN[1] * h * 4)
     clip = CLIP_BYTES if awq and o.clip else 0
     work = weights + search + chunk + clip
     largest = max(_numel(ckpt.shape(n)) * torch.empty((), dtype=ckpt.dtype(n)).element_size() for n in ckpt.keys())
