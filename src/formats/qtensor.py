@@ -32,17 +32,24 @@ def resolve_group(in_features: int, group_size: int) -> int:
     return g
 
 
+def check_qparams(t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, what: str) -> int:
+    """The resolved group size, after checking that (out, in/g) scales and zeros fit `t`."""
+    out_f, in_f = t.shape
+    g = resolve_group(in_f, group_size)
+    if scales.shape != (out_f, in_f // g) or zeros.shape != scales.shape:
+        raise QuantizationError(
+            f"qparams of shape {tuple(scales.shape)}/{tuple(zeros.shape)} do not match {what} "
+            f"{tuple(t.shape)} with group_size={group_size}"
+        )
+    return g
+
+
 def dequantize(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """``w_hat = (q - zero) * scale`` as float32 (out, in) from codes (out, in)."""
     out_f, in_f = q.shape
-    g = resolve_group(in_f, group_size)
-    if scales.shape != (out_f, in_f // g) or zeros.shape != scales.shape:
-        raise QuantizationError(
-            f"qparams of shape {tuple(scales.shape)}/{tuple(zeros.shape)} do not match codes "
-            f"{tuple(q.shape)} with group_size={group_size}"
-        )
+    g = check_qparams(q, scales, zeros, group_size, "codes")
     qg = q.to(torch.float32).reshape(out_f, in_f // g, g)
     w = (qg - zeros.to(torch.float32).unsqueeze(-1)) * scales.to(torch.float32).unsqueeze(-1)
     return w.reshape(out_f, in_f)

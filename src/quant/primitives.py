@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from lmkiln.errors import QuantizationError
-from lmkiln.formats.qtensor import dequantize, resolve_group
+from lmkiln.formats.qtensor import check_qparams, dequantize, resolve_group
 
 # Below this a scale is treated as zero (constant group): any positive scale reproduces
 # such a group exactly, we only need to avoid dividing by 0.
@@ -122,12 +122,7 @@ def quantize(
     """Codes ``q = clamp(round(w / scale) + zero, 0, 2**bits - 1)`` as uint8 (out, in)."""
     _check_bits(bits)
     out_f, in_f = w.shape
-    g = resolve_group(in_f, group_size)
-    if scales.shape != (out_f, in_f // g) or zeros.shape != scales.shape:
-        raise QuantizationError(
-            f"qparams of shape {tuple(scales.shape)}/{tuple(zeros.shape)} do not match weight "
-            f"{tuple(w.shape)} with group_size={group_size}"
-        )
+    g = check_qparams(w, scales, zeros, group_size, "weight")
     wg = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
     q = torch.round(wg / scales.to(torch.float32).unsqueeze(-1)) + zeros.unsqueeze(-1)
     return q.clamp(0, 2**bits - 1).to(torch.uint8).reshape(out_f, in_f)
