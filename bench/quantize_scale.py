@@ -54,8 +54,11 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def model(work: Path, shape: str, layers: int, dtype: str = "bfloat16") -> Path:
-    s = SHAPES[shape]
-    return make_synthetic(work / f"synth-{shape}-L{layers}-{dtype}", s["hidden"], s["inter"], layers, s["heads"], s["kv_heads"], dtype)
+    """Written by a child: this process must never import torch, since Linux carries a
+    parent's RSS high-water mark into a forked child's ru_maxrss."""
+    path = work / f"synth-{shape}-L{layers}-{dtype}"
+    run([PY, __file__, "--_worker", "synth", json.dumps({"path": str(path), "shape": shape, "layers": layers, "dtype": dtype})])
+    return path
 
 
 def quantize(src: Path, out: Path, samples: int, seqlen: int, method: str = "awq", threads: int | None = None) -> dict:
@@ -83,7 +86,10 @@ def worker(kind: str, arg: str) -> None:
     import torch
 
     a = json.loads(arg)
-    if kind == "ids":  # lmkiln's calibration ids for a model, saved for the peer
+    if kind == "synth":
+        s = SHAPES[a["shape"]]
+        make_synthetic(Path(a["path"]), s["hidden"], s["inter"], a["layers"], s["heads"], s["kv_heads"], a["dtype"])
+    elif kind == "ids":  # lmkiln's calibration ids for a model, saved for the peer
         from lmkiln.formats.hf import HFCheckpoint
         from lmkiln.formats.tokenizer import load_tokenizer
         from lmkiln.quant.calib import build_calibration_samples, load_calibration_texts
@@ -158,6 +164,8 @@ def main() -> None:
         src = model(work, "1b", 8, "float32")
         for t in (2, 16):
             record(f"rtn-1b-L8-fp32-threads{t}", quantize(src, work / f"r-1b-L8-t{t}", 1, 8, "rtn", threads=t))
+        r = run([PY, "-c", "import lmkiln.cli, lmkiln.quant.pipeline, transformers"])  # the runtime floor every run pays
+        record("baseline-imports", {"peak_rss_gib": r["peak_rss_gib"]})
     if "peers" in rows:
         if not PEER_PY.exists():
             raise SystemExit(f"{PEER_PY} missing: run bench/peers/setup_llmcompressor.sh first")

@@ -44,6 +44,11 @@ from lmkiln.formats.qtensor import QTensor
 from lmkiln.quant.primitives import compute_qparams, fake_quantize, fake_quantize_, pad_to_multiple, quantize
 
 NO_CLIP_ROLES = ("q", "k")
+# Samples per forward. Matmul results depend on the number of rows (kernels block them
+# differently), so every forward runs on MICRO samples at global sample offsets that are
+# multiples of MICRO: results are then the same for any --chunk. 4 x 512 tokens is as fast
+# per token on a CPU as 16 x 512 (measured); one sample at a time was 23 % slower.
+MICRO = 4
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class QuantOptions:
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens sampled for the clip search, as AutoAWQ
-    chunk: int = 16  # calibration samples per forward: bounds activation memory, never changes results
+    chunk: int = 16  # calibration samples resident on the device at once (rounded up to a multiple of MICRO)
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -103,8 +108,15 @@ def _finite(t: torch.Tensor, what: str, layer: int) -> torch.Tensor:
 
 
 def sq_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Sum of squared differences: differences in fp32, the sum in fp64 (grid choices hang on it)."""
-    return float((out.float() - ref.float()).pow_(2).sum(dtype=torch.float64))
+    """Sum of squared differences: differences in fp32, the sum in fp64 (grid choices hang on it).
+
+    Summed sample by sample (dim 0), each sample's sum on a tensor of the same shape and
+    the samples added in order, so the total does not depend on how samples were chunked."""
+    d = (out.float() - ref.float()).pow_(2)
+    total = 0.0
+    for sample in d:
+        total += float(sample.sum(dtype=torch.float64))
+    return total
 
 
 def layer_device(layer: nn.Module) -> torch.device:
@@ -116,10 +128,18 @@ def layer_dtype(layer: nn.Module) -> torch.dtype:
 
 
 def chunks(x: torch.Tensor, chunk: int, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(sample slice, those samples on the compute device in the compute dtype)."""
+    """(sample slice, those samples on the compute device in the compute dtype); chunks
+    start at multiples of MICRO (see there)."""
+    chunk = -(-max(1, chunk) // MICRO) * MICRO
     for i in range(0, x.shape[0], chunk):
         sl = slice(i, min(i + chunk, x.shape[0]))
         yield sl, x[sl].to(device=device, dtype=dtype, non_blocking=True)
+
+
+def micro_batches(xc: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset in the chunk, MICRO samples) of a chunk that starts at a multiple of MICRO."""
+    for j in range(0, xc.shape[0], MICRO):
+        yield j, xc[j:j + MICRO]
 
 
 class Hooks:
@@ -145,7 +165,7 @@ class Hooks:
 @torch.no_grad()
 def inspected_chunks(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, groups, chunk: int):
     """Per chunk of samples: (slice, the chunk on the device, [(group, inspected module, its
-    input, its call kwargs, its fp output)]).
+    inputs, its call kwargs, its fp outputs)]), inputs and outputs one tensor per micro-batch.
 
     The hooks are off again before anything else runs: scoring a group calls modules that
     are other groups' inspected modules (the MLP contains down_proj), and their inputs
@@ -153,11 +173,18 @@ def inspected_chunks(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, grou
     dev, cdt = layer_device(layer), layer_dtype(layer)
     inputs: dict[str, torch.Tensor] = {}
     for sl, xc in chunks(x, chunk, dev, cdt):
-        with Hooks(layer, {gr.inspect for gr in groups}, inputs.__setitem__) as hooks:
-            layer(xc, **layer_kwargs)
-        items = [(gr, layer.get_submodule(gr.inspect), inputs[gr.inspect], hooks.kwargs[gr.inspect]) for gr in groups]
-        inputs.clear()
-        yield sl, xc, [(gr, insp, xin, kw, _out(insp(xin, **kw))) for gr, insp, xin, kw in items]
+        per = []  # per micro-batch: [(group, module, input, kwargs)]
+        for _, xm in micro_batches(xc):
+            with Hooks(layer, {gr.inspect for gr in groups}, inputs.__setitem__) as hooks:
+                layer(xm, **layer_kwargs)
+            per.append([(gr, layer.get_submodule(gr.inspect), inputs[gr.inspect], hooks.kwargs[gr.inspect]) for gr in groups])
+            inputs.clear()
+        items = []
+        for k, gr in enumerate(groups):
+            insp, kw = per[0][k][1], per[0][k][3]
+            xins = [p[k][2] for p in per]
+            items.append((gr, insp, xins, kw, [_out(insp(xi, **kw)) for xi in xins]))
+        yield sl, xc, items
 
 
 def linear_roles(arch: Architecture) -> list[str]:
@@ -327,9 +354,10 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
 
     def stats(name, t):
         flat = t.reshape(-1, t.shape[-1])
-        if name in abs_sum:
-            s = flat.abs().sum(0, dtype=torch.float64)
-            abs_sum[name] = s if abs_sum[name] is None else abs_sum[name] + s
+        if name in abs_sum:  # per sample, added in order: the same sums for any chunking
+            for sample in t.reshape(-1, T, t.shape[-1]):
+                s = sample.abs().sum(0, dtype=torch.float64)
+                abs_sum[name] = s if abs_sum[name] is None else abs_sum[name] + s
         if name in clip_x:
             lo = pos[0]
             sel = keep[(keep >= lo) & (keep < lo + flat.shape[0])] - lo
@@ -337,8 +365,9 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
 
     with Hooks(layer, set(abs_sum) | set(clip_x), stats):
         for sl, xc in chunks(x, o.chunk, dev, cdt):
-            pos[0] = sl.start * T
-            y[sl].copy_(_finite(_out(layer(xc, **layer_kwargs)), "layer output", layer_idx))
+            for j, xm in micro_batches(xc):
+                pos[0] = (sl.start + j) * T
+                y[sl.start + j:sl.start + j + xm.shape[0]].copy_(_finite(_out(layer(xm, **layer_kwargs)), "layer output", layer_idx))
     x_mean = {m: _finite((s / (n * T)).float(), "activation statistics", layer_idx) for m, s in abs_sum.items()}
     clip_in = {m: torch.cat(v) for m, v in clip_x.items()}
 
@@ -352,14 +381,15 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     loss = {gr: [0.0] * (o.n_grid + 1) for gr in groups}  # last slot: plain RTN (s = 1)
     count = {gr: 0 for gr in groups}  # output elements scored, to turn sums into means
     for _, _, items in inspected_chunks(layer, x, layer_kwargs, groups, o.chunk):
-        for gr, insp, xin, kw, ref in items:
-            count[gr] += ref.numel()
+        for gr, insp, xins, kw, refs in items:
+            count[gr] += sum(r.numel() for r in refs)
             trials = [(k, s) for k, (_, s) in enumerate(cands[gr])] + [(o.n_grid, None)]
             for k, s in trials:
                 # cast each trial weight as soon as it exists: one linear's fp32 temporaries at a time
                 qw = {mod[r]: trial_weight(w0, s, o).to(cdt) for r, w0 in zip(gr.linears, orig[gr])}
                 with Swap(layer, qw):
-                    loss[gr][k] += sq_err(_out(insp(xin, **kw)), ref)
+                    for xi, ref in zip(xins, refs):
+                        loss[gr][k] += sq_err(_out(insp(xi, **kw)), ref)
     report = {"groups": [], "linears": {}}
     scales = {}
     for gr in groups:
@@ -399,11 +429,13 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     final = {gr: 0.0 for gr in groups}
     out_err = 0.0
     for sl, xc, items in inspected_chunks(layer, x, layer_kwargs, groups, o.chunk):
-        for gr, insp, xin, kw, ref in items:
+        for gr, insp, xins, kw, refs in items:
             with Swap(layer, {mod[r]: deq[mod[r]] for r in gr.linears}):
-                final[gr] += sq_err(_out(insp(xin, **kw)), ref)
+                for xi, ref in zip(xins, refs):
+                    final[gr] += sq_err(_out(insp(xi, **kw)), ref)
         with Swap(layer, deq):
-            out_err += sq_err(_out(layer(xc, **layer_kwargs)), y[sl].to(dev))
+            for j, xm in micro_batches(xc):
+                out_err += sq_err(_out(layer(xm, **layer_kwargs)), y[sl.start + j:sl.start + j + xm.shape[0]].to(dev))
     for entry, gr in zip(report["groups"], groups):
         entry["mse_rtn"] = entry.pop("_loss_rtn") / count[gr]
         entry["mse_scaled"] = entry.pop("_loss_best") / count[gr]

@@ -184,7 +184,8 @@ def quantize_model(
     fingerprint = {
         "model": model_fingerprint(ckpt),
         "calibration": calib_info["sha256"] if calib_info else None,
-        "options": dataclasses.asdict(options),
+        # --chunk changes memory, not results, so a resume may use another one
+        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "chunk"},
         "compute": {"device": compute.device.type, "dtype": str(compute.dtype)},
         "lmkiln_version": lmkiln.__version__,
     }
