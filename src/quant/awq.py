@@ -62,7 +62,7 @@ class QuantOptions:
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens sampled for the clip search, as AutoAWQ
-    chunk: int = 16  # calibration samples resident on the device at once (rounded up to a multiple of MICRO)
+    chunk: int = 0  # calibration samples resident on the device at once (rounded up to a multiple of MICRO); 0 = auto
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -134,6 +134,12 @@ def chunks(x: torch.Tensor, chunk: int, device: torch.device, dtype: torch.dtype
     for i in range(0, x.shape[0], chunk):
         sl = slice(i, min(i + chunk, x.shape[0]))
         yield sl, x[sl].to(device=device, dtype=dtype, non_blocking=True)
+
+
+def resolve_chunk(o: QuantOptions, device: torch.device) -> int:
+    """--chunk, or its default: 4 samples on the CPU (measured: the same speed as 16 at
+    0.5 GiB less on a 1B-shaped layer), 16 on CUDA (fewer trial-weight rebuilds)."""
+    return o.chunk or (16 if device.type == "cuda" else 4)
 
 
 def micro_batches(xc: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -338,6 +344,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     the folded scales. Returns (qtensors by role, fp output of the ORIGINAL layer for the
     next layer (in `out` when given, else a new tensor like x), report)."""
     dev, cdt = layer_device(layer), layer_dtype(layer)
+    chunk = resolve_chunk(o, dev)
     n, T = x.shape[:2]
     y = torch.empty_like(x) if out is None else out
     groups = [gr for gr in arch.awq_groups if group_applies(gr, arch, layer)]
@@ -364,7 +371,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
             clip_x[name].append(flat[sel].float())
 
     with Hooks(layer, set(abs_sum) | set(clip_x), stats):
-        for sl, xc in chunks(x, o.chunk, dev, cdt):
+        for sl, xc in chunks(x, chunk, dev, cdt):
             for j, xm in micro_batches(xc):
                 pos[0] = (sl.start + j) * T
                 y[sl.start + j:sl.start + j + xm.shape[0]].copy_(_finite(_out(layer(xm, **layer_kwargs)), "layer output", layer_idx))
@@ -380,7 +387,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
         cands[gr] = scale_candidates(x_mean[first[gr]], w_mean, o, gr, layer_idx)
     loss = {gr: [0.0] * (o.n_grid + 1) for gr in groups}  # last slot: plain RTN (s = 1)
     count = {gr: 0 for gr in groups}  # output elements scored, to turn sums into means
-    for _, _, items in inspected_chunks(layer, x, layer_kwargs, groups, o.chunk):
+    for _, _, items in inspected_chunks(layer, x, layer_kwargs, groups, chunk):
         for gr, insp, xins, kw, refs in items:
             count[gr] += sum(r.numel() for r in refs)
             trials = [(k, s) for k, (_, s) in enumerate(cands[gr])] + [(o.n_grid, None)]
@@ -428,7 +435,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     deq = {mod[r]: qts[r].dequantize() for r in roles}
     final = {gr: 0.0 for gr in groups}
     out_err = 0.0
-    for sl, xc, items in inspected_chunks(layer, x, layer_kwargs, groups, o.chunk):
+    for sl, xc, items in inspected_chunks(layer, x, layer_kwargs, groups, chunk):
         for gr, insp, xins, kw, refs in items:
             with Swap(layer, {mod[r]: deq[mod[r]] for r in gr.linears}):
                 for xi, ref in zip(xins, refs):

@@ -90,8 +90,8 @@ def _check_options(options: QuantOptions, to: str) -> None:
         raise InputError(f"--group-size {options.group_size}: use -1 (per channel) or a size of at least 8, e.g. 32, 64, 128")
     if options.method not in ("awq", "rtn"):
         raise InputError(f"--method {options.method!r}: choose awq or rtn")
-    if options.chunk < 1:
-        raise InputError(f"--chunk {options.chunk}: calibration samples per forward must be at least 1")
+    if options.chunk < 0:
+        raise InputError(f"--chunk {options.chunk}: calibration samples per chunk must be at least 1 (0 = auto)")
 
 
 def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
