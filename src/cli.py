@@ -184,7 +184,7 @@ def quantize_cmd(
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the quantization report (JSON) here."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N: where every step runs."),
     dtype: str = typer.Option("auto", "--dtype", help="Calibration precision: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16. The output keeps the source dtype."),
-    chunk: int = typer.Option(0, "--chunk", min=0, help="Calibration samples resident on the device at once (0 = auto: 4 on CPU, 16 on CUDA): bounds activation memory, never changes results."),
+    chunk: int = typer.Option(0, "--chunk", min=0, help="Calibration samples resident on the device at once (0 = auto, by activation memory): bounds memory, never changes results."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, disk) from the headers alone and exit."),
     probe: bool = typer.Option(False, "--probe", help="With --dry-run: also time one layer to estimate the total."),
 ):

@@ -136,7 +136,8 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     weights = per_layer * b + (per_layer * 4 if b < 4 else 0)
     search = max(groups) * b + 2 * max(_numel(s) for s in lin.values()) * 4
     hidden = 2 * n_tokens * h * b if awq else 0
-    chunk_tokens = min(n_samples, -(-resolve_chunk(o, compute.device) // MICRO) * MICRO) * seqlen if awq else 0
+    widest = max(max(s[0] for s in lin.values()), h)
+    chunk_tokens = min(n_samples, -(-resolve_chunk(o, compute.device, seqlen, h, widest, b) // MICRO) * MICRO) * seqlen if awq else 0
     chunk = chunk_tokens * (CHUNK_PER_TOKEN[0] * inter * b + CHUNK_PER_TOKEN[1] * h * 4)
     clip = CLIP_BYTES if awq and o.clip else 0
     work = weights + search + chunk + clip
