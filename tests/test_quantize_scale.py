@@ -199,14 +199,14 @@ def test_plan_grows_with_calibration_not_depth(tmp_path):
     shallow = make_tiny_model(tmp_path / "a", num_hidden_layers=2)
     deep = make_tiny_model(tmp_path / "b", num_hidden_layers=6)
     c = resolve_compute("cpu", "fp32")
-    o = QuantOptions(bits=4, group_size=32, chunk=4)  # a fixed chunk (auto takes all samples of a tiny model)
-    p2 = plan_quantize(shallow, tmp_path / "o", o, CalibOptions(n_samples=16, seqlen=64), c)
-    p6 = plan_quantize(deep, tmp_path / "o", o, CalibOptions(n_samples=16, seqlen=64), c)
-    p6_more = plan_quantize(deep, tmp_path / "o", o, CalibOptions(n_samples=64, seqlen=64), c)
+    o = QuantOptions(bits=4, group_size=32, chunk=8)  # a fixed chunk (auto takes all samples of a tiny model)
+    p2 = plan_quantize(shallow, tmp_path / "o", o, CalibOptions(n_samples=16, seqlen=256), c)
+    p6 = plan_quantize(deep, tmp_path / "o", o, CalibOptions(n_samples=16, seqlen=256), c)
+    p6_more = plan_quantize(deep, tmp_path / "o", o, CalibOptions(n_samples=64, seqlen=256), c)
     assert p2.peak_host == p6.peak_host
     assert p6.output_bytes > p2.output_bytes
     # more calibration samples add exactly their hidden states
-    assert p6_more.peak_host - p6.peak_host == p6_more.hidden - p6.hidden == 2 * 48 * 64 * 64 * 4
+    assert p6_more.peak_host - p6.peak_host == p6_more.hidden - p6.hidden == 2 * 48 * 256 * 64 * 4
 
 
 def test_refuses_to_start_without_disk_space(tmp_path, monkeypatch):

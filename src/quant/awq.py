@@ -45,10 +45,15 @@ from lmkiln.quant.primitives import compute_qparams, fake_quantize, fake_quantiz
 
 NO_CLIP_ROLES = ("q", "k")
 # Samples per forward. Matmul results depend on the number of rows (kernels block them
-# differently), so every forward runs on MICRO samples at global sample offsets that are
-# multiples of MICRO: results are then the same for any --chunk. 4 x 512 tokens is as fast
+# differently), so every forward runs on micro(T) samples (MICRO_TOKENS tokens) at global
+# sample offsets that are multiples of it: results are then the same for any --chunk. 4 x 512 tokens is as fast
 # per token on a CPU as 16 x 512 (measured); one sample at a time was 23 % slower.
-MICRO = 4
+MICRO_TOKENS = 2048
+
+
+def micro(seqlen: int) -> int:
+    """Samples per forward for windows of `seqlen` tokens (4 for 512)."""
+    return max(1, MICRO_TOKENS // max(1, seqlen))
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class QuantOptions:
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens sampled for the clip search, as AutoAWQ
-    chunk: int = 0  # calibration samples resident on the device at once (rounded up to a multiple of MICRO); 0 = auto
+    chunk: int = 0  # calibration samples resident on the device at once (rounded up to a multiple of micro()); 0 = auto
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -129,15 +134,16 @@ def layer_dtype(layer: nn.Module) -> torch.dtype:
 
 def chunks(x: torch.Tensor, chunk: int, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
     """(sample slice, those samples on the compute device in the compute dtype); chunks
-    start at multiples of MICRO (see there)."""
-    chunk = -(-max(1, chunk) // MICRO) * MICRO
+    start at multiples of micro() (see MICRO_TOKENS)."""
+    m = micro(x.shape[1])
+    chunk = -(-max(1, chunk) // m) * m
     for i in range(0, x.shape[0], chunk):
         sl = slice(i, min(i + chunk, x.shape[0]))
         yield sl, x[sl].to(device=device, dtype=dtype, non_blocking=True)
 
 
 def resolve_chunk(o: QuantOptions, device: torch.device, seqlen: int, hidden: int, inter: int, dtype_bytes: int) -> int:
-    """--chunk, or by default as many samples (a multiple of MICRO) as keep one chunk's
+    """--chunk, or by default as many samples (a multiple of micro()) as keep one chunk's
     activations (the plan's A term) near 512 MiB on the CPU, 2 GiB on CUDA. Measured on a
     1B-shaped layer: 4 and 16 samples run at the same speed on the CPU, 4 with 0.5 GiB less;
     tiny models (the bundled one) take all samples at once, saving trial-weight rebuilds."""
@@ -145,13 +151,15 @@ def resolve_chunk(o: QuantOptions, device: torch.device, seqlen: int, hidden: in
         return o.chunk
     per_sample = seqlen * (6 * inter * dtype_bytes + 8 * hidden * 4)
     budget = (2 << 30) if device.type == "cuda" else (512 << 20)
-    return max(MICRO, budget // max(1, per_sample) // MICRO * MICRO)
+    m = micro(seqlen)
+    return max(m, budget // max(1, per_sample) // m * m)
 
 
 def micro_batches(xc: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(offset in the chunk, MICRO samples) of a chunk that starts at a multiple of MICRO."""
-    for j in range(0, xc.shape[0], MICRO):
-        yield j, xc[j:j + MICRO]
+    """(offset in the chunk, micro() samples) of a chunk that starts at a multiple of micro()."""
+    m = micro(xc.shape[1])
+    for j in range(0, xc.shape[0], m):
+        yield j, xc[j:j + m]
 
 
 class Hooks:

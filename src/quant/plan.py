@@ -31,7 +31,7 @@ from lmkiln.convert.hf_to_engine import required_roles, role_shapes
 from lmkiln.formats.awq_gemm import PACK
 from lmkiln.formats.packing import round_up
 from lmkiln.formats.hf import HFCheckpoint
-from lmkiln.quant.awq import MICRO, QuantOptions, resolve_chunk
+from lmkiln.quant.awq import QuantOptions, micro, resolve_chunk
 from lmkiln.quant.job import Compute
 
 GIB = 1 << 30
@@ -137,7 +137,8 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     search = max(groups) * b + 2 * max(_numel(s) for s in lin.values()) * 4
     hidden = 2 * n_tokens * h * b if awq else 0
     widest = max(max(s[0] for s in lin.values()), h)
-    chunk_tokens = min(n_samples, -(-resolve_chunk(o, compute.device, seqlen, h, widest, b) // MICRO) * MICRO) * seqlen if awq else 0
+    m = micro(seqlen)
+    chunk_tokens = min(n_samples, -(-resolve_chunk(o, compute.device, seqlen, h, widest, b) // m) * m) * seqlen if awq else 0
     chunk = chunk_tokens * (CHUNK_PER_TOKEN[0] * inter * b + CHUNK_PER_TOKEN[1] * h * 4)
     clip = CLIP_BYTES if awq and o.clip else 0
     work = weights + search + chunk + clip
