@@ -17,6 +17,7 @@ import torch
 from lmkiln.convert.architectures import LINEAR_ROLES, Architecture
 from lmkiln.convert.rope import inv_freq
 from lmkiln.errors import InputError
+from lmkiln.formats.awq_gemm import write_qlinear
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.quant.awq import QuantOptions, awq_layer, rtn_layer
@@ -79,6 +80,14 @@ class LayerResult:
     qtensors: dict[str, QTensor]  # linear role -> quantized weight (CPU)
     fp: dict[str, torch.Tensor]  # HF name -> every other tensor of the layer (norms with folded scales, biases)
     report: dict = field(default_factory=dict)
+    _packed: dict = field(default_factory=dict, repr=False)
+
+    def awq_gemm(self, role: str) -> dict[str, torch.Tensor]:
+        """{qweight, qzeros, scales} of a linear in the AWQ-GEMM packing, computed once
+        (the resume state and the AWQ-GEMM sink both write it)."""
+        if role not in self._packed:
+            self._packed[role] = {k: v.contiguous() for k, v in write_qlinear(self.qtensors[role]).items()}
+        return self._packed[role]
 
 
 class LayerModule:

@@ -230,6 +230,7 @@ def quantize_model(
                     hidden, spare = out, hidden  # ping-pong: two hidden-state buffers for the whole run
                 if on_layer:
                     on_layer(i, n_layer, res.report)
+                del res  # written: do not hold it through the next layer's job
                 if i == stop_after:
                     raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}")
             report = {

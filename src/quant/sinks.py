@@ -24,7 +24,7 @@ from lmkiln.convert.hf_to_engine import (
     role_shapes,
 )
 from lmkiln.convert.quantized import resolve_quant
-from lmkiln.formats.awq_gemm import AwqSpec, qlinear_shapes, write_qlinear
+from lmkiln.formats.awq_gemm import AwqSpec, qlinear_shapes
 from lmkiln.formats.engine import EngineWriter, copy_side_files, expected_tensors, write_manifest
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.safetensors_io import StreamWriter
@@ -78,8 +78,8 @@ class AwqGemmSink(Sink):
             name = self.arch.hf_name_of(role, i)
             if role in LINEAR_ROLES:
                 module = name.rsplit(".", 1)[0]
-                for k, v in write_qlinear(res.qtensors[role]).items():
-                    self.w.write(f"{module}.{k}", v.contiguous())
+                for k, v in res.awq_gemm(role).items():
+                    self.w.write(f"{module}.{k}", v)
             else:
                 self.w.write(name, res.fp[name].to(self.dtype).contiguous())
 

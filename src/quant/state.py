@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmkiln.errors import InputError
-from lmkiln.formats.awq_gemm import AwqSpec, read_qlinear, write_qlinear
+from lmkiln.formats.awq_gemm import AwqSpec, read_qlinear
 from lmkiln.quant.job import LayerResult
 
 
@@ -76,9 +76,9 @@ class ResumeState:
             torch.save(hidden.cpu() if hidden.device.type != "cpu" else hidden, tmp)
             os.replace(tmp, self.dir / f"hidden{res.index}.pt")
         tensors = dict(res.fp)
-        for role, qt in res.qtensors.items():
+        for role in res.qtensors:
             module = module_of(role, res.index)
-            tensors.update({f"{module}.{k}": v.contiguous() for k, v in write_qlinear(qt).items()})
+            tensors.update({f"{module}.{k}": v for k, v in res.awq_gemm(role).items()})
         (self.dir / f"layer{res.index}.json").write_text(json.dumps(res.report))
         _atomic_save(tensors, self._layer(res.index))  # last: its presence marks the layer done
         (self.dir / f"hidden{res.index - 1}.pt").unlink(missing_ok=True)
