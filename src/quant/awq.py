@@ -24,7 +24,7 @@ states X (n, T, hidden) and the layer's fp output stay where the caller keeps th
 - pass 3 (report): each group's error as stored, and the whole quantized layer's.
 
 Each search sees the ORIGINAL layer (scales are folded after all searches, as AutoAWQ),
-so one forward per chunk serves all groups. Weights the search changes are kept in an
+so one forward per micro-batch serves all groups. Weights the search changes are kept in an
 fp32 master copy (the module itself when it computes in fp32); the module only ever
 receives casts of it, so bf16/fp16 calibration never folds or quantizes in low precision.
 """
@@ -144,13 +144,13 @@ def chunks(x: torch.Tensor, chunk: int, device: torch.device, dtype: torch.dtype
 
 def resolve_chunk(o: QuantOptions, device: torch.device, seqlen: int, hidden: int, inter: int, dtype_bytes: int) -> int:
     """--chunk, or by default as many samples (a multiple of micro()) as keep one chunk's
-    activations (the plan's A term) near 512 MiB on the CPU, 2 GiB on CUDA. Measured on a
+    resident activations (part of the plan's A term) near 256 MiB on the CPU, 1 GiB on CUDA. Measured on a
     1B-shaped layer: 4 and 16 samples run at the same speed on the CPU, 4 with 0.5 GiB less;
     tiny models (the bundled one) take all samples at once, saving trial-weight rebuilds."""
     if o.chunk:
         return o.chunk
-    per_sample = seqlen * (6 * inter * dtype_bytes + 8 * hidden * 4)
-    budget = (2 << 30) if device.type == "cuda" else (512 << 20)
+    per_sample = seqlen * (4 * inter * dtype_bytes + hidden * 4)  # the plan's resident-chunk bytes per sample
+    budget = (1 << 30) if device.type == "cuda" else (256 << 20)
     m = micro(seqlen)
     return max(m, budget // max(1, per_sample) // m * m)
 

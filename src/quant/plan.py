@@ -8,13 +8,16 @@ calibration dtype, N x T calibration tokens, h hidden, I intermediate):
     weights   W = P * b  (+ P * 4 when b < 4: the fp32 master copy AWQ folds into)
     search    S = G * b + 2 * L * 4  G = the largest scale group's weights (gate+up),
                                      L = the largest linear's
+    packing   K = 3 * L * 8          the AWQ-GEMM packing's int64 temporaries (host, after the job)
     hidden    H = 2 * N * T * h * b  the layer's input and output hidden states
-    chunk     A = c * T * (6 * I * b + 8 * h * 4)   c = samples per chunk
+    chunk     A = c*T * (4*I*b + h*4) + M * (10*I*b + h*4)   c samples per chunk,
+                                     M = tokens per forward (2048)
     clip      C = 2^22 * 4 * 4       the clip search's batched contributions
     device peak = W + S + A + C (+ H when the hidden states fit on the device)
-    host peak   = runtime baseline + largest tensor + (H when kept on the host)
+    host peak   = runtime baseline + 2 * largest tensor + K + (H when kept on the host)
 
-On the CPU device and host are one. RTN needs W + S only. The constants were fitted on
+On the CPU device and host are one: baseline + largest tensor + max(W+S+A+C, W+K) + H.
+RTN needs W + K. The constants were fitted on
 measured runs (docs/BENCHMARKS.md compares estimate and measurement).
 """
 
@@ -35,9 +38,16 @@ from lmkiln.quant.awq import QuantOptions, micro, resolve_chunk
 from lmkiln.quant.job import Compute
 
 GIB = 1 << 30
-HOST_BASELINE = 400 << 20  # python, torch, transformers, lmkiln, an empty layer: 340 MiB RSS measured on the CPU wheel
+HOST_BASELINE = 512 << 20  # python, torch, transformers, lmkiln CLI, an empty layer, allocator slack (fitted; imports alone: 240 MiB)
 CLIP_BYTES = (1 << 22) * 4 * 4
-CHUNK_PER_TOKEN = (6, 8)  # live intermediate-wide (calibration dtype) and hidden-wide (fp32) rows per token
+# Fitted on a 1B-shaped layer at chunks of 4 and 16 samples (1.68 and 2.29 GiB measured):
+CHUNK_PER_TOKEN = (4, 1)  # per resident token: intermediate-wide (calibration dtype), hidden-wide (fp32) rows
+FORWARD_PER_TOKEN = (10, 1)  # per token of one forward (micro-batch): the MLP's intermediates and scoring temporaries
+
+
+def chunk_bytes(tokens: int, hidden: int, inter: int, b: int) -> int:
+    """The part of the A term that grows with the resident chunk (captured inputs, references)."""
+    return tokens * (CHUNK_PER_TOKEN[0] * inter * b + CHUNK_PER_TOKEN[1] * hidden * 4)
 
 
 @dataclass
@@ -134,12 +144,15 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     h, inter = model["hidden_units"], model["inter_size"]
     awq = o.method == "awq"
     weights = per_layer * b + (per_layer * 4 if b < 4 else 0)
-    search = max(groups) * b + 2 * max(_numel(s) for s in lin.values()) * 4
+    largest_linear = max(_numel(s) for s in lin.values())
+    search = max(groups) * b + 2 * largest_linear * 4
+    pack = 3 * largest_linear * 8  # AWQ-GEMM packing's int64 temporaries, on the host after the job
     hidden = 2 * n_tokens * h * b if awq else 0
     widest = max(max(s[0] for s in lin.values()), h)
     m = micro(seqlen)
     chunk_tokens = min(n_samples, -(-resolve_chunk(o, compute.device, seqlen, h, widest, b) // m) * m) * seqlen if awq else 0
-    chunk = chunk_tokens * (CHUNK_PER_TOKEN[0] * inter * b + CHUNK_PER_TOKEN[1] * h * 4)
+    micro_tokens = min(n_samples, m) * seqlen if awq else 0
+    chunk = chunk_bytes(chunk_tokens, h, inter, b) + micro_tokens * (FORWARD_PER_TOKEN[0] * inter * b + FORWARD_PER_TOKEN[1] * h * 4)
     clip = CLIP_BYTES if awq and o.clip else 0
     work = weights + search + chunk + clip
     largest = max(_numel(ckpt.shape(n)) * torch.empty((), dtype=ckpt.dtype(n)).element_size() for n in ckpt.keys())
@@ -147,9 +160,9 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     hidden_on_device = on_cuda and (device_free is None or work + hidden < 0.9 * device_free)
     if on_cuda:
         peak_device = work + (hidden if hidden_on_device else 0)
-        peak_host = HOST_BASELINE + 2 * largest + (0 if hidden_on_device else hidden)
+        peak_host = HOST_BASELINE + 2 * largest + pack + (0 if hidden_on_device else hidden)
     else:
-        peak_device = peak_host = HOST_BASELINE + largest + work + hidden
+        peak_device = peak_host = HOST_BASELINE + largest + max(work, weights + pack) + hidden
     fp_global = sum(_numel(ckpt.shape(arch.hf_name_of(r))) for r in glob) * src_b
     fp_layer = sum(_numel(shapes[r]) for r in layer_roles if r not in LINEAR_ROLES) * src_b
     q_layer = sum(qlinear_bytes(*s, o) for s in lin.values()) + fp_layer
