@@ -187,9 +187,10 @@ def test_dry_run_reads_headers_only(tmp_path, monkeypatch):
     assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_dry_run_probe_measures_one_layer(tmp_path):
+@pytest.mark.parametrize("method", ["awq", "rtn"])
+def test_dry_run_probe_measures_one_layer(tmp_path, method):
     r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--dry-run", "--probe",
-               "--calib-samples", "4", "--calib-seqlen", "64")
+               "--method", method, "--calib-samples", "4", "--calib-seqlen", "64")
     assert r.exit_code == 0, r.output
     assert "seconds for one layer" in r.output and "estimated total" in r.output, r.output
     assert list(tmp_path.iterdir()) == []

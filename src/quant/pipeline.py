@@ -196,8 +196,9 @@ def quantize_model(
         layer_kwargs = {"position_embeddings": position_embeddings(mcfg["rope"], ids.shape[1], compute), "attention_mask": None}
 
     if probe_only:
-        hidden = _embed(ckpt, arch, ids, compute, plan)
-        torch.cuda.reset_peak_memory_stats(compute.device) if compute.device.type == "cuda" else None
+        hidden = _embed(ckpt, arch, ids, compute, plan) if options.method == "awq" else None
+        if compute.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(compute.device)
         with _threads_for(mcfg, compute):
             res, _ = run_layer(mod, 0, options, src_dtype, hidden, layer_kwargs)
         report = {"layers": [res.report], "totals": _totals(t_start, [res.report], calib_info, compute)}
