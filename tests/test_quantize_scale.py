@@ -268,3 +268,11 @@ def test_in_place_fake_quantize_matches_reference(shape, group, symmetric):
     s = 0.5 + torch.rand(shape[1], generator=g)
     assert torch.equal(trial_weight(w, s, o), qdq(w * s, o) / s)
     assert torch.equal(trial_weight(w, None, o), qdq(w, o))
+
+
+def test_dry_run_refuses_what_the_run_refuses(tmp_path):
+    rtn = quantize_model(STORIES, tmp_path / "q", QuantOptions(bits=4, group_size=32, method="rtn"))
+    r = invoke("quantize", rtn.output, "-o", tmp_path / "again", "--w4a16", "--dry-run")
+    assert r.exit_code == 2 and "already quantized" in r.output, r.output
+    r = invoke("quantize", STORIES, "-o", tmp_path / "x", "--w4a16", "--dry-run", "--group-size", "4")
+    assert r.exit_code == 2 and "--group-size 4" in r.output, r.output

@@ -118,8 +118,11 @@ def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOpti
                   compute: Compute | None = None) -> QuantPlan:
     """The plan alone (`--dry-run`): reads config.json and safetensors headers only."""
     calib = calib or CalibOptions()
+    _check_options(options, "hf")
     compute = compute or resolve_compute()
     ckpt = HFCheckpoint(model_dir)
+    if awq_spec(ckpt.config) is not None:
+        raise InputError(f"{ckpt.path}: already quantized (quantization_config present); quantize the original fp checkpoint")
     arch = get_architecture(ckpt.architecture)
     mcfg = engine_config_from_hf(arch, ckpt.config)
     free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
