@@ -31,6 +31,7 @@ import torch
 
 from lmkiln.convert.architectures import LINEAR_ROLES, Architecture
 from lmkiln.convert.hf_to_engine import required_roles, role_shapes
+from lmkiln.convert.quantized import module_name
 from lmkiln.formats.awq_gemm import PACK
 from lmkiln.formats.packing import round_up
 from lmkiln.formats.hf import HFCheckpoint
@@ -119,7 +120,7 @@ def _numel(shape) -> int:
 def layer_linears(arch: Architecture, model: dict, i: int) -> dict[str, tuple[str, tuple[int, int]]]:
     """role -> (HF module, (out, in)) of layer i's quantized linears."""
     shapes = role_shapes(model)
-    return {r: (arch.hf_name_of(r, i).rsplit(".", 1)[0], shapes[r]) for r in LINEAR_ROLES if r in arch.tensors}
+    return {r: (module_name(arch, r, i), shapes[r]) for r in LINEAR_ROLES if r in arch.tensors}
 
 
 def qlinear_bytes(out_f: int, in_f: int, o: QuantOptions) -> int:

@@ -23,7 +23,7 @@ from lmkiln.convert.hf_to_engine import (
     Accounting, CheckpointSource, EnginePlan, engine_manifest, produce_head, produce_layer, produce_tail, required_roles,
     role_shapes,
 )
-from lmkiln.convert.quantized import resolve_quant
+from lmkiln.convert.quantized import module_name, resolve_quant
 from lmkiln.formats.awq_gemm import AwqSpec, qlinear_shapes
 from lmkiln.formats.engine import EngineWriter, copy_side_files, expected_tensors, write_manifest
 from lmkiln.formats.hf import HFCheckpoint
@@ -58,7 +58,7 @@ class AwqGemmSink(Sink):
                 if role not in LINEAR_ROLES:
                     specs.append((name, dtype, shapes[role]))
                     continue
-                module = name.rsplit(".", 1)[0]
+                module = module_name(arch, role, i)
                 qs = qlinear_shapes(spec, *shapes[role])
                 for k, dt in (("qweight", torch.int32), ("qzeros", torch.int32), ("scales", torch.float16)):
                     specs.append((f"{module}.{k}", dt, qs[k]))
@@ -77,7 +77,7 @@ class AwqGemmSink(Sink):
         for role in self.layer_roles:
             name = self.arch.hf_name_of(role, i)
             if role in LINEAR_ROLES:
-                module = name.rsplit(".", 1)[0]
+                module = module_name(self.arch, role, i)
                 for k, v in res.awq_gemm(role).items():
                     self.w.write(f"{module}.{k}", v)
             else:
