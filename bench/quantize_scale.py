@@ -13,6 +13,8 @@ Rows (each a child process reaped with os.wait4, so ru_maxrss is that run's peak
     calib     AWQ W4 g128, 1B-shaped, 1 layer, 64 x 512 tokens
     8b        AWQ W4 g128, 8B-shaped, 1 layer, 16 x 512 tokens (and the --dry-run estimate)
     rtn       RTN W4 g128 on an fp32 1B-shaped 8-layer model with 2 and 16 intra-op threads
+    ray       AWQ W4 g128, 1B-shaped, 4 layers, 16 x 512 tokens: single process vs --ray with 2
+              workers, wall time side by side and whether the outputs are the same bytes
     peers     lmkiln vs llm-compressor AWQ (bench/peers, its own venv) on the 1-layer
               1B-shaped model, same calibration ids, both on the CPU: seconds, peak RSS,
               and the layer-0 output MSE of each fake-quantized model vs the fp model on
@@ -61,10 +63,12 @@ def model(work: Path, shape: str, layers: int, dtype: str = "bfloat16") -> Path:
     return path
 
 
-def quantize(src: Path, out: Path, samples: int, seqlen: int, method: str = "awq", threads: int | None = None) -> dict:
+def quantize(src: Path, out: Path, samples: int, seqlen: int, method: str = "awq", threads: int | None = None,
+             extra: tuple[str, ...] = ()) -> dict:
     rep = out.with_suffix(".report.json")
     cmd = [PY, "-m", "lmkiln", "quantize", str(src), "-o", str(out), "--w4a16", "--group-size", "128", "--method", method,
-           "--calib-samples", str(samples), "--calib-seqlen", str(seqlen), "--device", "cpu", "--force", "--report", str(rep)]
+           "--calib-samples", str(samples), "--calib-seqlen", str(seqlen), "--device", "cpu", "--force", "--report", str(rep),
+           *extra]
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None  # torch's intra-op pool follows it
     r = run(cmd, env)
     report = json.loads(rep.read_text())
@@ -74,6 +78,16 @@ def quantize(src: Path, out: Path, samples: int, seqlen: int, method: str = "awq
             "s_per_layer": round(sum(x["seconds"] for x in layers) / len(layers), 1),
             "est_peak_host_gib": round(plan["peak_host"] / GIB, 3),
             "mse_output": [x.get("mse_output") for x in layers], "threads": threads}
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def dry_run(src: Path, out: Path, samples: int, seqlen: int) -> str:
@@ -166,6 +180,17 @@ def main() -> None:
             record(f"rtn-1b-L8-fp32-threads{t}", quantize(src, work / f"r-1b-L8-t{t}", 1, 8, "rtn", threads=t))
         r = run([PY, "-c", "import lmkiln.cli, lmkiln.quant.pipeline, transformers"])  # the runtime floor every run pays
         record("baseline-imports", {"peak_rss_gib": r["peak_rss_gib"]})
+    if "ray" in rows:
+        # Same model, options and calibration: single process (all cores in each matmul) vs
+        # `--ray` with 2 workers (a layer job per core). peak_rss_gib is the driver's alone.
+        src = model(work, "1b", 4)
+        one = quantize(src, work / "ray-single", 16, a.seqlen)
+        two = quantize(src, work / "ray-2w", 16, a.seqlen, extra=("--ray", "local", "--workers", "2"))
+        rep = json.loads((work / "ray-2w.report.json").read_text())
+        same = _sha(work / "ray-single" / "model.safetensors") == _sha(work / "ray-2w" / "model.safetensors")
+        record(f"ray-1b-L4-16x{a.seqlen}", {"single": one, "ray_2_workers": {**two, "driver": rep["driver"],
+                                            "layer_nodes": [(x["layer"], x.get("pid"), x["seconds"]) for x in rep["layers"]]},
+                                            "speedup": round(one["wall_s"] / two["wall_s"], 2), "identical_output": same})
     if "peers" in rows:
         if not PEER_PY.exists():
             raise SystemExit(f"{PEER_PY} missing: run bench/peers/setup_llmcompressor.sh first")

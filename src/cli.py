@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -44,7 +46,7 @@ def guarded(fn):
         except LmkilnError as e:
             if STATE["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]; no output was left half-written")
@@ -52,7 +54,7 @@ def guarded(fn):
         except Exception as e:
             if STATE["debug"]:
                 raise
-            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (re-run with --debug for the traceback)", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} (re-run with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(3) from None
 
     return wrapper
@@ -99,8 +101,9 @@ class LazyProgress:
             self.task = self.bar.add_task(self.description, total=None)
         return self.bar
 
-    def update(self, completed: int, total: int | None = None) -> None:
-        self._start().update(self.task, completed=completed, total=total)
+    def update(self, completed: int, total: int | None = None, description: str | None = None) -> None:
+        kw = {"description": description} if description else {}
+        self._start().update(self.task, completed=completed, total=total, **kw)
 
     def advance(self) -> None:
         self._start().advance(self.task)
@@ -187,6 +190,11 @@ def quantize_cmd(
     chunk: int = typer.Option(0, "--chunk", min=0, help="Calibration samples resident on the device at once (0 = auto, by activation memory): bounds memory, never changes results."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, disk) from the headers alone and exit."),
     probe: bool = typer.Option(False, "--probe", help="With --dry-run: also time one layer to estimate the total."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                      help="Run the layer jobs as Ray tasks (pip install 'lmkiln[ray]'): alone, a local Ray "
+                                           "runtime on this machine's CPUs/GPUs; with an address (host:6379, ray://host:10001, "
+                                           "auto), that cluster. Output is bit-identical to a run without it."),
+    workers: int = typer.Option(0, "--workers", min=0, help="With --ray: concurrent layer jobs (0 = one per GPU, or by CPUs and memory)."),
 ):
     """Quantize weights to int4/int8 with AWQ (or RTN), one decoder layer at a time."""
     from lmkiln.errors import InputError
@@ -211,11 +219,25 @@ def quantize_cmd(
         _plan_table(res.plan, [("seconds for one layer (probe)", f"{secs:.1f} s"),
                                ("estimated total", f"{secs * res.plan.n_layers / 60:.1f} min for {res.plan.n_layers} layers")])
         return
+    if workers and ray is None:
+        raise InputError("--workers goes with --ray")
     check_writable(report, "--report")
     with LazyProgress("layers") as bar:
+        driver, on_layer = None, (lambda i, n, rep: bar.update(i + 1, n))
+        if ray is not None:
+            from lmkiln.quant.ray_driver import RayDriver, import_ray
+
+            import_ray()  # before any work: a missing extra is a one-line error
+            driver = RayDriver(address=None if ray == "local" else ray, workers=workers, on_info=bar.print,
+                               on_progress=lambda d, r, q, n: bar.update(d, n, f"layers: {d} done · {r} running · {q} queued"))
+            on_layer = None
         result = quantize_model(model, output, opts, calib_opts, to=to, force=force, resume=resume, report_path=report,
-                                on_layer=lambda i, n, rep: bar.update(i + 1, n), on_info=bar.print, device=device, dtype=dtype)
+                                on_layer=on_layer, on_info=bar.print, device=device, dtype=dtype, driver=driver)
     _quant_table(result.report)
+    drv = result.report.get("driver", {})
+    if drv.get("kind") == "ray":
+        out.print(f"ray: {drv['workers']} worker(s) on {drv['cluster']['nodes']} node(s), "
+                  f"{drv['cluster']['CPU']} CPU(s), {drv['cluster']['GPU']} GPU(s); driver fp pass {drv.get('fp_pass_seconds', 0):.1f} s")
     dev = result.report["totals"].get("peak_device_mb")
     out.print(f"[green]wrote[/] {result.output}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB"
               + (f", peak device memory {dev:.0f} MB" if dev else "") + ")")
@@ -232,15 +254,19 @@ def _plan_table(plan, extra=()) -> None:
 
 def _quant_table(report: dict) -> None:
     table = Table(title=f"{report['method'].upper()} W{report['options']['bits']} g{report['options']['group_size']}")
-    for col in ("layer", "group", "alpha", "MSE rtn", "MSE final", "layer MSE", "seconds"):
-        table.add_column(col, justify="right" if col != "group" else "left")
+    nodes = any("node" in lay for lay in report["layers"])  # a --ray run: which node did each layer
+    for col in ("layer", "group", "alpha", "MSE rtn", "MSE final", "layer MSE", "seconds") + (("node",) if nodes else ()):
+        table.add_column(col, justify="right" if col not in ("group", "node") else "left")
     for lay in report["layers"]:
         groups = [g for g in lay["groups"] if "alpha" in g] or [{}]
         for j, g in enumerate(groups):
-            table.add_row(str(lay["layer"]) if j == 0 else "", "→".join([g.get("prev", "-"), ",".join(g.get("linears", []))]) if g else "all (rtn)",
-                          f"{g['alpha']:.2f}" if "alpha" in g else "", f"{g['mse_rtn']:.3g}" if "mse_rtn" in g else "",
-                          f"{g['mse_final']:.3g}" if "mse_final" in g else "",
-                          f"{lay['mse_output']:.3g}" if j == 0 and "mse_output" in lay else "", f"{lay['seconds']:.1f}" if j == 0 else "")
+            row = [str(lay["layer"]) if j == 0 else "", "→".join([g.get("prev", "-"), ",".join(g.get("linears", []))]) if g else "all (rtn)",
+                   f"{g['alpha']:.2f}" if "alpha" in g else "", f"{g['mse_rtn']:.3g}" if "mse_rtn" in g else "",
+                   f"{g['mse_final']:.3g}" if "mse_final" in g else "",
+                   f"{lay['mse_output']:.3g}" if j == 0 and "mse_output" in lay else "", f"{lay['seconds']:.1f}" if j == 0 else ""]
+            if nodes:
+                row.append(f"{lay.get('node', '')}:{lay['pid']}" if j == 0 and "pid" in lay else "")
+            table.add_row(*row)
     out.print(table)
 
 
@@ -406,8 +432,21 @@ def demo_cmd(
         raise typer.Exit(1)
 
 
+def optional_values(argv: list[str], options=("--ray",), default: str = "local") -> list[str]:
+    """Let `--ray` stand alone (Typer options always take a value): give it `default`
+    when nothing follows, an option follows, or what follows is a directory (the model)."""
+    out = []
+    for k, a in enumerate(argv):
+        out.append(a)
+        if a in options:
+            nxt = argv[k + 1] if k + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("-") or Path(nxt).is_dir():
+                out.append(default)
+    return out
+
+
 def main() -> None:
-    app(prog_name="lmkiln")
+    app(args=optional_values(sys.argv[1:]), prog_name="lmkiln")
 
 
 if __name__ == "__main__":

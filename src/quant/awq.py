@@ -155,6 +155,12 @@ def resolve_chunk(o: QuantOptions, device: torch.device, seqlen: int, hidden: in
     return max(m, budget // max(1, per_sample) // m * m)
 
 
+def layer_chunk(layer: nn.Module, x: torch.Tensor, o: QuantOptions) -> int:
+    """resolve_chunk for this layer and inputs x (n, T, hidden)."""
+    widest = max(m.weight.shape[0] for m in layer.modules() if isinstance(m, nn.Linear))  # the FFN width
+    return resolve_chunk(o, layer_device(layer), x.shape[1], x.shape[-1], widest, layer_dtype(layer).itemsize)
+
+
 def micro_batches(xc: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset in the chunk, micro() samples) of a chunk that starts at a multiple of micro()."""
     m = micro(xc.shape[1])
@@ -205,6 +211,21 @@ def inspected_chunks(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, grou
             xins = [p[k][2] for p in per]
             items.append((gr, insp, xins, kw, [_out(insp(xi, **kw)) for xi in xins]))
         yield sl, xc, items
+
+
+@torch.no_grad()
+def fp_forward(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, chunk: int, y: torch.Tensor, layer_idx: int,
+               before=None) -> torch.Tensor:
+    """y = layer(x), micro-batch by micro-batch (`before(first sample)` is called ahead of
+    each). AWQ's first pass and the drivers that run the fp chain ahead of the jobs
+    (quant/ray_driver.py) both call this, so their outputs are the same bits."""
+    dev, cdt = layer_device(layer), layer_dtype(layer)
+    for sl, xc in chunks(x, chunk, dev, cdt):
+        for j, xm in micro_batches(xc):
+            if before is not None:
+                before(sl.start + j)
+            y[sl.start + j:sl.start + j + xm.shape[0]].copy_(_finite(_out(layer(xm, **layer_kwargs)), "layer output", layer_idx))
+    return y
 
 
 def linear_roles(arch: Architecture) -> list[str]:
@@ -359,8 +380,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     next layer (in `out` when given, else a new tensor like x), report)."""
     dev, cdt = layer_device(layer), layer_dtype(layer)
     n, T = x.shape[:2]
-    widest = max(m.weight.shape[0] for m in layer.modules() if isinstance(m, nn.Linear))  # the FFN width
-    chunk = resolve_chunk(o, dev, T, x.shape[-1], widest, torch.empty((), dtype=cdt).element_size())
+    chunk = layer_chunk(layer, x, o)
     y = torch.empty_like(x) if out is None else out
     groups = [gr for gr in arch.awq_groups if group_applies(gr, arch, layer)]
     roles = linear_roles(arch)
@@ -386,10 +406,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
             clip_x[name].append(flat[sel].float())
 
     with Hooks(layer, set(abs_sum) | set(clip_x), stats):
-        for sl, xc in chunks(x, chunk, dev, cdt):
-            for j, xm in micro_batches(xc):
-                pos[0] = (sl.start + j) * T
-                y[sl.start + j:sl.start + j + xm.shape[0]].copy_(_finite(_out(layer(xm, **layer_kwargs)), "layer output", layer_idx))
+        fp_forward(layer, x, layer_kwargs, chunk, y, layer_idx, before=lambda k: pos.__setitem__(0, k * T))
     x_mean = {m: _finite((s / (n * T)).float(), "activation statistics", layer_idx) for m, s in abs_sum.items()}
     clip_in = {m: torch.cat(v) for m, v in clip_x.items()}
 

@@ -24,12 +24,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 import lmkiln
-from lmkiln.convert.architectures import get_architecture
+from lmkiln.convert.architectures import Architecture, get_architecture
 from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.convert.hf_to_engine import account
 from lmkiln.errors import InputError
@@ -38,7 +38,7 @@ from lmkiln.formats.awq_gemm import AwqSpec, awq_spec
 from lmkiln.formats.engine import config_sha256
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.quant.awq import QuantOptions
-from lmkiln.quant.job import Compute, LayerModule, position_embeddings, resolve_compute, run_layer
+from lmkiln.quant.job import Compute, LayerModule, LayerResult, position_embeddings, resolve_compute, run_layer
 from lmkiln.quant.plan import QuantPlan, human, layer_linears, make_plan
 from lmkiln.quant.sinks import REPORT, make_sink
 from lmkiln.quant.state import ResumeState
@@ -144,11 +144,15 @@ def quantize_model(
     dtype: str = "auto",
     on_plan: Callable[[QuantPlan], None] | None = None,
     probe_only: bool = False,
+    driver: Callable[["LayerRun", int, AwqSpec], Iterator[LayerResult]] | None = None,
 ) -> QuantResult:
     """Quantize `model_dir` into `out_dir` (`to` = "hf" for AWQ-GEMM, "engine").
 
     `probe_only`: quantize layer 0 only, write nothing, and return the plan with the
-    measured seconds in report["totals"] (`--dry-run --probe`)."""
+    measured seconds in report["totals"] (`--dry-run --probe`).
+    `driver`: what schedules the layer jobs (default local_layers, this process; see
+    quant/ray_driver.py); it yields finished layers in order, each already saved to the
+    resume state."""
     t_start = time.time()
     info = on_info or (lambda s: None)
     calib = calib or CalibOptions()
@@ -193,16 +197,14 @@ def quantize_model(
         "lmkiln_version": lmkiln.__version__,
     }
     spec = AwqSpec(bits=options.bits, group_size=options.group_size, zero_point=not options.symmetric)
-    mod = LayerModule(ckpt, arch, compute)
-    hidden, layer_kwargs = None, None
-    if options.method == "awq":
-        layer_kwargs = {"position_embeddings": position_embeddings(mcfg["rope"], ids.shape[1], compute), "attention_mask": None}
+    layer_kwargs = calibration_kwargs(mcfg, ids, compute) if options.method == "awq" else None
 
     if probe_only:
+        mod = LayerModule(ckpt, arch, compute)
         hidden = _embed(ckpt, arch, ids, compute, plan) if options.method == "awq" else None
         if compute.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(compute.device)
-        with _threads_for(mcfg, compute):
+        with threads_for(mcfg, compute):
             res, _ = run_layer(mod, 0, options, src_dtype, hidden, layer_kwargs)
         report = {"layers": [res.report], "totals": _totals(t_start, [res.report], calib_info, compute)}
         return QuantResult(None, report, plan)
@@ -213,30 +215,26 @@ def quantize_model(
         info(f"resuming after {start} finished layer(s)")
     stop_after = int(os.environ.get(STOP_ENV, "-1"))
     reports = []
-    linears = lambda i: layer_linears(arch, mcfg, i)  # noqa: E731
-    with atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out") as tmp, _threads_for(mcfg, compute):
+    run = LayerRun(ckpt, arch, mcfg, options, compute, plan, src_dtype, ids, layer_kwargs, state)
+    with atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out") as tmp, threads_for(mcfg, compute):
         sink = make_sink(to, tmp, ckpt, arch, mcfg, spec, options.method, src_dtype, acc)
         try:
             sink.begin()
             for i in range(start):  # replay: the sink rebuilds its output from the state
-                res = state.load(i, spec, linears(i))
+                res = state.load(i, spec, run.linears(i))
                 sink.add(res)
                 reports.append(res.report)
-            if options.method == "awq":
-                hidden = _embed(ckpt, arch, ids, compute, plan) if start == 0 else _place(state.hidden(start - 1), compute, plan)
-            spare = torch.empty_like(hidden) if hidden is not None else None
-            for i in range(start, n_layer):
-                res, out = run_layer(mod, i, options, src_dtype, hidden, layer_kwargs, hidden_out=spare)
-                state.save(res, lambda r, j: linears(j)[r][0], out)
-                sink.add(res)
-                reports.append(res.report)
-                if out is not None:
-                    hidden, spare = out, hidden  # ping-pong: two hidden-state buffers for the whole run
-                if on_layer:
-                    on_layer(i, n_layer, res.report)
-                del res  # written: do not hold it through the next layer's job
-                if i == stop_after:
-                    raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}")
+            layers = driver(run, start, spec) if driver else local_layers(run, start, spec)
+            with contextlib.closing(layers):  # a failure here stops the driver's work too
+                for res in layers:
+                    sink.add(res)
+                    reports.append(res.report)
+                    if on_layer:
+                        on_layer(res.index, n_layer, res.report)
+                    i = res.index
+                    del res  # written: do not hold it through the next layer's job
+                    if i == stop_after:
+                        raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}")
             report = {
                 "lmkiln_version": lmkiln.__version__,
                 "source": str(ckpt.path),
@@ -245,6 +243,7 @@ def quantize_model(
                 "compute": {"device": compute.describe(), "dtype": str(compute.dtype).replace("torch.", "")},
                 "calibration": calib_info,
                 "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "compute"},
+                "driver": getattr(driver, "info", None) or {"kind": "local"},
                 "layers": reports,
                 "totals": _totals(t_start, reports, calib_info, compute),
             }
@@ -260,8 +259,62 @@ def quantize_model(
     return QuantResult(out_dir, report, plan)
 
 
+@dataclass
+class LayerRun:
+    """Everything a driver needs to run a quantize run's layer jobs."""
+
+    ckpt: HFCheckpoint
+    arch: Architecture
+    mcfg: dict
+    options: QuantOptions
+    compute: Compute
+    plan: QuantPlan
+    out_dtype: torch.dtype
+    ids: torch.Tensor | None  # calibration token ids (AWQ), None for RTN
+    layer_kwargs: dict | None
+    state: ResumeState
+
+    @property
+    def n_layer(self) -> int:
+        return self.mcfg["num_layer"]
+
+    def linears(self, i: int) -> dict:
+        return layer_linears(self.arch, self.mcfg, i)
+
+    def module_of(self, role: str, i: int) -> str:
+        return self.linears(i)[role][0]
+
+    def first_input(self, start: int) -> torch.Tensor | None:
+        """The input of layer `start`: the embedding, or the state's saved hidden states."""
+        if self.options.method != "awq":
+            return None
+        if start == 0:
+            return _embed(self.ckpt, self.arch, self.ids, self.compute, self.plan)
+        return _place(self.state.hidden(start - 1), self.compute, self.plan)
+
+
+def calibration_kwargs(mcfg: dict, ids: torch.Tensor, compute: Compute) -> dict:
+    """The decoder layer's keyword arguments for calibration windows like `ids`."""
+    return {"position_embeddings": position_embeddings(mcfg["rope"], ids.shape[1], compute), "attention_mask": None}
+
+
+def local_layers(run: LayerRun, start: int, spec: AwqSpec) -> Iterator[LayerResult]:
+    """The single-process driver: layer jobs one after another on run.compute; each
+    job's output hidden states are the next one's input (two buffers for the run)."""
+    mod = LayerModule(run.ckpt, run.arch, run.compute)
+    hidden = run.first_input(start)
+    spare = torch.empty_like(hidden) if hidden is not None else None
+    for i in range(start, run.n_layer):
+        res, out = run_layer(mod, i, run.options, run.out_dtype, hidden, run.layer_kwargs, hidden_out=spare)
+        run.state.save(res, run.module_of, out)
+        if out is not None:
+            hidden, spare = out, hidden  # ping-pong
+        yield res
+        del res
+
+
 @contextlib.contextmanager
-def _threads_for(mcfg: dict, compute: Compute):
+def threads_for(mcfg: dict, compute: Compute):
     """Intra-op threads only pay off on large matmuls; on tiny models (the bundled one) on
     the CPU they cost several times the work itself, badly so on a busy machine."""
     before = torch.get_num_threads()

@@ -8,9 +8,10 @@ Layout, inside the output's partial directory (`.NAME.lmkiln-partial/state/`):
   scales, zeros; the layer's fp tensors), written last and atomically: its presence
   marks the layer done. The packing round-trips bit-exactly (formats/awq_gemm.py).
 - `layer{i}.json`: layer i's report.
-- `hidden{i}.pt`: the input of layer i+1 (AWQ only). It is written before layer i is
-  marked done and the previous one removed after, so an interrupt at any point leaves
-  a consistent state.
+- `hidden{i}.pt`: the input of layer i+1 (AWQ only), kept until layer i+1 is done. The
+  single-process driver writes it with layer i, the Ray driver before it submits layer
+  i+1; either way an interrupt at any point leaves a consistent state, and every layer
+  not yet done has its input here (or is layer 0, whose input is the embedding).
 
 It knows nothing of drivers or sinks: a driver saves results in any order it likes,
 and `done()` counts the finished prefix.
@@ -69,12 +70,20 @@ class ResumeState:
             i += 1
         return i
 
+    def is_done(self, i: int) -> bool:
+        return self._layer(i).exists()
+
+    def save_hidden(self, i: int, hidden: torch.Tensor) -> None:
+        """The input of layer i + 1; kept until layer i + 1 is saved."""
+        tmp = self.dir / "hidden.tmp"
+        torch.save(hidden.cpu() if hidden.device.type != "cpu" else hidden, tmp)
+        os.replace(tmp, self.dir / f"hidden{i}.pt")
+
     def save(self, res: LayerResult, module_of, hidden: torch.Tensor | None = None) -> None:
-        """Persist a finished layer; `module_of(role, i)` names its HF linear module."""
+        """Persist a finished layer; `module_of(role, i)` names its HF linear module.
+        `hidden`: its output, when the driver has not saved it already."""
         if hidden is not None:
-            tmp = self.dir / "hidden.tmp"
-            torch.save(hidden.cpu() if hidden.device.type != "cpu" else hidden, tmp)
-            os.replace(tmp, self.dir / f"hidden{res.index}.pt")
+            self.save_hidden(res.index, hidden)
         tensors = dict(res.fp)
         for role in res.qtensors:
             module = module_of(role, res.index)
