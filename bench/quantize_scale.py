@@ -15,6 +15,9 @@ Rows (each a child process reaped with os.wait4, so ru_maxrss is that run's peak
     rtn       RTN W4 g128 on an fp32 1B-shaped 8-layer model with 2 and 16 intra-op threads
     ray       AWQ W4 g128, 1B-shaped, 4 layers, 16 x 512 tokens: single process vs --ray with 2
               workers, wall time side by side and whether the outputs are the same bytes
+    rayexact  1B-shaped, 2 layers: --ray with 2 workers vs a single-process run on 1 thread
+              (the same threads per job, so the same bits on a CPU)
+    ray1      the same with --ray --workers 1 (both CPUs in one task): Ray's overhead
     peers     lmkiln vs llm-compressor AWQ (bench/peers, its own venv) on the 1-layer
               1B-shaped model, same calibration ids, both on the CPU: seconds, peak RSS,
               and the layer-0 output MSE of each fake-quantized model vs the fp model on
@@ -191,6 +194,25 @@ def main() -> None:
         record(f"ray-1b-L4-16x{a.seqlen}", {"single": one, "ray_2_workers": {**two, "driver": rep["driver"],
                                             "layer_nodes": [(x["layer"], x.get("pid"), x["seconds"]) for x in rep["layers"]]},
                                             "speedup": round(one["wall_s"] / two["wall_s"], 2), "identical_output": same})
+    if "rayexact" in rows:
+        # CPU kernels round by thread count, so the exactness check pairs --ray's 2 workers
+        # (one thread each) with a single-process run on one thread (OMP_NUM_THREADS=1).
+        src = model(work, "1b", 2)
+        one = quantize(src, work / "exact-single-1t", 16, a.seqlen, threads=1)
+        two = quantize(src, work / "exact-ray-2w", 16, a.seqlen, extra=("--ray", "local", "--workers", "2"))
+        same = _sha(work / "exact-single-1t" / "model.safetensors") == _sha(work / "exact-ray-2w" / "model.safetensors")
+        record(f"rayexact-1b-L2-16x{a.seqlen}", {"single_1_thread": one, "ray_2_workers": two,
+                                                 "speedup": round(one["wall_s"] / two["wall_s"], 2), "identical_output": same})
+    if "ray1" in rows:
+        # Ray's overhead: --ray with one worker that has both CPUs (the same 2 threads as the
+        # single-process run) against the single-process run, side by side.
+        src = model(work, "1b", 4)
+        one = quantize(src, work / "ray1-single", 16, a.seqlen)
+        ray1 = quantize(src, work / "ray-1w", 16, a.seqlen, extra=("--ray", "local", "--workers", "1"))
+        rep = json.loads((work / "ray-1w.report.json").read_text())
+        same = _sha(work / "ray1-single" / "model.safetensors") == _sha(work / "ray-1w" / "model.safetensors")
+        record(f"ray1-1b-L4-16x{a.seqlen}", {"single": one, "ray_1_worker": {**ray1, "driver": rep["driver"]},
+                                             "overhead": round(ray1["wall_s"] / one["wall_s"] - 1, 3), "identical_output": same})
     if "peers" in rows:
         if not PEER_PY.exists():
             raise SystemExit(f"{PEER_PY} missing: run bench/peers/setup_llmcompressor.sh first")

@@ -26,7 +26,7 @@ from lmkiln.errors import LmkilnError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn Hugging Face LLM checkpoints into verified, quantized engines.")
 convert_app = typer.Typer(no_args_is_help=True, help="Convert between formats.")
 app.add_typer(convert_app, name="convert")
-export_app = typer.Typer(no_args_is_help=True, help="Export engines for other runtimes.")
+export_app = typer.Typer(no_args_is_help=True, help="Export engines for other runtimes (ONNX, GGUF).")
 app.add_typer(export_app, name="export")
 
 out = Console()
@@ -145,6 +145,19 @@ def hf_to_engine(
     out.print(f"[green]wrote[/] {output}")
 
 
+@convert_app.command("to-compressed-tensors")
+@guarded
+def to_compressed_tensors(
+    model: Path = typer.Argument(..., help="An AWQ-GEMM Hugging Face directory (lmkiln's, AutoAWQ's, lmdeploy's), int4 or int8."),
+    output: Path = typer.Option(..., "-o", "--output", help="compressed-tensors directory to create."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+):
+    """Rewrite AWQ-GEMM as compressed-tensors pack-quantized (vLLM, SGLang): same codes and scales, nothing re-quantized."""
+    from lmkiln.quant.reformat import awq_to_compressed_tensors
+
+    out.print(f"[green]wrote[/] {awq_to_compressed_tensors(model, output, force=force)}")
+
+
 @export_app.command("onnx")
 @guarded
 def export_onnx_cmd(
@@ -165,6 +178,33 @@ def export_onnx_cmd(
     out.print(f"[green]wrote[/] {path}")
 
 
+@export_app.command("gguf")
+@guarded
+def export_gguf_cmd(
+    source: Path = typer.Argument(..., help="An engine (fp, int4, int8), or an HF / AWQ-GEMM directory (converted on the fly)."),
+    output: Path = typer.Option(..., "-o", "--output", help="GGUF file to create (e.g. model.gguf)."),
+    gtype: str = typer.Option("auto", "--type", help="auto (AWQ int4 -> q4_1, or q4_0 if symmetric; int8 -> q8_0; fp -> f16), "
+                              "f32, f16, q8_0, q4_0, q4_1."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the export report (JSON) here."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+):
+    """Export one GGUF file for llama.cpp and Ollama; AWQ codes become Q4_1/Q4_0/Q8_0 blocks as they are."""
+    from lmkiln.export.gguf import export_gguf
+
+    check_writable(report, "--report")
+    with LazyProgress("exporting") as bar:
+        res = export_gguf(source, output, gtype=gtype, force=force, progress=lambda name, n: bar.advance(), on_info=bar.print)
+    rep = res.report
+    out.print("tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(rep["counts"].items())), highlight=False)
+    if rep["m_rounding"]:
+        m = rep["m_rounding"]
+        out.print(f"q4_1 m = -scale*zero rounded to fp16: max |error| {m['max_abs_err']:.3g} "
+                  f"({m['max_err_steps']:.3g} of a step), rms {m['rms_err']:.3g} over {m['blocks']} blocks", highlight=False)
+    if report is not None:
+        report.write_text(json.dumps(rep, indent=1) + "\n", encoding="utf-8")
+    out.print(f"[green]wrote[/] {res.path}")
+
+
 @app.command("quantize")
 @guarded
 def quantize_cmd(
@@ -181,7 +221,9 @@ def quantize_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the weight clipping search."),
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="Scale by activation and weight magnitude (AutoAWQ's duo scaling)."),
-    to: str = typer.Option("hf", "--to", help="hf: AWQ-GEMM Hugging Face directory; engine: an lmkiln engine."),
+    to: str = typer.Option("hf", "--to", "--format", help="hf: AWQ-GEMM Hugging Face directory (transformers, vLLM, SGLang, "
+                           "lmdeploy); compressed-tensors: pack-quantized HF directory (vLLM, SGLang; pip install "
+                           "'lmkiln[compressed-tensors]'); engine: an lmkiln engine."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the quantization report (JSON) here."),
@@ -212,7 +254,7 @@ def quantize_cmd(
     if dry_run:
         compute = resolve_compute(device, dtype)
         if not probe:
-            _plan_table(plan_quantize(model, output, opts, calib_opts, compute))
+            _plan_table(plan_quantize(model, output, opts, calib_opts, compute, to=to))
             return
         res = quantize_model(model, output, opts, calib_opts, to=to, device=device, dtype=dtype, probe_only=True)
         secs = res.report["layers"][0]["seconds"]

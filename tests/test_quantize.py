@@ -44,7 +44,7 @@ CONFIGS = {  # name -> (options, --to)
     "w4-awq": (W4, "hf"),
     "w4-awq-engine": (W4, "engine"),
     "w4-rtn": (QuantOptions(bits=4, group_size=32, method="rtn"), "hf"),
-    "w8-awq": (QuantOptions(bits=8, group_size=128), "hf"),
+    "w8-awq": (QuantOptions(bits=8, group_size=64), "hf"),
 }
 # stories260K's linears, (out, in) in HF orientation
 SHAPES = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "gate": (172, 64), "up": (172, 64), "down": (64, 172)}
@@ -106,12 +106,15 @@ def eval_ids(tok):
 
 def hf_model(awq_dir: Path | None = None):
     """stories260K in transformers, fp32; with `awq_dir`, carrying its dequantized weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(STORIES), local_files_only=True, dtype=torch.float32).eval()
+    if awq_dir is None:
+        return AutoModelForCausalLM.from_pretrained(str(STORIES), local_files_only=True, dtype=torch.float32).eval()
+    cfg, sd = fake_quant_state_dict(awq_dir)
+    assert "quantization_config" not in cfg
+    # the output's own config: its intermediate_size is the padded width its tensors have
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32).eval()
     if awq_dir is not None:
-        cfg, sd = fake_quant_state_dict(awq_dir)
-        assert "quantization_config" not in cfg
         missing, unexpected = model.load_state_dict(sd, strict=False)
         assert unexpected == [] and missing == ["lm_head.weight"], (missing, unexpected)  # tied to the embedding
     return model
@@ -199,18 +202,21 @@ def test_engine_matches_fake_quant_model(quantized, eval_ids, tok):
 # -- 3. output layout ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, bits, group", [("w4-awq", 4, 32), ("w8-awq", 8, 128)])
+@pytest.mark.parametrize("name, bits, group", [("w4-awq", 4, 32), ("w8-awq", 8, 64)])
 def test_hf_output_layout(quantized, name, bits, group):
     out = quantized(name)
     cfg = json.loads((out / "config.json").read_text())
     src_cfg = json.loads((STORIES / "config.json").read_text())
     qc = cfg.pop("quantization_config")
-    assert cfg == src_cfg
+    inter_p = round_up(172, group)  # FFN 172 is a multiple of neither 32 nor 64: zero-padded to whole groups
+    assert cfg == {**src_cfg, "intermediate_size": inter_p}
     assert qc["quant_method"] == "awq"
     assert qc["bits"] == bits and qc["group_size"] == group and qc["zero_point"] is True
     assert qc["version"] == ("gemm" if bits == 4 else "lmkiln-gemm-int8")
-    assert qc["lmkiln_padded"] is True  # FFN 172 is a multiple of neither 32 nor 128
+    assert "lmkiln_padded" not in qc  # the shapes are the standard ones for the config
     assert qc["lmkiln_method"] == "awq"
+    assert load_report(out)["padding"]["intermediate_size"] == {
+        "source": 172, "written": inter_p, "why": "zero rows/columns: whole groups, exact for gated MLPs"}
 
     for name_ in TOKENIZER_FILES:
         assert (out / name_).read_bytes() == (STORIES / name_).read_bytes(), name_
@@ -224,7 +230,8 @@ def test_hf_output_layout(quantized, name, bits, group):
         for role, (o, n) in SHAPES.items():
             m = f"{p}.{MODULES[role]}"
             expected_keys |= {f"{m}.qweight", f"{m}.qzeros", f"{m}.scales"}
-            i_p, o_p = round_up(n, group), round_up(o, per_word)
+            i_p = round_up(n, group)
+            o_p = inter_p if role in ("gate", "up") else round_up(o, per_word)
             assert t[f"{m}.qweight"].dtype == torch.int32 and t[f"{m}.qweight"].shape == (i_p, o_p // per_word)
             assert t[f"{m}.qzeros"].dtype == torch.int32 and t[f"{m}.qzeros"].shape == (i_p // group, o_p // per_word)
             assert t[f"{m}.scales"].dtype == torch.float16 and t[f"{m}.scales"].shape == (i_p // group, o_p)

@@ -164,3 +164,26 @@ def test_cli_ray_errors(tmp_path, monkeypatch):
     assert r.exit_code == 2, r.output
     assert "pip install 'lmkiln[ray]'" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.lmkiln-partial").exists()
+
+
+def test_job_threads_are_part_of_the_fingerprint(tmp_path, monkeypatch):
+    """CPU kernels round by thread count: the threads a job gets are recorded, so a resume
+    under other threads is refused instead of mixing roundings."""
+    import json as _json
+
+    import torch
+
+    from lmkiln.quant.job import Compute
+    from lmkiln.quant.pipeline import job_threads
+
+    cpu, cuda = Compute(torch.device("cpu"), torch.float32), Compute(torch.device("cuda"), torch.bfloat16)
+    big, tiny = {"hidden_units": 2048}, {"hidden_units": 64}
+    assert job_threads(big, cpu) == torch.get_num_threads()
+    assert job_threads(big, cpu, 3) == 3  # a Ray task's CPUs
+    assert job_threads(tiny, cpu, 3) == 1  # tiny models always run on one
+    assert job_threads(big, cuda, 3) is None
+    monkeypatch.setenv(STOP_ENV, "0")
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(STORIES, tmp_path / "out", W4, CALIB, driver=RayDriver())
+    fp = _json.loads((tmp_path / ".out.lmkiln-partial" / "state" / "fingerprint.json").read_text())
+    assert fp["compute"] == {"device": "cpu", "dtype": "torch.float32", "threads": 1}

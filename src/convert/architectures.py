@@ -10,6 +10,8 @@ One `Architecture` entry per Hugging Face `architectures[0]`. An entry says
 - `awq_groups`: which linears are scaled together and from which preceding op (the
   AWQ "mappings"), consumed by `lmkiln quantize`.
 - `genai_type`: the model type onnxruntime-genai expects in an export's genai_config.
+- `gguf_arch`, `gguf_rope_interleaved`: llama.cpp's name for the family in a GGUF, and
+  which rotary row order it expects (`lmkiln export gguf`).
 - `config`: engine config field <- HF config key (a tuple is a fallback chain).
 
 Adding a family is adding an entry; see docs/architectures.md.
@@ -61,6 +63,10 @@ class Architecture:
     quirk_reasons: dict[str, str] = field(default_factory=dict)
     awq_groups: tuple[ScaleGroup, ...] = ()
     genai_type: str = "llama"  # onnxruntime-genai's model "type" for an export of this family
+    gguf_arch: str = "llama"  # llama.cpp's general.architecture for `export gguf` (Mistral runs as "llama" there)
+    # llama.cpp rotates adjacent q/k pairs for "llama" (rows stay in the engine's interleaved order) but
+    # half-split pairs ("NEOX", Hugging Face's order) for the Qwen families, whose rows are un-permuted.
+    gguf_rope_interleaved: bool = True
 
     def hf_name_of(self, role: str, layer: int | None = None) -> str | None:
         t = self.tensors.get(role)
@@ -153,6 +159,8 @@ register(Architecture(
 register(Architecture(
     hf_name="Qwen2ForCausalLM",
     genai_type="qwen2",
+    gguf_arch="qwen2",
+    gguf_rope_interleaved=False,
     tensors={
         **LLAMA_TENSORS,
         "q_bias": "model.layers.{i}.self_attn.q_proj.bias",
@@ -173,6 +181,8 @@ register(Architecture(
 register(Architecture(
     hf_name="Qwen3ForCausalLM",
     genai_type="qwen3",
+    gguf_arch="qwen3",
+    gguf_rope_interleaved=False,
     tensors={
         **LLAMA_TENSORS,
         "q_norm": "model.layers.{i}.self_attn.q_norm.weight",

@@ -1,4 +1,5 @@
-"""Atomic output directories: build in a temporary sibling, rename into place at the end.
+"""Atomic outputs (directories, and single files such as a GGUF): build in a temporary
+sibling, rename into place at the end.
 
 A crash or Ctrl-C leaves the target untouched (absent, or the user's old copy) and only
 a clearly named `.NAME.lmkiln-tmp-*` sibling behind, never a half-written directory that
@@ -63,6 +64,46 @@ def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (),
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """`check_output` for a single-file output."""
+    target = Path(target).absolute()
+    for src in inputs:
+        src = Path(src).absolute()
+        if target == src or src in target.parents:
+            raise InputError(f"{target}: the output must not be or sit inside the input {src}")
+    if target.is_dir():
+        raise OutputExistsError(f"{target}: is a directory; give a file name for the output (e.g. model.gguf)")
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose another -o")
+    if not target.parent.is_dir():
+        raise InputError(f"{target.parent}: parent directory of the output does not exist")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it is fsynced and renamed to `target`."""
+    target = check_output_file(target, force, inputs)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output should look like any new file
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(path: Path) -> None:

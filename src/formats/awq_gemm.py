@@ -85,8 +85,5 @@ def read_qlinear(get, module: str, spec: AwqSpec, out_features: int, in_features
 
 def write_qlinear(qt: QTensor) -> dict[str, torch.Tensor]:
     """QTensor -> {qweight, qzeros, scales}, padding the output width to the pack width."""
-    o_p = round_up(qt.out_features, PACK[qt.bits])
-    pad = o_p - qt.out_features
-    if pad:
-        qt = qt.map_rows(lambda t: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]))
+    qt = qt.pad_out(round_up(qt.out_features, PACK[qt.bits]))
     return to_awq_gemm(qt.codes, qt.scales, qt.zeros, bits=qt.bits)

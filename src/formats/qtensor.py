@@ -97,6 +97,21 @@ class QTensor:
         return replace(first, codes=torch.cat([p.codes for p in parts]), scales=torch.cat([p.scales for p in parts]),
                        zeros=torch.cat([p.zeros for p in parts]))
 
+    def pad_out(self, out_padded: int) -> "QTensor":
+        """Append inert output rows up to `out_padded`: scale 0, and zero point and codes
+        equal to the first row's zero points (so q - z = 0 whatever the reader does, and a
+        symmetric tensor keeps its fixed mid-range zero everywhere)."""
+        extra = out_padded - self.out_features
+        if extra <= 0:
+            return self
+        z = self.zeros[:1].expand(extra, -1)
+        return replace(
+            self,
+            codes=torch.cat([self.codes, z.repeat_interleave(self.group_size, 1).to(self.codes.dtype)]),
+            scales=torch.cat([self.scales, self.scales.new_zeros(extra, self.scales.shape[1])]),
+            zeros=torch.cat([self.zeros, z]),
+        )
+
     def pad_in(self, in_padded: int) -> "QTensor":
         """Zero-pad the input dimension (codes, and whole groups of scales/zeros)."""
         if in_padded == self.in_padded:

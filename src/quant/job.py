@@ -107,14 +107,15 @@ class LayerModule:
         self.layer = model.get_submodule(arch.layer_prefix.format(i=0)).to_empty(device=compute.device).eval()
         self.layer.requires_grad_(False)
 
-    def load(self, i: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
+    def load(self, i: int, with_master: bool = True) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
         """Layer i's weights, tensor by tensor from disk into the module on the device.
 
         Returns (module, master): when the module computes in a dtype narrower than fp32,
         master holds fp32 copies (exact source values) for AWQ to fold and quantize;
-        in fp32 it is None and the module's own parameters serve."""
+        in fp32 it is None and the module's own parameters serve. `with_master=False`
+        skips the copies (a forward alone needs none)."""
         prefix = self.arch.layer_prefix.format(i=i)
-        exact = self.compute.dtype != torch.float32
+        exact = with_master and self.compute.dtype != torch.float32
         master = {} if exact else None
         for name, p in self.layer.state_dict(keep_vars=True).items():
             full = f"{prefix}.{name}"

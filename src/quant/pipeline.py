@@ -37,10 +37,10 @@ from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec
 from lmkiln.formats.engine import config_sha256
 from lmkiln.formats.hf import HFCheckpoint
-from lmkiln.quant.awq import QuantOptions
+from lmkiln.quant.awq import QuantOptions, fp_forward, layer_chunk
 from lmkiln.quant.job import Compute, LayerModule, LayerResult, position_embeddings, resolve_compute, run_layer
 from lmkiln.quant.plan import QuantPlan, human, layer_linears, make_plan
-from lmkiln.quant.sinks import REPORT, make_sink
+from lmkiln.quant.sinks import LAYOUTS, REPORT, TARGETS, make_sink, standard_intermediate
 from lmkiln.quant.state import ResumeState
 
 STOP_ENV = "LMKILN_STOP_AFTER_LAYER"  # test hook: simulate a crash after layer N is saved
@@ -82,8 +82,8 @@ def model_fingerprint(ckpt: HFCheckpoint) -> str:
 
 
 def _check_options(options: QuantOptions, to: str) -> None:
-    if to not in ("hf", "engine"):
-        raise InputError(f"--to {to!r}: choose hf or engine")
+    if to not in TARGETS:
+        raise InputError(f"--to {to!r}: choose {', '.join(TARGETS)}")
     if options.bits not in (4, 8):
         raise InputError(f"{options.bits}-bit output is not supported; use --w4a16 or --w8a16")
     if options.group_size != -1 and options.group_size < 8:
@@ -92,6 +92,19 @@ def _check_options(options: QuantOptions, to: str) -> None:
         raise InputError(f"--method {options.method!r}: choose awq or rtn")
     if options.chunk < 0:
         raise InputError(f"--chunk {options.chunk}: calibration samples per chunk must be at least 1 (0 = auto)")
+
+
+def _check_layout(to: str, arch: Architecture, mcfg: dict, options: QuantOptions) -> AwqSpec:
+    """Widths the output format cannot hold, found before calibration, not after it."""
+    spec = AwqSpec(bits=options.bits, group_size=options.group_size, zero_point=not options.symmetric)
+    attn_width = mcfg["head_num"] * mcfg["size_per_head"]
+    if to == "engine" and options.group_size != -1 and attn_width % options.group_size:
+        # the engine splits wo's input on group boundaries
+        raise InputError(f"--to engine: the attention width {attn_width} is not a multiple of --group-size "
+                         f"{options.group_size}; choose a group size that divides it, or --to hf")
+    if to in LAYOUTS:
+        standard_intermediate(arch, mcfg, spec, LAYOUTS[to](spec))
+    return spec
 
 
 def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
@@ -115,16 +128,17 @@ def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
 
 
 def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, calib: CalibOptions | None = None,
-                  compute: Compute | None = None) -> QuantPlan:
+                  compute: Compute | None = None, to: str = "hf") -> QuantPlan:
     """The plan alone (`--dry-run`): reads config.json and safetensors headers only."""
     calib = calib or CalibOptions()
-    _check_options(options, "hf")
+    _check_options(options, to)
     compute = compute or resolve_compute()
     ckpt = HFCheckpoint(model_dir)
     if awq_spec(ckpt.config) is not None:
         raise InputError(f"{ckpt.path}: already quantized (quantization_config present); quantize the original fp checkpoint")
     arch = get_architecture(ckpt.architecture)
     mcfg = engine_config_from_hf(arch, ckpt.config)
+    _check_layout(to, arch, mcfg, options)
     free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
     return make_plan(ckpt, arch, mcfg, options, compute, calib.n_samples, calib.seqlen, Path(out_dir), free)
 
@@ -151,8 +165,9 @@ def quantize_model(
     `probe_only`: quantize layer 0 only, write nothing, and return the plan with the
     measured seconds in report["totals"] (`--dry-run --probe`).
     `driver`: what schedules the layer jobs (default local_layers, this process; see
-    quant/ray_driver.py); it yields finished layers in order, each already saved to the
-    resume state."""
+    quant/ray_driver.py): `driver.prepare(compute, plan, n_layers)` returns the CPU
+    threads each job will get (None: this process's), then `driver(run, start, spec)`
+    yields finished layers in order, each already saved to the resume state."""
     t_start = time.time()
     info = on_info or (lambda s: None)
     calib = calib or CalibOptions()
@@ -166,11 +181,7 @@ def quantize_model(
     acc = account(ckpt, arch, mcfg)
     out_dir = Path(out_dir) if probe_only else check_output(Path(out_dir), force, inputs=(ckpt.path,))
     n_layer = mcfg["num_layer"]
-    attn_width = mcfg["head_num"] * mcfg["size_per_head"]
-    if to == "engine" and options.group_size != -1 and attn_width % options.group_size:
-        # Found now rather than after calibration: the engine splits wo's input on group boundaries.
-        raise InputError(f"--to engine: the attention width {attn_width} is not a multiple of --group-size "
-                         f"{options.group_size}; choose a group size that divides it, or --to hf")
+    spec = _check_layout(to, arch, mcfg, options)
     src_dtype = ckpt.source_dtype if ckpt.source_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     ids = calib_info = None
     if options.method == "awq":
@@ -193,10 +204,10 @@ def quantize_model(
         "calibration": calib_info["sha256"] if calib_info else None,
         # --chunk changes memory, not results, so a resume may use another one
         "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "chunk"},
-        "compute": {"device": compute.device.type, "dtype": str(compute.dtype)},
+        "compute": {"device": compute.device.type, "dtype": str(compute.dtype),
+                    "threads": job_threads(mcfg, compute, driver.prepare(compute, plan, n_layer) if driver else None)},
         "lmkiln_version": lmkiln.__version__,
     }
-    spec = AwqSpec(bits=options.bits, group_size=options.group_size, zero_point=not options.symmetric)
     layer_kwargs = calibration_kwargs(mcfg, ids, compute) if options.method == "awq" else None
 
     if probe_only:
@@ -284,6 +295,11 @@ class LayerRun:
     def module_of(self, role: str, i: int) -> str:
         return self.linears(i)[role][0]
 
+    def forward(self, mod: LayerModule, i: int, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Layer i's fp output into `out`: the same bits its job's first pass computes."""
+        layer, _ = mod.load(i, with_master=False)
+        return fp_forward(layer, hidden, self.layer_kwargs, layer_chunk(layer, hidden, self.options), out, i)
+
     def first_input(self, start: int) -> torch.Tensor | None:
         """The input of layer `start`: the embedding, or the state's saved hidden states."""
         if self.options.method != "awq":
@@ -305,21 +321,40 @@ def local_layers(run: LayerRun, start: int, spec: AwqSpec) -> Iterator[LayerResu
     hidden = run.first_input(start)
     spare = torch.empty_like(hidden) if hidden is not None else None
     for i in range(start, run.n_layer):
-        res, out = run_layer(mod, i, run.options, run.out_dtype, hidden, run.layer_kwargs, hidden_out=spare)
-        run.state.save(res, run.module_of, out)
+        if run.state.is_done(i):  # finished out of order by a --ray run: only its fp output is needed
+            res = run.state.load(i, spec, run.linears(i))
+            out = run.forward(mod, i, hidden, spare) if hidden is not None else None
+            if out is not None:
+                run.state.save_hidden(i, out)
+        else:
+            res, out = run_layer(mod, i, run.options, run.out_dtype, hidden, run.layer_kwargs, hidden_out=spare)
+            run.state.save(res, run.module_of, out)
         if out is not None:
             hidden, spare = out, hidden  # ping-pong
         yield res
         del res
 
 
+def job_threads(mcfg: dict, compute: Compute, available: int | None = None) -> int | None:
+    """Intra-op threads a layer job computes with on the CPU (None on CUDA, where it does
+    not matter). CPU matmul kernels split work by thread count, so results are
+    bit-identical only between runs with the same number (the resume fingerprint has it).
+    Threads only pay off on large matmuls; on tiny models (the bundled one) they cost
+    several times the work itself, badly so on a busy machine: those run on one."""
+    if compute.device.type != "cpu":
+        return None
+    if mcfg["hidden_units"] <= 256:
+        return 1
+    return available or torch.get_num_threads()
+
+
 @contextlib.contextmanager
-def threads_for(mcfg: dict, compute: Compute):
-    """Intra-op threads only pay off on large matmuls; on tiny models (the bundled one) on
-    the CPU they cost several times the work itself, badly so on a busy machine."""
+def threads_for(mcfg: dict, compute: Compute, available: int | None = None):
+    """Run the enclosed jobs with job_threads(...) intra-op threads."""
     before = torch.get_num_threads()
-    if compute.device.type == "cpu" and mcfg["hidden_units"] <= 256:
-        torch.set_num_threads(1)
+    n = job_threads(mcfg, compute, available)
+    if n:
+        torch.set_num_threads(n)
     try:
         yield
     finally:

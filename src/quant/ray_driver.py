@@ -37,7 +37,7 @@ from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.errors import InputError, LmkilnError
 from lmkiln.formats.awq_gemm import AwqSpec
 from lmkiln.formats.hf import HFCheckpoint
-from lmkiln.quant.awq import QuantOptions, fp_forward, layer_chunk
+from lmkiln.quant.awq import QuantOptions
 from lmkiln.quant.job import COMPUTE_DTYPES, LayerModule, LayerResult, resolve_compute, run_layer
 from lmkiln.quant.pipeline import LayerRun, threads_for, calibration_kwargs, model_fingerprint
 
@@ -72,16 +72,24 @@ class RayDriver:
     on_info: Callable[[str], None] | None = None
     info: dict = field(default_factory=dict)  # what the report records about the cluster
 
+    def prepare(self, compute, plan, n_layers: int) -> int | None:
+        """Join or start the cluster and place the jobs; the CPU threads each job gets."""
+        ray = import_ray()
+        self._owned = self._connect(ray)
+        self._slots, self._request = self._placement(ray, compute, plan, n_layers)
+        return self._request["num_cpus"] if compute.device.type == "cpu" else None
+
     def __call__(self, run: LayerRun, start: int, spec: AwqSpec) -> Iterator[LayerResult]:
         ray = import_ray()
-        owned = self._connect(ray)
+        if not hasattr(self, "_slots"):
+            self.prepare(run.compute, run.plan, run.n_layer)
         pending: dict = {}
         try:
             yield from self._layers(ray, run, start, spec, pending)
         finally:
             for ref in pending:  # stopped early (an error, ^C): leave nothing running
                 ray.cancel(ref, force=True)
-            if owned:
+            if self._owned:
                 ray.shutdown()
 
     # -- cluster ---------------------------------------------------------------------------
@@ -102,12 +110,12 @@ class RayDriver:
                              "check the address (host:6379 or ray://host:10001) or omit it for a local runtime") from None
         return True
 
-    def _placement(self, ray, run: LayerRun, n_todo: int) -> tuple[int, dict]:
+    def _placement(self, ray, compute, plan, n_layers: int) -> tuple[int, dict]:
         """(concurrent jobs, the task's resource request)."""
         res = ray.cluster_resources()
         gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
         say = self.on_info or (lambda s: None)
-        if run.compute.device.type == "cuda":
+        if compute.device.type == "cuda":
             if gpus == 0:
                 raise InputError("--ray with a CUDA device: the Ray cluster has no GPUs; pass --device cpu or join a GPU cluster")
             slots = self.workers or gpus
@@ -117,10 +125,10 @@ class RayDriver:
                 say(f"the cluster has {gpus} GPU(s) but this run computes on the CPU (bit-identical to a CPU run); "
                     "run the driver on a GPU node with --device cuda to use them")
             mem = res.get("memory", 0)
-            by_memory = int(mem // max(1, run.plan.peak_host)) if mem else cpus
-            slots = self.workers or max(1, min(cpus, by_memory))
+            by_memory = int(mem // max(1, plan.peak_host)) if mem else cpus
+            slots = self.workers or max(1, min(cpus, by_memory, n_layers))
             request = {"num_cpus": max(1, cpus // slots)}
-        slots = max(1, min(slots, max(1, n_todo)))
+        slots = max(1, min(slots, n_layers))
         self.info.update({"kind": "ray", "address": self.address or "local", "workers": slots,
                           "task_resources": request, "cluster": {"CPU": cpus, "GPU": gpus,
                                                                  "nodes": len([n for n in ray.nodes() if n.get("Alive")])}})
@@ -132,8 +140,8 @@ class RayDriver:
         n = run.n_layer
         say = self.on_info or (lambda s: None)
         todo = [i for i in range(start, n) if not run.state.is_done(i)]
-        slots, request = self._placement(ray, run, len(todo))
-        threads = request.get("num_cpus", 1) if run.compute.device.type == "cpu" else 0
+        slots, request = self._slots, self._request
+        threads = request["num_cpus"] if run.compute.device.type == "cpu" else 0
         job = ray.remote(layer_task).options(**request, max_retries=self.max_retries, retry_exceptions=False)
         args = (str(run.ckpt.path), model_fingerprint(run.ckpt), lmkiln.__version__, run.compute.device.type,
                 run.compute.dtype, threads, run.options, run.out_dtype, run.plan.hidden_on_device, os.environ.get(CRASH_ENV))
@@ -199,8 +207,8 @@ class RayDriver:
                 progress()
             if awq and i + 1 < n and any(j > i for j in todo):
                 t0 = time.time()
-                layer, _ = mod.load(i)
-                fp_forward(layer, hidden, run.layer_kwargs, layer_chunk(layer, hidden, run.options), spare, i)
+                with threads_for(run.mcfg, run.compute, threads):  # the jobs' threads: the same bits as their first pass
+                    run.forward(mod, i, hidden, spare)
                 hidden, spare = spare, hidden  # the old input went into the object store: reuse its buffer
                 if i + 1 in todo_set:
                     run.state.save_hidden(i, hidden)  # before any collect: a done layer's successor always has its input
@@ -273,8 +281,6 @@ def layer_task(path: str, fingerprint: str, version: str, device_type: str, dtyp
                i: int, wire) -> LayerResult:
     """One layer's job in a Ray worker: the same run_layer as the single-process driver."""
     t0 = time.time()
-    if threads:
-        torch.set_num_threads(threads)
     names = {v: k for k, v in COMPUTE_DTYPES.items()}
     compute = resolve_compute(device_type, names[dtype])  # a GPU task sees its one GPU as cuda:0
     if crash and crash.split(":", 1)[0] == str(i) and not Path(crash.split(":", 1)[1]).exists():
@@ -287,7 +293,7 @@ def layer_task(path: str, fingerprint: str, version: str, device_type: str, dtyp
         if hidden_on_device:
             hidden = hidden.to(compute.device)
         kwargs = calibration_kwargs(mcfg, hidden[:, :, 0], compute)
-    with threads_for(mcfg, compute):
+    with threads_for(mcfg, compute, threads):  # the threads the fingerprint records (CPU results depend on them)
         res, _ = run_layer(mod, i, options, out_dtype, hidden, kwargs)
     for role in res.qtensors:
         res.awq_gemm(role)  # pack here, not on the driver

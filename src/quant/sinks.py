@@ -4,8 +4,10 @@ tensor up front, so each file's header is final before its first byte), `add` wr
 layer as soon as it is done, `finish` writes the rest. Sinks never quantize: they take
 QTensors and move their codes bit-exactly.
 
-- AwqGemmSink: the AWQ-GEMM Hugging Face layout (formats/awq_gemm.py), one
-  model.safetensors, config.json with quantization_config, tokenizer files.
+- HfQuantSink: a Hugging Face directory, one model.safetensors, config.json with
+  quantization_config, tokenizer files; its linears in AWQ-GEMM (formats/awq_gemm.py,
+  `--to hf`) or compressed-tensors pack-quantized (formats/compressed_tensors.py, what
+  vLLM and SGLang load).
 - EngineSink: an int4/int8 lmkiln engine (formats/engine.py), through the converter's
   own per-layer producer, so no AWQ-GEMM checkpoint is written and read back.
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,9 +28,13 @@ from lmkiln.convert.hf_to_engine import (
     role_shapes,
 )
 from lmkiln.convert.quantized import module_name, resolve_quant
-from lmkiln.formats.awq_gemm import AwqSpec, qlinear_shapes
+from lmkiln.errors import InputError
+from lmkiln.formats import compressed_tensors as ct
+from lmkiln.formats.awq_gemm import PACK, AwqSpec, qlinear_shapes, write_qlinear
+from lmkiln.formats.packing import round_up
 from lmkiln.formats.engine import EngineWriter, copy_side_files, expected_tensors, write_manifest
 from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.qtensor import QTensor
 from lmkiln.formats.safetensors_io import StreamWriter
 from lmkiln.quant.job import LayerResult
 
@@ -43,27 +51,95 @@ class Sink:
     def abort(self) -> None: ...
 
 
-class AwqGemmSink(Sink):
+@dataclass(frozen=True)
+class LinearLayout:
+    """How one HF-directory format stores a quantized linear: the part that differs
+    between AWQ-GEMM and compressed-tensors (everything else is HfQuantSink's)."""
+
+    flag: str  # the --to value, for messages
+    out_multiple: int  # output widths must be multiples of this (codes packed along the output)
+    shapes: Callable[[int, int], dict[str, tuple[torch.dtype, tuple]]]  # (out, in) -> {suffix: (dtype, shape)}
+    pack: Callable[[LayerResult, str, QTensor], dict[str, torch.Tensor]]  # (result, role, padded QTensor) -> tensors
+    config: Callable[[str], dict]  # method -> quantization_config
+
+
+def awq_gemm_layout(spec: AwqSpec) -> LinearLayout:
+    def shapes(out_f, in_f):
+        qs = qlinear_shapes(spec, out_f, in_f)
+        return {"qweight": (torch.int32, qs["qweight"]), "qzeros": (torch.int32, qs["qzeros"]), "scales": (torch.float16, qs["scales"])}
+
+    def pack(res, role, qt):
+        # packed once per layer and shared with the resume state, unless the FFN width was padded here
+        return res.awq_gemm(role) if qt is res.qtensors[role] else write_qlinear(qt)
+
+    return LinearLayout("hf", PACK[spec.bits], shapes, pack, lambda method: spec.to_config(False, {"lmkiln_method": method}))
+
+
+def compressed_tensors_layout(spec: AwqSpec) -> LinearLayout:
+    sym = not spec.zero_point
+    ct.require()
+
+    def shapes(out_f, in_f):
+        return ct.linear_shapes(spec.bits, spec.group_size, sym, out_f, in_f)
+
+    def config(method):
+        return {**ct.quantization_config(spec.bits, spec.group_size, sym, ["lm_head"]), "lmkiln_method": method}
+
+    return LinearLayout("compressed-tensors", 1, shapes, lambda res, role, qt: ct.write_linear(qt, sym), config)
+
+
+def standard_intermediate(arch: Architecture, model: dict, spec: AwqSpec, layout: LinearLayout) -> int:
+    """The FFN width of a standard HF output, or a one-line refusal.
+
+    HF readers (transformers, vLLM, SGLang, lmdeploy) take the shapes from config.json,
+    so every input width must be whole groups (and, for AWQ-GEMM, every output width
+    whole int32 words). The FFN's intermediate width alone can be zero-padded exactly
+    (extra gate/up rows output 0, act(0)·0 = 0, extra down columns are 0), so it is padded
+    to whole groups and config.json gets the padded value; any other width that does not
+    fit is refused, naming the tensor and the group sizes that would work."""
+    shapes = role_shapes(model)
+    wider = role_shapes(dict(model, inter_size=model["inter_size"] + 1))  # the dims that follow inter_size
+    linears = [r for r in LINEAR_ROLES if r in arch.tensors]
+    m, g, inter = layout.out_multiple, spec.group_size, model["inter_size"]
+    inter_p = round_up(inter, m if g == -1 else g)
+    if inter_p % m or (g == -1 and inter_p != inter):
+        raise InputError(f"--to {layout.flag}: intermediate_size {inter} cannot be padded to whole groups of {g} that are "
+                         f"also whole int32 words of {m} codes; use --group-size 32, 64 or 128, or --to engine")
+    for r in linears:
+        (out_f, in_f), (out_w, in_w) = shapes[r], wider[r]
+        where = f"{module_name(arch, r, 0).replace('.0.', '.*.')}.weight"
+        if in_f == in_w and g != -1 and in_f % g:
+            ok = [str(c) for c in (8, 16, 32, 64, 128, 256) if all(shapes[x][1] % c == 0 for x in linears if shapes[x][1] == wider[x][1])]
+            raise InputError(f"--to {layout.flag}: {where} has input width {in_f}, not a multiple of --group-size {g}; its "
+                             f"readers need whole groups: use --group-size {', '.join(ok + ['-1'])}, or --to engine (which pads)")
+        if out_f == out_w and out_f % m:
+            raise InputError(f"--to {layout.flag}: {where} has output width {out_f}, not a multiple of {m} (codes per int32); "
+                             "use --to engine")
+    return inter_p
+
+
+class HfQuantSink(Sink):
+    """A Hugging Face directory with quantized linears (AWQ-GEMM or compressed-tensors):
+    one model.safetensors streamed layer by layer, config.json with the format's
+    quantization_config and the standard (padded) FFN width, tokenizer files, report."""
+
     def __init__(self, out: Path, ckpt: HFCheckpoint, arch: Architecture, model: dict, spec: AwqSpec,
-                 method: str, dtype: torch.dtype):
+                 method: str, dtype: torch.dtype, layout: LinearLayout):
         self.out, self.ckpt, self.arch, self.model, self.spec, self.method, self.dtype = out, ckpt, arch, model, spec, method, dtype
+        self.layout = layout
         glob, self.layer_roles = required_roles(model)
         self.tail = [arch.hf_name_of(r) for r in glob[1:]]
-        shapes = role_shapes(model)
+        self.inter_p = standard_intermediate(arch, model, spec, layout)
+        self.shapes = role_shapes(dict(model, inter_size=self.inter_p))  # as config.json will say
         specs = [(arch.hf_name_of("embed"), dtype, tuple(ckpt.shape(arch.hf_name_of("embed"))))]
-        self.padded = False
         for i in range(model["num_layer"]):
             for role in self.layer_roles:
                 name = arch.hf_name_of(role, i)
                 if role not in LINEAR_ROLES:
-                    specs.append((name, dtype, shapes[role]))
+                    specs.append((name, dtype, self.shapes[role]))
                     continue
                 module = module_name(arch, role, i)
-                qs = qlinear_shapes(spec, *shapes[role])
-                for k, dt in (("qweight", torch.int32), ("qzeros", torch.int32), ("scales", torch.float16)):
-                    specs.append((f"{module}.{k}", dt, qs[k]))
-                out_f, in_f = shapes[role]
-                self.padded |= qs["qweight"][0] != in_f or qs["scales"][1] != out_f
+                specs += [(f"{module}.{k}", dt, shape) for k, (dt, shape) in layout.shapes(*self.shapes[role]).items()]
         specs += [(n, dtype, tuple(ckpt.shape(n))) for n in self.tail]
         self.specs = specs
 
@@ -78,8 +154,11 @@ class AwqGemmSink(Sink):
             name = self.arch.hf_name_of(role, i)
             if role in LINEAR_ROLES:
                 module = module_name(self.arch, role, i)
-                for k, v in res.awq_gemm(role).items():
-                    self.w.write(f"{module}.{k}", v)
+                qt = res.qtensors[role]
+                out_p = self.shapes[role][0]
+                qt = qt if round_up(qt.out_features, self.layout.out_multiple) == out_p else qt.pad_out(out_p)
+                for k, v in self.layout.pack(res, role, qt).items():
+                    self.w.write(f"{module}.{k}", v.contiguous())
             else:
                 self.w.write(name, res.fp[name].to(self.dtype).contiguous())
 
@@ -88,7 +167,12 @@ class AwqGemmSink(Sink):
             self.w.write(n, self.ckpt.get(n).to(self.dtype))
         self.w.close()
         cfg = dict(self.ckpt.config)
-        cfg["quantization_config"] = self.spec.to_config(self.padded, {"lmkiln_method": self.method})
+        if self.inter_p != self.model["inter_size"]:
+            key = self.arch.config["inter_size"]
+            cfg[key if isinstance(key, str) else key[0]] = self.inter_p
+            report["padding"] = {"intermediate_size": {"source": self.model["inter_size"], "written": self.inter_p,
+                                                       "why": "zero rows/columns: whole groups, exact for gated MLPs"}}
+        cfg["quantization_config"] = self.layout.config(self.method)
         (self.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for p in self.ckpt.tokenizer_files():
             shutil.copyfile(p, self.out / p.name)
@@ -152,9 +236,13 @@ class EngineSink(Sink):
             self.writer.abort()
 
 
+LAYOUTS = {"hf": awq_gemm_layout, "compressed-tensors": compressed_tensors_layout}
+TARGETS = ("hf", "engine", "compressed-tensors")  # --to
+
+
 def make_sink(to: str, out: Path, ckpt: HFCheckpoint, arch: Architecture, model: dict, spec: AwqSpec,
               method: str, dtype: torch.dtype, acc: Accounting) -> Sink:
     if to == "engine":
         return EngineSink(out, ckpt, arch, model, spec, method, dtype, acc)
-    return AwqGemmSink(out, ckpt, arch, model, spec, method, dtype)
+    return HfQuantSink(out, ckpt, arch, model, spec, method, dtype, LAYOUTS[to](spec))
 

@@ -6,6 +6,7 @@
 | ONNX export (model.onnx)        | onnxruntime      | onnxruntime                    |
 | HF directory, fp                | transformers     | torch engine (converted, temp) |
 | HF directory, AWQ-GEMM          | transformers (dequantized) | torch engine (converted, temp) |
+| GGUF file (`lmkiln export gguf`) | gguf (dequantized) | gguf: its weights dequantized by GGUF's own code, run by the torch engine |
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from lmkiln.errors import InputError
 from lmkiln.formats.engine import Engine, is_engine
+from lmkiln.formats.gguf import is_gguf
 
 RUNNERS = ("auto", "torch", "onnx", "transformers")
 
@@ -33,11 +35,13 @@ def kind_of(path: Path) -> str:
         raise InputError(f"{path}: no such file or directory")
     if is_engine(path):
         return "engine"
+    if is_gguf(path):
+        return "gguf"
     if is_onnx_export(path):
         return "onnx"
     if (path / "config.json").is_file():
         return "hf"
-    raise InputError(f"{path}: not an engine (manifest.json), an ONNX export (model.onnx) or an HF directory (config.json)")
+    raise InputError(f"{path}: not an engine (manifest.json), an ONNX export (model.onnx), a GGUF file or an HF directory (config.json)")
 
 
 def weight_type(path: Path) -> str:
@@ -45,6 +49,10 @@ def weight_type(path: Path) -> str:
     kind = kind_of(path)
     if kind == "engine":
         return json.loads((Path(path) / "manifest.json").read_text())["weight_type"]
+    if kind == "gguf":
+        from lmkiln.formats.gguf import WEIGHT_TYPES, GgufFile
+
+        return WEIGHT_TYPES.get(GgufFile(path).get("general.file_type"), "int4")
     if kind == "onnx":
         meta = Path(path) / "lmkiln_export.json"
         if meta.is_file():
@@ -65,6 +73,13 @@ def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available to torch here")
     kind = kind_of(path)
+    if kind == "gguf":
+        if runner not in ("auto", "torch"):
+            raise InputError(f"{path}: a GGUF file runs with --runner auto (its weights dequantized, on the torch engine)")
+        from lmkiln.runtime.gguf_runner import gguf_model
+
+        yield gguf_model(path, device=device)
+        return
     if runner == "auto":
         runner = {"engine": "torch", "onnx": "onnx", "hf": "transformers" if role == "reference" else "torch"}[kind]
     if runner == "onnx":

@@ -57,6 +57,10 @@ def _context_length(path: Path) -> int:
         return json.loads((Path(path) / "manifest.json").read_text())["model"]["max_position_embeddings"]
     if kind == "hf":
         return int(json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings", 2048))
+    if kind == "gguf":
+        from lmkiln.formats.gguf import GgufFile
+
+        return GgufFile(path).model().context
     return 2048
 
 

@@ -1,0 +1,122 @@
+"""compressed-tensors `pack-quantized`: the layout vLLM and SGLang load natively (what
+llm-compressor writes for W4A16 / W8A16).
+
+Per quantized linear `M` (HF module path):
+
+| tensor | dtype | shape |
+|---|---|---|
+| `M.weight_packed` | int32 | (out, ceil(in · bits / 32)): codes along the input, dense, little-endian |
+| `M.weight_scale` | float16 | (out, in / g); (out, 1) per channel |
+| `M.weight_zero_point` | int32 | (ceil(out · bits / 32), in / g), packed along the output; asymmetric only |
+| `M.weight_shape` | int64 | (2,) = [out, in] |
+
+Values are signed: the code q ∈ [0, 2^b) is stored as q − 2^(b−1) (the packer adds the
+offset back), the zero point likewise, and w = (q − z) · s. lmkiln's symmetric scheme
+has the fixed zero 2^(b−1), i.e. a signed zero of 0: compressed-tensors' symmetric.
+config.json carries `quantization_config` {quant_method: compressed-tensors, format:
+pack-quantized, config_groups: {group_0: {targets: [Linear], weights: {num_bits, type:
+int, symmetric, strategy: group|channel, group_size}}}, ignore: [lm_head], quantization_status:
+compressed}.
+
+The `compressed-tensors` package (the format's own library, an optional extra) builds
+the config and packs the codes, so the bytes are the library's by construction; this
+module only maps QTensors onto its conventions and back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmkiln.errors import CheckpointError, InputError
+from lmkiln.formats.qtensor import QTensor
+
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+FORMAT = "pack-quantized"
+
+
+def _lib():
+    try:
+        import compressed_tensors  # noqa: F401
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    except ImportError:
+        raise InputError("the compressed-tensors format needs its library, an optional extra: "
+                         "pip install 'lmkiln[compressed-tensors]'") from None
+    return pack_to_int32, unpack_from_int32
+
+
+def require() -> None:
+    """Fail in one line, before any work, when the library is missing."""
+    _lib()
+
+
+def quantization_config(bits: int, group_size: int, symmetric: bool, ignore: list[str]) -> dict:
+    """The config.json block, built by the library's own pydantic models."""
+    _lib()
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
+                            **({"strategy": "channel"} if group_size == -1 else {"strategy": "group", "group_size": group_size}))
+    cfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                             format=FORMAT, ignore=ignore, quantization_status=QuantizationStatus.COMPRESSED)
+    return cfg.model_dump(mode="json")
+
+
+def spec_of(config: dict) -> tuple[int, int, bool] | None:
+    """(bits, group_size, symmetric) of a compressed-tensors checkpoint's config.json, None if it is not one."""
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") != "compressed-tensors":
+        return None
+    groups = list((q.get("config_groups") or {}).values())
+    if q.get("format") != FORMAT or len(groups) != 1 or not groups[0].get("weights"):
+        raise CheckpointError(f"compressed-tensors format {q.get('format')!r} with {len(groups)} config group(s): "
+                              f"lmkiln reads {FORMAT} with one group of integer weights")
+    w = groups[0]["weights"]
+    if w.get("type") != "int" or w.get("num_bits") not in (4, 8) or w.get("strategy") not in ("group", "channel"):
+        raise CheckpointError(f"compressed-tensors weights {w}: lmkiln reads int4/int8 with group or channel strategy")
+    return w["num_bits"], (-1 if w["strategy"] == "channel" else w["group_size"]), bool(w.get("symmetric"))
+
+
+def linear_shapes(bits: int, group_size: int, symmetric: bool, out_f: int, in_f: int) -> dict[str, tuple[torch.dtype, tuple]]:
+    """The tensors of one linear of width (out_f, in_f), which must be whole groups."""
+    ng = 1 if group_size == -1 else in_f // group_size
+    shapes = {"weight_packed": (torch.int32, (out_f, math.ceil(in_f * bits / 32))),
+              "weight_scale": (torch.float16, (out_f, ng)),
+              "weight_shape": (torch.int64, (2,))}
+    if not symmetric:
+        shapes["weight_zero_point"] = (torch.int32, (math.ceil(out_f * bits / 32), ng))
+    return shapes
+
+
+def write_linear(qt: QTensor, symmetric: bool) -> dict[str, torch.Tensor]:
+    """A QTensor's codes, scales and zeros in the layout above (no re-quantization).
+    Its input must be whole groups already (qt.in_padded is the width written)."""
+    pack, _ = _lib()
+    offset = 1 << (qt.bits - 1)
+    out = {"weight_packed": pack((qt.codes.to(torch.int16) - offset).to(torch.int8), qt.bits),
+           "weight_scale": qt.scales.to(torch.float16).contiguous(),
+           "weight_shape": torch.tensor([qt.out_features, qt.in_padded], dtype=torch.int64)}
+    if symmetric:
+        if not bool((qt.zeros == offset).all()):
+            raise CheckpointError("a symmetric compressed-tensors weight needs the zero point 2^(bits-1) in every group")
+    else:
+        out["weight_zero_point"] = pack((qt.zeros.to(torch.int16) - offset).to(torch.int8), qt.bits, packed_dim=0)
+    return out
+
+
+def read_linear(get, module: str, bits: int, group_size: int, symmetric: bool) -> QTensor:
+    """Module `module`'s tensors (via `get(name)`) as a QTensor; codes as stored."""
+    _, unpack = _lib()
+    offset = 1 << (bits - 1)
+    shape = torch.Size(int(x) for x in get(f"{module}.weight_shape"))
+    codes = unpack(get(f"{module}.weight_packed"), bits, shape).to(torch.int16) + offset
+    scales = get(f"{module}.weight_scale").float()
+    if symmetric:
+        zeros = torch.full(scales.shape, offset, dtype=torch.int16)
+    else:
+        zeros = unpack(get(f"{module}.weight_zero_point"), bits, torch.Size((shape[0], scales.shape[1])), packed_dim=0)
+        zeros = zeros.to(torch.int16) + offset
+    g = shape[1] if group_size == -1 else group_size
+    return QTensor(codes=codes.to(torch.uint8), scales=scales, zeros=zeros.to(torch.int32), bits=bits, group_size=g,
+                   in_features=shape[1])

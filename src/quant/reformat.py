@@ -1,0 +1,54 @@
+"""`lmkiln convert to-compressed-tensors`: an AWQ-GEMM checkpoint (lmkiln's, AutoAWQ's,
+lmdeploy's) rewritten as compressed-tensors pack-quantized, codes and scales moved
+bit-exactly, layer by layer through the same sink `quantize --to compressed-tensors`
+uses. Nothing is re-quantized.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lmkiln
+from lmkiln.convert.architectures import LINEAR_ROLES
+from lmkiln.convert.hf_to_engine import CheckpointSource, make_plan, required_roles
+from lmkiln.errors import InputError
+from lmkiln.formats.atomic import atomic_dir, check_output
+from lmkiln.formats.awq_gemm import awq_spec
+from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.quant.job import LayerResult
+from lmkiln.quant.sinks import REPORT, HfQuantSink, compressed_tensors_layout
+
+
+def awq_to_compressed_tensors(src: str | Path, out: str | Path, force: bool = False) -> Path:
+    ckpt = HFCheckpoint(src)
+    if awq_spec(ckpt.config) is None:
+        raise InputError(f"{ckpt.path}: not an AWQ-GEMM checkpoint (no quantization_config); quantize it with "
+                         "`lmkiln quantize ... --to compressed-tensors`")
+    plan = make_plan(ckpt, 1, "auto")  # checks and accounts for every tensor, as `convert hf-to-engine` does
+    if plan.quant["unquantized"]:
+        raise InputError(f"{ckpt.path}: modules_to_not_convert {list(plan.spec.modules_to_not_convert)} are not supported "
+                         "by this conversion yet; quantize the fp model with --to compressed-tensors")
+    if plan.spec.bits not in (4, 8):
+        raise InputError(f"{ckpt.path}: {plan.spec.bits}-bit weights; compressed-tensors output takes int4 or int8")
+    layout = compressed_tensors_layout(plan.spec)
+    out = check_output(Path(out), force, inputs=(ckpt.path,))
+    source = CheckpointSource(ckpt, plan.arch, plan.model, plan.fp_dtype, plan.quant, plan.spec)
+    _, layer_roles = required_roles(plan.model)
+    method = (ckpt.config.get("quantization_config") or {}).get("lmkiln_method", "awq")
+    report = json.loads((ckpt.path / REPORT).read_text()) if (ckpt.path / REPORT).is_file() else {}
+    report["converted"] = {"from": str(ckpt.path), "from_format": "awq-gemm", "to_format": "compressed-tensors",
+                           "lmkiln_version": lmkiln.__version__}
+    with atomic_dir(out, force=force, inputs=(ckpt.path,)) as tmp:
+        sink = HfQuantSink(tmp, ckpt, plan.arch, plan.model, plan.spec, method, plan.fp_dtype, layout)
+        try:
+            sink.begin()
+            for i in range(plan.model["num_layer"]):
+                q = {r: source.linear(r, i, "") for r in layer_roles if r in LINEAR_ROLES}
+                fp = {plan.arch.hf_name_of(r, i): source.fp(r, i) for r in layer_roles if r not in LINEAR_ROLES}
+                sink.add(LayerResult(i, q, fp))
+            sink.finish(report)
+        except BaseException:
+            sink.abort()
+            raise
+    return out

@@ -1,0 +1,178 @@
+"""compressed-tensors output (`--to compressed-tensors`, `convert to-compressed-tensors`):
+the format's own library decompresses every linear to exactly lmkiln's dequantized
+weights, transformers loads the directory with its compressed-tensors support on the
+CPU, and the conversion from AWQ-GEMM gives the same bytes as quantizing straight to it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from helpers import torch_threads
+from lmkiln.assets import bundled_model_path
+from lmkiln.cli import app
+from lmkiln.errors import InputError
+from lmkiln.formats.awq_gemm import awq_spec, read_qlinear
+from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.quant.awq import QuantOptions
+from lmkiln.quant.pipeline import REPORT, CalibOptions, quantize_model
+from lmkiln.quant.reformat import awq_to_compressed_tensors
+from lmkiln.runtime.engine_model import EngineModel
+from quant_fixtures import build_hf
+
+STORIES = bundled_model_path()
+CALIB = CalibOptions(n_samples=4, seqlen=64)
+ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return {"stories": STORIES, "qwen3": build_hf("qwen3", tmp_path_factory.mktemp("ct") / "qwen3")}
+
+
+def decompressed(d: Path) -> dict[str, torch.Tensor]:
+    """Every quantized linear's weight as compressed-tensors' own decompressor gives it."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = QuantizationConfig.model_validate(json.loads((d / "config.json").read_text())["quantization_config"])
+    scheme = qc.config_groups["group_0"]
+    out = {}
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        modules = sorted({k.rsplit(".", 1)[0] for k in f.keys() if k.endswith(".weight_packed")})
+        for m in modules:
+            local = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.rsplit(".", 1)[0] == m}
+            out[m] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    return out
+
+
+def twin_weights(awq_dir: Path) -> dict[str, torch.Tensor]:
+    """lmkiln's own dequantized weights of the AWQ-GEMM twin (same run, same codes), in fp16."""
+    ckpt = HFCheckpoint(awq_dir)
+    spec = awq_spec(ckpt.config)
+    out = {}
+    for name in ckpt.keys():
+        if name.endswith(".qweight"):
+            m = name[: -len(".qweight")]
+            rows, words = ckpt.shape(name)
+            scales = ckpt.shape(f"{m}.scales")
+            qt = read_qlinear(ckpt.get, m, spec, scales[1], rows)
+            out[m] = qt.dequantize().half()  # (q - z) · s of an fp16 s: exact in fp16
+    return out
+
+
+@pytest.mark.parametrize("model,bits,group,method,sym", [
+    ("stories", 4, 32, "awq", False),
+    ("stories", 4, 64, "rtn", True),
+    ("stories", 8, 32, "awq", False),
+    ("qwen3", 4, 16, "awq", False),
+    ("qwen3", 4, -1, "rtn", True),
+])
+def test_library_decompresses_lmkiln_weights_bit_for_bit(models, model, bits, group, method, sym, tmp_path):
+    opts = QuantOptions(bits=bits, group_size=group, method=method, symmetric=sym)
+    ct = quantize_model(models[model], tmp_path / "ct", opts, CALIB, to="compressed-tensors").output
+    cfg = json.loads((ct / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    assert q["ignore"] == ["lm_head"] and q["quantization_status"] == "compressed"
+    w = q["config_groups"]["group_0"]["weights"]
+    assert (w["num_bits"], w["symmetric"], w["strategy"]) == (bits, sym, "channel" if group == -1 else "group")
+    if group == -1:  # AWQ-GEMM cannot hold this FFN width (100) per channel: lmkiln's reader of the same bytes
+        from lmkiln.formats.compressed_tensors import read_linear
+
+        got = decompressed(ct)
+        with safe_open(str(ct / "model.safetensors"), framework="pt") as f:
+            for m, w in got.items():
+                assert torch.equal(w, read_linear(f.get_tensor, m, bits, group, sym).dequantize().half()), m
+    elif bits == 4:  # AWQ-GEMM has no 8-bit layout others read; lmkiln's own is compared through the engine below
+        twin = quantize_model(models[model], tmp_path / "awq", opts, CALIB, to="hf").output
+        want = twin_weights(twin)
+        got = decompressed(ct)
+        assert set(got) == set(want)
+        for m in want:
+            assert got[m].dtype == torch.float16 and torch.equal(got[m], want[m]), m
+        # and the conversion from AWQ-GEMM writes the same tensors
+        conv = awq_to_compressed_tensors(twin, tmp_path / "conv")
+        assert sha(conv / "model.safetensors") == sha(ct / "model.safetensors")
+        assert json.loads((conv / "config.json").read_text()) == cfg
+        assert json.loads((conv / REPORT).read_text())["converted"]["from_format"] == "awq-gemm"
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def transformers_model(ct: Path):
+    """The directory loaded by transformers' compressed-tensors support (decompressing on
+    load, CPU), after checking every weight it holds against lmkiln's: quantized linears
+    equal lmkiln's dequantized weights rounded to fp16 (the library decompresses into the
+    scale dtype; (q - z)·s needs up to 15 mantissa bits), everything else equal."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from lmkiln.formats.compressed_tensors import read_linear, spec_of
+
+    model = AutoModelForCausalLM.from_pretrained(str(ct), local_files_only=True, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+    bits, group, sym = spec_of(json.loads((ct / "config.json").read_text()))
+    sd = model.state_dict()
+    with safe_open(str(ct / "model.safetensors"), framework="pt") as f:
+        modules = {k.rsplit(".", 1)[0] for k in f.keys() if k.endswith(".weight_packed")}
+        for m in modules:
+            want = read_linear(f.get_tensor, m, bits, group, sym).dequantize().half().float()
+            assert torch.equal(sd[f"{m}.weight"].float(), want), m
+        for k in f.keys():
+            if k.rsplit(".", 1)[0] not in modules:
+                assert torch.equal(sd[k], f.get_tensor(k).float()), k
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_transformers_loads_it_on_cpu(bits, tmp_path):
+    """transformers' own loader against lmkiln's engine on the same codes (int8 has no
+    public AWQ-GEMM twin; this is where it meets an outside reader)."""
+    opts = QuantOptions(bits=bits, group_size=32)
+    ct = quantize_model(STORIES, tmp_path / "ct", opts, CALIB, to="compressed-tensors").output
+    eng = quantize_model(STORIES, tmp_path / "eng", opts, CALIB, to="engine").output
+    model = transformers_model(ct)
+    ids = torch.randint(3, 500, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = EngineModel.from_path(eng, check=True)(ids)
+        got = model(ids).logits.float()
+    # the engine computes with the exact fp32 dequantized weights, transformers with their fp16 roundings
+    assert (got - want).abs().max() <= 1e-2, float((got - want).abs().max())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_cli_and_errors(tmp_path, monkeypatch):
+    out = tmp_path / "ct"
+    r = CliRunner().invoke(app, ["quantize", str(STORIES), "--w4a16", "--group-size", "32", "--method", "rtn",
+                                 "--format", "compressed-tensors", "-o", str(out)], env=ENV)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    awq = quantize_model(STORIES, tmp_path / "awq", QuantOptions(bits=4, group_size=32, method="rtn"), CALIB).output
+    r = CliRunner().invoke(app, ["convert", "to-compressed-tensors", str(awq), "-o", str(tmp_path / "conv")], env=ENV)
+    assert r.exit_code == 0, r.output
+    assert sha(tmp_path / "conv" / "model.safetensors") == sha(out / "model.safetensors")
+    r = CliRunner().invoke(app, ["convert", "to-compressed-tensors", str(awq), "-o", str(tmp_path / "conv")], env=ENV)
+    assert r.exit_code == 2 and "--force" in r.output  # never overwrites without it
+    with pytest.raises(InputError, match="not an AWQ-GEMM checkpoint"):
+        awq_to_compressed_tensors(STORIES, tmp_path / "x")
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # as if the extra were missing
+    r = CliRunner().invoke(app, ["quantize", str(STORIES), "--w4a16", "--group-size", "32", "--to", "compressed-tensors",
+                                 "-o", str(tmp_path / "none")], env=ENV)
+    assert r.exit_code == 2 and "pip install 'lmkiln[compressed-tensors]'" in r.output
+    assert not (tmp_path / "none").exists()

@@ -1,0 +1,312 @@
+"""`lmkiln export gguf`: every file is read back with the `gguf` package's own reader and
+dequantized with its own `gguf.quants`, then compared with lmkiln's dequantized weights.
+
+- AWQ int4 g32 (stories260K, `lmkiln quantize`): Q4_1 blocks hold AWQ's codes and scales
+  bit for bit; the weights differ only by the fp16 rounding of m = −scale·zero.
+- RTN fixtures (tests/quant_fixtures.py): symmetric int4 -> Q4_0 and int8 -> Q8_0 exactly;
+  Qwen2 (half-split rotary, biases) and Qwen3 (q/k norms; hidden 48, whose rows are not
+  whole blocks -> f16); group 64 moves exactly, group 16 is re-quantized and says so.
+- The GGUF runner (`lmkiln verify` candidate) gives the source's logits for f32 files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from helpers import torch_threads
+from lmkiln.assets import bundled_model_path
+from lmkiln.cli import app
+from lmkiln.convert.architectures import LINEAR_ROLES, get_architecture
+from lmkiln.convert.transforms import permute_rotary
+from lmkiln.errors import InputError, OutputExistsError
+from lmkiln.export.gguf import export_gguf
+from lmkiln.formats.awq_gemm import awq_spec, read_qlinear
+from lmkiln.formats.gguf import BLOCK, tensor_name, unpack_blocks
+from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.quant.awq import QuantOptions
+from lmkiln.quant.pipeline import CalibOptions, quantize_model
+from lmkiln.runtime.engine_model import EngineModel
+from lmkiln.runtime.gguf_runner import gguf_model
+from lmkiln.runtime.session import engine_dir
+from quant_fixtures import build_hf, write_awq
+
+STORIES = bundled_model_path()
+EVAL_TEXT = Path(__file__).parent / "fixtures" / "tinystories_eval.txt"  # in-domain text calibration never saw
+ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+IDS = torch.tensor([[1, 403, 89, 260, 16, 302, 72, 343, 30, 418, 5, 11, 200]])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def awq_stories(tmp_path_factory) -> Path:
+    """stories260K, AWQ int4 g32 asymmetric, as an AWQ-GEMM directory."""
+    out = tmp_path_factory.mktemp("gguf-awq") / "awq"
+    quantize_model(STORIES, out, QuantOptions(bits=4, group_size=32), CalibOptions(n_samples=16, seqlen=128), to="hf")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    """name -> (fp HF dir, fake-quantized fp dir, AWQ dir) for the RTN fixtures, built lazily."""
+    root, cache = tmp_path_factory.mktemp("gguf-fix"), {}
+
+    def get(family: str, bits: int, group: int, sym: bool):
+        key = (family, bits, group, sym)
+        if key not in cache:
+            d = root / "-".join(map(str, key))
+            hf = root / family if (root / family).exists() else build_hf(family, root / family)
+            write_awq(hf, d / "awq", d / "fake", bits, group, sym)
+            cache[key] = (hf, d / "fake", d / "awq")
+        return cache[key]
+
+    return get
+
+
+def read(path: Path) -> dict[str, tuple[gguf.GGMLQuantizationType, np.ndarray]]:
+    """name -> (type, float32 (rows, row length)) with gguf's own reader and dequantizer."""
+    r = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type, np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+                     .reshape(tuple(int(x) for x in reversed(t.shape.tolist())))) for t in r.tensors}
+
+
+def field(path: Path, key: str):
+    f = gguf.GGUFReader(str(path)).get_field(key)
+    return None if f is None else f.contents()
+
+
+def expected_linear(w: torch.Tensor, role: str, cfg: dict, n_ff: int, interleaved: bool) -> np.ndarray:
+    """An HF (out, in) weight as the GGUF must hold it: llama.cpp's rotary row order, FFN zero-padded."""
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if interleaved and role in ("q", "k"):
+        w = permute_rotary(w, cfg["num_attention_heads"] if role == "q" else cfg["num_key_value_heads"], hd)
+    if role in ("gate", "up"):
+        w = torch.cat([w, w.new_zeros(n_ff - w.shape[0], w.shape[1])])
+    if role == "down":
+        w = torch.cat([w, w.new_zeros(w.shape[0], n_ff - w.shape[1])], 1)
+    return w.float().numpy()
+
+
+def compare_linears(gg: Path, fake_dir: Path, tol: float) -> float:
+    """Max |GGUF − lmkiln dequantized| over every linear; asserts shapes and `tol`."""
+    cfg = json.loads((fake_dir / "config.json").read_text())
+    arch = get_architecture(cfg["architectures"][0])
+    sd = load_file(str(fake_dir / "model.safetensors"))
+    t = read(gg)
+    n_ff = int(field(gg, f"{arch.gguf_arch}.feed_forward_length"))
+    assert n_ff % BLOCK == 0 and n_ff >= cfg["intermediate_size"]
+    worst = 0.0
+    for i in range(cfg["num_hidden_layers"]):
+        for role in LINEAR_ROLES:
+            want = expected_linear(sd[arch.hf_name_of(role, i)], role, cfg, n_ff, arch.gguf_rope_interleaved)
+            _, got = t[tensor_name(role, i)]
+            assert got.shape == want.shape, (role, i)
+            d = np.abs(got - want)
+            if role == "down":  # padded columns multiply the padded (exactly zero) gate/up outputs
+                d = d[:, :cfg["intermediate_size"]]
+            if role in ("gate", "up"):
+                assert not got[cfg["intermediate_size"]:].any(), "padded FFN rows must be exactly 0"
+            worst = max(worst, float(d.max()))
+    assert worst <= tol, worst
+    return worst
+
+
+def test_awq_q4_1_holds_awq_codes_and_scales(awq_stories, tmp_path):
+    res = export_gguf(awq_stories, tmp_path / "m.gguf")
+    rep = res.report
+    assert rep["type"] == "q4_1" and rep["requantized"] == {} and rep["fallbacks"] == {}
+    assert rep["counts"] == {"q4_1 exact": 35, "f32 fp": 11, "q8_0 quantized": 1}  # 5 layers x 7 linears; norms; embedding
+    assert field(res.path, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q4_1)
+    # bit for bit: GGUF codes = AWQ codes, d = AWQ scale, m = fp16(-scale * zero)
+    ckpt = HFCheckpoint(awq_stories)
+    spec, arch = awq_spec(ckpt.config), get_architecture(ckpt.architecture)
+    r = {t.name: t for t in gguf.GGUFReader(str(res.path)).tensors}
+    for role, shape in (("o", (64, 64)), ("down", (64, 172)), ("v", (32, 64))):
+        qt = read_qlinear(ckpt.get, arch.hf_name_of(role, 2).rsplit(".", 1)[0], spec, *shape)
+        codes, d, m = unpack_blocks(r[tensor_name(role, 2)].data, "q4_1")
+        n = codes.shape[1]  # the GGUF row length: 64, or the FFN width padded to whole blocks
+        assert qt.in_padded == n and np.array_equal(codes, qt.codes.numpy())
+        assert np.array_equal(d, qt.scales.numpy()[:, : n // BLOCK])
+        assert np.array_equal(m, (-qt.scales * qt.zeros).half().float().numpy()[:, : n // BLOCK])
+    # the weights gguf dequantizes differ from lmkiln's only by m's rounding, at most 1/128 of a step
+    from lmkiln.quant.dequant import write_fake_quant_checkpoint
+
+    fake = write_fake_quant_checkpoint(awq_stories, tmp_path / "fake")
+    worst = compare_linears(res.path, fake, tol=rep["m_rounding"]["max_abs_err"])
+    assert 0 < worst == pytest.approx(rep["m_rounding"]["max_abs_err"])
+    assert rep["m_rounding"]["max_err_steps"] <= 1 / 128
+
+
+def test_symmetric_int4_is_q4_0_and_int8_is_q8_0_exactly(fixtures, tmp_path):
+    _, fake, awq = fixtures("llama", 4, 32, True)
+    res = export_gguf(awq, tmp_path / "q40.gguf")
+    assert res.report["type"] == "q4_0" and res.report["m_rounding"] is None
+    assert compare_linears(res.path, fake, tol=0.0) == 0.0
+    _, fake8, awq8 = fixtures("llama", 8, 32, True)
+    res8 = export_gguf(awq8, tmp_path / "q80.gguf")
+    assert res8.report["type"] == "q8_0" and "q8_0 exact" in res8.report["counts"]
+    assert compare_linears(res8.path, fake8, tol=0.0) == 0.0
+    # symmetric int4 also fits Q4_1 exactly: m = -8·scale is an fp16 value
+    res41 = export_gguf(awq, tmp_path / "q41.gguf", gtype="q4_1")
+    assert compare_linears(res41.path, fake, tol=0.0) == 0.0
+
+
+def test_qwen_families_keep_hf_rotary_order_and_fall_back_per_tensor(fixtures, tmp_path):
+    _, fake, awq = fixtures("qwen2", 4, 32, False)
+    res = export_gguf(awq, tmp_path / "qwen2.gguf")
+    assert field(res.path, "general.architecture") == "qwen2"
+    compare_linears(res.path, fake, tol=res.report["m_rounding"]["max_abs_err"])
+    t = read(res.path)
+    hf = load_file(str(fake / "model.safetensors"))
+    assert np.array_equal(t["blk.1.attn_q.bias"][1], hf["model.layers.1.self_attn.q_proj.bias"].numpy())  # not permuted
+    # Qwen3 fixture: hidden 48 is not whole 32-blocks, so q/k/v/gate/up and the embedding are f16 (said per tensor)
+    _, fake3, awq3 = fixtures("qwen3", 4, 32, False)
+    res3 = export_gguf(awq3, tmp_path / "qwen3.gguf")
+    fb = res3.report["fallbacks"]
+    assert set(fb) == {tensor_name(r, i) for r in ("q", "k", "v", "gate", "up") for i in range(2)} | {"token_embd.weight"}
+    t3 = read(res3.path)
+    assert t3["blk.0.attn_q.weight"][0] == gguf.GGMLQuantizationType.F16
+    assert t3["blk.0.attn_output.weight"][0] == gguf.GGMLQuantizationType.Q4_1
+    compare_linears(res3.path, fake3, tol=2e-3)  # f16 rounding of the dequantized weights
+    hf3 = load_file(str(fake3 / "model.safetensors"))
+    assert np.array_equal(t3["blk.0.attn_q_norm.weight"][1], hf3["model.layers.0.self_attn.q_norm.weight"].numpy())
+
+
+def test_group_64_moves_exactly_group_16_and_asymmetric_int8_are_requantized(fixtures, tmp_path):
+    _, fake, awq = fixtures("llama", 4, 64, False)
+    res = export_gguf(awq, tmp_path / "g64.gguf")
+    assert res.report["requantized"] == {}
+    compare_linears(res.path, fake, tol=res.report["m_rounding"]["max_abs_err"])
+    _, fake16, awq16 = fixtures("llama", 4, 16, False)
+    said = []
+    res16 = export_gguf(awq16, tmp_path / "g16.gguf", on_info=said.append)
+    rq = res16.report["requantized"]
+    assert len(rq) == 14 and all("group size 16" in why for why in rq.values())
+    assert sum("re-quantizing" in s for s in said) == 14
+    meta = json.loads(field(res16.path, "lmkiln.export"))  # the file itself says what was re-quantized
+    assert meta["type"] == "q4_1" and meta["requantized"] == rq
+    # re-quantized by GGUF's Q4_1 quantizer: close to, not equal to, lmkiln's weights
+    worst = compare_linears(res16.path, fake16, tol=0.05)
+    assert worst > 1e-3
+    # GGUF has no int8 type with zero points: asymmetric int8 is re-quantized to Q8_0, and says why
+    _, fake8, awq8 = fixtures("llama", 8, 32, False)
+    res8 = export_gguf(awq8, tmp_path / "a8.gguf")
+    assert res8.report["type"] == "q8_0" and len(res8.report["requantized"]) == 14
+    assert all("8-bit asymmetric codes do not fit q8_0" == why for why in res8.report["requantized"].values())
+    compare_linears(res8.path, fake8, tol=0.01)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_runner_on_f32_gguf_gives_the_source_logits(fixtures, tmp_path, family):
+    """Fusion, rotary order and tying through GGUF and back: an f32 file is the same model."""
+    hf, _, _ = fixtures(family, 4, 32, False)
+    res = export_gguf(hf, tmp_path / "f32.gguf", gtype="f32")
+    assert set(res.report["counts"]) == {"f32 fp"}
+    with engine_dir(hf) as e:
+        ref = EngineModel.from_path(e)(IDS)
+    got = gguf_model(res.path)(IDS)
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_stories_tokenizer_and_metadata(tmp_path):
+    from lmkiln.formats.tokenizer import load_tokenizer
+
+    res = export_gguf(STORIES, tmp_path / "f16.gguf")
+    p = res.path
+    assert res.report["type"] == "f16"
+    assert field(p, "llama.feed_forward_length") == 192  # 172 zero-padded to whole blocks
+    assert (field(p, "llama.context_length"), field(p, "llama.block_count"), field(p, "llama.attention.head_count_kv")) == (512, 5, 4)
+    assert field(p, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
+    tok = load_tokenizer(STORIES)
+    tokens = field(p, "tokenizer.ggml.tokens")
+    assert tokens == tok.convert_ids_to_tokens(list(range(512)))
+    assert field(p, "tokenizer.ggml.model") == "llama" and len(set(field(p, "tokenizer.ggml.scores"))) > 100
+    assert (field(p, "tokenizer.ggml.bos_token_id"), field(p, "tokenizer.ggml.eos_token_id")) == (1, 2)
+    assert field(p, "tokenizer.ggml.add_bos_token") is True
+    types = field(p, "tokenizer.ggml.token_type")
+    assert types[:3] == [2, 3, 3] and types[3] == 6  # unknown, control x2, byte
+
+
+def test_verify_accepts_a_gguf_candidate(awq_stories, tmp_path):
+    """The GGUF scores like the AWQ checkpoint it came from (only the Q8_0 embedding and m's rounding differ)."""
+    from lmkiln.verify.verify import VerifyOptions, run_verify
+
+    gg = export_gguf(awq_stories, tmp_path / "m.gguf").path
+    opts = VerifyOptions(data=EVAL_TEXT, max_tokens=1024, max_new_tokens=4)
+    a, b = (run_verify(STORIES, c, opts).report for c in (awq_stories, gg))
+    assert b["runners"]["candidate"] == "gguf@cpu" and b["candidate"]["weight_type"] == "int4"
+    assert abs(b["kl"]["mean"] - a["kl"]["mean"]) < 0.01 and b["candidate"]["ppl"] == pytest.approx(a["candidate"]["ppl"], rel=0.01)
+    rep = tmp_path / "v.json"
+    r = CliRunner().invoke(app, ["verify", str(STORIES), str(gg), "--data", str(EVAL_TEXT), "--max-tokens", "600",
+                                 "--max-new-tokens", "4", "--max-kl", "1", "--min-top1", "0.5", "--report", str(rep)], env=ENV)
+    assert r.exit_code == 0, r.output
+    assert json.loads(rep.read_text())["runners"]["candidate"] == "gguf@cpu"
+
+
+def test_cli_errors_and_atomic_output(awq_stories, tmp_path):
+    out = tmp_path / "m.gguf"
+    r = CliRunner().invoke(app, ["export", "gguf", str(awq_stories), "-o", str(out)], env=ENV)
+    assert r.exit_code == 0, r.output
+    assert "35 q4_1 exact" in r.output and "m = -scale*zero rounded to fp16" in r.output
+    before = out.read_bytes()
+    r = CliRunner().invoke(app, ["export", "gguf", str(awq_stories), "-o", str(out)], env=ENV)
+    assert r.exit_code == 2 and "--force" in r.output
+    r = CliRunner().invoke(app, ["export", "gguf", str(awq_stories), "-o", str(out), "--type", "q5_k"], env=ENV)
+    assert r.exit_code == 2 and "--type" in r.output
+    assert out.read_bytes() == before
+    with pytest.raises(OutputExistsError):
+        export_gguf(awq_stories, tmp_path)  # a directory is not a file name
+    with pytest.raises(InputError):
+        export_gguf(tmp_path / "missing", tmp_path / "x.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary siblings left
+    assert export_gguf(awq_stories, out, force=True).path == out
+
+
+def test_byte_level_bpe_tokenizer_becomes_a_gpt2_vocab(tmp_path):
+    """Llama 3 / Qwen style tokenizers: tokens by id, merges, types, llama.cpp's pre-tokenizer name."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    from lmkiln.formats.gguf import BPE_PRE, add_tokenizer
+
+    llama3 = next(rx for rx, name in BPE_PRE.items() if name == "llama-bpe")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([EVAL_TEXT.read_text(encoding="utf-8")[:20000]], trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True,
+         "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    summary = add_tokenizer(w, tmp_path, 512, eos_ids=[])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    p = tmp_path / "t.gguf"
+    assert (field(p, "tokenizer.ggml.model"), field(p, "tokenizer.ggml.pre")) == ("gpt2", "llama-bpe")
+    vocab = tok.get_vocab()
+    tokens = field(p, "tokenizer.ggml.tokens")
+    assert len(tokens) == 512 and tokens[:len(vocab)] == sorted(vocab, key=vocab.get) and tokens[-1] == "[PAD511]"
+    types = field(p, "tokenizer.ggml.token_type")
+    assert types[vocab["<|end_of_text|>"]] == gguf.TokenType.CONTROL and types[-1] == gguf.TokenType.UNUSED
+    assert types[vocab["a"]] == gguf.TokenType.NORMAL
+    merges = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"]
+    assert len(field(p, "tokenizer.ggml.merges")) == len(merges) == summary["merges"] > 0
+    assert field(p, "tokenizer.ggml.eos_token_id") == vocab["<|end_of_text|>"]
+    assert field(p, "tokenizer.chat_template").startswith("{% for m in messages")
+    assert summary["warnings"] == []
