@@ -17,7 +17,8 @@ Rows (each a child process reaped with os.wait4, so ru_maxrss is that run's peak
               workers, wall time side by side and whether the outputs are the same bytes
     rayexact  1B-shaped, 2 layers: --ray with 2 workers vs a single-process run on 1 thread
               (the same threads per job, so the same bits on a CPU)
-    ray1      the same with --ray --workers 1 (both CPUs in one task): Ray's overhead
+    ray1      1B-shaped, 2 layers: --ray --workers 1 (both CPUs in one task) vs the single-process
+              run: Ray's overhead
     peers     lmkiln vs llm-compressor AWQ (bench/peers, its own venv) on the 1-layer
               1B-shaped model, same calibration ids, both on the CPU: seconds, peak RSS,
               and the layer-0 output MSE of each fake-quantized model vs the fp model on
@@ -183,36 +184,25 @@ def main() -> None:
             record(f"rtn-1b-L8-fp32-threads{t}", quantize(src, work / f"r-1b-L8-t{t}", 1, 8, "rtn", threads=t))
         r = run([PY, "-c", "import lmkiln.cli, lmkiln.quant.pipeline, transformers"])  # the runtime floor every run pays
         record("baseline-imports", {"peak_rss_gib": r["peak_rss_gib"]})
-    if "ray" in rows:
-        # Same model, options and calibration: single process (all cores in each matmul) vs
-        # `--ray` with 2 workers (a layer job per core). peak_rss_gib is the driver's alone.
-        src = model(work, "1b", 4)
-        one = quantize(src, work / "ray-single", 16, a.seqlen)
-        two = quantize(src, work / "ray-2w", 16, a.seqlen, extra=("--ray", "local", "--workers", "2"))
-        rep = json.loads((work / "ray-2w.report.json").read_text())
-        same = _sha(work / "ray-single" / "model.safetensors") == _sha(work / "ray-2w" / "model.safetensors")
-        record(f"ray-1b-L4-16x{a.seqlen}", {"single": one, "ray_2_workers": {**two, "driver": rep["driver"],
-                                            "layer_nodes": [(x["layer"], x.get("pid"), x["seconds"]) for x in rep["layers"]]},
-                                            "speedup": round(one["wall_s"] / two["wall_s"], 2), "identical_output": same})
-    if "rayexact" in rows:
-        # CPU kernels round by thread count, so the exactness check pairs --ray's 2 workers
-        # (one thread each) with a single-process run on one thread (OMP_NUM_THREADS=1).
-        src = model(work, "1b", 2)
-        one = quantize(src, work / "exact-single-1t", 16, a.seqlen, threads=1)
-        two = quantize(src, work / "exact-ray-2w", 16, a.seqlen, extra=("--ray", "local", "--workers", "2"))
-        same = _sha(work / "exact-single-1t" / "model.safetensors") == _sha(work / "exact-ray-2w" / "model.safetensors")
-        record(f"rayexact-1b-L2-16x{a.seqlen}", {"single_1_thread": one, "ray_2_workers": two,
-                                                 "speedup": round(one["wall_s"] / two["wall_s"], 2), "identical_output": same})
-    if "ray1" in rows:
-        # Ray's overhead: --ray with one worker that has both CPUs (the same 2 threads as the
-        # single-process run) against the single-process run, side by side.
-        src = model(work, "1b", 4)
-        one = quantize(src, work / "ray1-single", 16, a.seqlen)
-        ray1 = quantize(src, work / "ray-1w", 16, a.seqlen, extra=("--ray", "local", "--workers", "1"))
-        rep = json.loads((work / "ray-1w.report.json").read_text())
-        same = _sha(work / "ray1-single" / "model.safetensors") == _sha(work / "ray-1w" / "model.safetensors")
-        record(f"ray1-1b-L4-16x{a.seqlen}", {"single": one, "ray_1_worker": {**ray1, "driver": rep["driver"]},
-                                             "overhead": round(ray1["wall_s"] / one["wall_s"] - 1, 3), "identical_output": same})
+    def versus(layers: int, base: str, base_threads: int | None, workers: int) -> dict:
+        """A single-process run and a --ray run of the same model, options and calibration,
+        back to back; `peak_rss_gib` of the Ray side is the driver's alone."""
+        src = model(work, "1b", layers)
+        one = quantize(src, work / base, 16, a.seqlen, threads=base_threads)
+        name = f"{base}-ray{workers}w"
+        ray = quantize(src, work / name, 16, a.seqlen, extra=("--ray", "local", "--workers", str(workers)))
+        rep = json.loads((work / f"{name}.report.json").read_text())
+        return {"single": one, "ray": {**ray, "driver": rep["driver"],
+                                       "layers": [(x["layer"], x.get("pid"), x["seconds"]) for x in rep["layers"]]},
+                "speedup": round(one["wall_s"] / ray["wall_s"], 2),
+                "identical_output": _sha(work / base / "model.safetensors") == _sha(work / name / "model.safetensors")}
+
+    if "ray" in rows:  # the issue's comparison: the default single-process run (2 threads) vs 2 one-CPU workers
+        record(f"ray-1b-L4-16x{a.seqlen}", versus(4, "ray-single", None, 2))
+    if "rayexact" in rows:  # CPU kernels round by thread count: 2 one-CPU workers vs one thread (OMP_NUM_THREADS=1)
+        record(f"rayexact-1b-L2-16x{a.seqlen}", versus(2, "exact-single-1t", 1, 2))
+    if "ray1" in rows:  # Ray's overhead: one worker with both CPUs, the same 2 threads as the single-process run
+        record(f"ray1-1b-L2-16x{a.seqlen}", versus(2, "ray1-single", None, 1))
     if "peers" in rows:
         if not PEER_PY.exists():
             raise SystemExit(f"{PEER_PY} missing: run bench/peers/setup_llmcompressor.sh first")

@@ -3,7 +3,7 @@
 checked against the CPU seconds measured by bench/quantize_scale.py, then projected to
 Llama-3-70B on 1, 8 and 4 x 8 GPUs with `--ray`.
 
-    python3 bench/scale_model.py [--gpu-tflops 300] [--scale-json bench/out/scale.json] [--ray-json bench/out/ray.json]
+    python3 bench/scale_model.py [--gpu-tflops 300] [--scale-json bench/out/scale.json] [--ray-json bench/out/ray1.json]
 
 Work per calibration token of one decoder layer (what quant/awq.py does):
 - search: every grid point (n_grid = 20) plus plain RTN, i.e. 21 forwards of each
@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu-tflops", type=float, default=300.0, help="achieved bf16 TFLOP/s per GPU in the search (assumed)")
     ap.add_argument("--scale-json", default="bench/out/scale.json")
-    ap.add_argument("--ray-json", default="bench/out/ray.json")
+    ap.add_argument("--ray-json", default="bench/out/ray1.json")
     ap.add_argument("--tokens", type=int, default=128 * 512)
     ap.add_argument("--disk-gbps", type=float, default=2.0, help="GB/s one node reads the checkpoint at")
     ap.add_argument("--net-gbps", type=float, default=12.5, help="GB/s between nodes (100 Gb/s)")
@@ -81,9 +81,9 @@ def main() -> None:
     overhead = None
     if Path(a.ray_json).exists():
         r = json.loads(Path(a.ray_json).read_text())["rows"]
-        row = next(iter(v for k, v in r.items() if k.startswith("ray-1b")), None)
-        if row and "ray_1_worker" in row:
-            overhead = row["ray_1_worker"]["wall_s"] / row["single"]["wall_s"] - 1
+        row = next(iter(v for k, v in r.items() if k.startswith("ray1-")), None)
+        if row:
+            overhead = row["ray"]["wall_s"] / row["single"]["wall_s"] - 1
             print(f"Ray overhead, 1 worker vs single process (CPU): {overhead * 100:+.1f} %")
 
     # 3. Llama-3-70B, AWQ W4 g128, 128 x 512 tokens, bf16 on GPUs

@@ -570,3 +570,20 @@ def test_sharded_and_single_convert_identically(tiny_llama, tiny_llama_sharded, 
 def test_all_errors_are_lmkiln_errors():
     for cls in (CheckpointError, ChecksumError, EngineFormatError, InputError, OutputExistsError, UnsupportedArchitectureError):
         assert issubclass(cls, LmkilnError) and cls.exit_code == 2
+
+
+def test_an_engine_without_its_manifest_is_named_as_such(tmp_path):
+    """The manifest is written last: an interrupted or damaged engine has weights but no
+    manifest, and every command that opens it says so instead of asking for config.json."""
+    from typer.testing import CliRunner
+
+    from lmkiln.cli import app
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.assets import bundled_model_path
+
+    eng = convert_hf_to_engine(bundled_model_path(), tmp_path / "e")
+    (eng / "manifest.json").unlink()
+    for args in (["inspect", str(eng)], ["generate", str(eng), "-p", "Once", "-n", "2"]):
+        r = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
+        assert r.exit_code == 2, r.output
+        assert "engine's weight files without its manifest.json" in r.output and "config.json here" not in r.output

@@ -276,3 +276,19 @@ def test_dry_run_refuses_what_the_run_refuses(tmp_path):
     assert r.exit_code == 2 and "already quantized" in r.output, r.output
     r = invoke("quantize", STORIES, "-o", tmp_path / "x", "--w4a16", "--dry-run", "--group-size", "4")
     assert r.exit_code == 2 and "--group-size 4" in r.output, r.output
+
+
+@pytest.mark.parametrize("method", ["awq", "rtn"])
+def test_nan_in_a_source_weight_names_the_tensor(method, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "model"
+    shutil.copytree(bundled_model_path(), src)
+    t = load_file(str(src / "model.safetensors"))
+    t["model.layers.3.mlp.up_proj.weight"][5, 7] = float("nan")
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    r = invoke("quantize", src, "-o", tmp_path / "out", "--w4a16", "--group-size", "32", "--method", method,
+               "--calib-samples", "4", "--calib-seqlen", "64")
+    assert r.exit_code == 2, r.output
+    assert "'model.layers.3.mlp.up_proj.weight' (decoder layer 3, shape (172, 64)) contains NaN or Inf" in r.output
+    assert not (tmp_path / "out").exists()

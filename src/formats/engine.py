@@ -172,6 +172,17 @@ def is_engine(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def headless_engine(path: Path) -> bool:
+    """An engine's weight files without its manifest (written last: an interrupted or damaged engine)."""
+    p = Path(path)
+    return not (p / MANIFEST).is_file() and ((p / SHARED_FILE).is_file() or any(p.glob("rank*.safetensors")))
+
+
+def missing_manifest(path: Path) -> str:
+    return (f"{path}: an lmkiln engine's weight files without its {MANIFEST}; the engine is incomplete or damaged "
+            "(the manifest is written last): convert it again")
+
+
 class Engine:
     """A validated engine directory. Construction reads no weight data."""
 
@@ -181,6 +192,8 @@ class Engine:
             raise InputError(f"{self.path}: no such engine directory")
         mpath = self.path / MANIFEST
         if not mpath.is_file():
+            if headless_engine(self.path):
+                raise EngineFormatError(missing_manifest(self.path))
             raise EngineFormatError(f"{self.path}: no {MANIFEST}; not an lmkiln engine (convert one with `lmkiln convert hf-to-engine`)")
         try:
             m = json.loads(mpath.read_text(encoding="utf-8"))

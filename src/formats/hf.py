@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lmkiln.errors import CheckpointError, InputError
+from lmkiln.formats.engine import headless_engine, missing_manifest
 from lmkiln.formats.safetensors_io import DTYPES, read_header
 
 # Files that describe how to tokenize and prompt the model; every output carries them.
@@ -59,6 +60,8 @@ class HFCheckpoint:
         if not self.path.is_dir():
             raise InputError(f"{self.path}: not a directory (pass the model directory that holds config.json)")
         if not (self.path / "config.json").exists():
+            if headless_engine(self.path):
+                raise InputError(missing_manifest(self.path))
             raise InputError(f"{self.path}: no config.json here; is this a Hugging Face model directory?")
         self.config = read_json(self.path / "config.json", "config.json")
         self._spans: dict[str, object] = {}  # name -> validated TensorInfo (byte span in its file)
