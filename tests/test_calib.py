@@ -168,3 +168,12 @@ def test_bundled_excerpt():
     assert cs.input_ids.shape == (128, 128) and cs.n_requested == 128
     again = build_calibration_samples(docs, WordTokenizer(), n_samples=128, seqlen=128, seed=0)
     assert cs.sha256 == again.sha256
+
+
+def test_shingles_pack_into_one_line_and_back():
+    from lmkiln.quant.calib import pack_shingles, shingles, unpack_shingles
+
+    hashes = shingles(list(range(1000)))
+    packed = pack_shingles(hashes)
+    assert "\n" not in packed and len(packed) <= 11 * len(hashes) + 4
+    assert unpack_shingles(packed) == hashes

@@ -10,6 +10,7 @@ can warn when its evaluation text overlaps the calibration text.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -217,3 +218,15 @@ def shingles(ids, stride: int = SHINGLE_STRIDE) -> list[str]:
     """
     ids = list(ids)
     return [_hash(ids[i:i + SHINGLE]) for i in range(0, len(ids) - SHINGLE + 1, stride)]
+
+
+def pack_shingles(hashes: list[str]) -> str:
+    """The report's form of many shingle hashes: their 8-byte digests, concatenated, in
+    base64 (one line, about 11 characters each, instead of a JSON line apiece)."""
+    return base64.b64encode(b"".join(bytes.fromhex(h) for h in hashes)).decode("ascii")
+
+
+def unpack_shingles(packed: str) -> list[str]:
+    raw = base64.b64decode(packed)
+    return [raw[i:i + 8].hex() for i in range(0, len(raw), 8)]
+

@@ -109,7 +109,7 @@ def _check_layout(to: str, arch: Architecture, mcfg: dict, options: QuantOptions
 
 def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
     from lmkiln.formats.tokenizer import load_tokenizer
-    from lmkiln.quant.calib import build_calibration_samples, load_calibration_texts, shingles
+    from lmkiln.quant.calib import build_calibration_samples, load_calibration_texts, pack_shingles, shingles
 
     if calib.seqlen > mcfg["max_position_embeddings"]:
         raise InputError(f"--calib-seqlen {calib.seqlen} exceeds the model's context ({mcfg['max_position_embeddings']})")
@@ -122,7 +122,7 @@ def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
                   "samples": cs.n_samples, "seqlen": cs.seqlen, "tokens": cs.n_tokens,
                   "documents": cs.n_documents_used, "seed": calib.seed, "sha256": cs.sha256, "summary": cs.describe(),
                   # lets `verify` warn when its evaluation text overlaps the calibration text
-                  "shingles": [h for row in ids.tolist() for h in shingles(row)]}
+                  "shingles_b64": pack_shingles([h for row in ids.tolist() for h in shingles(row)])}
     info(f"calibration: {cs.describe()}")
     return ids, calib_info
 

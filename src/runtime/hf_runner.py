@@ -7,6 +7,7 @@ without needing any AWQ kernel package.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ class TransformersRunner:
             self.model.tie_weights()
         self.model.eval().to(device)
         self.device = torch.device(device)
+        # transformers renamed past_key_values to cache (deprecated from 5.2x, with a
+        # FutureWarning on every call); older releases know only the old name
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         eos = ckpt.config.get("eos_token_id")
         self._eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
@@ -76,6 +80,6 @@ class TransformersRunner:
         full = torch.cat([cache.mask, new], 1)
         # Positions count real tokens only, as generate() does for left padding.
         pos = (full.cumsum(1) - 1).clamp(min=0)[:, -T:]
-        out = self.model(input_ids=input_ids, attention_mask=full, position_ids=pos, past_key_values=cache.past, use_cache=True)
-        cache.past, cache.mask = out.past_key_values, full
+        out = self.model(input_ids=input_ids, attention_mask=full, position_ids=pos, use_cache=True, **{self._cache_arg: cache.past})
+        cache.past, cache.mask = out[self._cache_arg], full
         return out.logits.float()

@@ -11,6 +11,7 @@ from pathlib import Path
 import lmkiln
 from lmkiln.errors import InputError
 from lmkiln.formats.tokenizer import load_tokenizer
+from lmkiln.quant.calib import unpack_shingles
 from lmkiln.runtime.generate import greedy_generate
 from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
 from lmkiln.verify.metrics import compare
@@ -69,7 +70,9 @@ def _calibration_shingles(candidate: Path) -> list[str]:
     if not rep.is_file():
         return []
     try:
-        return (json.loads(rep.read_text()).get("calibration") or {}).get("shingles") or []
+        cal = json.loads(rep.read_text()).get("calibration") or {}
+        # shingles_b64: packed since 2026-11; shingles: the list older reports hold
+        return unpack_shingles(cal["shingles_b64"]) if "shingles_b64" in cal else cal.get("shingles") or []
     except (json.JSONDecodeError, OSError):
         return []
 
