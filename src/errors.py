@@ -38,3 +38,7 @@ class ChecksumError(EngineFormatError):
 
 class QuantizationError(LmkilnError):
     """Quantization cannot proceed (non-finite statistics, impossible shapes, bad options)."""
+
+
+class DiskFullError(LmkilnError):
+    """The filesystem an output goes to ran out of space (or quota) while writing it."""

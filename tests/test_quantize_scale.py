@@ -292,3 +292,54 @@ def test_nan_in_a_source_weight_names_the_tensor(method, tmp_path):
     assert r.exit_code == 2, r.output
     assert "'model.layers.3.mlp.up_proj.weight' (decoder layer 3, shape (172, 64)) contains NaN or Inf" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_disk_full_while_quantizing_is_one_line_and_resumable(tmp_path, monkeypatch):
+    """torch.save reports a short write as "unexpected pos"; with the disk (nearly) full
+    that is a DiskFullError: one line, exit 2, the finished layers kept for --resume."""
+    import lmkiln.formats.space as space
+    import lmkiln.quant.state as state
+
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:  # layer 1's hidden states: the disk fills up here
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *a, **kw)
+
+    real_free = space.free_bytes
+    monkeypatch.setattr(state.torch, "save", failing_save)
+    monkeypatch.setattr(space, "free_bytes", lambda p: 1000)  # once the run has started: the plan saw enough
+    out = tmp_path / "out"
+    args = ["quantize", bundled_model_path(), "-o", out, "--w4a16", "--group-size", "32", "--calib-samples", "8",
+            "--calib-seqlen", "64"]
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    assert "the disk is full (1000 B free; the output needs about" in r.output
+    assert "re-run with --resume (finished layers are kept)" in r.output and "Traceback" not in r.output
+    assert not out.exists() and (tmp_path / ".out.lmkiln-partial" / "state" / "layer0.safetensors").exists()
+
+    monkeypatch.setattr(state.torch, "save", real_save)
+    monkeypatch.setattr(space, "free_bytes", real_free)
+    r = invoke(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resuming after 1 finished layer(s)" in r.output
+    ref = quantize_model(bundled_model_path(), tmp_path / "ref", QuantOptions(bits=4, group_size=32),
+                         CalibOptions(n_samples=8, seqlen=64)).output
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+
+
+def test_disk_full_while_converting_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from lmkiln.formats.safetensors_io import StreamWriter
+
+    def full(self, b):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StreamWriter, "_emit", full)
+    r = invoke("convert", "hf-to-engine", bundled_model_path(), "-o", tmp_path / "eng")
+    assert r.exit_code == 2, r.output
+    assert "the disk is full" in r.output and "free space and re-run" in r.output
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary sibling

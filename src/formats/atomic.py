@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmkiln.errors import InputError, OutputExistsError
+from lmkiln.formats.space import disk_full_guard
 
 
 def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
@@ -34,11 +35,13 @@ def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Pa
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (), tmp: Path | None = None) -> Iterator[Path]:
+def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (), tmp: Path | None = None,
+               needed: int | None = None, then: str = "re-run") -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes `target`.
 
     `tmp` names a fixed temporary directory to (re)use, for commands that resume; it is
-    kept on failure. Otherwise a fresh one is made and removed on failure.
+    kept on failure. Otherwise a fresh one is made and removed on failure. A full disk
+    fails as one DiskFullError (formats/space.py) saying `needed` bytes and `then`.
     """
     target = check_output(target, force, inputs)
     keep_on_failure = tmp is not None
@@ -50,12 +53,13 @@ def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (),
     else:
         tmp.mkdir(parents=True, exist_ok=True)
     try:
-        yield tmp
+        with disk_full_guard(target.parent, needed, then):
+            yield tmp
+            _fsync_tree(tmp)  # the rename must never publish a directory whose files are still only in cache
     except BaseException:
         if not keep_on_failure:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_tree(tmp)  # the rename must never publish a directory whose files are still only in cache
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.lmkiln-old-{os.getpid()}"
@@ -90,15 +94,16 @@ def atomic_file(target: Path, force: bool = False, inputs: tuple[Path, ...] = ()
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output should look like any new file
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with disk_full_guard(target.parent):
+            yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output should look like any new file
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -227,7 +227,8 @@ def quantize_model(
     stop_after = int(os.environ.get(STOP_ENV, "-1"))
     reports = []
     run = LayerRun(ckpt, arch, mcfg, options, compute, plan, src_dtype, ids, layer_kwargs, state)
-    with atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out") as tmp, threads_for(mcfg, compute):
+    with (atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out", needed=plan.disk_needed,
+                     then="re-run with --resume (finished layers are kept)") as tmp, threads_for(mcfg, compute)):
         sink = make_sink(to, tmp, ckpt, arch, mcfg, spec, options.method, src_dtype, acc)
         try:
             sink.begin()

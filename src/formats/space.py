@@ -1,0 +1,56 @@
+"""Disk-full faults as one clear error.
+
+Writers fail in several ways when the disk fills: an OSError with ENOSPC or EDQUOT from
+our own writers and safetensors, and from torch.save's zip writer a RuntimeError such as
+"unexpected pos 704 vs 598" or "file write failed". `disk_full_guard` turns each into a
+DiskFullError naming the place, the free space and what to do; anything else passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from lmkiln.errors import DiskFullError
+
+# torch.save's messages for a short write; only taken as a full disk when the disk is nearly full
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+NEARLY_FULL = 64 << 20
+
+
+def free_bytes(path: Path) -> int:
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _size(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@contextlib.contextmanager
+def disk_full_guard(where: Path, needed: int | None = None, then: str = "re-run") -> Iterator[None]:
+    """Writes to `where` inside this block fail as DiskFullError when the disk is full;
+    `needed`: what the whole output takes, if known; `then`: what to do after freeing space."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(_message(where, needed, then)) from None
+    except RuntimeError as e:
+        if not any(m in str(e) for m in TORCH_WRITE_FAILURES) or free_bytes(where) >= NEARLY_FULL:
+            raise
+        raise DiskFullError(_message(where, needed, then)) from None
+
+
+def _message(where: Path, needed: int | None, then: str) -> str:
+    need = f"; the output needs about {_size(needed)}" if needed else ""
+    return f"{where}: the disk is full ({_size(free_bytes(where))} free{need}); free space and {then}"
