@@ -330,6 +330,7 @@ def verify_cmd(
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Fail below this top-1 agreement (0..1)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: per-window NLL of both, KL histogram."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip checking engines' weight files against their sha256."),
 ):
     """Compare REFERENCE with CANDIDATE: perplexity, KL, top-1, greedy match. Exit 0 pass, 1 fail, 2 bad input."""
     from lmkiln.errors import InputError
@@ -339,7 +340,7 @@ def verify_cmd(
         raise InputError(f"--device {device!r}: choose cpu or cuda")
     opts = VerifyOptions(data=data, seqlen=seqlen, max_tokens=max_tokens, prompts=prompts, max_new_tokens=max_new_tokens,
                          runner=runner, device=device, score_second_half=score_second_half,
-                         max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1)
+                         max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1, check=not no_check)
     check_writable(report, "--report"), check_writable(plot, "--plot")
     with LazyProgress("windows") as bar:
         res = run_verify(reference, candidate, opts, progress=lambda k, n: bar.update(k, n))
@@ -407,11 +408,12 @@ def generate_cmd(
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their sha256."),
 ):
     """Greedy generation through the engine runner."""
     from lmkiln.runtime.session import generate_text
 
-    for p, text in zip(prompt, generate_text(source, prompt, max_new_tokens, allow_pickle=allow_pickle)):
+    for p, text in zip(prompt, generate_text(source, prompt, max_new_tokens, allow_pickle=allow_pickle, check=not no_check)):
         out.print(f"[bold]{p}[/]{text}", highlight=False)
 
 

@@ -328,10 +328,12 @@ def test_invalid_json_manifest(engine_copy):
         Engine(engine_copy)
 
 
-def test_missing_manifest(engine_copy):
+def test_missing_manifest(engine_copy, tmp_path):
     (engine_copy / MANIFEST).unlink()
-    with pytest.raises(EngineFormatError, match="no manifest.json"):
-        Engine(engine_copy)
+    with pytest.raises(EngineFormatError, match="weight files without its manifest.json"):
+        Engine(engine_copy)  # weights there, manifest (written last) not: an interrupted or damaged engine
+    with pytest.raises(EngineFormatError, match="no manifest.json; not an lmkiln engine"):
+        Engine(tmp_path)  # nothing of an engine at all
 
 
 def test_not_a_directory(tmp_path):
@@ -587,3 +589,27 @@ def test_an_engine_without_its_manifest_is_named_as_such(tmp_path):
         r = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
         assert r.exit_code == 2, r.output
         assert "engine's weight files without its manifest.json" in r.output and "config.json here" not in r.output
+
+
+def test_a_flipped_byte_in_an_engine_stops_generate_and_verify(tmp_path):
+    """Weights are checked against the manifest's sha256 on load (not only by inspect);
+    --no-check skips it."""
+    from typer.testing import CliRunner
+
+    from lmkiln.assets import bundled_model_path
+    from lmkiln.cli import app
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+
+    eng = convert_hf_to_engine(bundled_model_path(), tmp_path / "e")
+    f = next(eng.glob("rank*.safetensors"))
+    raw = bytearray(f.read_bytes())
+    raw[-100] ^= 0x01  # inside the last tensor's data: the header still parses
+    f.write_bytes(bytes(raw))
+    env = {"COLUMNS": "200", "NO_COLOR": "1"}
+    for args in (["generate", str(eng), "-p", "Once", "-n", "2"],
+                 ["verify", str(bundled_model_path()), str(eng), "--max-tokens", "64", "--max-new-tokens", "2"]):
+        r = CliRunner().invoke(app, args, env=env)
+        assert r.exit_code == 2, r.output
+        assert f"{f.name}: sha256" in r.output and "the file is corrupt" in r.output
+    r = CliRunner().invoke(app, ["generate", str(eng), "-p", "Once", "-n", "2", "--no-check"], env=env)
+    assert r.exit_code == 0, r.output

@@ -257,7 +257,7 @@ class EngineModel(nn.Module):
         self.eval().to(device)
 
     @classmethod
-    def from_path(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", check: bool = False,
+    def from_path(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", check: bool = True,
                   kernels: bool = False) -> "EngineModel":
         return cls(Engine(path, check=check), dtype=dtype, device=device, kernels=kernels)
 

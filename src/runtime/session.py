@@ -29,13 +29,14 @@ def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]
         yield convert_hf_to_engine(source, Path(tmp) / "engine", allow_pickle=allow_pickle)
 
 
-def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle: bool = False, device: str = "cpu") -> list[str]:
+def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle: bool = False, device: str = "cpu",
+                  check: bool = True) -> list[str]:
     from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.runtime.engine_model import EngineModel
     from lmkiln.runtime.generate import greedy_generate
 
     with engine_dir(source, allow_pickle) as path:
-        model = EngineModel.from_path(path, dtype=torch.float32, device=device)
+        model = EngineModel.from_path(path, dtype=torch.float32, device=device, check=check)  # weights checked against their sha256
         tok = load_tokenizer(path)
         ids = [tok(p).input_ids for p in prompts]
         new = greedy_generate(model, ids, max_new_tokens, model.config["eos_token_id"])

@@ -66,8 +66,9 @@ def weight_type(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu") -> Iterator[object]:
-    """Yield a Runner for `path`. `role` is "reference" or "candidate"."""
+def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu", check: bool = True) -> Iterator[object]:
+    """Yield a Runner for `path`. `role` is "reference" or "candidate"; `check`: an
+    engine's weight files are checked against their sha256 first."""
     if runner not in RUNNERS:
         raise InputError(f"--runner {runner!r}: choose one of {', '.join(RUNNERS)}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -103,6 +104,6 @@ def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu"
     from lmkiln.runtime.session import engine_dir
 
     with engine_dir(path) as e:
-        yield EngineModel(Engine(e), dtype=torch.float32, device=device)
+        yield EngineModel(Engine(e, check=check), dtype=torch.float32, device=device)
 
 

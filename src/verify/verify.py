@@ -41,6 +41,7 @@ class VerifyOptions:
     max_ppl_increase: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None
+    check: bool = True  # engines' weight files against their sha256 before use
 
 
 @dataclass
@@ -107,7 +108,8 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
         warnings.append(f"the evaluation text shares {overlap} 32-token spans with the candidate's calibration text; "
                         "perplexity is optimistic (evaluate on other text)")
     t0 = time.time()
-    with open_runner(reference, "reference", "auto", o.device) as ref, open_runner(candidate, "candidate", o.runner, o.device) as cand:
+    with (open_runner(reference, "reference", "auto", o.device, o.check) as ref,
+          open_runner(candidate, "candidate", o.runner, o.device, o.check) as cand):
         if ref.vocab_size != cand.vocab_size:
             raise InputError(f"vocabularies differ: reference {ref.vocab_size}, candidate {cand.vocab_size}")
         stats = compare(ref, cand, ids, seqlen, bos, o.score_second_half, progress)
