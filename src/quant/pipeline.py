@@ -94,16 +94,33 @@ def _check_options(options: QuantOptions, to: str) -> None:
         raise InputError(f"--chunk {options.chunk}: calibration samples per chunk must be at least 1 (0 = auto)")
 
 
-def _check_layout(to: str, arch: Architecture, mcfg: dict, options: QuantOptions) -> AwqSpec:
-    """Widths the output format cannot hold, found before calibration, not after it."""
-    spec = AwqSpec(bits=options.bits, group_size=options.group_size, zero_point=not options.symmetric)
+GROUP_SIZES = (-1, 8, 16, 32, 64, 128, 256)  # what a refusal checks to say which would fit
+
+
+def layout_problem(to: str, arch: Architecture, mcfg: dict, spec: AwqSpec) -> str | None:
+    """Why output format `to` cannot hold this model with `spec`, or None."""
     attn_width = mcfg["head_num"] * mcfg["size_per_head"]
-    if to == "engine" and options.group_size != -1 and attn_width % options.group_size:
-        # the engine splits wo's input on group boundaries
-        raise InputError(f"--to engine: the attention width {attn_width} is not a multiple of --group-size "
-                         f"{options.group_size}; choose a group size that divides it, or --to hf")
-    if to in LAYOUTS:
+    if to == "engine":
+        if spec.group_size != -1 and attn_width % spec.group_size:  # the engine splits wo's input on group boundaries
+            return f"--to engine: the attention width {attn_width} is not a multiple of --group-size {spec.group_size}"
+        return None
+    try:
         standard_intermediate(arch, mcfg, spec, LAYOUTS[to](spec))
+    except InputError as e:
+        return str(e)
+    return None
+
+
+def _check_layout(to: str, arch: Architecture, mcfg: dict, options: QuantOptions) -> AwqSpec:
+    """Widths the output format cannot hold, found before calibration, not after it; the
+    refusal says which group sizes fit this format and which other formats take this one."""
+    spec = AwqSpec(bits=options.bits, group_size=options.group_size, zero_point=not options.symmetric)
+    problem = layout_problem(to, arch, mcfg, spec)
+    if problem:
+        fits = [str(g) for g in GROUP_SIZES if not layout_problem(to, arch, mcfg, dataclasses.replace(spec, group_size=g))]
+        others = [t for t in TARGETS if t != to and not layout_problem(t, arch, mcfg, spec)]
+        raise InputError(f"{problem}; group sizes that fit --to {to}: {', '.join(fits) or 'none'}"
+                         + (f" (--to {' or '.join(others)} takes --group-size {spec.group_size})" if others else ""))
     return spec
 
 

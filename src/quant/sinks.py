@@ -103,18 +103,18 @@ def standard_intermediate(arch: Architecture, model: dict, spec: AwqSpec, layout
     m, g, inter = layout.out_multiple, spec.group_size, model["inter_size"]
     inter_p = round_up(inter, m if g == -1 else g)
     if inter_p % m or (g == -1 and inter_p != inter):
-        raise InputError(f"--to {layout.flag}: intermediate_size {inter} cannot be padded to whole groups of {g} that are "
-                         f"also whole int32 words of {m} codes; use --group-size 32, 64 or 128, or --to engine")
+        raise InputError(f"--to {layout.flag}: per-channel scales need intermediate_size ({inter}) to be a multiple of {m} "
+                         "(codes per int32), since a channel's one group cannot be padded" if g == -1 else
+                         f"--to {layout.flag}: intermediate_size {inter} padded to whole groups of {g} is not whole int32 words "
+                         f"of {m} codes")
     for r in linears:
         (out_f, in_f), (out_w, in_w) = shapes[r], wider[r]
         where = f"{module_name(arch, r, 0).replace('.0.', '.*.')}.weight"
         if in_f == in_w and g != -1 and in_f % g:
-            ok = [str(c) for c in (8, 16, 32, 64, 128, 256) if all(shapes[x][1] % c == 0 for x in linears if shapes[x][1] == wider[x][1])]
-            raise InputError(f"--to {layout.flag}: {where} has input width {in_f}, not a multiple of --group-size {g}; its "
-                             f"readers need whole groups: use --group-size {', '.join(ok + ['-1'])}, or --to engine (which pads)")
+            raise InputError(f"--to {layout.flag}: {where} has input width {in_f}, not a multiple of --group-size {g} "
+                             "(its readers need whole groups)")
         if out_f == out_w and out_f % m:
-            raise InputError(f"--to {layout.flag}: {where} has output width {out_f}, not a multiple of {m} (codes per int32); "
-                             "use --to engine")
+            raise InputError(f"--to {layout.flag}: {where} has output width {out_f}, not a multiple of {m} (codes per int32)")
     return inter_p
 
 
