@@ -32,6 +32,7 @@ from lmkiln.formats.engine import (
     expected_tensors, manifest_index, write_manifest,
 )
 from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.tokenizer import resolved_tokenizer_class
 from lmkiln.formats.packing import round_up
 
 ProgressFn = Callable[[str, int], None]
@@ -307,6 +308,9 @@ def engine_manifest(plan: EnginePlan, ckpt, tp: int, files: dict, tokenizer_file
         "tensors": manifest_index(plan.tensors),
         "files": files,
         "tokenizer_files": tokenizer_files,
+        # source_config.json hides the source's model_type from AutoTokenizer, which may then pick another class
+        # (a Qwen2 config with a Llama tokenizer_config): the engine loads the class the source resolves to
+        "tokenizer_class": resolved_tokenizer_class(ckpt.path) if tokenizer_files else None,
         "source": {
             "architecture": plan.arch.hf_name,
             "config_sha256": config_sha256(ckpt.config),

@@ -66,6 +66,7 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
             (tmp / EXPORT_INFO).write_text(json.dumps({
                 "weight_type": engine.manifest["weight_type"], "ep": ep, "portable": portable,
                 "accuracy_level": accuracy_level or 0, "lmkiln_version": lmkiln.__version__,
+                "tokenizer_class": engine.manifest.get("tokenizer_class"),  # what `verify` loads here (formats/tokenizer.py)
                 "source": source_summary(engine)}, indent=1) + "\n", encoding="utf-8")
             if (engine.path / "lmkiln_quant_report.json").is_file():
                 shutil.copyfile(engine.path / "lmkiln_quant_report.json", tmp / "lmkiln_quant_report.json")

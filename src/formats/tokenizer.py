@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,7 +20,34 @@ def load_tokenizer(path: str | Path):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
 
+    cls = AutoTokenizer
+    recorded = _recorded_class(path)
+    if recorded:  # an engine: the class its source resolved to (see resolved_tokenizer_class)
+        import transformers
+
+        cls = getattr(transformers, recorded, None) or AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError/ValueError/... for missing files
         raise InputError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def resolved_tokenizer_class(path: str | Path) -> str:
+    """The class AutoTokenizer resolves for a source directory (its config.json's model_type
+    takes part), recorded in outputs that do not carry that config.json under its name."""
+    return type(load_tokenizer(path)).__name__
+
+
+# The files where lmkiln outputs without the source's config.json record the tokenizer
+# class: an engine's manifest, an ONNX export's lmkiln_export.json.
+RECORDS = ("manifest.json", "lmkiln_export.json")
+
+
+def _recorded_class(path: Path) -> str | None:
+    for name in RECORDS:
+        if (path / name).is_file():
+            try:
+                return json.loads((path / name).read_text(encoding="utf-8")).get("tokenizer_class")
+            except (OSError, ValueError):
+                return None
+    return None
