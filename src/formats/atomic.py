@@ -26,7 +26,7 @@ def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Pa
         if target == src or src in target.parents or target in src.parents:
             raise InputError(f"{target}: the output must not be, contain or sit inside the input {src}")
     if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose another -o")
+        raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another -o")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target}: exists and is not a directory; refusing to replace a file")
     if not target.parent.exists():
@@ -80,7 +80,7 @@ def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = ()) 
     if target.is_dir():
         raise OutputExistsError(f"{target}: is a directory; give a file name for the output (e.g. model.gguf)")
     if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose another -o")
+        raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another -o")
     if not target.parent.is_dir():
         raise InputError(f"{target.parent}: parent directory of the output does not exist")
     return target
