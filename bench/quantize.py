@@ -150,8 +150,8 @@ def _calibration(ckpt, mcfg, a: dict):
 
 
 def w_fakequant(a: dict) -> dict:
-    """Layer-by-layer AWQ/RTN at any bit width the primitives support (3 included), as
-    quantize_model does it, then the dequantized fp32 checkpoint -> fp32 engine."""
+    """Layer-by-layer quantization (any --method) at any bit width the primitives support
+    (3 included), as quantize_model does it, then the dequantized fp32 checkpoint -> fp32 engine."""
     import torch
     from safetensors.torch import save_file
 
@@ -159,8 +159,8 @@ def w_fakequant(a: dict) -> dict:
     from lmkiln.convert.hf_config import engine_config_from_hf
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
     from lmkiln.formats.hf import HFCheckpoint
-    from lmkiln.quant.awq import QuantOptions, awq_layer, rtn_layer
-    from lmkiln.quant.job import LayerModule, position_embeddings, resolve_compute
+    from lmkiln.quant.awq import QuantOptions
+    from lmkiln.quant.job import LayerModule, position_embeddings, resolve_compute, run_layer
 
     t_start = time.time()
     ckpt = HFCheckpoint(a["model"])
@@ -170,7 +170,7 @@ def w_fakequant(a: dict) -> dict:
     compute = resolve_compute("cpu", "fp32")
     mod = LayerModule(ckpt, arch, compute)
     hidden, kw, calib = None, {}, None
-    if o.method == "awq":
+    if o.calibrated:
         cs = _calibration(ckpt, mcfg, a)
         calib = {"samples": cs.n_samples, "seqlen": cs.seqlen, "tokens": cs.n_tokens, "sha256": cs.sha256, "summary": cs.describe()}
         hidden = torch.nn.functional.embedding(cs.input_ids, ckpt.get(arch.hf_name_of("embed")).float())
@@ -178,15 +178,10 @@ def w_fakequant(a: dict) -> dict:
     sd, secs = {}, []
     for i in range(mcfg["num_layer"]):
         t0 = time.time()
-        prefix = arch.layer_prefix.format(i=i)
-        layer, _ = mod.load(i)
-        if o.method == "awq":
-            qts, hidden, _ = awq_layer(layer, arch, hidden, kw, o, i)
-        else:
-            qts = rtn_layer(layer, arch, o)
-        for name, t in layer.state_dict().items():  # norms carry the folded AWQ scales
-            sd[f"{prefix}.{name}"] = t.detach().float().clone()
-        for role, qt in qts.items():
+        res, out = run_layer(mod, i, o, torch.float32, hidden, kw)  # the job quantize_model runs, any method
+        hidden = out if out is not None else hidden
+        sd.update({n: t.float().clone() for n, t in res.fp.items()})  # norms carry the folded AWQ scales
+        for role, qt in res.qtensors.items():
             sd[arch.hf_name_of(role, i)] = qt.dequantize().float().contiguous()
         secs.append(round(time.time() - t0, 3))
     for name in ckpt.keys():
@@ -439,7 +434,8 @@ def stories_bench(b: Bench, args, out: dict) -> None:
         if group > min_in:
             rows.append({"config": label, "skipped": f"group {group} > smallest linear input width {min_in}"})
             continue
-        variants = [("rtn", None, "-")] + [("awq", c, name) for name, c in calibs.items()]
+        variants = [("rtn", None, "-")] * ("rtn" in args.methods)
+        variants += [(m, c, name) for m in args.methods if m != "rtn" for name, c in calibs.items()]
         if args.quick and bits == 4:  # cross-check: the in-process path must reproduce the CLI row
             variants.append(("awq", None, "wikitext [in-process]"))
         for method, calib, cname in variants:
@@ -527,7 +523,7 @@ def markdown(res: dict) -> str:
         L.append(f"### stories260K: perplexity on {res['eval_text_name']} ({res['stories_fp32']['tokens']} tokens, "
                  f"windows of {res['stories_fp32']['window']} + BOS); fp32 = {fp:.4f}")
         L.append("")
-        L.append("| config | method | calibration | ppl | gap to fp32 | AWQ gap / RTN gap | median wall s/layer | CPU s/layer | peak RSS MiB (anon / file) | path |")
+        L.append("| config | method | calibration | ppl | gap to fp32 | gap / RTN gap | median wall s/layer | CPU s/layer | peak RSS MiB (anon / file) | path |")
         L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
         rtn_gap = {}
         for r in res["stories"]:
@@ -542,7 +538,7 @@ def markdown(res: dict) -> str:
                 ratio = f"{gap / rtn_gap[r['config']]:.2f}"
             L.append(f"| {r['config']} | {r['method'].upper()} | {r['calib']} | {r['ppl']:.4f} | {gap:+.4f} | {ratio} | "
                      f"{r['median_layer_s']:.2f} | {cpu_per_layer(r, res):.1f} | {r['maxrss_mib']:.0f} ({r['rss_anon_mib']:.0f} / {r['rss_file_mib']:.0f}) | {r['path']} |")
-        cal = sorted({(r["calib"], r["calibration"]) for r in res["stories"] if r.get("method") == "awq"})
+        cal = sorted({(r["calib"], r["calibration"]) for r in res["stories"] if r.get("method", "rtn") != "rtn"})
         L.append("")
         for c, s in cal:
             L.append(f"- calibration `{c}`: {s}")
@@ -582,6 +578,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: small calibration, W4 g32 + W3 only, 2-layer synthetic")
+    ap.add_argument("--methods", default="rtn,awq,gptq,awq+gptq", help="stories260K rows: comma list of --method values")
     ap.add_argument("--eval-text", default=str(DEFAULT_EVAL), help="in-domain text for stories260K perplexity")
     ap.add_argument("--calib-text", default=None, help="in-domain calibration text: adds AWQ rows calibrated on it")
     ap.add_argument("--stories-samples", type=int, default=None, help="calibration samples for stories260K (default 128; quick 16)")
@@ -612,6 +609,7 @@ def main() -> None:
     for k, quick in (("hidden", 256), ("heads", 4), ("kv_heads", 2), ("inter", 704)):
         if getattr(args, f"synth_{k}") is None:
             setattr(args, f"synth_{k}", quick if q else SYNTH[k])
+    args.methods = [m for m in args.methods.split(",") if m]
     args.synth_rtn_layers = [int(x) for x in args.synth_rtn_layers.split(",") if x]
     args.synth_awq_layers = [int(x) for x in args.synth_awq_layers.split(",") if x]
     if not Path(args.eval_text).is_file():

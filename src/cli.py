@@ -212,7 +212,10 @@ def quantize_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Output directory to create."),
     w4a16: bool = typer.Option(False, "--w4a16", help="4-bit weights, 16-bit activations."),
     w8a16: bool = typer.Option(False, "--w8a16", help="8-bit weights, 16-bit activations."),
-    method: str = typer.Option("awq", help="awq (calibrated) or rtn (round to nearest, no calibration)."),
+    method: str = typer.Option("awq", help="awq (activation-aware scales), gptq (Hessian-guided rounding), awq+gptq "
+                               "(AWQ's scales, then GPTQ rounding), or rtn (round to nearest, no calibration)."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ: Hessian dampening, a fraction of its mean diagonal."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing activation energy (static groups: same layout)."),
     group_size: int = typer.Option(128, "--group-size", help="Weights per quantization group along the input; -1 = per channel."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric quantization (no zero points)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help=".txt, .jsonl (text field) or a directory of them; default: bundled WikiText-2 validation excerpt."),
@@ -249,7 +252,7 @@ def quantize_cmd(
     if probe and not dry_run:
         raise InputError("--probe goes with --dry-run")
     opts = QuantOptions(bits=4 if w4a16 else 8, group_size=group_size, symmetric=sym, method=method,
-                        clip=not no_clip, duo_scaling=duo_scaling, chunk=chunk)
+                        clip=not no_clip, duo_scaling=duo_scaling, chunk=chunk, damp=damp, act_order=act_order)
     calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
     if dry_run:
         compute = resolve_compute(device, dtype)

@@ -41,6 +41,7 @@ from lmkiln.convert.architectures import LINEAR_ROLES, Architecture, ScaleGroup
 from lmkiln.errors import QuantizationError
 from lmkiln.formats.packing import round_up
 from lmkiln.formats.qtensor import QTensor
+from lmkiln.quant.gptq import gptq_quantize, hessian_update, output_mse
 from lmkiln.quant.primitives import compute_qparams, fake_quantize, fake_quantize_, pad_to_multiple, quantize
 
 NO_CLIP_ROLES = ("q", "k")
@@ -61,13 +62,20 @@ class QuantOptions:
     bits: int = 4
     group_size: int = 128  # -1 = per output channel
     symmetric: bool = False
-    method: str = "awq"  # "awq" | "rtn"
+    method: str = "awq"  # "awq" | "rtn" | "gptq" | "awq+gptq" (AWQ's scales, then GPTQ rounding)
     clip: bool = True
     duo_scaling: bool = True
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens sampled for the clip search, as AutoAWQ
     chunk: int = 0  # calibration samples resident on the device at once (rounded up to a multiple of micro()); 0 = auto
+    damp: float = 0.01  # GPTQ: Hessian dampening, a fraction of its mean diagonal
+    act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration activations (all but RTN)."""
+        return self.method != "rtn"
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -393,9 +401,15 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     abs_sum = {m: None for m in first.values()}
     clip_x: dict[str, list] = {mod[r]: [] for r in clip_roles}
     pos = [0]
+    gptq = o.method == "awq+gptq"
+    hess: dict[str, torch.Tensor | None] = {mod[r]: None for r in roles} if gptq else {}
+    hess_tokens = dict.fromkeys(hess, 0)
 
     def stats(name, t):
         flat = t.reshape(-1, t.shape[-1])
+        if name in hess:  # GPTQ's Hessian of this linear's (original) inputs
+            hess[name], k = hessian_update(hess[name], flat)
+            hess_tokens[name] += k
         if name in abs_sum:  # per sample, added in order: the same sums for any chunking
             for sample in t.reshape(-1, T, t.shape[-1]):
                 s = sample.abs().sum(0, dtype=torch.float64)
@@ -405,7 +419,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
             sel = keep[(keep >= lo) & (keep < lo + flat.shape[0])] - lo
             clip_x[name].append(flat[sel].float())
 
-    with Hooks(layer, set(abs_sum) | set(clip_x), stats):
+    with Hooks(layer, set(abs_sum) | set(clip_x) | set(hess), stats):
         fp_forward(layer, x, layer_kwargs, chunk, y, layer_idx, before=lambda k: pos.__setitem__(0, k * T))
     x_mean = {m: _finite((s / (n * T)).float(), "activation statistics", layer_idx) for m, s in abs_sum.items()}
     clip_in = {m: torch.cat(v) for m, v in clip_x.items()}
@@ -443,6 +457,8 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
             report["groups"].append({"prev": gr.prev, "linears": list(gr.linears), "skipped": gr.reason or "shapes differ"})
 
     # -- fold, then let the clip search see the inputs as the scaled model feeds them ------
+    unscaled = {r: master.param(mod[r]).clone() for r in roles} if gptq else {}  # for the report's RTN baseline
+    in_scale = {r: s for gr, s in scales.items() for r in gr.linears}  # a folded linear's inputs are X / s
     for gr, s in scales.items():
         fold_scale(master, arch, gr, s)
         for r in gr.linears:
@@ -459,8 +475,20 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
             g = o.group_for(w.shape[1])
             full = pad_to_multiple(w.abs(), 1, g)[0].view(w.shape[0], -1, g).amax(-1)
             entry["clip"] = float((mv / full.clamp(min=1e-12)).mean())
-            w = apply_clip(w, mv, o)
-        qts[r] = quantize_weight(w, o)
+        if gptq:  # GPTQ rounding of the scaled weights, each group's range from the clip search
+            h, n_tok = hess[mod[r]], hess_tokens[mod[r]]
+            if r in in_scale:
+                s = in_scale[r].to(h.device).float()
+                h = h / (s[:, None] * s[None, :])
+            qts[r] = gptq_quantize(w, h, o.bits, o.group_size, o.symmetric, o.damp, o.act_order,
+                                   clip_max=mv if r in clip_roles else None)
+            awq_rtn = quantize_weight(apply_clip(w, mv, o) if r in clip_roles else w, o).dequantize()
+            entry.update(mse_rtn=output_mse(unscaled[r], quantize_weight(unscaled[r], o).dequantize(), hess[mod[r]], n_tok),
+                         mse_awq=output_mse(w, awq_rtn, h, n_tok), mse_final=output_mse(w, qts[r].dequantize(), h, n_tok))
+        else:
+            if r in clip_roles:
+                w = apply_clip(w, mv, o)
+            qts[r] = quantize_weight(w, o)
         report["linears"][r] = entry
 
     # -- pass 3: error as stored: each group alone, and the whole quantized layer ----------

@@ -21,6 +21,7 @@ from lmkiln.formats.awq_gemm import write_qlinear
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.quant.awq import QuantOptions, awq_layer, rtn_layer
+from lmkiln.quant.gptq import gptq_layer
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -148,8 +149,10 @@ def run_layer(mod: LayerModule, i: int, options: QuantOptions, out_dtype: torch.
     t0 = time.time()
     arch = mod.arch
     layer, master = mod.load(i)
-    if options.method == "awq":
+    if options.method in ("awq", "awq+gptq"):
         qts, hidden, rep = awq_layer(layer, arch, hidden, layer_kwargs, options, i, out=hidden_out, master=master)
+    elif options.method == "gptq":
+        qts, hidden, rep = gptq_layer(layer, arch, hidden, layer_kwargs, options, i, out=hidden_out, master=master)
     else:
         qts, rep = rtn_layer(layer, arch, options, master), {"groups": [], "linears": {}}
     qts = {r: q.map_rows(lambda t: t.cpu()) for r, q in qts.items()}

@@ -43,6 +43,7 @@ from lmkiln.quant.plan import QuantPlan, human, layer_linears, make_plan
 from lmkiln.quant.sinks import LAYOUTS, REPORT, TARGETS, make_sink, standard_intermediate
 from lmkiln.quant.state import ResumeState
 
+METHODS = ("awq", "rtn", "gptq", "awq+gptq")
 STOP_ENV = "LMKILN_STOP_AFTER_LAYER"  # test hook: simulate a crash after layer N is saved
 
 
@@ -88,8 +89,10 @@ def _check_options(options: QuantOptions, to: str) -> None:
         raise InputError(f"{options.bits}-bit output is not supported; use --w4a16 or --w8a16")
     if options.group_size != -1 and options.group_size < 8:
         raise InputError(f"--group-size {options.group_size}: use -1 (per channel) or a size of at least 8, e.g. 32, 64, 128")
-    if options.method not in ("awq", "rtn"):
-        raise InputError(f"--method {options.method!r}: choose awq or rtn")
+    if options.method not in METHODS:
+        raise InputError(f"--method {options.method!r}: choose {', '.join(METHODS)}")
+    if not 0 < options.damp < 1:
+        raise InputError(f"--damp {options.damp}: GPTQ's dampening is a fraction of the Hessian's mean diagonal, in (0, 1)")
     if options.chunk < 0:
         raise InputError(f"--chunk {options.chunk}: calibration samples per chunk must be at least 1 (0 = auto)")
 
@@ -201,7 +204,7 @@ def quantize_model(
     spec = _check_layout(to, arch, mcfg, options)
     src_dtype = ckpt.source_dtype if ckpt.source_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     ids = calib_info = None
-    if options.method == "awq":
+    if options.calibrated:
         ids, calib_info = _calibration(ckpt, mcfg, calib, info)
 
     free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
@@ -225,11 +228,11 @@ def quantize_model(
                     "threads": job_threads(mcfg, compute, driver.prepare(compute, plan, n_layer) if driver else None)},
         "lmkiln_version": lmkiln.__version__,
     }
-    layer_kwargs = calibration_kwargs(mcfg, ids, compute) if options.method == "awq" else None
+    layer_kwargs = calibration_kwargs(mcfg, ids, compute) if options.calibrated else None
 
     if probe_only:
         mod = LayerModule(ckpt, arch, compute)
-        hidden = _embed(ckpt, arch, ids, compute, plan) if options.method == "awq" else None
+        hidden = _embed(ckpt, arch, ids, compute, plan) if options.calibrated else None
         if compute.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(compute.device)
         with threads_for(mcfg, compute):
@@ -320,7 +323,7 @@ class LayerRun:
 
     def first_input(self, start: int) -> torch.Tensor | None:
         """The input of layer `start`: the embedding, or the state's saved hidden states."""
-        if self.options.method != "awq":
+        if not self.options.calibrated:
             return None
         if start == 0:
             return _embed(self.ckpt, self.arch, self.ids, self.compute, self.plan)

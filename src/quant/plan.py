@@ -134,7 +134,7 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
               n_samples: int, seqlen: int, out_dir: Path, device_free: int | None = None) -> QuantPlan:
     """`n_samples` x `seqlen` calibration tokens (ignored for RTN); `device_free`: bytes free
     on the CUDA device, to decide where the hidden states live (None: assume they fit)."""
-    n_tokens = n_samples * seqlen if o.method == "awq" else 0
+    n_tokens = n_samples * seqlen if o.calibrated else 0
     glob, layer_roles = required_roles(model)
     shapes = role_shapes(model)
     src_b = torch.empty((), dtype=ckpt.source_dtype).element_size()
@@ -143,7 +143,7 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     b = compute.bytes
     groups = [sum(_numel(shapes[r]) for r in gr.linears) for gr in arch.awq_groups] or [max(_numel(s) for s in lin.values())]
     h, inter = model["hidden_units"], model["inter_size"]
-    awq = o.method == "awq"
+    awq = o.calibrated
     weights = per_layer * b + (per_layer * 4 if b < 4 else 0)
     largest_linear = max(_numel(s) for s in lin.values())
     search = max(groups) * b + 2 * largest_linear * 4

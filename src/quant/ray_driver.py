@@ -145,7 +145,7 @@ class RayDriver:
         job = ray.remote(layer_task).options(**request, max_retries=self.max_retries, retry_exceptions=False)
         args = (str(run.ckpt.path), model_fingerprint(run.ckpt), lmkiln.__version__, run.compute.device.type,
                 run.compute.dtype, threads, run.options, run.out_dtype, run.plan.hidden_on_device, os.environ.get(CRASH_ENV))
-        awq = run.options.method == "awq"
+        awq = run.options.calibrated  # the jobs need hidden states (AWQ, GPTQ)
         mod = LayerModule(run.ckpt, run.arch, run.compute) if awq else None
         hidden = run.first_input(start)
         spare = torch.empty_like(hidden) if awq else None

@@ -1,0 +1,140 @@
+"""GPTQ rounding of one linear (Frantar et al., 2022): quantize the weight column by
+column, and after each column push its rounding error onto the columns not yet
+quantized, weighted by the inverse Hessian of the layer's reconstruction loss
+||X Wᵀ - X Qᵀ||², H = 2 XᵀX / n over the calibration tokens. Codes, scales and zeros come
+out in the usual group layout (a QTensor), so AWQ-GEMM, the engine and every sink take
+them unchanged.
+
+- dampening: H += damp · mean(diag H) · I (GPTQ's percdamp) keeps the Cholesky stable;
+  input channels that never see a nonzero activation ("dead") get weight 0 and H_ii = 1;
+- blocks of 128 columns with lazy updates of the rest (the paper's trick: the same result,
+  far fewer memory passes);
+- groups: without act-order each group's scale and zero are computed when the sweep
+  reaches the group, from the weights as updated so far (as reference GPTQ does); with
+  act-order (columns visited by decreasing H_ii) every group's parameters are fixed up
+  front from the original weights ("static groups"), so the codes stay in the standard
+  input order and layout;
+- the Hessian is accumulated in fp32 (`hessian_update`), chunk by chunk, on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmkiln.errors import QuantizationError
+from lmkiln.formats.qtensor import QTensor
+from lmkiln.quant.primitives import compute_qparams, pad_to_multiple
+
+BLOCK = 128
+
+
+def hessian_update(h: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Add 2·xᵀx of inputs x (..., in) to h (in, in) in fp32; returns (h, tokens added)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    xtx = x.t() @ x
+    return (xtx.mul_(2) if h is None else h.add_(xtx, alpha=2)), x.shape[0]
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  damp: float = 0.01, act_order: bool = False, clip_max: torch.Tensor | None = None) -> QTensor:
+    """GPTQ codes for weight w (out, in) given Hessian h (in, in) (any positive scale:
+    only its shape matters). `clip_max` (out, in_padded/g): each group's range bound from
+    a clip search, used where the group's parameters are set. Works on w's device."""
+    out_f, in_f = w.shape
+    if h.shape != (in_f, in_f):
+        raise QuantizationError(f"Hessian of shape {tuple(h.shape)} does not match weight {tuple(w.shape)}")
+    g = in_f if group_size == -1 else group_size
+    W, n = pad_to_multiple(w.detach().float().clone(), 1, g)  # padded columns: zero weights, dead inputs
+    cols = W.shape[1]
+    H = torch.zeros(cols, cols, device=W.device, dtype=torch.float32)
+    H[:in_f, :in_f] = h.float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+
+    ng = cols // g
+    scales = torch.empty(out_f, ng, device=W.device)
+    zeros = torch.empty(out_f, ng, device=W.device, dtype=torch.int32)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    if act_order:  # static groups: every group's grid from the original weights, before any update
+        s, z = compute_qparams(W, bits, g, symmetric, clip_max=clip_max)
+        scales.copy_(s), zeros.copy_(z)
+    W, H = W[:, perm], H[perm][:, perm]
+    try:
+        L = torch.linalg.cholesky(H)
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        raise QuantizationError(f"GPTQ: the Hessian of a {out_f}x{in_f} linear is not positive definite even after "
+                                f"dampening {damp}; raise --damp") from None
+
+    qmax = 2 ** bits - 1
+    codes = torch.empty(out_f, cols, device=W.device, dtype=torch.uint8)
+    for b0 in range(0, cols, BLOCK):
+        b1 = min(b0 + BLOCK, cols)
+        W1, E1, Hi = W[:, b0:b1].clone(), torch.zeros(out_f, b1 - b0, device=W.device), hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = int(perm[b0 + j])  # this column's place in the original order
+            grp = col // g
+            if not act_order and col % g == 0:  # reached a new group: its grid from the weights as updated so far
+                blk = W1[:, j:j + g] if j + g <= b1 - b0 else torch.cat([W1[:, j:], W[:, b1:b0 + j + g]], 1)
+                s, z = compute_qparams(blk, bits, g, symmetric, clip_max=None if clip_max is None else clip_max[:, grp:grp + 1],
+                                       check=False)
+                scales[:, grp], zeros[:, grp] = s[:, 0], z[:, 0]
+            s, z = scales[:, grp], zeros[:, grp]
+            # fp16-rounded scales, as every format stores them: the codes are optimal for the scale used
+            s16 = s.half().float()
+            wcol = W1[:, j]
+            q = torch.clamp(torch.round(wcol / s16) + z, 0, qmax)
+            codes[:, col] = q.to(torch.uint8)
+            err = (wcol - (q - z) * s16) / Hi[j, j]
+            W1[:, j:] -= err[:, None] * Hi[j, j:][None, :]
+            E1[:, j] = err
+        W[:, b1:] -= E1 @ hinv[b0:b1, b1:]
+    return QTensor(codes=codes, scales=scales.half().float(), zeros=zeros, bits=bits, group_size=g, in_features=n)
+
+
+def output_mse(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor, tokens: int) -> float:
+    """Mean squared output error of a linear with weight w_hat instead of w (out, in) on the
+    calibration inputs whose Hessian h = 2·XᵀX is given: tr(D H Dᵀ) / (2 · tokens · out)."""
+    d = (w.float() - w_hat.float())[:, :h.shape[0]]
+    return float(((d @ h.float()) * d).sum(dtype=torch.float64)) / (2 * max(1, tokens) * w.shape[0])
+
+
+@torch.no_grad()
+def gptq_layer(layer, arch, x: torch.Tensor, layer_kwargs: dict, o, layer_idx: int, out: torch.Tensor | None = None,
+               master: dict[str, torch.Tensor] | None = None):
+    """`--method gptq` for one decoder layer: one pass over the calibration inputs gives the
+    fp output and every linear's Hessian (from the original layer's inputs), then each
+    linear is rounded with GPTQ. Returns (qtensors by role, fp output, report)."""
+    from lmkiln.quant.awq import Hooks, Master, Swap, _out, chunks, fp_forward, layer_chunk, linear_roles, micro_batches, quantize_weight, sq_err
+
+    roles = linear_roles(arch)
+    mod = {r: arch.module_of(r) for r in roles}
+    hess: dict[str, torch.Tensor | None] = {m: None for m in mod.values()}
+    tokens = {m: 0 for m in mod.values()}
+
+    def accumulate(name, t):
+        hess[name], k = hessian_update(hess[name], t)
+        tokens[name] += k
+
+    y = torch.empty_like(x) if out is None else out
+    with Hooks(layer, set(hess), accumulate):
+        fp_forward(layer, x, layer_kwargs, layer_chunk(layer, x, o), y, layer_idx)
+    m = Master(layer, master)
+    qts, report = {}, {"groups": [], "linears": {}}
+    for r in roles:
+        w, h = m.param(mod[r]), hess[mod[r]]
+        qts[r] = gptq_quantize(w, h, o.bits, o.group_size, o.symmetric, o.damp, o.act_order)
+        rtn = quantize_weight(w, o).dequantize()
+        report["linears"][r] = {"mse_rtn": output_mse(w, rtn, h, tokens[mod[r]]),
+                                "mse_final": output_mse(w, qts[r].dequantize(), h, tokens[mod[r]])}
+    # the whole quantized layer against the fp layer, as AWQ's report has it
+    deq = {mod[r]: qts[r].dequantize() for r in roles}
+    err, dev, cdt = 0.0, next(layer.parameters()).device, next(layer.parameters()).dtype
+    with Swap(layer, deq):
+        for sl, xc in chunks(x, layer_chunk(layer, x, o), dev, cdt):
+            for j, xm in micro_batches(xc):
+                err += sq_err(_out(layer(xm, **layer_kwargs)), y[sl.start + j:sl.start + j + xm.shape[0]].to(dev))
+    report["mse_output"] = err / y.numel()
+    return qts, y, report

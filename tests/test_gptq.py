@@ -1,0 +1,134 @@
+"""GPTQ (`--method gptq`, `--method awq+gptq`): the rounding itself against RTN, the
+layout its codes land in, and the methods end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import torch_threads
+from lmkiln.assets import bundled_model_path
+from lmkiln.formats.awq_gemm import AwqSpec, read_qlinear, write_qlinear
+from lmkiln.quant.awq import QuantOptions, quantize_weight
+from lmkiln.quant.gptq import gptq_quantize, hessian_update, output_mse
+from lmkiln.quant.pipeline import REPORT, CalibOptions, quantize_model
+from lmkiln.runtime.engine_model import EngineModel
+
+CALIB = CalibOptions(n_samples=8, seqlen=64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def weight_and_inputs(seed=0, out_f=48, in_f=100, tokens=2000):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    x = torch.randn(tokens, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g)  # correlated features
+    h, n = hessian_update(None, x)
+    return w, h, n
+
+
+@pytest.mark.parametrize("group,sym", [(32, False), (32, True), (-1, False), (64, True)])
+def test_identity_hessian_is_rtn(group, sym):
+    """With H = I no error is pushed to other columns: GPTQ is round-to-nearest, bit for bit."""
+    w, _, _ = weight_and_inputs()
+    q = gptq_quantize(w, torch.eye(w.shape[1]), 4, group, sym)
+    r = quantize_weight(w, QuantOptions(bits=4, group_size=group, symmetric=sym))
+    assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales) and torch.equal(q.zeros.int(), r.zeros.int())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_beats_rtn_on_its_objective(act_order, bits):
+    w, h, n = weight_and_inputs(seed=1)
+    q = gptq_quantize(w, h, bits, 32, False, act_order=act_order)
+    rtn = quantize_weight(w, QuantOptions(bits=bits, group_size=32)).dequantize()
+    assert output_mse(w, q.dequantize(), h, n) < 0.8 * output_mse(w, rtn, h, n)
+    # output_mse is the mean squared output error: check it against the outputs themselves
+    x = torch.randn(500, w.shape[1], generator=torch.Generator().manual_seed(2))
+    h2, n2 = hessian_update(None, x)
+    direct = float(((x @ (w - q.dequantize()).t()) ** 2).mean())
+    assert output_mse(w, q.dequantize(), h2, n2) == pytest.approx(direct, rel=1e-4)
+
+
+def test_act_order_codes_stay_in_the_standard_layout():
+    """Static groups: every group's scale and zero come from the original weights in input
+    order, so the QTensor packs to AWQ-GEMM and reads back unchanged."""
+    w, h, _ = weight_and_inputs(seed=3, in_f=96)
+    q = gptq_quantize(w, h, 4, 32, False, act_order=True)
+    rtn = quantize_weight(w, QuantOptions(bits=4, group_size=32))
+    assert torch.equal(q.scales, rtn.scales) and torch.equal(q.zeros.int(), rtn.zeros.int())
+    packed = write_qlinear(q)
+    back = read_qlinear(lambda k: packed[k.rsplit(".", 1)[1]], "m", AwqSpec(bits=4, group_size=32, zero_point=True), *w.shape)
+    assert torch.equal(back.codes, q.codes) and torch.equal(back.dequantize(), q.dequantize())
+
+
+def test_dead_and_padded_inputs():
+    """Inputs that never fire get weight 0; an input width that is not whole groups is padded."""
+    w, h, _ = weight_and_inputs(seed=4, in_f=90)
+    h[5, :] = 0
+    h[:, 5] = 0
+    q = gptq_quantize(w, h, 4, 32, False)
+    assert q.in_features == 90 and q.in_padded == 96
+    assert float(q.dequantize()[:, 5].abs().max()) == 0.0
+    assert torch.isfinite(q.dequantize()).all()
+
+
+@pytest.fixture(scope="module")
+def eval_ids():
+    from pathlib import Path
+
+    from lmkiln.formats.tokenizer import load_tokenizer
+
+    text = (Path(__file__).parent / "fixtures" / "tinystories_eval.txt").read_text(encoding="utf-8")
+    return torch.tensor(load_tokenizer(bundled_model_path())(text, add_special_tokens=False).input_ids)[:8000]
+
+
+def engine_ppl(engine, ids) -> float:
+    from helpers import perplexity
+
+    model = EngineModel.from_path(engine)
+    with torch.no_grad():
+        return perplexity(lambda x: model(x), ids, 511, bos_id=1)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_methods_end_to_end(method, eval_ids, tmp_path):
+    """quantize -> engine: the report's per-linear errors, and in-domain perplexity below RTN's."""
+    calib = CalibOptions(n_samples=16, seqlen=128)
+    res = quantize_model(bundled_model_path(), tmp_path / "eng", QuantOptions(bits=4, group_size=32, method=method), calib,
+                         to="engine")
+    rtn = quantize_model(bundled_model_path(), tmp_path / "rtn", QuantOptions(bits=4, group_size=32, method="rtn"), calib,
+                         to="engine")
+    rep = json.loads((res.output / REPORT).read_text())
+    assert rep["method"] == method
+    for lay in rep["layers"]:
+        lin = lay["linears"]
+        assert set(lin) == {"q", "k", "v", "o", "gate", "up", "down"}
+        # per linear: RTN's and the method's output MSE on the calibration tokens (and AWQ's for awq+gptq)
+        assert sum(v["mse_final"] for v in lin.values()) < sum(v["mse_rtn"] for v in lin.values())
+        assert all(("mse_awq" in v) == (method == "awq+gptq") for v in lin.values())
+        assert lay["mse_output"] > 0
+    assert engine_ppl(res.output, eval_ids) < engine_ppl(rtn.output, eval_ids)
+
+
+def test_act_order_end_to_end_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from lmkiln.cli import app
+
+    out = tmp_path / "awq"
+    r = CliRunner().invoke(app, ["quantize", str(bundled_model_path()), "-o", str(out), "--w4a16", "--group-size", "32",
+                                 "--method", "gptq", "--act-order", "--damp", "0.05", "--calib-samples", "8",
+                                 "--calib-seqlen", "64"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / REPORT).read_text())
+    assert rep["options"]["act_order"] is True and rep["options"]["damp"] == 0.05
+    r = CliRunner().invoke(app, ["quantize", str(bundled_model_path()), "-o", str(tmp_path / "x"), "--w4a16",
+                                 "--method", "gptq", "--damp", "1.5"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert r.exit_code == 2 and "--damp 1.5" in r.output
