@@ -32,10 +32,14 @@ def load_tokenizer(path: str | Path):
         raise InputError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def resolved_tokenizer_class(path: str | Path) -> str:
+def resolved_tokenizer_class(path: str | Path) -> str | None:
     """The class AutoTokenizer resolves for a source directory (its config.json's model_type
-    takes part), recorded in outputs that do not carry that config.json under its name."""
-    return type(load_tokenizer(path)).__name__
+    takes part), recorded in outputs that do not carry that config.json under its name;
+    None when the source has no loadable tokenizer (weights-only checkpoints convert too)."""
+    try:
+        return type(load_tokenizer(path)).__name__
+    except InputError:
+        return None
 
 
 # The files where lmkiln outputs without the source's config.json record the tokenizer
