@@ -110,7 +110,7 @@ def quantize_weight(w: torch.Tensor, o: QuantOptions) -> QTensor:
                    bits=o.bits, group_size=g, in_features=n)
 
 
-def _out(y):
+def output_of(y):
     return y[0] if isinstance(y, tuple) else y
 
 
@@ -217,7 +217,7 @@ def inspected_chunks(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, grou
         for k, gr in enumerate(groups):
             insp, kw = per[0][k][1], per[0][k][3]
             xins = [p[k][2] for p in per]
-            items.append((gr, insp, xins, kw, [_out(insp(xi, **kw)) for xi in xins]))
+            items.append((gr, insp, xins, kw, [output_of(insp(xi, **kw)) for xi in xins]))
         yield sl, xc, items
 
 
@@ -232,7 +232,7 @@ def fp_forward(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, chunk: int
         for j, xm in micro_batches(xc):
             if before is not None:
                 before(sl.start + j)
-            y[sl.start + j:sl.start + j + xm.shape[0]].copy_(_finite(_out(layer(xm, **layer_kwargs)), "layer output", layer_idx))
+            y[sl.start + j:sl.start + j + xm.shape[0]].copy_(_finite(output_of(layer(xm, **layer_kwargs)), "layer output", layer_idx))
     return y
 
 
@@ -442,7 +442,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
                 qw = {mod[r]: trial_weight(w0, s, o).to(cdt) for r, w0 in zip(gr.linears, orig[gr])}
                 with Swap(layer, qw):
                     for xi, ref in zip(xins, refs):
-                        loss[gr][k] += sq_err(_out(insp(xi, **kw)), ref)
+                        loss[gr][k] += sq_err(output_of(insp(xi, **kw)), ref)
     report = {"groups": [], "linears": {}}
     scales = {}
     for gr in groups:
@@ -499,10 +499,10 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
         for gr, insp, xins, kw, refs in items:
             with Swap(layer, {mod[r]: deq[mod[r]] for r in gr.linears}):
                 for xi, ref in zip(xins, refs):
-                    final[gr] += sq_err(_out(insp(xi, **kw)), ref)
+                    final[gr] += sq_err(output_of(insp(xi, **kw)), ref)
         with Swap(layer, deq):
             for j, xm in micro_batches(xc):
-                out_err += sq_err(_out(layer(xm, **layer_kwargs)), y[sl.start + j:sl.start + j + xm.shape[0]].to(dev))
+                out_err += sq_err(output_of(layer(xm, **layer_kwargs)), y[sl.start + j:sl.start + j + xm.shape[0]].to(dev))
     for entry, gr in zip(report["groups"], groups):
         entry["mse_rtn"] = entry.pop("_loss_rtn") / count[gr]
         entry["mse_scaled"] = entry.pop("_loss_best") / count[gr]

@@ -107,7 +107,8 @@ def gptq_layer(layer, arch, x: torch.Tensor, layer_kwargs: dict, o, layer_idx: i
     """`--method gptq` for one decoder layer: one pass over the calibration inputs gives the
     fp output and every linear's Hessian (from the original layer's inputs), then each
     linear is rounded with GPTQ. Returns (qtensors by role, fp output, report)."""
-    from lmkiln.quant.awq import Hooks, Master, Swap, _out, chunks, fp_forward, layer_chunk, linear_roles, micro_batches, quantize_weight, sq_err
+    from lmkiln.quant.awq import (Hooks, Master, Swap, chunks, fp_forward, layer_chunk, linear_roles, micro_batches, output_of,
+                                 quantize_weight, sq_err)
 
     roles = linear_roles(arch)
     mod = {r: arch.module_of(r) for r in roles}
@@ -135,6 +136,6 @@ def gptq_layer(layer, arch, x: torch.Tensor, layer_kwargs: dict, o, layer_idx: i
     with Swap(layer, deq):
         for sl, xc in chunks(x, layer_chunk(layer, x, o), dev, cdt):
             for j, xm in micro_batches(xc):
-                err += sq_err(_out(layer(xm, **layer_kwargs)), y[sl.start + j:sl.start + j + xm.shape[0]].to(dev))
+                err += sq_err(output_of(layer(xm, **layer_kwargs)), y[sl.start + j:sl.start + j + xm.shape[0]].to(dev))
     report["mse_output"] = err / y.numel()
     return qts, y, report
