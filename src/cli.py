@@ -148,14 +148,19 @@ def hf_to_engine(
 @convert_app.command("to-compressed-tensors")
 @guarded
 def to_compressed_tensors(
-    model: Path = typer.Argument(..., help="An AWQ-GEMM Hugging Face directory (lmkiln's, AutoAWQ's, lmdeploy's), int4 or int8."),
+    model: Path = typer.Argument(..., help="An int4/int8 lmkiln engine, or an AWQ-GEMM Hugging Face directory (lmkiln's, "
+                                 "AutoAWQ's, lmdeploy's)."),
     output: Path = typer.Option(..., "-o", "--output", help="compressed-tensors directory to create."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ):
-    """Rewrite AWQ-GEMM as compressed-tensors pack-quantized (vLLM, SGLang): same codes and scales, nothing re-quantized."""
-    from lmkiln.quant.reformat import awq_to_compressed_tensors
+    """Rewrite an engine or AWQ-GEMM as compressed-tensors pack-quantized (vLLM, SGLang): same codes and scales, nothing re-quantized."""
+    from lmkiln.formats.engine import is_engine
 
-    out.print(f"[green]wrote[/] {awq_to_compressed_tensors(model, output, force=force)}")
+    if is_engine(model):
+        from lmkiln.export.compressed_tensors import engine_to_compressed_tensors as convert
+    else:
+        from lmkiln.quant.reformat import awq_to_compressed_tensors as convert
+    out.print(f"[green]wrote[/] {convert(model, output, force=force)}")
 
 
 @export_app.command("onnx")

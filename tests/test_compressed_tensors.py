@@ -176,3 +176,29 @@ def test_cli_and_errors(tmp_path, monkeypatch):
                                  "-o", str(tmp_path / "none")], env=ENV)
     assert r.exit_code == 2 and "pip install 'lmkiln[compressed-tensors]'" in r.output
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("tp,bits,sym", [(1, 4, False), (2, 4, True), (1, 8, False)])
+def test_engine_converts_to_the_same_bytes(tp, bits, sym, models, tmp_path):
+    """engine -> compressed-tensors (ranks merged, q/k rotary rows back in HF order, the
+    FFN width trimmed to whole groups) writes what quantizing straight to it writes."""
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.export.compressed_tensors import engine_to_compressed_tensors
+
+    opts = QuantOptions(bits=bits, group_size=32, symmetric=sym)
+    direct = quantize_model(STORIES, tmp_path / "direct", opts, CALIB, to="compressed-tensors").output
+    awq = quantize_model(STORIES, tmp_path / "awq", opts, CALIB, to="hf").output
+    eng = convert_hf_to_engine(awq, tmp_path / "eng", tp=tp)
+    conv = engine_to_compressed_tensors(eng, tmp_path / "conv")
+    assert sha(conv / "model.safetensors") == sha(direct / "model.safetensors")
+    assert json.loads((conv / "config.json").read_text()) == json.loads((direct / "config.json").read_text())
+    assert json.loads((conv / REPORT).read_text())["converted"]["from_format"] == "lmkiln-engine"
+
+
+def test_engine_conversion_refuses_an_fp_engine(tmp_path):
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+
+    eng = convert_hf_to_engine(STORIES, tmp_path / "fp")
+    r = CliRunner().invoke(app, ["convert", "to-compressed-tensors", str(eng), "-o", str(tmp_path / "ct")], env=ENV)
+    assert r.exit_code == 2 and "an fp engine has no quantized codes" in r.output
+    assert not (tmp_path / "ct").exists()

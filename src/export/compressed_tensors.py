@@ -1,0 +1,94 @@
+"""An int4/int8 lmkiln engine rewritten as compressed-tensors pack-quantized (vLLM, SGLang):
+the engine's codes and scales, un-fused and put back in Hugging Face order (ranks merged,
+q/k rows in HF's rotary layout), through the same sink `quantize --to compressed-tensors`
+writes with. Nothing is re-quantized: converting an engine gives the bytes quantizing
+straight to compressed-tensors gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+import lmkiln
+from lmkiln.convert.architectures import LINEAR_ROLES
+from lmkiln.convert.hf_to_engine import required_roles
+from lmkiln.errors import InputError
+from lmkiln.export.gguf import gguf_model, layer_tensors
+from lmkiln.formats.atomic import atomic_dir, check_output
+from lmkiln.formats.awq_gemm import AwqSpec
+from lmkiln.formats.engine import WEIGHT_TYPES, Engine
+from lmkiln.formats.qtensor import QTensor
+from lmkiln.quant.job import LayerResult
+from lmkiln.quant.sinks import REPORT, HfQuantSink, compressed_tensors_layout, standard_intermediate
+
+GLOBALS = {"embed": "tok_embeddings.weight", "final_norm": "norm.weight", "lm_head": "output.weight"}
+
+
+class _EngineCheckpoint:
+    """What HfQuantSink reads from a source checkpoint, served from an engine: the source's
+    config.json (kept as source_config.json), the global tensors under their HF names,
+    the tokenizer files."""
+
+    def __init__(self, engine: Engine, arch):
+        self.engine, self.path = engine, engine.path
+        self.config = json.loads((engine.path / "source_config.json").read_text(encoding="utf-8"))
+        self._names = {arch.hf_name_of(r): e for r, e in GLOBALS.items() if arch.hf_name_of(r)}
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.engine.get(self._names[name])
+        return t.t().contiguous() if self._names[name] == "output.weight" else t  # the engine keeps the head as (in, out)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.get(name).shape)
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / f for f in self.engine.manifest.get("tokenizer_files", []) if (self.path / f).is_file()]
+
+
+def _fit_in(qt: QTensor, n: int) -> QTensor:
+    """Trim whole zero-padded input groups beyond n (an engine pads the FFN width to
+    group × tensor-parallel multiples; the standard layout to whole groups only)."""
+    if qt.in_padded <= n:
+        return qt
+    return dataclasses.replace(qt, codes=qt.codes[:, :n], scales=qt.scales[:, :n // qt.group_size],
+                               zeros=qt.zeros[:, :n // qt.group_size])
+
+
+def engine_to_compressed_tensors(source: str | Path, out: str | Path, force: bool = False) -> Path:
+    engine = Engine(source, check=True)
+    q = engine.quant
+    if q is None:
+        raise InputError(f"{engine.path}: an fp engine has no quantized codes to move; quantize the HF model with "
+                         "`lmkiln quantize ... --to compressed-tensors`")
+    if not (engine.path / "source_config.json").is_file():
+        raise InputError(f"{engine.path}: no source_config.json beside the engine; convert the AWQ-GEMM or HF model instead")
+    spec = AwqSpec(bits=q["bits"], group_size=q["group_size"] or -1, zero_point=not q["symmetric"])
+    layout = compressed_tensors_layout(spec)
+    gm, arch = gguf_model(engine)
+    model = engine.model
+    inter_p = standard_intermediate(arch, model, spec, layout)
+    gm = dataclasses.replace(gm, n_ff=inter_p)  # gate/up rows fitted to the standard FFN width
+    out = check_output(Path(out), force, inputs=(engine.path,))
+    ckpt = _EngineCheckpoint(engine, arch)
+    _, layer_roles = required_roles(model)
+    report = json.loads((engine.path / REPORT).read_text()) if (engine.path / REPORT).is_file() else {}
+    report["converted"] = {"from": str(engine.path), "from_format": "lmkiln-engine", "to_format": "compressed-tensors",
+                           "lmkiln_version": lmkiln.__version__}
+    with atomic_dir(out, force=force, inputs=(engine.path,)) as tmp:
+        sink = HfQuantSink(tmp, ckpt, arch, model, spec, q.get("method", "awq"), WEIGHT_TYPES[engine.manifest["fp_dtype"]], layout)
+        try:
+            sink.begin()
+            for i in range(model["num_layer"]):
+                t = layer_tensors(engine, i, gm, interleaved=False)  # HF order: ranks merged, q/k rotary rows un-permuted
+                qts = {r: _fit_in(t[r], inter_p) for r in layer_roles if r in LINEAR_ROLES}
+                fp = {arch.hf_name_of(r, i): t[r] for r in layer_roles if r not in LINEAR_ROLES}
+                sink.add(LayerResult(i, qts, fp))
+            sink.finish(report)
+        except BaseException:
+            sink.abort()
+            raise
+    return out
