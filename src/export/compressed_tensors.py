@@ -23,7 +23,7 @@ from lmkiln.formats.awq_gemm import AwqSpec
 from lmkiln.formats.engine import WEIGHT_TYPES, Engine
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.quant.job import LayerResult
-from lmkiln.quant.sinks import REPORT, HfQuantSink, compressed_tensors_layout, standard_intermediate
+from lmkiln.quant.sinks import REPORT, HfQuantSink, compressed_tensors_layout, standard_intermediate, stream
 
 GLOBALS = {"embed": "tok_embeddings.weight", "final_norm": "norm.weight", "lm_head": "output.weight"}
 
@@ -79,16 +79,12 @@ def engine_to_compressed_tensors(source: str | Path, out: str | Path, force: boo
     report["converted"] = {"from": str(engine.path), "from_format": "lmkiln-engine", "to_format": "compressed-tensors",
                            "lmkiln_version": lmkiln.__version__}
     with atomic_dir(out, force=force, inputs=(engine.path,)) as tmp:
-        sink = HfQuantSink(tmp, ckpt, arch, model, spec, q.get("method", "awq"), WEIGHT_TYPES[engine.manifest["fp_dtype"]], layout)
-        try:
-            sink.begin()
+        def layers():
             for i in range(model["num_layer"]):
                 t = layer_tensors(engine, i, gm, interleaved=False)  # HF order: ranks merged, q/k rotary rows un-permuted
                 qts = {r: _fit_in(t[r], inter_p) for r in layer_roles if r in LINEAR_ROLES}
-                fp = {arch.hf_name_of(r, i): t[r] for r in layer_roles if r not in LINEAR_ROLES}
-                sink.add(LayerResult(i, qts, fp))
-            sink.finish(report)
-        except BaseException:
-            sink.abort()
-            raise
+                yield LayerResult(i, qts, {arch.hf_name_of(r, i): t[r] for r in layer_roles if r not in LINEAR_ROLES})
+
+        dtype = WEIGHT_TYPES[engine.manifest["fp_dtype"]]
+        stream(HfQuantSink(tmp, ckpt, arch, model, spec, q.get("method", "awq"), dtype, layout), layers(), report)
     return out

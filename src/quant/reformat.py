@@ -17,7 +17,7 @@ from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats.awq_gemm import awq_spec
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.quant.job import LayerResult
-from lmkiln.quant.sinks import REPORT, HfQuantSink, compressed_tensors_layout
+from lmkiln.quant.sinks import REPORT, HfQuantSink, compressed_tensors_layout, stream
 
 
 def awq_to_compressed_tensors(src: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -40,15 +40,11 @@ def awq_to_compressed_tensors(src: str | Path, out: str | Path, force: bool = Fa
     report["converted"] = {"from": str(ckpt.path), "from_format": "awq-gemm", "to_format": "compressed-tensors",
                            "lmkiln_version": lmkiln.__version__}
     with atomic_dir(out, force=force, inputs=(ckpt.path,)) as tmp:
-        sink = HfQuantSink(tmp, ckpt, plan.arch, plan.model, plan.spec, method, plan.fp_dtype, layout)
-        try:
-            sink.begin()
+        def layers():
             for i in range(plan.model["num_layer"]):
                 q = {r: source.linear(r, i, "") for r in layer_roles if r in LINEAR_ROLES}
                 fp = {plan.arch.hf_name_of(r, i): source.fp(r, i) for r in layer_roles if r not in LINEAR_ROLES}
-                sink.add(LayerResult(i, q, fp))
-            sink.finish(report)
-        except BaseException:
-            sink.abort()
-            raise
+                yield LayerResult(i, q, fp)
+
+        stream(HfQuantSink(tmp, ckpt, plan.arch, plan.model, plan.spec, method, plan.fp_dtype, layout), layers(), report)
     return out

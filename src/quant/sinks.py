@@ -18,7 +18,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -234,6 +234,19 @@ class EngineSink(Sink):
     def abort(self) -> None:
         if hasattr(self, "writer"):
             self.writer.abort()
+
+
+def stream(sink: Sink, layers: Iterable[LayerResult], report: dict) -> None:
+    """A whole output from finished layers (the converters' job): begin, each layer, finish;
+    on any failure the sink aborts, leaving nothing half-written."""
+    try:
+        sink.begin()
+        for res in layers:
+            sink.add(res)
+        sink.finish(report)
+    except BaseException:
+        sink.abort()
+        raise
 
 
 LAYOUTS = {"hf": awq_gemm_layout, "compressed-tensors": compressed_tensors_layout}
