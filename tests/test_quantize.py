@@ -296,6 +296,8 @@ def test_engine_equals_converted_hf_output(quantized, tmp_path):
 
     assert a["source"].pop("config_sha256") == config_sha256(json.loads((STORIES / "config.json").read_text()))
     assert b["source"].pop("config_sha256") == config_sha256(json.loads((hf / "config.json").read_text()))
+    # and the AWQ-GEMM states the FFN width it stores (172 zero-padded to 192): the same tensors either way
+    assert (a["model"].pop("inter_size"), b["model"].pop("inter_size")) == (172, 192)
     assert a == b
     assert untimed(load_report(engine)["layers"]) == untimed(load_report(hf)["layers"])  # the report travels with the engine
     assert not any(p.name.endswith(".lmkiln-partial") for p in engine.parent.iterdir())
@@ -455,14 +457,14 @@ CLI_ERRORS = {
     "no-width": ([], ["--w4a16", "--w8a16"], True),
     "output-exists": (["--w4a16", "-o", "{d}/existing"], ["already exists", "--force"], False),
     "missing-model": (["--w4a16", "MODEL={d}/no-such-model"], ["no-such-model"], False),
-    "calib-missing": (["--w4a16", "--calib", "{d}/missing.txt"], ["missing.txt", "does not exist"], False),
-    "calib-empty": (["--w4a16", "--calib", "{d}/empty.txt"], ["empty.txt", "no text"], False),
-    "calib-too-small": (["--w4a16", "--calib", "{d}/tiny.txt", "--calib-seqlen", "64"], ["too small"], False),
-    "seqlen-over-context": (["--w4a16", "--calib-seqlen", "1024"], ["1024", "512"], False),
+    "calib-missing": (["--w4a16", "--group-size", "32", "--calib", "{d}/missing.txt"], ["missing.txt", "does not exist"], False),
+    "calib-empty": (["--w4a16", "--group-size", "32", "--calib", "{d}/empty.txt"], ["empty.txt", "no text"], False),
+    "calib-too-small": (["--w4a16", "--group-size", "32", "--calib", "{d}/tiny.txt", "--calib-seqlen", "64"], ["too small"], False),
+    "seqlen-over-context": (["--w4a16", "--group-size", "32", "--calib-seqlen", "1024"], ["1024", "512"], False),
     "already-quantized": (["--w4a16", "MODEL=AWQ"], ["already quantized"], False),
     "already-quantized-rtn": (["--w8a16", "--method", "rtn", "MODEL=AWQ"], ["already quantized"], False),
-    "bad-to": (["--w4a16", "--to", "gguf"], ["gguf", "hf or engine"], False),
-    "bad-method": (["--w4a16", "--method", "gptq"], ["gptq"], False),
+    "bad-to": (["--w4a16", "--to", "gguf"], ["gguf", "hf, engine, compressed-tensors"], False),
+    "bad-method": (["--w4a16", "--method", "squeezellm"], ["squeezellm", "awq, rtn, gptq, awq+gptq"], False),
 }
 
 

@@ -180,7 +180,7 @@ def test_dry_run_reads_headers_only(tmp_path, monkeypatch):
         raise AssertionError(f"--dry-run read tensor {name}")
 
     monkeypatch.setattr(HFCheckpoint, "get", no_reads)
-    r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--dry-run", "--device", "cpu")
+    r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--dry-run", "--device", "cpu")
     assert r.exit_code == 0, r.output
     for what in ("decoder layers", "peak host RAM", "output on disk", "resume state on disk", "free disk"):
         assert what in r.output, (what, r.output)
@@ -215,7 +215,7 @@ def test_refuses_to_start_without_disk_space(tmp_path, monkeypatch):
 
     real = shutil.disk_usage
     monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--method", "rtn")
+    r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--method", "rtn")
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and " free, the output needs" in lines[0] and "needs" in lines[0], r.output

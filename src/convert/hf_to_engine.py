@@ -32,6 +32,7 @@ from lmkiln.formats.engine import (
     expected_tensors, manifest_index, write_manifest,
 )
 from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.qtensor import QTensor
 from lmkiln.formats.tokenizer import resolved_tokenizer_class
 from lmkiln.formats.packing import round_up
 
@@ -150,6 +151,13 @@ class CheckpointSource:
         return qt
 
 
+def _pad_ffn_rows(w, n: int):
+    """gate/up rows zero-padded to the FFN width n; quantized ones with QTensor.pad_out's inert
+    rows, as AWQ-GEMM and compressed-tensors outputs hold them, so an engine converted from
+    those has the same bytes as one quantized straight to an engine."""
+    return w.pad_out(n) if isinstance(w, QTensor) else pad_rows(w, n)
+
+
 def produce_head(src, model: dict) -> Iterator[tuple[str, torch.Tensor]]:
     yield "tok_embeddings.weight", src.fp("embed")
 
@@ -175,8 +183,8 @@ def produce_layer(src, model: dict, i: int, tp: int, quant: dict | None = None) 
     if model["attn_bias"]:
         qb, kb, vb = permute_rotary(src.fp("q_bias", i), hq, hd), permute_rotary(src.fp("k_bias", i), kv, hd), src.fp("v_bias", i)
     o = src.linear("o", i, "attention.wo")
-    gate = rows(lambda t: pad_rows(t, inter_p), src.linear("gate", i, "feed_forward.w13"))
-    up = rows(lambda t: pad_rows(t, inter_p), src.linear("up", i, "feed_forward.w13"))
+    gate = _pad_ffn_rows(src.linear("gate", i, "feed_forward.w13"), inter_p)
+    up = _pad_ffn_rows(src.linear("up", i, "feed_forward.w13"), inter_p)
     down = pad_in(src.linear("down", i, "feed_forward.w2"), inter_p, channel)
     for r in range(tp):
         yield from engine_tensors(f"{p}.attention.w_qkv.{r}", rows(lambda *w: fuse_qkv_rank(*w, hd, kv, tp, r), q, k, v))
