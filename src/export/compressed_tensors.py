@@ -17,7 +17,7 @@ import lmkiln
 from lmkiln.convert.architectures import LINEAR_ROLES
 from lmkiln.convert.hf_to_engine import required_roles
 from lmkiln.errors import InputError
-from lmkiln.export.gguf import gguf_model, layer_tensors
+from lmkiln.export.gguf import global_tensors, gguf_model, layer_tensors
 from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats.awq_gemm import AwqSpec
 from lmkiln.formats.engine import WEIGHT_TYPES, Engine
@@ -25,22 +25,19 @@ from lmkiln.formats.qtensor import QTensor
 from lmkiln.quant.job import LayerResult
 from lmkiln.quant.sinks import REPORT, HfQuantSink, compressed_tensors_layout, standard_intermediate, stream
 
-GLOBALS = {"embed": "tok_embeddings.weight", "final_norm": "norm.weight", "lm_head": "output.weight"}
-
-
 class _EngineCheckpoint:
     """What HfQuantSink reads from a source checkpoint, served from an engine: the source's
     config.json (kept as source_config.json), the global tensors under their HF names,
     the tokenizer files."""
 
-    def __init__(self, engine: Engine, arch):
+    def __init__(self, engine: Engine, arch, gm):
         self.engine, self.path = engine, engine.path
         self.config = json.loads((engine.path / "source_config.json").read_text(encoding="utf-8"))
-        self._names = {arch.hf_name_of(r): e for r, e in GLOBALS.items() if arch.hf_name_of(r)}
+        # the GGUF export's reading of the engine's global tensors (HF orientation), by HF name
+        self._tensors = {arch.hf_name_of(r): t for r, t in global_tensors(engine, gm).items() if arch.hf_name_of(r)}
 
     def get(self, name: str) -> torch.Tensor:
-        t = self.engine.get(self._names[name])
-        return t.t().contiguous() if self._names[name] == "output.weight" else t  # the engine keeps the head as (in, out)
+        return self._tensors[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.get(name).shape)
@@ -73,7 +70,7 @@ def engine_to_compressed_tensors(source: str | Path, out: str | Path, force: boo
     inter_p = standard_intermediate(arch, model, spec, layout)
     gm = dataclasses.replace(gm, n_ff=inter_p)  # gate/up rows fitted to the standard FFN width
     out = check_output(Path(out), force, inputs=(engine.path,))
-    ckpt = _EngineCheckpoint(engine, arch)
+    ckpt = _EngineCheckpoint(engine, arch, gm)
     _, layer_roles = required_roles(model)
     report = json.loads((engine.path / REPORT).read_text()) if (engine.path / REPORT).is_file() else {}
     report["converted"] = {"from": str(engine.path), "from_format": "lmkiln-engine", "to_format": "compressed-tensors",
