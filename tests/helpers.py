@@ -26,6 +26,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 VOCAB = 512
 
 ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Families with their own quirks (tests/test_families.py runs every table entry).
+FAMILY_ARCHS = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
+
+# What each family's tiny model sets beyond BASE so its quirks are exercised at 12 tokens:
+# windows shorter than the prompt, local/global layers, soft-caps that bite, a scale that is
+# not head_dim's, per-layer-type rope bases with scaling on the global one.
+FAMILY_OVERRIDES = {
+    "Gemma2ForCausalLM": dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                              attn_logit_softcapping=4.0, final_logit_softcapping=8.0),
+    "Gemma3ForCausalLM": dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                               "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}),
+    "Phi3ForCausalLM": dict(sliding_window=6),
+}
 
 # Small but GQA (4 q heads, 2 kv heads) and with an FFN width that is not a power of two.
 BASE = dict(
@@ -60,6 +75,9 @@ def _classes(arch: str):
         "MistralForCausalLM": ("MistralConfig", "MistralForCausalLM"),
         "Qwen2ForCausalLM": ("Qwen2Config", "Qwen2ForCausalLM"),
         "Qwen3ForCausalLM": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "Gemma2ForCausalLM": ("Gemma2Config", "Gemma2ForCausalLM"),
+        "Gemma3ForCausalLM": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        "Phi3ForCausalLM": ("Phi3Config", "Phi3ForCausalLM"),
     }
     if arch not in table:
         raise ValueError(f"make_tiny_model: unsupported arch {arch!r}")
@@ -75,6 +93,7 @@ def tiny_config(arch: str = "LlamaForCausalLM", rope_scaling: str | dict | None 
         kw["head_dim"] = 24  # Qwen3 sets head_dim explicitly, here != hidden / heads
     if arch == "MistralForCausalLM":
         kw["sliding_window"] = None  # full attention: the engine and HF then agree at any length
+    kw.update(FAMILY_OVERRIDES.get(arch, {}))
     if rope_scaling is not None:
         rp = dict(LLAMA3_ROPE) if rope_scaling == "llama3" else dict(rope_scaling)
         kw["rope_parameters"] = rp
@@ -147,11 +166,13 @@ def make_tiny_model(
     return path
 
 
-def load_hf_model(path: str | Path):
-    """Load a tiny model saved by `make_tiny_model` (local files only), float32, eval."""
+def load_hf_model(path: str | Path, attn: str | None = None):
+    """Load a tiny model saved by `make_tiny_model` (local files only), float32, eval.
+    `attn="eager"` for references whose sdpa path drops a quirk (Gemma 2's soft-capping)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+    kw = {} if attn is None else {"attn_implementation": attn}
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32, **kw).eval()
 
 
 # -- safetensors byte surgery ---------------------------------------------------------

@@ -14,7 +14,7 @@ from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 from lmkiln.errors import (
     CheckpointError, ChecksumError, EngineFormatError, InputError, LmkilnError, OutputExistsError, UnsupportedArchitectureError,
 )
-from lmkiln.formats.engine import MANIFEST, SHARED_FILE, Engine, expected_tensors, rank_file
+from lmkiln.formats.engine import FAMILY_FIELDS, MANIFEST, SHARED_FILE, VERSION, Engine, expected_tensors, rank_file
 from lmkiln.errors import SafetensorsFormatError
 from lmkiln.formats.safetensors_io import read_header
 from lmkiln.runtime.engine_model import EngineModel
@@ -298,8 +298,21 @@ def test_file_holds_other_tensors(engine_copy):
 
 
 def test_format_version_newer(engine_copy):
-    edit_json(engine_copy / MANIFEST, lambda m: m.update(format_version=2))
-    with pytest.raises(EngineFormatError, match="version 2 is newer.*upgrade lmkiln"):
+    edit_json(engine_copy / MANIFEST, lambda m: m.update(format_version=VERSION + 1))
+    with pytest.raises(EngineFormatError, match=f"version {VERSION + 1} is newer.*upgrade lmkiln"):
+        Engine(engine_copy)
+
+
+def test_llama_engine_stays_v1(tiny_engine):
+    """Models without v2 fields are written as v1 (readable by earlier lmkiln), the fields left out."""
+    m = json.loads((tiny_engine / MANIFEST).read_text())
+    assert m["format_version"] == 1 and not set(FAMILY_FIELDS) & set(m["model"])
+    assert Engine(tiny_engine).model["norm_offset"] == 0.0  # read back with v1's meaning
+
+
+def test_v2_fields_in_a_v1_manifest_refused(engine_copy):
+    edit_json(engine_copy / MANIFEST, lambda m: m["model"].update(norm_offset=1.0))
+    with pytest.raises(EngineFormatError, match=r"\['norm_offset'\] need format version 2, the manifest says 1"):
         Engine(engine_copy)
 
 

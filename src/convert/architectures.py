@@ -13,6 +13,10 @@ One `Architecture` entry per Hugging Face `architectures[0]`. An entry says
 - `gguf_arch`, `gguf_rope_interleaved`: llama.cpp's name for the family in a GGUF, and
   which rotary row order it expects (`lmkiln export gguf`).
 - `config`: engine config field <- HF config key (a tuple is a fallback chain).
+- `defaults`: engine config values for HF keys a family's config may omit (transformers' defaults).
+- `fused`: an HF linear that holds several engine roles stacked along its output (Phi-3's
+  qkv_proj), split by the converter; quantize treats it as one linear.
+- `calib_attention`: the transformers attention implementation calibration runs with.
 
 Adding a family is adding an entry; see docs/architectures.md.
 """
@@ -26,12 +30,14 @@ from lmkiln.errors import UnsupportedArchitectureError
 # Engine roles. Global roles appear once; layer roles once per decoder layer.
 GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
 LAYER_ROLES = (
-    "attn_norm", "ffn_norm",
+    "attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm",
     "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm",
     "gate", "up", "down",
 )
-# Roles whose HF tensor is a linear weight (out, in), the ones quantize acts on.
-LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+# Roles whose HF tensor is a linear weight (out, in), the ones quantize acts on; `qkv` and
+# `gate_up` are fused HF linears (Architecture.fused) that the converter splits into roles.
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
+NORM_ROLES = ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "q_norm", "k_norm", "final_norm")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class ScaleGroup:
     linears: tuple[str, ...]
     inspect: str
     reason: str = ""
+    # (k, n): the group folds into the k-th of n equal row blocks of `prev` (a fused linear's
+    # part: Phi-3's up rows inside gate_up_proj); None: all of prev's rows.
+    prev_part: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,14 +76,31 @@ class Architecture:
     # llama.cpp rotates adjacent q/k pairs for "llama" (rows stay in the engine's interleaved order) but
     # half-split pairs ("NEOX", Hugging Face's order) for the Qwen families, whose rows are un-permuted.
     gguf_rope_interleaved: bool = True
+    defaults: dict[str, object] = field(default_factory=dict)
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    calib_attention: str = "sdpa"
+
+    def fused_parent(self, role: str) -> str | None:
+        """The fused HF linear that holds engine role `role`, or None when it is its own tensor."""
+        return next((f for f, parts in self.fused.items() if role in parts), None)
+
+    def hf_roles(self, roles) -> list[str]:
+        """`roles` as the checkpoint holds them: members of a fused linear replaced by it, once."""
+        out: list[str] = []
+        for r in roles:
+            r = self.fused_parent(r) or r
+            if r not in out:
+                out.append(r)
+        return out
 
     def hf_name_of(self, role: str, layer: int | None = None) -> str | None:
-        t = self.tensors.get(role)
+        """The HF tensor of `role` (of the fused linear holding it, for a fused member)."""
+        t = self.tensors.get(self.fused_parent(role) or role)
         return None if t is None else t.format(i=layer)
 
     def module_of(self, role: str) -> str:
         """The HF module path of a linear role relative to its decoder layer, e.g. 'self_attn.q_proj'."""
-        name = self.tensors[role]
+        name = self.tensors[self.fused_parent(role) or role]
         prefix = self.tensors["attn_norm"].split("{i}")[0] + "{i}."
         return name[len(prefix):].rsplit(".", 1)[0]
 
@@ -198,6 +224,106 @@ register(Architecture(
         "size_per_head": "Qwen3 sets head_dim explicitly, not hidden_size / heads",
     },
     awq_groups=LLAMA_AWQ,
+))
+
+
+# Gemma 2 / 3: pre- and post-norms around attention and MLP ("sandwich"); the HF names
+# differ from Llama's: post_attention_layernorm is the norm AFTER attention, the FFN's
+# input norm is pre_feedforward_layernorm.
+GEMMA_TENSORS = {
+    **LLAMA_TENSORS,
+    "ffn_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "post_ffn_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+GEMMA_CONFIG: dict[str, str | tuple[str, ...]] = {
+    **LLAMA_LIKE_CONFIG,
+    "hidden_act": ("hidden_activation", "hidden_act"),
+    "attn_bias": "attention_bias",
+    "sliding_window": "sliding_window",
+    "sliding_window_pattern": "sliding_window_pattern",
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "attn_softcap": "attn_logit_softcapping",
+    "final_softcap": "final_logit_softcapping",
+}
+GEMMA_QUIRKS = {"norm_offset": 1.0, "sandwich_norm": True, "embed_scale": "sqrt_hidden"}
+GEMMA_REASONS = {
+    "norm_offset": "Gemma's RMSNorm multiplies by (1 + weight), computed in fp32 (kept, not folded: 1 + w in bf16 loses bits)",
+    "sandwich_norm": "Gemma normalises the attention and MLP outputs too, before each residual add",
+    "embed_scale": "Gemma scales the embeddings by sqrt(hidden_size), rounded to the weights' dtype",
+    "query_pre_attn_scalar": "the attention scale is query_pre_attn_scalar ** -0.5, not head_dim ** -0.5",
+    "hidden_act": "GeGLU: gelu with the tanh approximation gates the MLP",
+    "sliding_window_pattern": "local (sliding) and global layers alternate; every n-th layer is global",
+    "calib_attention": "calibration runs eager attention: transformers' sdpa path has no logit soft-capping",
+}
+TIED = {"lm_head": "Gemma ties the output projection to the embedding"}
+
+register(Architecture(
+    hf_name="Gemma2ForCausalLM",
+    genai_type="gemma2",
+    gguf_arch="",  # not exported to GGUF yet (post-norms and soft-capping not mapped)
+    tensors=GEMMA_TENSORS,
+    config=GEMMA_CONFIG,
+    defaults={"sliding_window_pattern": 2, "query_pre_attn_scalar": 256, "hidden_act": "gelu_pytorch_tanh",
+              "tie_word_embeddings": True},
+    optional=TIED,
+    skips=ROTARY_BUFFERS,
+    quirks=GEMMA_QUIRKS,
+    quirk_reasons={**GEMMA_REASONS,
+                   "attn_softcap": "Gemma 2 soft-caps attention scores: cap * tanh(score / cap) before the mask",
+                   "final_softcap": "Gemma 2 soft-caps the logits the same way"},
+    awq_groups=LLAMA_AWQ,
+    calib_attention="eager",
+))
+
+register(Architecture(
+    hf_name="Gemma3ForCausalLM",
+    genai_type="gemma3_text",
+    gguf_arch="",  # not exported to GGUF yet
+    tensors={
+        **GEMMA_TENSORS,
+        "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+        "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    },
+    config=GEMMA_CONFIG,
+    defaults={"sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_act": "gelu_pytorch_tanh",
+              "tie_word_embeddings": True},
+    optional=TIED,
+    skips=ROTARY_BUFFERS,
+    quirks={**GEMMA_QUIRKS, "qk_norm": True},
+    quirk_reasons={**GEMMA_REASONS,
+                   "qk_norm": "Gemma 3 RMS-normalises q/k heads (with the (1 + w) offset) instead of soft-capping",
+                   "rope_local": "sliding layers use their own rope base (rope_local_base_freq), global ones the main rope"},
+    awq_groups=LLAMA_AWQ,
+    calib_attention="eager",
+))
+
+register(Architecture(
+    hf_name="Phi3ForCausalLM",
+    genai_type="phi3",
+    gguf_arch="llama",  # the engine holds q/k/v and gate/up apart: llama.cpp runs that as a llama
+    tensors={
+        **{r: n for r, n in LLAMA_TENSORS.items() if r not in ("q", "k", "v", "gate", "up")},
+        "qkv": "model.layers.{i}.self_attn.qkv_proj.weight",
+        "gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
+    },
+    fused={"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")},
+    config={**LLAMA_LIKE_CONFIG, "sliding_window": "sliding_window"},
+    optional=TIED_LM_HEAD,
+    skips=ROTARY_BUFFERS,
+    quirk_reasons={
+        "fused": "Phi-3 stores q/k/v as one qkv_proj ([q; k; v] rows) and gate/up as one gate_up_proj ([gate; up])",
+        "sliding_window": "Phi-3 mini attends to the last `sliding_window` keys (2047 in the 4k model)",
+        "rope": "the 128k variants use longrope scaling, which is refused (not implemented exactly)",
+    },
+    awq_groups=(
+        ScaleGroup("attn_norm", ("qkv",), inspect="self_attn", reason="qkv reads the attention norm's output"),
+        ScaleGroup("qkv", ("o",), inspect="self_attn.o_proj", prev_part=(2, 3),
+                   reason="o reads v's output, the last third of qkv's rows when q, k and v are equally wide (no GQA)"),
+        ScaleGroup("ffn_norm", ("gate_up",), inspect="mlp", reason="gate_up reads the FFN norm's output"),
+        ScaleGroup("gate_up", ("down",), inspect="mlp.down_proj", prev_part=(1, 2),
+                   reason="down reads act(gate) * up, linear in up: the second half of gate_up's rows"),
+    ),
 ))
 
 

@@ -8,28 +8,35 @@ from __future__ import annotations
 
 from lmkiln.convert.architectures import Architecture
 from lmkiln.errors import UnsupportedArchitectureError
+from lmkiln.formats.engine import FAMILY_FIELDS, LAYER_TYPES
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
-SUPPORTED_ACT = ("silu",)
+SUPPORTED_ACT = ("silu", "gelu_pytorch_tanh")  # what the runner and the ONNX export compute
+
 # Defaults transformers applies when a key is absent (LlamaConfig and friends).
 DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu", "max_position_embeddings": 2048}
 
 
-def _lookup(cfg: dict, key: str | tuple[str, ...]):
+def _lookup(cfg: dict, key: str | tuple[str, ...], defaults: dict):
     for k in (key,) if isinstance(key, str) else key:
         if cfg.get(k) is not None:
             return cfg[k]
-    k = key if isinstance(key, str) else key[0]
-    return DEFAULTS.get(k)
+    return defaults.get(key if isinstance(key, str) else key[0])
 
 
-def rope_from_hf(cfg: dict, head_dim: int) -> dict:
+def rope_from_hf(cfg: dict, head_dim: int, layer_type: str = "full_attention") -> dict:
     """Rope settings in engine terms from either config style.
 
-    transformers >= 5 writes `rope_parameters = {rope_theta, rope_type, ...}`; older
-    configs have `rope_theta` plus an optional `rope_scaling = {type|rope_type, ...}`.
+    transformers >= 5 writes `rope_parameters = {rope_theta, rope_type, ...}`, or one such
+    block per layer type (Gemma 3: {full_attention: ..., sliding_attention: ...}); older
+    configs have `rope_theta` plus an optional `rope_scaling = {type|rope_type, ...}`, and
+    Gemma 3's local layers `rope_local_base_freq` (no scaling).
     """
     rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and isinstance(rp.get(layer_type), dict):
+        rp = rp[layer_type]
+    elif layer_type == "sliding_attention" and cfg.get("rope_local_base_freq") is not None:
+        rp = {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}
     if not isinstance(rp, dict) or "rope_theta" not in rp:
         rp = dict(cfg.get("rope_scaling") or {})
         rp["rope_theta"] = cfg.get("rope_theta", 10000.0)
@@ -52,8 +59,31 @@ def rope_from_hf(cfg: dict, head_dim: int) -> dict:
     return {"type": rtype, "base": base, "dim": head_dim, "scaling": scaling}
 
 
+def layer_types(m: dict, cfg: dict) -> list[str] | None:
+    """Per layer "full_attention" or "sliding_attention", or None when every layer is alike.
+
+    From config.json's `layer_types` (transformers >= 4.5x), else from the family's
+    `sliding_window_pattern` (every n-th layer global, the others local, as Gemma 2/3's
+    older configs say)."""
+    n = m["num_layer"]
+    types = cfg.get("layer_types")
+    pattern = m.pop("sliding_window_pattern", None)
+    if types is None and pattern:
+        types = ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention" for i in range(n)]
+    if types is None:
+        return None
+    types = list(types)[:n]
+    bad = sorted(set(types) - set(LAYER_TYPES))
+    if bad or len(types) != n:
+        raise UnsupportedArchitectureError(f"config.json: layer_types {bad or types} not understood (supported: {', '.join(LAYER_TYPES)})")
+    if "sliding_attention" in types and not m.get("sliding_window"):
+        raise UnsupportedArchitectureError("config.json: sliding_attention layers but no sliding_window")
+    return types
+
+
 def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
-    m = {field: _lookup(cfg, key) for field, key in arch.config.items()}
+    defaults = {**DEFAULTS, **arch.defaults}
+    m = {field: _lookup(cfg, key, defaults) for field, key in arch.config.items()}
     if m.get("size_per_head") is None:
         m["size_per_head"] = m["hidden_units"] // m["head_num"]
     for req in ("hidden_units", "head_num", "kv_head_num", "inter_size", "num_layer", "vocab_size"):
@@ -78,7 +108,21 @@ def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
     m.setdefault("attn_bias", False)
     m["attn_bias"] = bool(m["attn_bias"])
     m.setdefault("qk_norm", False)
+    types = layer_types(m, cfg)
     m.update(arch.quirks)
+    for k, v in FAMILY_FIELDS.items():
+        m.setdefault(k, v)
+    if m["embed_scale"] == "sqrt_hidden":
+        m["embed_scale"] = float(m["hidden_units"]) ** 0.5
+    for k in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+        m[k] = None if m[k] is None else float(m[k])
+    if types:
+        local = rope_from_hf(cfg, m["size_per_head"], "sliding_attention") if "sliding_attention" in types else None
+        m["rope_local"] = local if local is not None and local != rope_from_hf(cfg, m["size_per_head"]) else None
+        if "sliding_attention" not in types:
+            m["sliding_window"] = None  # every layer global: the window is unused
+        # kept per layer unless every layer is alike (then `sliding_window` alone says it, as in v1)
+        m["layer_types"] = types if "full_attention" in types and "sliding_attention" in types or m["rope_local"] else None
     eos = m.get("eos_token_id")
     m["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     m["rope"] = rope_from_hf(cfg, m["size_per_head"])

@@ -28,8 +28,8 @@ from lmkiln.errors import CheckpointError, InputError
 from lmkiln.formats.atomic import atomic_dir
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
 from lmkiln.formats.engine import (
-    DTYPE_NAMES, FORMAT, QUANT_TYPES, VERSION, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
-    expected_tensors, manifest_index, write_manifest,
+    DTYPE_NAMES, FORMAT, QUANT_TYPES, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
+    expected_tensors, manifest_index, manifest_model, needed_version, write_manifest,
 )
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
@@ -44,19 +44,46 @@ def role_shapes(model: dict) -> dict[str, tuple[int, ...]]:
     h, hd, hq, kv, inter, v = (model[k] for k in ("hidden_units", "size_per_head", "head_num", "kv_head_num", "inter_size", "vocab_size"))
     return {
         "embed": (v, h), "final_norm": (h,), "lm_head": (v, h),
-        "attn_norm": (h,), "ffn_norm": (h,),
+        "attn_norm": (h,), "ffn_norm": (h,), "post_attn_norm": (h,), "post_ffn_norm": (h,),
         "q": (hq * hd, h), "k": (kv * hd, h), "v": (kv * hd, h), "o": (h, hq * hd),
         "q_bias": (hq * hd,), "k_bias": (kv * hd,), "v_bias": (kv * hd,),
         "q_norm": (hd,), "k_norm": (hd,),
         "gate": (inter, h), "up": (inter, h), "down": (h, inter),
+        "qkv": ((hq + 2 * kv) * hd, h), "gate_up": (2 * inter, h),
     }
 
 
-def required_roles(model: dict) -> tuple[list[str], list[str]]:
+def required_roles(model: dict, arch: Architecture) -> tuple[list[str], list[str]]:
+    """(global, per-layer) roles this model needs, as the checkpoint holds them (a fused
+    linear in place of its members)."""
     glob = [r for r in GLOBAL_ROLES if not (r == "lm_head" and model["tie_word_embeddings"])]
     layer = [r for r in LAYER_ROLES
-             if not (r.endswith("_bias") and not model["attn_bias"]) and not (r in ("q_norm", "k_norm") and not model["qk_norm"])]
-    return glob, layer
+             if not (r.endswith("_bias") and not model["attn_bias"]) and not (r in ("q_norm", "k_norm") and not model["qk_norm"])
+             and not (r.startswith("post_") and not model["sandwich_norm"])]
+    return glob, arch.hf_roles(layer)
+
+
+def fused_rows(arch: Architecture, model: dict, role: str) -> tuple[str, int, int] | None:
+    """(fused HF role, first row, end row) of a member role, or None for an unfused one."""
+    parent = arch.fused_parent(role)
+    if parent is None:
+        return None
+    shapes, start = role_shapes(model), 0
+    for r in arch.fused[parent]:
+        if r == role:
+            return parent, start, start + shapes[r][0]
+        start += shapes[r][0]
+    raise AssertionError(role)
+
+
+def member_linear(arch: Architecture, model: dict, role: str, get: Callable):
+    """Linear `role` from `get(hf_role)`: its own tensor, or its rows of the fused linear
+    (fp or QTensor: rows slice codes, scales and zeros alike)."""
+    where = fused_rows(arch, model, role)
+    if where is None:
+        return get(role)
+    parent, a, b = where
+    return rows(lambda t: t[a:b].contiguous(), get(parent))
 
 
 @dataclass
@@ -95,7 +122,7 @@ def account(ckpt, arch: Architecture, model: dict, spec: AwqSpec | None = None) 
     """
     acc = Accounting()
     shapes = role_shapes(model)
-    glob, layer = required_roles(model)
+    glob, layer = required_roles(model, arch)
     wanted = [(r, None) for r in glob] + [(r, i) for i in range(model["num_layer"]) for r in layer]
     for role, i in wanted:
         name = arch.hf_name_of(role, i)
@@ -143,6 +170,9 @@ class CheckpointSource:
         return self.ckpt.get(self.arch.hf_name_of(role, i)).to(self.out_dtype)
 
     def linear(self, role: str, i: int, kind: str):
+        return member_linear(self.arch, self.model, role, lambda r: self._linear(r, i, kind))
+
+    def _linear(self, role: str, i: int, kind: str):
         if self.quant is None or f"layers.{i}.{kind}" in self.quant["unquantized"]:
             return self.fp(role, i)
         module = module_name(self.arch, role, i)
@@ -174,6 +204,9 @@ def produce_layer(src, model: dict, i: int, tp: int, quant: dict | None = None) 
     p = f"layers.{i}"
     yield f"{p}.attention_norm.weight", src.fp("attn_norm", i)
     yield f"{p}.ffn_norm.weight", src.fp("ffn_norm", i)
+    if model["sandwich_norm"]:
+        yield f"{p}.post_attention_norm.weight", src.fp("post_attn_norm", i)
+        yield f"{p}.post_ffn_norm.weight", src.fp("post_ffn_norm", i)
     if model["qk_norm"]:
         yield f"{p}.attention.q_norm.weight", permute_rotary(src.fp("q_norm", i), 1, hd)
         yield f"{p}.attention.k_norm.weight", permute_rotary(src.fp("k_norm", i), 1, hd)
@@ -303,7 +336,7 @@ def convert_hf_to_engine(
 
 def engine_manifest(plan: EnginePlan, ckpt, tp: int, files: dict, tokenizer_files: list[str]) -> dict:
     """The manifest of an engine written from `plan` (docs/engine-format.md)."""
-    manifest = {"format": FORMAT, "format_version": VERSION, "model": plan.model}
+    manifest = {"format": FORMAT, "format_version": needed_version(plan.model), "model": manifest_model(plan.model)}
     if plan.quant is None:
         manifest["weight_type"] = DTYPE_NAMES[plan.fp_dtype]
         manifest["tensor_parallel"] = tp

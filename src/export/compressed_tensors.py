@@ -16,6 +16,7 @@ import torch
 import lmkiln
 from lmkiln.convert.architectures import LINEAR_ROLES
 from lmkiln.convert.hf_to_engine import required_roles
+from lmkiln.convert.quantized import rows
 from lmkiln.errors import InputError
 from lmkiln.export.gguf import global_tensors, gguf_model, layer_tensors
 from lmkiln.formats.atomic import atomic_dir, check_output
@@ -71,7 +72,7 @@ def engine_to_compressed_tensors(source: str | Path, out: str | Path, force: boo
     gm = dataclasses.replace(gm, n_ff=inter_p)  # gate/up rows fitted to the standard FFN width
     out = check_output(Path(out), force, inputs=(engine.path,))
     ckpt = _EngineCheckpoint(engine, arch, gm)
-    _, layer_roles = required_roles(model)
+    _, layer_roles = required_roles(model, arch)
     report = json.loads((engine.path / REPORT).read_text()) if (engine.path / REPORT).is_file() else {}
     report["converted"] = {"from": str(engine.path), "from_format": "lmkiln-engine", "to_format": "compressed-tensors",
                            "lmkiln_version": lmkiln.__version__}
@@ -79,6 +80,8 @@ def engine_to_compressed_tensors(source: str | Path, out: str | Path, force: boo
         def layers():
             for i in range(model["num_layer"]):
                 t = layer_tensors(engine, i, gm, interleaved=False)  # HF order: ranks merged, q/k rotary rows un-permuted
+                for fused, parts in arch.fused.items():  # the engine holds them apart; the HF model fused
+                    t[fused] = rows(lambda *w: torch.cat(w, 0), *(t[r] for r in parts))
                 qts = {r: _fit_in(t[r], inter_p) for r in layer_roles if r in LINEAR_ROLES}
                 yield LayerResult(i, qts, {arch.hf_name_of(r, i): t[r] for r in layer_roles if r not in LINEAR_ROLES})
 

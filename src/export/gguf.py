@@ -40,7 +40,7 @@ from lmkiln.convert.rope import inv_freq
 from lmkiln.convert.transforms import unpermute_rotary
 from lmkiln.errors import InputError
 from lmkiln.formats import gguf as G
-from lmkiln.formats.engine import Engine
+from lmkiln.formats.engine import FAMILY_FIELDS, Engine
 from lmkiln.formats.qtensor import QTensor
 
 GTYPES = ("auto", "f32", "f16", "q8_0", "q4_0", "q4_1")
@@ -85,6 +85,11 @@ def gguf_model(engine: Engine) -> tuple[G.GgufModel, object]:
     """The GGUF-side shape of an engine's model, and its architecture table entry."""
     m = engine.model
     arch = get_architecture(m["architecture"])
+    family = [k for k, d in FAMILY_FIELDS.items() if m[k] != d]
+    if not arch.gguf_arch or family:
+        raise InputError(f"{engine.path}: GGUF export of {arch.hf_name} is not supported yet"
+                         + (f" (its {', '.join(family)} have no mapping here)" if family else "")
+                         + "; export ONNX or use the AWQ-GEMM / compressed-tensors output")
     rope = m["rope"]
     if rope["type"] not in ("default", "linear", "llama3"):
         raise InputError(f"rope type {rope['type']!r} has no GGUF export yet")

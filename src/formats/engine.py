@@ -23,7 +23,7 @@ from lmkiln.formats.packing import round_up
 from lmkiln.formats.safetensors_io import CODES, DTYPES, StreamWriter, read_header, sha256_file
 
 FORMAT = "lmkiln-engine"
-VERSION = 1
+VERSION = 2  # what this lmkiln reads; it writes 1 unless the model needs a v2 field (FAMILY_FIELDS)
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
 WEIGHT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,6 +44,35 @@ REQUIRED_MODEL = {
     "attn_bias": bool, "qk_norm": bool, "tie_word_embeddings": bool, "max_position_embeddings": int,
     "eos_token_id": list, "hidden_act": str,
 }
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# Format v2 = v1 + these model fields (Gemma 2/3 and later families). Each has the value that
+# means "as v1"; an engine whose model block leaves them all at that value is written as v1
+# (byte-identical to earlier lmkiln, readable by it), any other as v2, which v1 readers refuse.
+FAMILY_FIELDS = {
+    "norm_offset": 0.0,  # RMSNorm computes x_hat * (norm_offset + w) in fp32 (Gemma: 1)
+    "sandwich_norm": False,  # post-attention / post-FFN norms before each residual add (+2 tensors per layer)
+    "embed_scale": None,  # embeddings multiplied by this, rounded to the compute dtype
+    "attn_softcap": None,  # attention scores -> cap * tanh(score / cap) before the mask
+    "final_softcap": None,  # logits -> cap * tanh(logit / cap)
+    "query_pre_attn_scalar": None,  # attention scale = this ** -0.5 (default head_dim ** -0.5)
+    "layer_types": None,  # per layer "full_attention" | "sliding_attention": the window applies to the latter only
+    "rope_local": None,  # rope block of the sliding layers when it differs from `rope`
+}
+
+
+def with_family_defaults(model: dict) -> dict:
+    """The model block with every v2 field present (v1 manifests and v1-only models omit them)."""
+    return {**FAMILY_FIELDS, **model}
+
+
+def needed_version(model: dict) -> int:
+    return 2 if any(model.get(k, d) != d for k, d in FAMILY_FIELDS.items()) else 1
+
+
+def manifest_model(model: dict) -> dict:
+    """The model block as written: v2 fields only where they differ from v1's meaning."""
+    return {k: v for k, v in model.items() if not (k in FAMILY_FIELDS and v == FAMILY_FIELDS[k])}
 
 
 def rank_file(rank: int) -> str:
@@ -110,6 +139,8 @@ def expected_tensors(model: dict, tp: int, inter_padded: int, dtype: torch.dtype
     for i in range(model["num_layer"]):
         p = f"layers.{i}"
         out += [(f"{p}.attention_norm.weight", SHARED_FILE, dtype, (h,)), (f"{p}.ffn_norm.weight", SHARED_FILE, dtype, (h,))]
+        if model.get("sandwich_norm"):
+            out += [(f"{p}.post_attention_norm.weight", SHARED_FILE, dtype, (h,)), (f"{p}.post_ffn_norm.weight", SHARED_FILE, dtype, (h,))]
         if model["qk_norm"]:
             out += [(f"{p}.attention.q_norm.weight", SHARED_FILE, dtype, (hd,)), (f"{p}.attention.k_norm.weight", SHARED_FILE, dtype, (hd,))]
         for r in range(tp):
@@ -224,6 +255,10 @@ class Engine:
         model = m.get("model")
         if not isinstance(model, dict):
             self._fail("manifest has no 'model' object")
+        if v < needed_version(model):
+            self._fail(f"model fields {[k for k, d in FAMILY_FIELDS.items() if model.get(k, d) != d]} need format version 2, "
+                       f"the manifest says {v}")
+        m["model"] = model = with_family_defaults(model)
         for key, typ in REQUIRED_MODEL.items():
             val = model.get(key)
             ok = isinstance(val, typ) or (typ is float and isinstance(val, int) and not isinstance(val, bool))
@@ -238,7 +273,12 @@ class Engine:
         why = check_tp(model["head_num"], model["kv_head_num"], tp)
         if why:
             self._fail(f"tensor_parallel {tp}: {why}")
-        self._validate_rope(model)
+        self._validate_rope(model["rope"], model)
+        if model["rope_local"] is not None:
+            if not isinstance(model["rope_local"], dict):
+                self._fail(f"model.rope_local must be null or a rope object, got {model['rope_local']!r}")
+            self._validate_rope(model["rope_local"], model)
+        self._validate_family(model)
         sw = model.get("sliding_window")
         if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):
             self._fail(f"model.sliding_window must be null or a positive integer, got {sw!r}")
@@ -266,7 +306,7 @@ class Engine:
                 self._fail(f"tensor {name!r} is missing from the manifest index; the engine is incomplete, re-run the conversion")
         for name, entry in index.items():
             if name not in want:
-                self._fail(f"tensor {name!r} in the manifest is not part of format v{VERSION} for this model")
+                self._fail(f"tensor {name!r} in the manifest is not part of format v{v} for this model")
             got = (entry.get("file"), entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else entry
             if got != want[name]:
                 self._fail(f"tensor {name!r}: manifest says file/dtype/shape {got}, the model config implies {want[name]}")
@@ -277,8 +317,24 @@ class Engine:
             if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
                 self._fail(f"manifest files[{fname!r}] must be an object with a string sha256 and an integer size, got {meta!r}")
 
-    def _validate_rope(self, model: dict) -> None:
-        rope = model["rope"]
+    def _validate_family(self, model: dict) -> None:
+        if model["hidden_act"] not in ACTIVATIONS:
+            self._fail(f"model.hidden_act {model['hidden_act']!r} is not one of {list(ACTIVATIONS)}")
+        for k in ("norm_offset", "embed_scale", "attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            val = model[k]
+            if val is None and k != "norm_offset":
+                continue
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or (k != "norm_offset" and val <= 0):
+                self._fail(f"model.{k} must be {'a number' if k == 'norm_offset' else 'null or a positive number'}, got {val!r}")
+        if not isinstance(model["sandwich_norm"], bool):
+            self._fail(f"model.sandwich_norm must be true or false, got {model['sandwich_norm']!r}")
+        lt = model["layer_types"]
+        if lt is not None and (not isinstance(lt, list) or len(lt) != model["num_layer"] or not set(lt) <= set(LAYER_TYPES)):
+            self._fail(f"model.layer_types must be null or one of {list(LAYER_TYPES)} per layer, got {lt!r}")
+        if lt is not None and not model.get("sliding_window"):
+            self._fail("model.layer_types has sliding_attention layers but sliding_window is null")
+
+    def _validate_rope(self, rope: dict, model: dict) -> None:
         base, scaling = rope.get("base"), rope.get("scaling")
         if rope.get("type") not in ROPE_TYPES:
             self._fail(f"model.rope.type {rope.get('type')!r} is not one of {list(ROPE_TYPES)}")

@@ -135,7 +135,7 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     """`n_samples` x `seqlen` calibration tokens (ignored for RTN); `device_free`: bytes free
     on the CUDA device, to decide where the hidden states live (None: assume they fit)."""
     n_tokens = n_samples * seqlen if o.calibrated else 0
-    glob, layer_roles = required_roles(model)
+    glob, layer_roles = required_roles(model, arch)
     shapes = role_shapes(model)
     src_b = torch.empty((), dtype=ckpt.source_dtype).element_size()
     per_layer = sum(_numel(shapes[r]) for r in layer_roles)

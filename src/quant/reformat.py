@@ -34,7 +34,7 @@ def awq_to_compressed_tensors(src: str | Path, out: str | Path, force: bool = Fa
     layout = compressed_tensors_layout(plan.spec)
     out = check_output(Path(out), force, inputs=(ckpt.path,))
     source = CheckpointSource(ckpt, plan.arch, plan.model, plan.fp_dtype, plan.quant, plan.spec)
-    _, layer_roles = required_roles(plan.model)
+    _, layer_roles = required_roles(plan.model, plan.arch)
     method = (ckpt.config.get("quantization_config") or {}).get("lmkiln_method", "awq")
     report = json.loads((ckpt.path / REPORT).read_text()) if (ckpt.path / REPORT).is_file() else {}
     report["converted"] = {"from": str(ckpt.path), "from_format": "awq-gemm", "to_format": "compressed-tensors",

@@ -24,7 +24,7 @@ import torch
 
 from lmkiln.convert.architectures import LINEAR_ROLES, Architecture
 from lmkiln.convert.hf_to_engine import (
-    Accounting, CheckpointSource, EnginePlan, engine_manifest, produce_head, produce_layer, produce_tail, required_roles,
+    Accounting, CheckpointSource, EnginePlan, engine_manifest, member_linear, produce_head, produce_layer, produce_tail, required_roles,
     role_shapes,
 )
 from lmkiln.convert.quantized import module_name, resolve_quant
@@ -127,7 +127,7 @@ class HfQuantSink(Sink):
                  method: str, dtype: torch.dtype, layout: LinearLayout):
         self.out, self.ckpt, self.arch, self.model, self.spec, self.method, self.dtype = out, ckpt, arch, model, spec, method, dtype
         self.layout = layout
-        glob, self.layer_roles = required_roles(model)
+        glob, self.layer_roles = required_roles(model, arch)
         self.tail = [arch.hf_name_of(r) for r in glob[1:]]
         self.inter_p = standard_intermediate(arch, model, spec, layout)
         self.shapes = role_shapes(dict(model, inter_size=self.inter_p))  # as config.json will say
@@ -197,7 +197,7 @@ class _ResultSource:
         return self.base.fp(role, i)
 
     def linear(self, role: str, i: int, kind: str):
-        return self.res.qtensors[role]
+        return member_linear(self.base.arch, self.base.model, role, self.res.qtensors.__getitem__)
 
 
 class EngineSink(Sink):

@@ -24,16 +24,26 @@ from lmkiln.formats.qtensor import dequantize
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale after casting back, as the reference Llama norm does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: scale by (offset + w) in float32, then cast, as its reference norm does
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        # Llama: normalise in float32 and scale after casting back
         return self.weight * xf.to(x.dtype)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): Gemma 2's soft-capping of attention scores and logits."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 class Linear(nn.Module):
@@ -141,6 +151,9 @@ class Attention(nn.Module):
         self.hq, self.hkv, self.hd = cfg["head_num"], cfg["kv_head_num"], cfg["size_per_head"]
         self.wqkv, self.wo = wqkv, wo
         self.q_norm, self.k_norm = q_norm, k_norm
+        qpas = cfg["query_pre_attn_scalar"]
+        self.scale = (qpas if qpas is not None else self.hd) ** -0.5
+        self.softcap = cfg["attn_softcap"]
 
     def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int):
         B, T, _ = x.shape
@@ -152,28 +165,42 @@ class Attention(nn.Module):
         cache.k[layer][:, :, start:start + T] = k.transpose(1, 2)
         cache.v[layer][:, :, start:start + T] = v.transpose(1, 2)
         keys, values = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.hq != self.hkv)
+        q = q.transpose(1, 2)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.hq != self.hkv)
+        else:  # SDPA has no soft-capping: scores by hand, softmax in float32 (as the reference)
+            rep = self.hq // self.hkv
+            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+            scores = softcap(q @ keys.transpose(-1, -2) * self.scale, self.softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ values
         return self.wo(out.transpose(1, 2).reshape(B, T, self.hq * self.hd))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, w13: Linear, w2: Linear):
+    def __init__(self, w13: Linear, w2: Linear, act: str = "silu"):
         super().__init__()
-        self.w13, self.w2 = w13, w2
+        self.w13, self.w2, self.act = w13, w2, ACTIVATIONS[act]
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, attn_norm, attention, ffn_norm, ffn):
+    """Pre-norm block; with `post_*` norms (Gemma's sandwich) each branch's output is
+    normalised before its residual add."""
+
+    def __init__(self, attn_norm, attention, ffn_norm, ffn, post_attn_norm=None, post_ffn_norm=None):
         super().__init__()
         self.attention_norm, self.attention, self.ffn_norm, self.feed_forward = attn_norm, attention, ffn_norm, ffn
+        self.post_attention_norm, self.post_ffn_norm = post_attn_norm, post_ffn_norm
 
     def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, start)
-        return x + self.feed_forward(self.ffn_norm(x))
+        a = self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, start)
+        x = x + (a if self.post_attention_norm is None else self.post_attention_norm(a))
+        f = self.feed_forward(self.ffn_norm(x))
+        return x + (f if self.post_ffn_norm is None else self.post_ffn_norm(f))
 
 
 def merge_shards(kind: str, parts: list[torch.Tensor], m: dict, tp: int) -> torch.Tensor:
@@ -238,6 +265,7 @@ class EngineModel(nn.Module):
         self.compute_dtype = dtype
         eps = float(cfg["norm_eps"])
         get = lambda n: engine.get(n).to(dtype)  # noqa: E731
+        norm = lambda n: RMSNorm(get(n), eps, float(cfg["norm_offset"]))  # noqa: E731
         lin = lambda i, kind: load_linear(engine, i, kind, dtype, device, kernels)  # noqa: E731
         self.tok_embeddings = nn.Parameter(get("tok_embeddings.weight"), requires_grad=False)
         layers = []
@@ -245,15 +273,20 @@ class EngineModel(nn.Module):
             p = f"layers.{i}"
             qn = kn = None
             if cfg["qk_norm"]:
-                qn, kn = RMSNorm(get(f"{p}.attention.q_norm.weight"), eps), RMSNorm(get(f"{p}.attention.k_norm.weight"), eps)
+                qn, kn = norm(f"{p}.attention.q_norm.weight"), norm(f"{p}.attention.k_norm.weight")
             attn = Attention(cfg, lin(i, "attention.w_qkv"), lin(i, "attention.wo"), qn, kn)
-            ffn = FeedForward(lin(i, "feed_forward.w13"), lin(i, "feed_forward.w2"))
-            layers.append(DecoderLayer(RMSNorm(get(f"{p}.attention_norm.weight"), eps), attn, RMSNorm(get(f"{p}.ffn_norm.weight"), eps), ffn))
+            ffn = FeedForward(lin(i, "feed_forward.w13"), lin(i, "feed_forward.w2"), cfg["hidden_act"])
+            post = (norm(f"{p}.post_attention_norm.weight"), norm(f"{p}.post_ffn_norm.weight")) if cfg["sandwich_norm"] else ()
+            layers.append(DecoderLayer(norm(f"{p}.attention_norm.weight"), attn, norm(f"{p}.ffn_norm.weight"), ffn, *post))
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(get("norm.weight"), eps)
+        self.norm = norm("norm.weight")
         self.output = None if cfg["tie_word_embeddings"] else Linear(get("output.weight"))
         self.register_buffer("inv_freq", inv_freq(cfg["rope"]), persistent=False)
-        self.sliding_window = cfg.get("sliding_window")
+        self.register_buffer("inv_freq_local", inv_freq(cfg["rope_local"] or cfg["rope"]), persistent=False)
+        # Per layer: (window or None, local rope?). Without layer_types every layer has the one window.
+        types = cfg["layer_types"] or ["sliding_attention"] * cfg["num_layer"]
+        self.layer_kinds = [(cfg.get("sliding_window") if t == "sliding_attention" else None,
+                             t == "sliding_attention" and cfg["rope_local"] is not None) for t in types]
         self.eval().to(device)
 
     @classmethod
@@ -279,12 +312,12 @@ class EngineModel(nn.Module):
         c = self.config
         return KVCache.empty(c["num_layer"], batch, c["kv_head_num"], capacity, c["size_per_head"], self.compute_dtype, self.device)
 
-    def _mask(self, cache: KVCache, qpos: torch.Tensor, qvalid: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    def _mask(self, cache: KVCache, qpos: torch.Tensor, qvalid: torch.Tensor, start: int, T: int, window: int | None) -> torch.Tensor:
         """(B, 1, T, S) bool: valid keys at or before the query's position, within the window."""
         kpos, kvalid = cache.kpos[:, :start + T], cache.valid[:, :start + T]
         allowed = kvalid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
-        if self.sliding_window:
-            allowed &= (qpos[:, :, None] - kpos[:, None, :]) < self.sliding_window
+        if window:
+            allowed &= (qpos[:, :, None] - kpos[:, None, :]) < window
         # A padding query would attend to nothing, and softmax over nothing is NaN that
         # then leaks into the cache; let it see its own slot instead (its output is unused).
         own = torch.zeros_like(allowed)
@@ -311,13 +344,18 @@ class EngineModel(nn.Module):
         qpos = torch.where(qvalid, qpos, torch.zeros_like(qpos))
         cache.valid[:, start:start + T] = qvalid
         cache.kpos[:, start:start + T] = qpos
-        mask = self._mask(cache, qpos, qvalid, start, T)
-        cos, sin = cos_sin(self.inv_freq, qpos)
+        masks = {w: self._mask(cache, qpos, qvalid, start, T, w) for w in {w for w, _ in self.layer_kinds}}
+        ropes = {False: cos_sin(self.inv_freq, qpos)}
+        if any(local for _, local in self.layer_kinds):
+            ropes[True] = cos_sin(self.inv_freq_local, qpos)
         x = F.embedding(input_ids, self.tok_embeddings)
+        if self.config["embed_scale"] is not None:  # rounded to the compute dtype first, as the reference does
+            x = x * torch.tensor(self.config["embed_scale"], dtype=torch.float32).to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+            window, local = self.layer_kinds[i]
+            x = layer(x, *ropes[local], masks[window], cache, i, start)
         x = self.norm(x)
         logits = self.output(x) if self.output is not None else x @ self.tok_embeddings.t()
         cache.length = start + T
         cache.next_pos += qvalid.long().sum(1)
-        return logits.float()
+        return softcap(logits.float(), self.config["final_softcap"])

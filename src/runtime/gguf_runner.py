@@ -20,6 +20,7 @@ from lmkiln.convert.rope import inv_freq
 from lmkiln.convert.transforms import permute_rotary
 from lmkiln.errors import InputError
 from lmkiln.formats import gguf as G
+from lmkiln.formats.engine import with_family_defaults
 from lmkiln.runtime.engine_model import EngineModel
 
 
@@ -47,13 +48,13 @@ class GgufWeights:
         rope = {"type": "default", "base": gm.rope_base, "dim": gm.head_dim, "scaling": None}
         if gm.rope_linear is not None:
             rope.update(type="linear", scaling={"factor": gm.rope_linear})
-        self.model = {
+        self.model = with_family_defaults({
             "architecture": gm.arch, "hidden_units": gm.hidden, "head_num": gm.heads, "kv_head_num": gm.kv_heads,
             "size_per_head": gm.head_dim, "inter_size": gm.n_ff, "inter_size_padded": gm.n_ff, "num_layer": gm.n_layer,
             "vocab_size": gm.vocab, "max_position_embeddings": gm.context, "norm_eps": gm.norm_eps, "rope": rope,
             "attn_bias": gm.attn_bias, "qk_norm": gm.qk_norm, "tie_word_embeddings": gm.tied, "hidden_act": "silu",
             "eos_token_id": [] if eos is None else [int(eos)], "sliding_window": None,
-        }
+        })
 
     def is_quantized(self, linear: str) -> bool:
         return False
