@@ -16,7 +16,8 @@ One `Architecture` entry per Hugging Face `architectures[0]`. An entry says
 - `defaults`: engine config values for HF keys a family's config may omit (transformers' defaults).
 - `fused`: an HF linear that holds several engine roles stacked along its output (Phi-3's
   qkv_proj), split by the converter; quantize treats it as one linear.
-- `calib_attention`: the transformers attention implementation calibration runs with.
+- `hf_attention`: the transformers attention implementation lmkiln runs the family's own model code with
+  (calibration, the transformers runner): one that computes all of its math.
 
 Adding a family is adding an entry; see docs/architectures.md.
 """
@@ -78,7 +79,7 @@ class Architecture:
     gguf_rope_interleaved: bool = True
     defaults: dict[str, object] = field(default_factory=dict)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    calib_attention: str = "sdpa"
+    hf_attention: str = "sdpa"
 
     def fused_parent(self, role: str) -> str | None:
         """The fused HF linear that holds engine role `role`, or None when it is its own tensor."""
@@ -254,7 +255,7 @@ GEMMA_REASONS = {
     "query_pre_attn_scalar": "the attention scale is query_pre_attn_scalar ** -0.5, not head_dim ** -0.5",
     "hidden_act": "GeGLU: gelu with the tanh approximation gates the MLP",
     "sliding_window_pattern": "local (sliding) and global layers alternate; every n-th layer is global",
-    "calib_attention": "calibration runs eager attention: transformers' sdpa path has no logit soft-capping",
+    "hf_attention": "transformers runs it with eager attention: its sdpa path refuses soft-capping",
 }
 TIED = {"lm_head": "Gemma ties the output projection to the embedding"}
 
@@ -273,7 +274,7 @@ register(Architecture(
                    "attn_softcap": "Gemma 2 soft-caps attention scores: cap * tanh(score / cap) before the mask",
                    "final_softcap": "Gemma 2 soft-caps the logits the same way"},
     awq_groups=LLAMA_AWQ,
-    calib_attention="eager",
+    hf_attention="eager",
 ))
 
 register(Architecture(
@@ -295,7 +296,7 @@ register(Architecture(
                    "qk_norm": "Gemma 3 RMS-normalises q/k heads (with the (1 + w) offset) instead of soft-capping",
                    "rope_local": "sliding layers use their own rope base (rope_local_base_freq), global ones the main rope"},
     awq_groups=LLAMA_AWQ,
-    calib_attention="eager",
+    hf_attention="eager",
 ))
 
 register(Architecture(

@@ -31,6 +31,14 @@ def source_summary(engine) -> dict:
                               "files", "source") if k in m} | {"architecture": m["model"].get("architecture")}
 
 
+def onnx_unsupported(model: dict) -> list[str]:
+    """The engine model's features the decoder graph does not build (engine format v2 fields)."""
+    from lmkiln.formats.engine import FAMILY_FIELDS
+
+    return [k for k, d in FAMILY_FIELDS.items() if model.get(k, d) != d] + (
+        [f"hidden_act {model['hidden_act']}"] if model["hidden_act"] != "silu" else [])
+
+
 def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton: bool = False, force: bool = False,
                 progress: Callable[[str, int], None] | None = None, accuracy_level: int | None = None) -> Path:
     """Export `source` into `out_dir` (atomic; an existing one only with force). Returns out_dir.
@@ -53,6 +61,10 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
     check_output(out_dir, force, (source,))
     with engine_dir(source) as epath:
         engine = Engine(epath)
+        unsupported = onnx_unsupported(engine.model)
+        if unsupported:
+            raise InputError(f"{source}: ONNX export of {engine.model['architecture']} is not supported yet: the graph has "
+                             f"no {', '.join(unsupported)}; verify or serve the engine, AWQ-GEMM or compressed-tensors output")
         with atomic_dir(out_dir, force=force, inputs=(source,)) as tmp:
             files = write_model(engine, tmp, ep, portable, progress, accuracy_level or 0)
             side = [f for f in engine.manifest.get("tokenizer_files", []) if (engine.path / f).is_file()]

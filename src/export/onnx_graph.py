@@ -206,7 +206,7 @@ class DecoderBuilder:
             ins += [ctx["cos"], ctx["sin"]]
         outs = g.op("GroupQueryAttention", ins, [g.fresh("attn"), f"present.{i}.key", f"present.{i}.value"], domain=MS,
                     num_heads=hq, kv_num_heads=hkv, scale=float(hd) ** -0.5, **rot,
-                    local_window_size=window - 1 if window else -1)
+                    local_window_size=window if window else -1)
         return outs[0]
 
     def _split_qkv(self, qkv: str) -> list[str]:

@@ -245,8 +245,26 @@ def group_applies(group: ScaleGroup, arch: Architecture, layer: nn.Module) -> bo
     the group's input width (v -> o fails under GQA)."""
     if group.prev not in LINEAR_ROLES:
         return True
-    prev = layer.get_submodule(arch.module_of(group.prev))
-    return all(prev.weight.shape[0] == layer.get_submodule(arch.module_of(r)).weight.shape[1] for r in group.linears)
+    rows = layer.get_submodule(arch.module_of(group.prev)).weight.shape[0]
+    if group.prev_part and rows % group.prev_part[1]:
+        return False
+    width = rows // group.prev_part[1] if group.prev_part else rows
+    return all(width == layer.get_submodule(arch.module_of(r)).weight.shape[1] for r in group.linears)
+
+
+def prev_rows(group: ScaleGroup, n_rows: int) -> slice:
+    """The rows of the producing linear whose outputs the group reads (a fused linear's part)."""
+    if not group.prev_part:
+        return slice(0, n_rows)
+    k, n = group.prev_part
+    return slice(k * n_rows // n, (k + 1) * n_rows // n)
+
+
+def prev_out_scale(group: ScaleGroup, s: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The folded producer's per-output-row scale: s on the group's rows, 1 elsewhere."""
+    full = torch.ones(n_rows, dtype=s.dtype, device=s.device)
+    full[prev_rows(group, n_rows)] = s
+    return full
 
 
 class Master:
@@ -296,9 +314,13 @@ def fold_scale(master: Master, arch: Architecture, group: ScaleGroup, s: torch.T
     """Divide the producer of X by s and multiply the consumers' columns by s (fp-exact)."""
     pm = arch.module_of(group.prev)
     if group.prev in LINEAR_ROLES:
-        master.param(pm).div_(s[:, None])
+        rows = prev_rows(group, master.param(pm).shape[0])
+        master.param(pm)[rows].div_(s[:, None])
         if f"{pm}.bias" in master.w:
-            master.param(pm, "bias").div_(s)
+            master.param(pm, "bias")[rows].div_(s)
+    elif arch.quirks.get("norm_offset"):  # the norm scales by (offset + w): fold into that sum
+        off = float(arch.quirks["norm_offset"])
+        master.param(pm).add_(off).div_(s).sub_(off)
     else:
         master.param(pm).div_(s)
     for r in group.linears:

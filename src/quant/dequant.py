@@ -35,8 +35,8 @@ def fake_quant_state_dict(awq_dir: str | Path, dtype: torch.dtype = torch.float3
     sd = {}
     modules = {}
     for i in range(m["num_layer"]):
-        for role in LINEAR_ROLES:
-            name = arch.hf_name_of(role, i)
+        for role in LINEAR_ROLES:  # as the checkpoint holds them: a fused linear, not its members
+            name = arch.hf_name_of(role, i) if role in arch.tensors else None
             if name is not None:
                 modules[name.rsplit(".", 1)[0]] = shapes[role]
     for name in ckpt.keys():

@@ -94,8 +94,11 @@ class LayerResult:
 class LayerModule:
     """transformers' own decoder layer for this config, materialised once on the compute
     device and refilled for each layer, so calibration runs the reference model's math.
+    Layers of different kinds (Gemma's local and global layers hold their window in the
+    module) get one module per kind.
 
-    Built on the meta device from config.json alone (no weights, no remote code)."""
+    Built on the meta device from config.json alone (no weights, no remote code), with
+    the attention implementation the architecture table names for calibration."""
 
     def __init__(self, ckpt: HFCheckpoint, arch: Architecture, compute: Compute):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,9 +107,18 @@ class LayerModule:
         self.ckpt, self.arch, self.compute = ckpt, arch, compute
         config = AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True, trust_remote_code=False)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=compute.dtype)
-        self.layer = model.get_submodule(arch.layer_prefix.format(i=0)).to_empty(device=compute.device).eval()
-        self.layer.requires_grad_(False)
+            self._meta = AutoModelForCausalLM.from_config(config, attn_implementation=arch.hf_attention, dtype=compute.dtype)
+        cfg = getattr(config, "text_config", None) or config
+        self._kinds = list(getattr(cfg, "layer_types", None) or [])
+        self._modules: dict[str, torch.nn.Module] = {}
+
+    def module(self, i: int) -> torch.nn.Module:
+        """The materialised module that runs layer i (one per layer kind)."""
+        kind = self._kinds[i] if i < len(self._kinds) else ""
+        if kind not in self._modules:
+            m = self._meta.get_submodule(self.arch.layer_prefix.format(i=i)).to_empty(device=self.compute.device).eval()
+            self._modules[kind] = m.requires_grad_(False)
+        return self._modules[kind]
 
     def load(self, i: int, with_master: bool = True) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
         """Layer i's weights, tensor by tensor from disk into the module on the device.
@@ -118,7 +130,8 @@ class LayerModule:
         prefix = self.arch.layer_prefix.format(i=i)
         exact = with_master and self.compute.dtype != torch.float32
         master = {} if exact else None
-        for name, p in self.layer.state_dict(keep_vars=True).items():
+        layer = self.module(i)
+        for name, p in layer.state_dict(keep_vars=True).items():
             full = f"{prefix}.{name}"
             if full not in self.ckpt:
                 raise InputError(f"{self.ckpt.path}: tensor {full!r} missing for decoder layer {prefix}")
@@ -130,7 +143,7 @@ class LayerModule:
             if exact:
                 master[name] = t.float()
             del t
-        return self.layer, master
+        return layer, master
 
 
 def position_embeddings(rope: dict, seqlen: int, compute: Compute):
@@ -138,6 +151,17 @@ def position_embeddings(rope: dict, seqlen: int, compute: Compute):
     freqs = torch.arange(seqlen, dtype=torch.float32)[:, None] * inv_freq(rope)[None]
     emb = torch.cat([freqs, freqs], -1)[None].to(compute.device)
     return emb.cos().to(compute.dtype), emb.sin().to(compute.dtype)
+
+
+def causal_mask(seqlen: int, window: int | None, compute: Compute) -> torch.Tensor:
+    """(1, 1, T, T) additive mask: 0 where query q may see key k (k <= q, within the window), the
+    dtype's minimum elsewhere, as transformers builds it (eager attention adds it to the scores)."""
+    q = torch.arange(seqlen, device=compute.device)
+    allowed = q[None, :] <= q[:, None]
+    if window:
+        allowed &= (q[:, None] - q[None, :]) < window
+    m = torch.zeros(seqlen, seqlen, dtype=compute.dtype, device=compute.device)
+    return m.masked_fill_(~allowed, torch.finfo(compute.dtype).min)[None, None]
 
 
 def run_layer(mod: LayerModule, i: int, options: QuantOptions, out_dtype: torch.dtype,

@@ -38,7 +38,7 @@ from lmkiln.formats.awq_gemm import AwqSpec, awq_spec
 from lmkiln.formats.engine import config_sha256
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.quant.awq import QuantOptions, fp_forward, layer_chunk
-from lmkiln.quant.job import Compute, LayerModule, LayerResult, position_embeddings, resolve_compute, run_layer
+from lmkiln.quant.job import Compute, LayerModule, LayerResult, causal_mask, position_embeddings, resolve_compute, run_layer
 from lmkiln.quant.plan import QuantPlan, human, layer_linears, make_plan
 from lmkiln.quant.sinks import LAYOUTS, REPORT, TARGETS, make_sink, standard_intermediate
 from lmkiln.quant.state import ResumeState
@@ -236,7 +236,7 @@ def quantize_model(
         if compute.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(compute.device)
         with threads_for(mcfg, compute):
-            res, _ = run_layer(mod, 0, options, src_dtype, hidden, layer_kwargs)
+            res, _ = run_layer(mod, 0, options, src_dtype, hidden, layer_kwargs and layer_kwargs[0])
         report = {"layers": [res.report], "totals": _totals(t_start, [res.report], calib_info, compute)}
         return QuantResult(None, report, plan)
 
@@ -303,7 +303,7 @@ class LayerRun:
     plan: QuantPlan
     out_dtype: torch.dtype
     ids: torch.Tensor | None  # calibration token ids (AWQ), None for RTN
-    layer_kwargs: dict | None
+    layer_kwargs: list[dict] | None  # per layer (calibration_kwargs)
     state: ResumeState
 
     @property
@@ -319,7 +319,7 @@ class LayerRun:
     def forward(self, mod: LayerModule, i: int, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Layer i's fp output into `out`: the same bits its job's first pass computes."""
         layer, _ = mod.load(i, with_master=False)
-        return fp_forward(layer, hidden, self.layer_kwargs, layer_chunk(layer, hidden, self.options), out, i)
+        return fp_forward(layer, hidden, self.layer_kwargs[i], layer_chunk(layer, hidden, self.options), out, i)
 
     def first_input(self, start: int) -> torch.Tensor | None:
         """The input of layer `start`: the embedding, or the state's saved hidden states."""
@@ -330,9 +330,25 @@ class LayerRun:
         return _place(self.state.hidden(start - 1), self.compute, self.plan)
 
 
-def calibration_kwargs(mcfg: dict, ids: torch.Tensor, compute: Compute) -> dict:
-    """The decoder layer's keyword arguments for calibration windows like `ids`."""
-    return {"position_embeddings": position_embeddings(mcfg["rope"], ids.shape[1], compute), "attention_mask": None}
+def calibration_kwargs(mcfg: dict, ids: torch.Tensor, compute: Compute) -> list[dict]:
+    """Each decoder layer's keyword arguments for calibration windows like `ids`: the cos/sin
+    of its rope (local layers may have their own) and its attention mask. The mask is None
+    (plain causal attention) unless the layer's window is shorter than the windows or the
+    table's calibration attention is eager, which applies only the mask it is given."""
+    T, n = ids.shape[1], mcfg["num_layer"]
+    eager = get_architecture(mcfg["architecture"]).hf_attention == "eager"
+    types = mcfg["layer_types"] or ["sliding_attention" if mcfg["sliding_window"] else "full_attention"] * n
+    kinds: dict[tuple, dict] = {}
+    out = []
+    for t in types:
+        window = mcfg["sliding_window"] if t == "sliding_attention" and mcfg["sliding_window"] < T else None
+        local = t == "sliding_attention" and mcfg["rope_local"] is not None
+        if (window, local) not in kinds:
+            rope = mcfg["rope_local"] if local else mcfg["rope"]
+            kinds[window, local] = {"position_embeddings": position_embeddings(rope, T, compute),
+                                    "attention_mask": causal_mask(T, window, compute) if window or eager else None}
+        out.append(kinds[window, local])
+    return out
 
 
 def local_layers(run: LayerRun, start: int, spec: AwqSpec) -> Iterator[LayerResult]:
@@ -348,7 +364,7 @@ def local_layers(run: LayerRun, start: int, spec: AwqSpec) -> Iterator[LayerResu
             if out is not None:
                 run.state.save_hidden(i, out)
         else:
-            res, out = run_layer(mod, i, run.options, run.out_dtype, hidden, run.layer_kwargs, hidden_out=spare)
+            res, out = run_layer(mod, i, run.options, run.out_dtype, hidden, run.layer_kwargs and run.layer_kwargs[i], hidden_out=spare)
             run.state.save(res, run.module_of, out)
         if out is not None:
             hidden, spare = out, hidden  # ping-pong
@@ -401,7 +417,11 @@ def _place(hidden: torch.Tensor, compute: Compute, plan: QuantPlan) -> torch.Ten
 def _embed(ckpt: HFCheckpoint, arch, ids: torch.Tensor, compute: Compute, plan: QuantPlan) -> torch.Tensor:
     """The first layer's input: embedding rows of the calibration tokens (the table stays on the host)."""
     table = ckpt.get(arch.hf_name_of("embed"))
-    return _place(torch.nn.functional.embedding(ids, table).float(), compute, plan)
+    x = torch.nn.functional.embedding(ids, table)
+    scale = engine_config_from_hf(arch, ckpt.config)["embed_scale"]
+    if scale is not None:  # Gemma: times sqrt(hidden) rounded to the table's dtype, as the reference embeds
+        x = x * torch.tensor(scale).to(table.dtype)
+    return _place(x.float(), compute, plan)
 
 
 def _du(path: Path) -> int:

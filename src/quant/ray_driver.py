@@ -292,7 +292,7 @@ def layer_task(path: str, fingerprint: str, version: str, device_type: str, dtyp
         hidden = _from_wire(wire)
         if hidden_on_device:
             hidden = hidden.to(compute.device)
-        kwargs = calibration_kwargs(mcfg, hidden[:, :, 0], compute)
+        kwargs = calibration_kwargs(mcfg, hidden[:, :, 0], compute)[i]
     with threads_for(mcfg, compute, threads):  # the threads the fingerprint records (CPU results depend on them)
         res, _ = run_layer(mod, i, options, out_dtype, hidden, kwargs)
     for role in res.qtensors:

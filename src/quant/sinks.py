@@ -107,6 +107,9 @@ def standard_intermediate(arch: Architecture, model: dict, spec: AwqSpec, layout
                          "(codes per int32), since a channel's one group cannot be padded" if g == -1 else
                          f"--to {layout.flag}: intermediate_size {inter} padded to whole groups of {g} is not whole int32 words "
                          f"of {m} codes")
+    if inter_p != inter and arch.fused_parent("gate"):
+        raise InputError(f"--to {layout.flag}: intermediate_size {inter} is not whole groups of {g}, and the fused "
+                         f"{arch.tensors[arch.fused_parent('gate')].replace('.{i}.', '.*.')} cannot be padded in place")
     for r in linears:
         (out_f, in_f), (out_w, in_w) = shapes[r], wider[r]
         where = f"{module_name(arch, r, 0).replace('.0.', '.*.')}.weight"

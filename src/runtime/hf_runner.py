@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lmkiln.convert.architectures import ARCHITECTURES
 from lmkiln.formats.awq_gemm import awq_spec
 from lmkiln.formats.hf import HFCheckpoint
 
@@ -33,15 +34,17 @@ class TransformersRunner:
 
         ckpt = HFCheckpoint(path)
         self.path = Path(path)
+        arch = ARCHITECTURES.get(ckpt.architecture)
+        attn = arch.hf_attention if arch else "sdpa"  # the implementation that computes the family's exact math
         if awq_spec(ckpt.config) is None:
             self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                              trust_remote_code=False, attn_implementation="sdpa")
+                                                              trust_remote_code=False, attn_implementation=attn)
         else:
             from lmkiln.quant.dequant import fake_quant_state_dict
 
             cfg_dict, sd = fake_quant_state_dict(path, dtype)
             config = AutoConfig.for_model(**cfg_dict)
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
             missing, unexpected = self.model.load_state_dict(sd, strict=False)
             tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
             if set(missing) - tied or unexpected:
