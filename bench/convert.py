@@ -255,7 +255,7 @@ def machine() -> dict:
 
 # -- the bench -----------------------------------------------------------------------------
 
-def variants(src: Path, work: Path, tps: list[int]) -> dict[str, tuple[Path, list[list[str]]]]:
+def variants(src: Path, work: Path, tps: list[int], baseline: Path | None = None) -> dict[str, tuple[Path, list[list[str]]]]:
     v = {}
     dst = work / "cp"
     v["cp"] = (dst, [["cp", "-r", str(src), str(dst)]])
@@ -265,8 +265,12 @@ def variants(src: Path, work: Path, tps: list[int]) -> dict[str, tuple[Path, lis
     for tp in tps:
         dst = work / f"engine_tp{tp}"
         name = "convert" if tp == 1 else f"convert tp{tp}"
-        v[name] = (dst, [[sys.executable, "-m", "lmkiln", "convert", "hf-to-engine", str(src), "-o", str(dst),
-                          "--force", *(["--tp", str(tp)] if tp != 1 else [])]])
+        cmd = lambda d: [sys.executable, "-m", "lmkiln", "convert", "hf-to-engine", str(src), "-o", str(d),  # noqa: E731
+                         "--force", *(["--tp", str(tp)] if tp != 1 else [])]
+        v[name] = (dst, [cmd(dst)])
+        if baseline is not None:  # the same command with another lmkiln first on the path (e.g. an older src/)
+            dst = work / f"engine_tp{tp}_baseline"
+            v[f"{name} (baseline)"] = (dst, [["env", f"PYTHONPATH={baseline}", *cmd(dst)]])
     return v
 
 
@@ -317,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="measured runs per variant, after one warm-up each (default 3)")
     ap.add_argument("--tp", default="1,2", help="comma-separated --tp values to convert with (default 1,2)")
     ap.add_argument("--no-cp-sync", action="store_true", help="skip the cp+sync reference row")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="also time the lmkiln package found in DIR (DIR/lmkiln, e.g. `git archive` of an older src/ "
+                         "renamed lmkiln), as 'convert (baseline)' rows run with PYTHONPATH=DIR, alternating with the others")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before measuring, wait up to S seconds for the 1-minute load average to fall below 0.3")
     ap.add_argument("--seed", type=int, default=0)
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  warning: load average {load:.2f} before measuring: other processes compete for the "
                   f"{os.cpu_count()} cores and the disk; see the others' load column", file=sys.stderr)
 
-        plan = variants(src, work, tps)
+        plan = variants(src, work, tps, args.baseline.absolute() if args.baseline else None)
         if args.no_cp_sync:
             plan.pop("cp+sync")
         runs: dict[str, list[dict]] = {name: [] for name in plan}
@@ -422,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ours:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            for p in [src, work / "done", log_path, *(dst for dst, _ in variants(src, work, tps).values())]:
+            for p in [src, work / "done", log_path, *(dst for dst, _ in variants(src, work, tps, args.baseline).values())]:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 elif p.exists():

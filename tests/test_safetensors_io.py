@@ -365,3 +365,94 @@ def test_stream_writer_header_matches_plan(tmp_path):
     assert [header[n]["shape"] for n, _, _ in specs] == [[3, 2], [5], []]
     assert [header[n]["dtype"] for n, _, _ in specs] == ["BF16", "U8", "F32"]
     assert len(data) == 12 + 5 + 4
+
+
+# -- StreamWriter with background writer/hasher threads (inflight mode) ------------------------
+
+
+def _threaded_cases():
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(300, 70, generator=g).to(torch.float16)  # 42000 bytes: several staging buffers
+    return {
+        "t_f16": big.t(),  # transposed views: the writer thread transposes them
+        "t_bf16": torch.randn(33, 17, generator=g).to(torch.bfloat16).t(),
+        "f32": torch.randn(5, 7, generator=g),
+        "t_f32": torch.randn(9, 4, generator=g).t(),
+        "u8": torch.randint(0, 255, (13,), generator=g).to(torch.uint8),
+        "empty": torch.zeros(0, 4),
+        "i32_cols": torch.randint(-9, 9, (6, 8), generator=g, dtype=torch.int32)[:, ::2],  # strided, not transposed
+        "scalar": torch.tensor(2.5),
+    }
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_threaded_stream_writer_same_bytes_and_digest(tmp_path, monkeypatch, direct):
+    import lmkiln.formats.safetensors_io as sio
+
+    monkeypatch.setattr(sio, "STAGE_BYTES", 8192)  # tiny staging buffer: many full flushes, an aligned part and a tail
+    if not direct:  # a file system without O_DIRECT: the page-cache path
+        monkeypatch.setattr(sio, "_set_direct", lambda fd, on: False)
+    tensors = _threaded_cases()
+    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    plain = StreamWriter(tmp_path / "plain.safetensors", specs, {"format": "pt"})
+    threaded = StreamWriter(tmp_path / "threaded.safetensors", specs, {"format": "pt"}, sio.InFlight(10_000))
+    for n, t in tensors.items():
+        plain.write(n, t)
+        threaded.write(n, t)
+    d1, d2 = plain.close(), threaded.close()
+    data = (tmp_path / "threaded.safetensors").read_bytes()
+    assert data == (tmp_path / "plain.safetensors").read_bytes()
+    assert d1 == d2 == hashlib.sha256(data).hexdigest() and threaded.size == len(data)
+    with safe_open(str(tmp_path / "threaded.safetensors"), framework="pt") as f:
+        for n, t in tensors.items():
+            assert torch.equal(f.get_tensor(n), t), n
+
+
+def test_inflight_bounds_queued_bytes():
+    import threading
+
+    from lmkiln.formats.safetensors_io import InFlight
+
+    b = InFlight(100)
+    b.acquire(500)  # more than the limit goes through when nothing else is queued
+    b.release(500)
+    b.acquire(60)
+    got = []
+    th = threading.Thread(target=lambda: (b.acquire(30), got.append(1)))
+    th.start()
+    th.join(0.2)
+    assert got == [1] and b.used == 90  # 60 + 30 fit the limit
+    th = threading.Thread(target=lambda: (b.acquire(20), got.append(2)))
+    th.start()
+    th.join(0.2)
+    assert got == [1]  # 90 + 20 > 100: waits
+    b.release(60)
+    th.join(5)
+    assert got == [1, 2] and b.used == 50
+
+
+def test_threaded_stream_writer_error_surfaces_and_cleans_up(tmp_path, monkeypatch):
+    import errno
+
+    import lmkiln.formats.safetensors_io as sio
+
+    def full(self, fd, buf):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sio.StreamWriter, "_write_out", full)
+    monkeypatch.setattr(sio, "STAGE_BYTES", 4096)
+    specs = [(f"t{i}", torch.float32, (1024,)) for i in range(50)]
+    w = StreamWriter(tmp_path / "x.safetensors", specs, None, sio.InFlight(8192))
+    with pytest.raises(OSError) as e:
+        for i in range(50):
+            w.write(f"t{i}", torch.ones(1024))
+        w.close()
+    assert e.value.errno == errno.ENOSPC
+    w.abort()
+    assert w._f.closed and not w._threads
+
+
+def test_tensor_bytes_of_transposed_views():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.uint8, torch.bool):
+        t = (torch.arange(35).reshape(5, 7) % 3).to(dtype).t()
+        assert bytes(tensor_bytes(t)) == bytes(tensor_bytes(t.contiguous())), dtype

@@ -14,16 +14,26 @@ header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
+import mmap
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmkiln.errors import SafetensorsFormatError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no O_DIRECT either
+    fcntl = None
 
 # safetensors dtype code <-> torch dtype, and the item size that validates offsets.
 DTYPES: dict[str, torch.dtype] = {
@@ -120,13 +130,79 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
+# the integer dtype of each item size: torch copies (transposes) these faster than fp16/bf16,
+# 0.9 against 0.5 GB/s for a (5632, 2048) fp16 weight on a 2-core Xeon, and the bytes are the same
+_BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (contiguous, on CPU), without a copy when possible."""
-    t = t.detach().to("cpu").contiguous()
+    t = t.detach().to("cpu")
+    if not t.is_contiguous() and t.numel() and t.element_size() in _BITS_DTYPE and not t.is_complex():
+        bits = _BITS_DTYPE[t.element_size()]
+        t = torch.empty(t.shape, dtype=bits).copy_(t.view(bits))  # e.g. a transposed view: the copy transposes
+    t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
     # uint8 view works for every dtype including bf16, which numpy cannot represent.
     return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_EVERY = 64 << 20  # a threaded writer without O_DIRECT starts the writeback of every 64 MiB it wrote
+STAGE_BYTES = 16 << 20  # a threaded writer's O_DIRECT staging buffer
+DIRECT_ALIGN = 4096  # O_DIRECT offset/length alignment (any logical block size up to a page)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for an open file; returns whether it is on."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or fcntl is None:
+        return False
+    try:
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (fl | flag) if on else (fl & ~flag))
+    except OSError:
+        return False
+    return on
+
+
+def _load_sync_file_range():
+    """libc's sync_file_range (Linux), or None: starts writeback of a range without waiting for it."""
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class InFlight:
+    """A bound on the bytes handed to background writer/hasher threads and not yet done.
+
+    `acquire` blocks while taking `n` more would pass the limit (an item larger than the
+    limit still goes through, alone), so a fast producer holds at most about `limit`
+    bytes of finished tensors waiting for the disk and the hash. One instance can be
+    shared by the writers of several files."""
+
+    def __init__(self, limit: int = 256 << 20):
+        self.limit, self.used = limit, 0
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cv:
+            while self.used and self.used + n > self.limit:
+                self._cv.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
 
 
 class StreamWriter:
@@ -134,9 +210,18 @@ class StreamWriter:
 
     The full list of (name, dtype, shape) must be known up front because the header
     comes first; conversion plans every target before producing any, so it is.
+
+    With `inflight` (an InFlight bound), `write` only queues the tensor: a writer thread
+    makes it contiguous (a transposed view is transposed there), copies it into a staging
+    buffer written with O_DIRECT (see `_write_loop`), and a hasher thread feeds the same
+    bytes to sha256 in order, all three mostly without the GIL, while the caller produces
+    the next tensor. The file and digest are the same as without threads; the caller must
+    not modify a tensor after handing it to `write`. An error in a thread (a full disk)
+    is raised by the next `write` or by `close`. The file is not left in the page cache.
     """
 
-    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+                 inflight: InFlight | None = None):
         self.path = Path(path)
         self._order = [name for name, _, _ in specs]
         self._specs = {name: (dtype, tuple(shape)) for name, dtype, shape in specs}
@@ -155,16 +240,126 @@ class StreamWriter:
             offset += numel * ITEMSIZE[code]
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data region, as the reference writer does
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb", buffering=0 if inflight is not None else -1)
         self._sha = hashlib.sha256()
-        self._emit(struct.pack("<Q", len(raw)))
-        self._emit(raw)
+        self._inflight = inflight
+        self._direct = False
+        self._threads: list[threading.Thread] = []
+        self._error: BaseException | None = None
+        self._stop = False
+        if inflight is not None:
+            self._to_write: queue.SimpleQueue = queue.SimpleQueue()
+            self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
+            self._written = self._synced = 0
+            self._threads = [threading.Thread(target=self._write_loop, name=f"write {self.path.name}", daemon=True),
+                             threading.Thread(target=self._hash_loop, name=f"sha256 {self.path.name}", daemon=True)]
+            for th in self._threads:
+                th.start()
+        try:
+            self._emit(struct.pack("<Q", len(raw)))
+            self._emit(raw)
+        except BaseException:
+            self.abort()
+            raise
         self._next = 0
         self.size = 8 + len(raw) + offset
 
-    def _emit(self, b) -> None:
-        self._f.write(b)
-        self._sha.update(b)
+    def _emit(self, b, n: int | None = None) -> None:
+        """Bytes to write and hash; in inflight mode also a tensor of `n` bytes."""
+        if self._inflight is None:
+            self._f.write(b)
+            self._sha.update(b)
+            return
+        self._raise_error()
+        n = len(b) if n is None else n
+        self._inflight.acquire(n)
+        self._to_write.put((b, n))
+
+    # -- the threads (inflight mode) -------------------------------------------------
+
+    def _write_loop(self) -> None:
+        """Copy the queued bytes into an aligned staging buffer and write it with O_DIRECT
+        (DMA from the buffer: no page-cache copy, no dirty pages for the final fsync to
+        wait on); where the file system refuses O_DIRECT, the same writes go through the
+        page cache with their writeback started every WRITEBACK_EVERY bytes."""
+        import numpy as np
+
+        fd = self._f.fileno()
+        stage = mmap.mmap(-1, STAGE_BYTES)  # page-aligned, reused for the whole file
+        sv = np.frombuffer(stage, np.uint8)
+        fill = 0
+        try:
+            self._direct = _set_direct(fd, True)
+            while (item := self._to_write.get()) is not None:
+                if self._error is None and not self._stop:
+                    try:
+                        if isinstance(item[0], torch.Tensor):
+                            item = (tensor_bytes(item[0]), item[1])
+                        off, n = 0, item[1]
+                        src = np.frombuffer(item[0], np.uint8) if n else None
+                        while off < n:  # numpy's copy releases the GIL
+                            k = min(n - off, STAGE_BYTES - fill)
+                            sv[fill:fill + k] = src[off:off + k]
+                            fill, off = fill + k, off + k
+                            if fill == STAGE_BYTES:
+                                self._write_out(fd, memoryview(stage))
+                                fill = 0
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                        self._error = self._error or e
+                self._to_hash.put(item)
+            if fill and self._error is None and not self._stop:
+                try:
+                    aligned = fill // DIRECT_ALIGN * DIRECT_ALIGN
+                    self._write_out(fd, memoryview(stage)[:aligned])
+                    self._direct = _set_direct(fd, False)  # the tail is not a whole block
+                    self._write_out(fd, memoryview(stage)[aligned:fill])
+                except BaseException as e:  # noqa: BLE001
+                    self._error = self._error or e
+        finally:
+            self._to_hash.put(None)
+            del sv
+            try:
+                stage.close()
+            except BufferError:  # a view of it lives on in the stored error's traceback; freed with it
+                pass
+
+    def _write_out(self, fd: int, buf: memoryview) -> None:
+        while len(buf):
+            try:
+                n = os.write(fd, buf)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self._direct:
+                    raise
+                self._direct = _set_direct(fd, False)  # O_DIRECT accepted by open, refused by write
+                continue
+            buf = buf[n:]
+            self._written += n
+        if not self._direct and _sync_file_range is not None and self._written - self._synced >= WRITEBACK_EVERY:
+            _sync_file_range(fd, self._synced, self._written - self._synced, SYNC_FILE_RANGE_WRITE)
+            self._synced = self._written
+
+    def _hash_loop(self) -> None:
+        while (item := self._to_hash.get()) is not None:
+            try:
+                if self._error is None and not self._stop:
+                    self._sha.update(item[0])
+            except BaseException as e:  # noqa: BLE001
+                self._error = self._error or e
+            finally:
+                self._inflight.release(item[1])
+
+    def _join(self) -> None:
+        """Let the threads finish what is queued (skipping it after `abort`) and end."""
+        if self._threads:
+            self._to_write.put(None)
+            for th in self._threads:
+                th.join()
+            self._threads = []
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            self._stop = True
+            raise self._error
 
     def write(self, name: str, t: torch.Tensor) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
@@ -173,27 +368,46 @@ class StreamWriter:
         dtype, shape = self._specs[name]
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise ValueError(f"{self.path.name}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
-        self._emit(tensor_bytes(t))
+        if self._inflight is None:
+            self._emit(tensor_bytes(t))
+        else:
+            self._emit(t.detach(), t.numel() * t.element_size())  # made contiguous (transposed) by the writer thread
         self._next += 1
 
     def close(self) -> str:
         """Finish the file; returns its sha256 hex digest. Fails if a planned tensor is missing."""
         if self._next != len(self._order):
-            self._f.close()
+            self.abort()
             raise ValueError(f"{self.path.name}: {len(self._order) - self._next} planned tensors never written, first {self._order[self._next]!r}")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._join()
+            self._raise_error()
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except BaseException:
+            self.abort()
+            raise
         self._f.close()
         return self._sha.hexdigest()
 
     def abort(self) -> None:
+        self._stop = True
+        self._join()
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # a full disk: the buffered tail cannot be flushed; the file is being discarded
+                pass
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 8 << 20, stop: threading.Event | None = None) -> str | None:
+    """The file's sha256 hex digest, read into one reused buffer (hashing and reading release
+    the GIL); None if `stop` is set before the end."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buf = memoryview(bytearray(chunk))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if stop is not None and stop.is_set():
+                return None
+            h.update(buf[:n])
     return h.hexdigest()
