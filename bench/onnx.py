@@ -3,9 +3,12 @@
 
 Side by side, same model, same prompt, same harness (onnxruntime-genai, greedy):
 
-  ours int4        export of an int4-g32 RTN engine (MatMulNBits, accuracy_level 0 = exact)
-  ours int4 acc4   the same with accuracy_level 4 (int8 activations, as the builder's int4 CPU default)
-  ours fp32        export of the fp32 engine
+  ours int4 acc4        export of an int4-g32 RTN engine (MatMulNBits), the CPU default accuracy_level 4
+                        (int8 activations, as the builder's int4 CPU default)
+  ours int4 acc0        the same with accuracy_level 0 (exact: bit-faithful to the engine)
+  ours int4 acc4 head4  accuracy_level 4 and head_bits=4 (output head int4 too, as the builder does)
+  ours int4 sym acc4    a symmetric RTN engine: no zero_points inputs (as the builder's graph)
+  ours fp32             export of the fp32 engine
   builder int4     `python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu`
   transformers     fp32 `generate` (prefill = one forward over the prompt)
 
@@ -76,12 +79,41 @@ def weight_bytes(onnx_dir: Path) -> int:
     return int(total)
 
 
-def genai_speed(onnx_dir: Path, prompt: list[int], n_new: int, repeats: int) -> dict:
+def genai_speeds(dirs: dict[str, Path], prompt: list[int], n_new: int, repeats: int) -> dict:
+    """genai_speed for every variant, rounds interleaved (variant A, B, ..., then again), so
+    load from other jobs on a shared machine falls on all variants alike; a variant that fails
+    to load or run maps to its error string."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(onnx_dir))
+    models, out = {}, {}
+    for label, d in dirs.items():
+        try:
+            models[label] = og.Model(str(d))
+        except RuntimeError as e:
+            out[label] = str(e).splitlines()[0][:200]
+    samples = {label: [] for label in models}
+    for r in range(repeats + 1):  # round 0 is a warm-up
+        for label in list(models):
+            try:
+                res = genai_speed(models[label], prompt, n_new, 1, warmup=False)
+            except RuntimeError as e:  # the builder's graph can fail at run time (GQA needs head_dim % 16 == 0)
+                out[label] = str(e).splitlines()[0][:200]
+                del models[label]
+                continue
+            if r:
+                samples[label].append(res)
+    for label in models:
+        out[label] = {k: float(np.median([x[k] for x in samples[label]])) for k in ("prefill_tok_s", "decode_tok_s")}
+    return out
+
+
+def genai_speed(model, prompt: list[int], n_new: int, repeats: int, warmup: bool = True) -> dict:
+    import onnxruntime_genai as og
+
+    if not isinstance(model, og.Model):
+        model = og.Model(str(model))
     pre, dec = [], []
-    for _ in range(repeats + 1):  # the first run is a warm-up
+    for _ in range(repeats + int(warmup)):  # the first run is a warm-up
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + n_new, do_sample=False)
         gen = og.Generator(model, params)
@@ -95,7 +127,8 @@ def genai_speed(onnx_dir: Path, prompt: list[int], n_new: int, repeats: int) -> 
         t2 = time.perf_counter()
         pre.append(len(prompt) / (t1 - t0))
         dec.append(steps / (t2 - t1))
-    return {"prefill_tok_s": float(np.median(pre[1:])), "decode_tok_s": float(np.median(dec[1:]))}
+    k = int(warmup)
+    return {"prefill_tok_s": float(np.median(pre[k:])), "decode_tok_s": float(np.median(dec[k:]))}
 
 
 def transformers_speed(hf_dir: Path, prompt: list[int], n_new: int, repeats: int) -> dict:
@@ -147,42 +180,53 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
         convert_hf_to_engine(hf_dir, work / "eng-fp32")
     if not (work / "eng-int4").exists():
         quantize_model(hf_dir, work / "eng-int4", QuantOptions(bits=4, group_size=32, method="rtn"), to="engine")
-    variants = {}
+    if not (work / "eng-int4-sym").exists():
+        quantize_model(hf_dir, work / "eng-int4-sym", QuantOptions(bits=4, group_size=32, method="rtn", symmetric=True),
+                       to="engine")
     t = time.perf_counter()
-    if not (work / "ours-int4").exists():
-        export_onnx(work / "eng-int4", work / "ours-int4")
-    t_export = time.perf_counter() - t
     if not (work / "ours-int4-acc4").exists():
-        export_onnx(work / "eng-int4", work / "ours-int4-acc4", accuracy_level=4)
-    if not (work / "ours-fp32").exists():
-        export_onnx(work / "eng-fp32", work / "ours-fp32")
-    variants = {"ours int4": work / "ours-int4", "ours int4 acc4": work / "ours-int4-acc4", "ours fp32": work / "ours-fp32"}
+        export_onnx(work / "eng-int4", work / "ours-int4-acc4")  # the CPU default: accuracy_level 4
+    t_export = time.perf_counter() - t
+    exports = {"ours int4 acc4": ("eng-int4", "ours-int4-acc4", {}),
+               "ours int4 acc0": ("eng-int4", "ours-int4-acc0", {"accuracy_level": 0}),
+               "ours int4 acc4 head4": ("eng-int4", "ours-int4-acc4-head4", {"head_bits": 4}),
+               "ours int4 sym acc4": ("eng-int4-sym", "ours-int4-sym-acc4", {}),
+               "ours fp32": ("eng-fp32", "ours-fp32", {})}
+    variants = {}
+    for label, (eng, d, kw) in exports.items():
+        if not (work / d).exists():
+            export_onnx(work / eng, work / d, **kw)
+        variants[label] = work / d
     why = run_builder(hf_dir, work / "builder-int4", builder_timeout)
     if why is None:
         variants["builder int4"] = work / "builder-int4"
     rows = {}
+    load0 = os.getloadavg()
+    speeds = genai_speeds(variants, prompt, n_new, repeats)
     for label, d in variants.items():
-        try:
-            r = genai_speed(d, prompt, n_new, repeats)
-        except RuntimeError as e:  # the builder's graph can fail at run time (GQA needs head_dim % 16 == 0)
-            why = f"{label} failed to run: {str(e).splitlines()[0][:200]}"
-            print(f"  {name:8s} {label:16s} {why}", flush=True)
+        r = speeds[label]
+        if isinstance(r, str):
+            why = f"{label} failed to run: {r}"
+            print(f"  {name:8s} {label:20s} {why}", flush=True)
             continue
         wb = weight_bytes(d)
         r.update(weight_mb=wb / 1e6, roofline_tok_s=bw * 1e9 / wb)
         r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
         rows[label] = r
-        print(f"  {name:8s} {label:16s} prefill {r['prefill_tok_s']:9.1f} tok/s  decode {r['decode_tok_s']:8.1f} tok/s  "
+        print(f"  {name:8s} {label:20s} prefill {r['prefill_tok_s']:9.1f} tok/s  decode {r['decode_tok_s']:8.1f} tok/s  "
               f"weights {wb / 1e6:8.1f} MB  roofline {r['roofline_fraction']:.0%}", flush=True)
     rows["transformers fp32"] = transformers_speed(hf_dir, prompt, n_new, repeats)
     print(f"  {name:8s} transformers fp32 prefill {rows['transformers fp32']['prefill_tok_s']:9.1f} tok/s  "
           f"decode {rows['transformers fp32']['decode_tok_s']:8.1f} tok/s", flush=True)
-    res = {"rows": rows, "prompt_tokens": len(prompt), "new_tokens": n_new, "export_int4_s": t_export, "builder_error": why}
-    base = rows["ours int4"]["decode_tok_s"]
+    res = {"rows": rows, "prompt_tokens": len(prompt), "new_tokens": n_new, "export_int4_s": t_export, "builder_error": why,
+           "loadavg_before": load0, "loadavg_after": os.getloadavg()}
+    base = rows["ours int4 acc4"]["decode_tok_s"]
     res["ratios"] = {"ours_int4_vs_transformers_fp32": base / rows["transformers fp32"]["decode_tok_s"]}
     if "builder int4" in rows:
-        res["ratios"]["ours_int4_vs_builder_int4"] = base / rows["builder int4"]["decode_tok_s"]
-        res["ratios"]["ours_int4_acc4_vs_builder_int4"] = rows["ours int4 acc4"]["decode_tok_s"] / rows["builder int4"]["decode_tok_s"]
+        b = rows["builder int4"]["decode_tok_s"]
+        for label in exports:
+            if label in rows:
+                res["ratios"][label.replace(" ", "_") + "_vs_builder_int4"] = rows[label]["decode_tok_s"] / b
     return res
 
 
@@ -200,7 +244,7 @@ def main() -> None:
 
     bw = bandwidth_gbs()
     info = {"cpu": common.cpu_model(), "cores": os.cpu_count(), "bandwidth_gbs": bw, "python": platform.python_version(),
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "loadavg_start": os.getloadavg()}
     import onnxruntime
     import onnxruntime_genai
 

@@ -54,9 +54,9 @@ def engines(tmp_path_factory):
 def exports(engines, tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx-out")
     out = {}
-    for name, eng in engines.items():
-        out[name] = export_onnx(eng, d / name)
-        out[name + "-portable"] = export_onnx(eng, d / (name + "-portable"), portable=True)
+    for name, eng in engines.items():  # accuracy_level 0: MatMulNBits dequantizes exactly (the CPU default is 4)
+        out[name] = export_onnx(eng, d / name, accuracy_level=0)
+        out[name + "-portable"] = export_onnx(eng, d / (name + "-portable"), portable=True, accuracy_level=0)
     return out
 
 
@@ -108,6 +108,14 @@ def test_model_checks_and_metadata(engines, exports):
     assert "DequantizeLinear" in {n.op_type for n in portable.graph.node}
     cfg = json.loads((exports["fp32"] / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["num_key_value_heads"] == 4 and cfg["model"]["vocab_size"] == 512
+    # GQA writes into genai's preallocated cache; the portable graph concatenates past and new.
+    assert cfg["search"]["past_present_share_buffer"] is True
+    assert json.loads((exports["fp32-portable"] / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    # The fused w13 runs as two MatMulNBits (gate, up), RTN's asymmetric zero points kept.
+    nbits = {n.input[1].rsplit(".", 1)[0]: n for n in m.graph.node if n.op_type == "MatMulNBits"}
+    assert {"layers.0.feed_forward.w1", "layers.0.feed_forward.w3"} <= set(nbits)
+    assert len(nbits["layers.0.feed_forward.w1"].input) == 4
+    assert meta["lmkiln.accuracy_level"] == "0" and meta["lmkiln.head_bits"] == "0"
     assert (exports["fp32"] / "tokenizer.json").is_file()
 
 
@@ -140,7 +148,7 @@ def test_awq_gemm_source(tmp_path, engines):
     """An AWQ-GEMM checkpoint (lmkiln quantize --to hf) exports through the same path."""
     awq = tmp_path / "awq"
     quantize_model(bundled_model_path(), awq, QuantOptions(bits=4, group_size=64, method="rtn"), to="hf")
-    out = export_onnx(awq, tmp_path / "onnx")
+    out = export_onnx(awq, tmp_path / "onnx", accuracy_level=0)
     eng = EngineModel.from_path(convert_hf_to_engine(awq, tmp_path / "eng"))
     ids = torch.randint(3, 512, (1, 100), generator=torch.Generator().manual_seed(0))
     s = _stats(eng.forward(ids), OnnxRunner(out).forward(ids))
@@ -188,7 +196,7 @@ def test_bad_input(engines, tmp_path):
 
 def test_onnxruntime_genai_loads_and_generates(exports, tok):
     og = pytest.importorskip("onnxruntime_genai")
-    for kind in ("fp32", "int4"):
+    for kind in ("fp32", "int4", "int4-portable"):  # shared KV buffer (contrib) and concatenated (portable)
         model = og.Model(str(exports[kind]))
         ids = tok(PROMPTS[0]).input_ids
         params = og.GeneratorParams(model)
@@ -226,3 +234,63 @@ def test_cuda_flavour_graph_runs_on_cpu(engines, tmp_path, portable):
     ids = torch.randint(3, 512, (1, 100), generator=torch.Generator().manual_seed(0))
     s = _stats(EngineModel.from_path(engines["int4"]).forward(ids), OnnxRunner(out).forward(ids))
     assert s["top1"] >= 0.98 and s["max_abs"] < 0.2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_without_zero_points(bits, tmp_path, text_ids, monkeypatch):
+    """Symmetric weights (every zero = 2^(bits-1)) go without MatMulNBits' zero_points input,
+    whose default is that zero: the same logits as the graph that carries them."""
+    import lmkiln.export.onnx_graph as og_mod
+
+    eng = quantize_model(bundled_model_path(), tmp_path / "sym", QuantOptions(bits=bits, group_size=32, method="rtn",
+                                                                            symmetric=True), to="engine").output
+    lean = export_onnx(eng, tmp_path / "lean", accuracy_level=0)
+    monkeypatch.setattr(og_mod, "DROP_DEFAULT_ZERO_POINTS", False)
+    full = export_onnx(eng, tmp_path / "full", accuracy_level=0)
+    names = lambda d: {t.name for t in onnx.load(str(d / "model.onnx")).graph.initializer}  # noqa: E731
+    assert not any(n.endswith(".zero_points") for n in names(lean))
+    assert any(n.endswith(".zero_points") for n in names(full))
+    a, b = OnnxRunner(lean).forward(text_ids), OnnxRunner(full).forward(text_ids)
+    assert (a - b).abs().max().item() <= 1e-5
+    s = _stats(EngineModel.from_path(eng).forward(text_ids), a)
+    assert s["top1"] >= 0.999 and s["kl"] <= 1e-4
+
+
+def test_default_accuracy_level(engines, exports, tmp_path, text_ids):
+    """No accuracy_level: 4 (int8 activations) on CPU, recorded in the metadata and the
+    export info; close to the exact level-0 graph (measured cost: docs/export-onnx.md)."""
+    out = export_onnx(engines["int4"], tmp_path / "default")
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx"), load_external_data=False).metadata_props}
+    assert meta["lmkiln.accuracy_level"] == "4"
+    assert json.loads((out / "lmkiln_export.json").read_text())["accuracy_level"] == 4
+    attrs = {a.name: a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+             for a in n.attribute if a.name == "accuracy_level"}
+    assert attrs == {"accuracy_level": 4}
+    s = _stats(OnnxRunner(exports["int4"]).forward(text_ids), OnnxRunner(out).forward(text_ids))
+    print("acc4 vs acc0", s)
+    assert s["top1"] >= 0.95 and s["kl"] <= 2e-3
+    cuda = export_onnx(engines["int4"], tmp_path / "cuda", ep="cuda")
+    assert json.loads((cuda / "lmkiln_export.json").read_text())["accuracy_level"] == 0
+
+
+@pytest.mark.parametrize("source", ["int4 tied", "fp32 untied"])
+def test_quantized_head(source, engines, tmp_path):
+    """head_bits=4: the output head (tied: the embedding table, still gathered in fp) as
+    symmetric int4 blocks of 32; MatMulNBits and the portable DequantizeLinear agree."""
+    if source == "int4 tied":
+        eng = engines["int4"]
+    else:
+        eng = convert_hf_to_engine(make_tiny_model(tmp_path / "hf", seed=2), tmp_path / "eng")
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    outs = {p: export_onnx(eng, tmp_path / f"h4-{p}", portable=p, accuracy_level=0, head_bits=4) for p in (False, True)}
+    m = onnx.load(str(outs[False] / "model.onnx"))
+    head = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.input[1] == "output.qweight"]
+    assert len(head) == 1 and len(head[0].input) == 3  # symmetric: no zero points
+    assert {p.key: p.value for p in m.metadata_props}["lmkiln.head_bits"] == "4"
+    a, b = OnnxRunner(outs[False]).forward(ids), OnnxRunner(outs[True]).forward(ids)
+    assert (a - b).abs().max().item() <= 1e-3
+    s = _stats(EngineModel.from_path(eng).forward(ids), a)
+    print(source, "int4 head vs engine", s)
+    assert s["top1"] >= 0.7 and 0 < s["kl"] <= 0.2
+    with pytest.raises(InputError, match="head_bits"):
+        export_onnx(eng, tmp_path / "bad", head_bits=3)

@@ -22,6 +22,9 @@ MODEL_FILE = "model.onnx"
 EXPORT_INFO = "lmkiln_export.json"
 EXTERNAL_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf's limit is 2 GB)
 EPS = ("cpu", "cuda")
+# MatMulNBits accuracy_level when none is given: int8 activations on CPU (the onnxruntime-genai
+# builder's CPU default; docs/export-onnx.md "Accuracy level" has the measured cost), exact on CUDA.
+DEFAULT_ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
 
 
 def source_summary(engine) -> dict:
@@ -31,22 +34,28 @@ def source_summary(engine) -> dict:
                               "files", "source") if k in m} | {"architecture": m["model"].get("architecture")}
 
 
-def onnx_unsupported(model: dict) -> list[str]:
-    """The engine model's features the decoder graph does not build (engine format v2 fields)."""
+def onnx_unsupported(model: dict, portable: bool = False) -> list[str]:
+    """The engine model's features the decoder graph does not build (engine format v2 fields;
+    mixture of experts only as onnxruntime's contrib MoE node, not in the portable graph)."""
     from lmkiln.formats.engine import FAMILY_FIELDS
 
-    return [k for k, d in FAMILY_FIELDS.items() if model.get(k, d) != d] + (
+    moe = ("num_experts", "experts_per_token", "norm_topk")
+    return [k for k, d in FAMILY_FIELDS.items() if model.get(k, d) != d and k not in moe] + (
+        ["mixture of experts in the --portable graph (standard ops have no MoE)"] if model.get("num_experts") and portable else []) + (
         [f"hidden_act {model['hidden_act']}"] if model["hidden_act"] != "silu" else [])
 
 
 def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton: bool = False, force: bool = False,
-                progress: Callable[[str, int], None] | None = None, accuracy_level: int | None = None) -> Path:
+                progress: Callable[[str, int], None] | None = None, accuracy_level: int | None = None,
+                head_bits: int = 0) -> Path:
     """Export `source` into `out_dir` (atomic; an existing one only with force). Returns out_dir.
 
     ep "cpu": float32 graph; "cuda": float16 activations and fp weights (same ops).
     portable: standard opset-21 ops only. triton: also lay out model_repository/.
     accuracy_level: MatMulNBits' (0 = dequantize to the activation type, exact; 4 = int8
-    activations, faster on CPU); default 0.
+    activations, faster on CPU); None = DEFAULT_ACCURACY_LEVEL[ep] (4 on CPU, 0 on CUDA).
+    head_bits: 0 keeps the output head fp (as in the engine); 4 or 8 quantizes it at
+    export (symmetric RTN, blocks of 32: smaller and faster, not bit-faithful).
     """
     from lmkiln.formats.atomic import atomic_dir, check_output
     from lmkiln.formats.engine import Engine
@@ -54,6 +63,10 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
 
     if ep not in EPS:
         raise InputError(f"--ep {ep!r}: choose one of {', '.join(EPS)}")
+    if head_bits not in (0, 4, 8):
+        raise InputError(f"head_bits {head_bits!r}: choose 0 (fp head), 4 or 8")
+    if accuracy_level is None:
+        accuracy_level = DEFAULT_ACCURACY_LEVEL[ep]
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source}: no such engine or model directory")
@@ -61,23 +74,24 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
     check_output(out_dir, force, (source,))
     with engine_dir(source) as epath:
         engine = Engine(epath)
-        unsupported = onnx_unsupported(engine.model)
+        unsupported = onnx_unsupported(engine.model, portable)
         if unsupported:
             raise InputError(f"{source}: ONNX export of {engine.model['architecture']} is not supported yet: the graph has "
                              f"no {', '.join(unsupported)}; verify or serve the engine, AWQ-GEMM or compressed-tensors output")
         with atomic_dir(out_dir, force=force, inputs=(source,)) as tmp:
-            files = write_model(engine, tmp, ep, portable, progress, accuracy_level or 0)
+            files = write_model(engine, tmp, ep, portable, progress, accuracy_level, head_bits)
             side = [f for f in engine.manifest.get("tokenizer_files", []) if (engine.path / f).is_file()]
             for f in side:
                 shutil.copyfile(engine.path / f, tmp / f)
             from lmkiln.export.layout import genai_config, write_triton
 
-            cfg = genai_config(engine.model, ep)
+            # GroupQueryAttention updates a preallocated cache in place; the portable graph concatenates.
+            cfg = genai_config(engine.model, ep, share_buffer=not portable)
             (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
             # What `lmkiln verify` reads to pick default thresholds and check calibration overlap.
             (tmp / EXPORT_INFO).write_text(json.dumps({
                 "weight_type": engine.manifest["weight_type"], "ep": ep, "portable": portable,
-                "accuracy_level": accuracy_level or 0, "lmkiln_version": lmkiln.__version__,
+                "accuracy_level": accuracy_level, "head_bits": head_bits, "lmkiln_version": lmkiln.__version__,
                 "tokenizer_class": engine.manifest.get("tokenizer_class"),  # what `verify` loads here (formats/tokenizer.py)
                 "source": source_summary(engine)}, indent=1) + "\n", encoding="utf-8")
             if (engine.path / "lmkiln_quant_report.json").is_file():
@@ -89,7 +103,7 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
     return out_dir
 
 
-def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_level: int) -> list[str]:
+def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_level: int, head_bits: int = 0) -> list[str]:
     """model.onnx (+ model.onnx.data) in `out`, checked; returns the files written."""
     import onnx
 
@@ -102,12 +116,13 @@ def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_l
         weight_bytes *= 2
     store = TensorStore(out, external=weight_bytes > EXTERNAL_THRESHOLD, progress=progress)
     try:
-        b = DecoderBuilder(engine, Graph(store), dtype, portable, accuracy_level)
+        b = DecoderBuilder(engine, Graph(store), dtype, portable, accuracy_level, head_bits)
         meta = {
             "lmkiln.version": lmkiln.__version__,
             "lmkiln.graph": "portable" if portable else "contrib",
             "lmkiln.ep": ep,
             "lmkiln.accuracy_level": str(accuracy_level),
+            "lmkiln.head_bits": str(head_bits),
             "lmkiln.model": json.dumps(engine.model, sort_keys=True),
             "lmkiln.source_manifest": json.dumps(source_summary(engine), sort_keys=True),
         }

@@ -14,8 +14,12 @@ from lmkiln.convert.architectures import get_architecture
 PROVIDERS = {"cpu": [], "cuda": [{"cuda": {}}]}
 
 
-def genai_config(model: dict, ep: str, filename: str = "model.onnx") -> dict:
-    """onnxruntime-genai's decoder-only config for our graph's input/output names."""
+def genai_config(model: dict, ep: str, filename: str = "model.onnx", share_buffer: bool = False) -> dict:
+    """onnxruntime-genai's decoder-only config for our graph's input/output names.
+
+    share_buffer: genai preallocates each layer's cache at max_length and binds past and
+    present to the same buffer (GroupQueryAttention writes the new rows in place); False
+    for graphs that build present by concatenation (the portable one)."""
     eos = list(model.get("eos_token_id") or [])
     ctx = int(model["max_position_embeddings"])
     return {
@@ -42,8 +46,7 @@ def genai_config(model: dict, ep: str, filename: str = "model.onnx") -> dict:
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-            # The cache grows by concatenation (present = past + new), never a preallocated buffer.
-            "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
 

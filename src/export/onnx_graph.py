@@ -29,17 +29,24 @@ from onnx import TensorProto, helper
 from lmkiln.convert.rope import inv_freq
 from lmkiln.errors import InputError
 from lmkiln.export.store import NP_TO_ONNX, Graph
-from lmkiln.export.weights import LinearW, dequantized, load_linear, np_fp, to_blocked_dq, to_matmulnbits
+from lmkiln.export.weights import (LinearW, dequantized, load_linear, np_fp, quantize_symmetric, split_columns, to_blocked_dq,
+                                   to_matmulnbits)
 from lmkiln.formats.engine import Engine
 
 OPSET = 21
 MS = "com.microsoft"
+# Symmetric int4/int8 weights (every zero = 8 / 128) go without MatMulNBits' zero_points input,
+# whose absence means that same zero point; tests turn it off to compare both graphs.
+DROP_DEFAULT_ZERO_POINTS = True
+HEAD_BLOCK = 32  # block size of the optional quantized output head
 
 
 class DecoderBuilder:
-    def __init__(self, engine: Engine, g: Graph, dtype=np.float32, portable: bool = False, accuracy_level: int = 0):
+    def __init__(self, engine: Engine, g: Graph, dtype=np.float32, portable: bool = False, accuracy_level: int = 0,
+                 head_bits: int = 0):
         self.e, self.g, self.dtype, self.portable = engine, g, np.dtype(dtype), portable
         self.accuracy_level = accuracy_level
+        self.head_bits = head_bits  # 0: the output head stays fp (as in the engine); 4/8: quantized at export
         self.m = m = engine.model
         self.h, self.hq, self.hkv, self.hd = m["hidden_units"], m["head_num"], m["kv_head_num"], m["size_per_head"]
         self.eps = float(m["norm_eps"])
@@ -65,21 +72,27 @@ class DecoderBuilder:
             y = self.cast(y, self.T)
         return g.op1("Mul", [y, gamma])
 
-    def linear(self, x: str, layer: int, kind: str) -> str:
+    def linear(self, x: str, layer: int, kind: str, lw: LinearW | None = None) -> str:
         g, name = self.g, f"layers.{layer}.{kind}"
-        lw: LinearW = load_linear(self.e, layer, kind, self.dtype)
+        if lw is None:
+            lw = load_linear(self.e, layer, kind, self.dtype)
+        return self._linear(x, name, lw)
+
+    def _linear(self, x: str, name: str, lw: LinearW) -> str:
+        g = self.g
         if not lw.bits:
             y = g.op1("MatMul", [x, g.store.add(f"{name}.weight", lw.weight)])
         elif self.portable:
             y = g.op1("MatMul", [x, self._dq_weight(name, lw)])
         else:
-            nb = to_matmulnbits(lw, self.dtype)
+            nb = to_matmulnbits(lw, self.dtype, DROP_DEFAULT_ZERO_POINTS)
             if nb is None:  # no power-of-two block >= 16 divides the group: run it dequantized
                 self.fallbacks.append(f"{name} (group {lw.group}: no MatMulNBits block size)")
                 y = g.op1("MatMul", [x, g.store.add(f"{name}.weight", dequantized(lw, self.dtype))])
             else:
-                ins = [x, g.store.add(f"{name}.qweight", nb["B"]), g.store.add(f"{name}.scales", nb["scales"]),
-                       g.store.add(f"{name}.zero_points", nb["zero_points"])]
+                ins = [x, g.store.add(f"{name}.qweight", nb["B"]), g.store.add(f"{name}.scales", nb["scales"])]
+                if nb["zero_points"] is not None:
+                    ins.append(g.store.add(f"{name}.zero_points", nb["zero_points"]))
                 y = g.op1("MatMulNBits", ins, domain=MS, K=nb["K"], N=nb["N"], bits=nb["bits"],
                           block_size=nb["block_size"], accuracy_level=self.accuracy_level)
         if lw.bias is not None:
@@ -133,9 +146,12 @@ class DecoderBuilder:
             delta = self.linear(attn, i, "attention.wo")
             xn, resid = self.norm_add(resid, delta, self.fp(f"{p}.ffn_norm.weight"))
             delta = self.ffn(xn, i)
-        xn, _ = self.norm_add(resid, delta, self.fp("norm.weight"))
+        xn, _ = self.norm_add(resid, delta, self.fp("norm.weight"), last=True)
 
-        if m["tie_word_embeddings"]:  # logits = x @ E^T without storing E twice
+        if self.head_bits:  # quantized at export (symmetric RTN): an approximation the engine does not make
+            w = self.e.get("tok_embeddings.weight").T if m["tie_word_embeddings"] else self.e.get("output.weight")
+            y = self._linear(xn, "output", quantize_symmetric(np_fp(w, np.float32), self.head_bits, HEAD_BLOCK))
+        elif m["tie_word_embeddings"]:  # logits = x @ E^T without storing E twice
             x2 = g.op1("Reshape", [xn, g.const([-1, self.h])])
             y = g.op1("Gemm", [x2, emb], transB=1)
             shape = g.op1("Concat", [g.op1("Shape", ["input_ids"]), g.const([V])], axis=0)
@@ -154,21 +170,30 @@ class DecoderBuilder:
             helper.set_model_props(model, metadata)
         return model
 
-    def norm_add(self, resid: str, delta: str | None, gamma: str) -> tuple[str, str]:
-        """(norm(resid + delta), resid + delta); delta None = the first norm."""
+    def norm_add(self, resid: str, delta: str | None, gamma: str, last: bool = False) -> tuple[str, str]:
+        """(norm(resid + delta), resid + delta); delta None = the first norm; `last`: the sum is not needed."""
         g = self.g
         if delta is None:
             return self.rms(resid, gamma), resid
         if self.portable:
             s = g.op1("Add", [resid, delta])
             return self.rms(s, gamma), s
-        out = g.op("SkipSimplifiedLayerNormalization", [resid, delta, gamma], 4, domain=MS, epsilon=self.eps)
-        return out[0], out[3]
+        # Only the outputs used are named (mean / inv_std_var are never; the sum not after the last layer).
+        name = g.fresh("SkipSimplifiedLayerNormalization")
+        outs = [f"{name}/out0"] if last else [f"{name}/out0", "", "", f"{name}/out3"]
+        out = g.op("SkipSimplifiedLayerNormalization", [resid, delta, gamma], outs, domain=MS, name=name, epsilon=self.eps)
+        return out[0], out[-1]
 
     def ffn(self, x: str, i: int) -> str:
+        if self.m.get("num_experts"):  # mixture of experts: onnxruntime's MoE node (export/onnx_moe.py)
+            from lmkiln.export.onnx_moe import moe_ffn
+
+            return moe_ffn(self, x, i)
         g = self.g
         ip = self.m["inter_size_padded"]
-        gate, up = g.op("Split", [self.linear(x, i, "feed_forward.w13"), g.const([ip, ip])], 2, axis=-1)
+        # The fused w13 as two linears (gate w1, up w3): no Split copy of the (B, S, 2 * inter) output.
+        w1, w3 = split_columns(load_linear(self.e, i, "feed_forward.w13", self.dtype), [ip, ip])
+        gate, up = self.linear(x, i, "feed_forward.w1", w1), self.linear(x, i, "feed_forward.w3", w3)
         act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
         return self.linear(act, i, "feed_forward.w2")
 

@@ -83,12 +83,35 @@ def pack_nibbles(a: np.ndarray) -> np.ndarray:
     return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
 
 
-def to_matmulnbits(lw: LinearW, dtype: np.dtype) -> dict:
+def split_columns(lw: LinearW, sizes: list[int]) -> list[LinearW]:
+    """`lw` cut along its output columns (e.g. the fused w13 into w1 and w3): the same
+    codes, scales and zeros, so each part computes exactly its columns of the whole."""
+    parts, start = [], 0
+    for n in sizes:
+        cols = slice(start, start + n)
+        take = lambda a: None if a is None else np.ascontiguousarray(a[..., cols])  # noqa: E731
+        parts.append(LinearW(lw.in_features, n, lw.bits, weight=take(lw.weight), codes=take(lw.codes),
+                             scales=take(lw.scales), zeros=take(lw.zeros), bias=take(lw.bias)))
+        start += n
+    if start != lw.out_features:
+        raise ValueError(f"split {sizes} does not cover {lw.out_features} columns")
+    return parts
+
+
+def default_zero_point(bits: int) -> int:
+    """The zero point MatMulNBits assumes when its zero_points input is absent (8 for int4)."""
+    return 1 << (bits - 1)
+
+
+def to_matmulnbits(lw: LinearW, dtype: np.dtype, drop_default_zeros: bool = True) -> dict:
     """B (N, k_blocks, blob), scales (N * k_blocks,), zero points and the K/N/bits/block_size
     attributes of com.microsoft MatMulNBits for `lw` (None when no block size fits).
 
     K is the true activation width: k_blocks = ceil(K / block) rows of blocks are kept
     and the padded rows beyond K inside the last block are ignored by the kernel.
+    `zero_points` is None when every zero equals MatMulNBits' default (symmetric
+    quantization: 8 for int4, 128 for int8) and `drop_default_zeros`: the kernel then
+    uses that default, the same dequantized weight without the input.
     """
     block = nbits_block(lw.group)
     if not block:
@@ -105,8 +128,29 @@ def to_matmulnbits(lw: LinearW, dtype: np.dtype) -> dict:
     else:
         B = codes.reshape(N, kb, block)
         zp = zeros
+    if drop_default_zeros and (zeros == default_zero_point(lw.bits)).all():
+        zp = None
     return {"B": np.ascontiguousarray(B), "scales": np.ascontiguousarray(scales.reshape(-1)),
-            "zero_points": np.ascontiguousarray(zp.reshape(-1)), "K": K, "N": N, "bits": lw.bits, "block_size": block}
+            "zero_points": None if zp is None else np.ascontiguousarray(zp.reshape(-1)), "K": K, "N": N,
+            "bits": lw.bits, "block_size": block}
+
+
+def quantize_symmetric(w: np.ndarray, bits: int = 4, block: int = 32) -> LinearW:
+    """Round-to-nearest symmetric quantization of an fp (in, out) weight in groups of
+    `block` input rows (the in dimension zero-padded to a multiple of it), as the
+    quantizer's symmetric scheme: scale = absmax / (2^(bits-1) - 1), zero = 2^(bits-1).
+    Used for the optional quantized output head (the engine keeps the head fp)."""
+    K, N = w.shape
+    kp = -(-K // block) * block
+    wp = np.zeros((kp, N), np.float32)
+    wp[:K] = w
+    g = wp.reshape(kp // block, block, N)
+    qmax, zero = (1 << (bits - 1)) - 1, default_zero_point(bits)
+    scales = (np.abs(g).max(axis=1) / qmax).astype(np.float16)  # (kp / block, N), fp16 like the engine's scales
+    scales[scales == 0] = np.float16(2.0 ** -24)  # an all-zero group: any positive scale
+    q = np.clip(np.rint(g / scales.astype(np.float32)[:, None, :]), -zero, qmax) + zero
+    return LinearW(K, N, bits, codes=np.ascontiguousarray(q.reshape(kp, N).astype(np.uint8)), scales=scales,
+                   zeros=np.full(scales.shape, zero, np.uint8))
 
 
 def to_blocked_dq(lw: LinearW, dtype: np.dtype) -> dict:
