@@ -11,6 +11,12 @@ stories260K (bundled, a real TinyStories Llama: hidden 64, 5 layers, ffn 172, vo
     ... --to engine` (RTN, and AWQ calibrated on the bundled WikiText-2 excerpt); with
     `--calib-text FILE` also AWQ calibrated on that (in-domain) text, after removing every
     paragraph that shares a line with the eval text.
+    With `--peers gptq,awq`: llm-compressor's GPTQ and AWQ (bench/peers/llmcompressor_awq.py,
+    in its own venv bench/out/venv-llmcompressor) on the very calibration ids lmkiln used for
+    each calibration text, at every W4 group size; its fake-quantized fp32 checkpoint is
+    converted to an fp32 engine and evaluated the same way. llm-compressor needs each input
+    width to be a multiple of the group (stories260K's down_proj reads 172): `--peer-down
+    channel` (default) quantizes down_proj per output channel, `ignore` keeps it in fp.
     W3: `lmkiln quantize` only writes 4- and 8-bit checkpoints, so W3 runs the same
     layer-by-layer loop in-process (a worker of this script calling
     lmkiln.quant.awq.awq_layer / rtn_layer with QuantOptions(bits=3) on the same
@@ -70,6 +76,8 @@ MB = 1e6
 MIB = 1 << 20
 
 SYNTH = dict(hidden=1024, heads=16, kv_heads=4, inter=2816, vocab=512)
+PEER_PY = ROOT / "bench" / "out" / "venv-llmcompressor" / "bin" / "python"
+PEER = ROOT / "bench" / "peers" / "llmcompressor_awq.py"
 
 
 # =========================================================================================
@@ -149,6 +157,20 @@ def _calibration(ckpt, mcfg, a: dict):
                                      a["samples"], a["seqlen"], a.get("seed", 0))
 
 
+def w_ids(a: dict) -> dict:
+    """The calibration ids quantize_model would use, saved as an int64 tensor for a peer."""
+    import torch
+
+    from lmkiln.convert.architectures import get_architecture
+    from lmkiln.convert.hf_config import engine_config_from_hf
+    from lmkiln.formats.hf import HFCheckpoint
+
+    ckpt = HFCheckpoint(a["model"])
+    cs = _calibration(ckpt, engine_config_from_hf(get_architecture(ckpt.architecture), ckpt.config), a)
+    torch.save(cs.input_ids.to(torch.int64).contiguous(), a["out"])
+    return {"summary": cs.describe(), "sha256": cs.sha256, "shape": list(cs.input_ids.shape)}
+
+
 def w_fakequant(a: dict) -> dict:
     """Layer-by-layer quantization (any --method) at any bit width the primitives support
     (3 included), as quantize_model does it, then the dequantized fp32 checkpoint -> fp32 engine."""
@@ -166,7 +188,7 @@ def w_fakequant(a: dict) -> dict:
     ckpt = HFCheckpoint(a["model"])
     arch = get_architecture(ckpt.architecture)
     mcfg = engine_config_from_hf(arch, ckpt.config)
-    o = QuantOptions(bits=a["bits"], group_size=a["group"], method=a["method"])
+    o = QuantOptions(bits=a["bits"], group_size=a["group"], method=a["method"], **a.get("options", {}))  # e.g. act_order, damp
     compute = resolve_compute("cpu", "fp32")
     mod = LayerModule(ckpt, arch, compute)
     hidden, kw, calib = None, {}, None
@@ -294,7 +316,7 @@ def w_profile(a: dict) -> dict:
                        for k, v in sorted(excl.items(), key=lambda kv: -kv[1])}}
 
 
-WORKERS = {"synth": w_synth, "fakequant": w_fakequant, "ppl": w_ppl, "baseline": w_baseline, "profile": w_profile}
+WORKERS = {"synth": w_synth, "ids": w_ids, "fakequant": w_fakequant, "ppl": w_ppl, "baseline": w_baseline, "profile": w_profile}
 
 
 def worker_main(kind: str, arg: str) -> None:
@@ -375,23 +397,52 @@ class Bench:
         """One quantization in a child: the CLI (W4/W8), or the in-process fake-quant worker
         (any width; always for W3, which the CLI does not write)."""
         report = out.with_suffix(".report.json")
+        method, _, seq = method.partition("/")  # "gptq/seq": --calib-inputs quantized (each layer on quantized inputs)
+        opts = {"calib_inputs": "quantized"} if seq == "seq" else {}
         if bits in (4, 8) and not in_process:
             argv = [sys.executable, "-m", "lmkiln", "quantize", str(model), "-o", str(out), f"--w{bits}a16",
                     "--method", method, "--group-size", str(group), "--calib-samples", str(samples),
                     "--calib-seqlen", str(seqlen), "--to", to, "--report", str(report), "--force"]
             if calib is not None:
                 argv += ["--calib", str(calib)]
+            if opts:
+                argv += ["--calib-inputs", "quantized"]
             m = self.child(argv, what)
             path = "cli"
         else:
             _, m = self.worker("fakequant", what, model=str(model), out=str(out), bits=bits, group=group, method=method,
-                               calib=str(calib) if calib else None, samples=samples, seqlen=seqlen, report=str(report))
+                               calib=str(calib) if calib else None, samples=samples, seqlen=seqlen, report=str(report),
+                               **({"options": opts} if opts else {}))
             path = "in-process fake-quant"
         rep = json.loads(report.read_text())
         spl = rep["totals"]["seconds_per_layer"]
+        if "layers" in rep:  # the per-linear output MSE sums (calibration tokens), where the method reports them
+            lin = [v for lay in rep["layers"] for v in lay.get("linears", {}).values()]
+            mse = {k: sum(v[k] for v in lin) for k in ("mse_rtn", "mse_awq", "mse_final") if lin and all(k in v for v in lin)}
+        else:
+            mse = {}
         return {"path": path, **m, "seconds_per_layer": spl, "median_layer_s": round(statistics.median(spl), 2),
                 "calibration": (rep.get("calibration") or {}).get("summary"),
-                "report_peak_rss_mb": rep["totals"].get("peak_rss_mb")}
+                "report_peak_rss_mb": rep["totals"].get("peak_rss_mb"), "linear_mse_sums": mse}
+
+    def peer(self, model: Path, out: Path, group: int, method: str, calib: Path | None, samples: int, seqlen: int,
+             down: str, what: str) -> dict:
+        """llm-compressor on lmkiln's calibration ids, its fake-quant checkpoint -> an fp32 engine at `out`."""
+        ids = out.with_suffix(".ids.pt")
+        info, _ = self.worker("ids", f"{what}: calibration ids", model=str(model), calib=str(calib) if calib else None,
+                              samples=samples, seqlen=seqlen, out=str(ids))
+        hf, pj = out.with_suffix(".hf"), out.with_suffix(".peer.json")
+        m = self.child([str(PEER_PY), str(PEER), "--model", str(model), "--ids", str(ids), "--out", str(hf),
+                        "--group-size", str(group), "--method", method, "--down", down, "--json", str(pj)], what)
+        peer = json.loads(pj.read_text())
+        self.child([sys.executable, "-m", "lmkiln", "convert", "hf-to-engine", str(hf), "-o", str(out), "--force"],
+                   f"{what}: to an fp32 engine")
+        shutil.rmtree(hf)
+        layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+        spl = [peer["seconds"] / layers] * layers  # oneshot() is not split by layer: its mean
+        return {"path": f"llm-compressor {peer['versions']['llmcompressor']}, down_proj {down}", **m,
+                "seconds_per_layer": spl, "median_layer_s": round(spl[0], 2), "oneshot_s": peer["seconds"],
+                "calibration": info["summary"], "calibration_sha256": info["sha256"]}
 
 
 def filter_calib(calib: Path, eval_text: Path, dest: Path) -> dict:
@@ -429,6 +480,8 @@ def stories_bench(b: Bench, args, out: dict) -> None:
     out["stories_fp32"] = base
     rows = []
     configs = [(4, 32), (4, 64), (4, 128), (8, -1), (3, 32)] if not args.quick else [(4, 32), (3, 32)]
+    if args.configs:
+        configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",") if c]
     for bits, group in configs:
         label = f"W{bits} " + ("per-channel" if group == -1 else f"g{group}")
         if group > min_in:
@@ -438,11 +491,17 @@ def stories_bench(b: Bench, args, out: dict) -> None:
         variants += [(m, c, name) for m in args.methods if m != "rtn" for name, c in calibs.items()]
         if args.quick and bits == 4:  # cross-check: the in-process path must reproduce the CLI row
             variants.append(("awq", None, "wikitext [in-process]"))
+        if bits == 4 and group != -1:  # llm-compressor side by side, on the same calibration ids
+            variants += [(f"llm-compressor {m}", c, name) for m in args.peers for name, c in calibs.items()]
         for method, calib, cname in variants:
             what = f"{label} {method.upper()} calib={cname}"
             eng = w / re.sub(r"[^A-Za-z0-9]+", "_", what)
-            r = b.quantize(STORIES, eng, bits, group, method, calib, args.stories_samples, args.stories_seqlen, "engine",
-                           what, in_process=bits not in (4, 8) or cname.endswith("[in-process]"))
+            if method.startswith("llm-compressor"):
+                r = b.peer(STORIES, eng, group, method.split()[-1], calib, args.stories_samples, args.stories_seqlen,
+                           args.peer_down, what)
+            else:
+                r = b.quantize(STORIES, eng, bits, group, method, calib, args.stories_samples, args.stories_seqlen, "engine",
+                               what, in_process=bits not in (4, 8) or cname.endswith("[in-process]"))
             p = ppl(eng, what)
             shutil.rmtree(eng)
             r.update({"config": label, "bits": bits, "group": group, "method": method, "calib": cname,
@@ -523,12 +582,12 @@ def markdown(res: dict) -> str:
         L.append(f"### stories260K: perplexity on {res['eval_text_name']} ({res['stories_fp32']['tokens']} tokens, "
                  f"windows of {res['stories_fp32']['window']} + BOS); fp32 = {fp:.4f}")
         L.append("")
-        L.append("| config | method | calibration | ppl | gap to fp32 | gap / RTN gap | median wall s/layer | CPU s/layer | peak RSS MiB (anon / file) | path |")
-        L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+        L.append("| config | method | calibration | ppl | gap to fp32 | gap / RTN gap | Σ linear MSE / RTN's | median wall s/layer | CPU s/layer | peak RSS MiB (anon / file) | path |")
+        L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
         rtn_gap = {}
         for r in res["stories"]:
             if "skipped" in r:
-                L.append(f"| {r['config']} | – | – | – | – | – | – | – | – | not run: {r['skipped']} |")
+                L.append(f"| {r['config']} | – | – | – | – | – | – | – | – | – | not run: {r['skipped']} |")
                 continue
             gap = r["ppl"] - fp
             ratio = ""
@@ -536,7 +595,9 @@ def markdown(res: dict) -> str:
                 rtn_gap[r["config"]] = gap
             elif rtn_gap.get(r["config"]):
                 ratio = f"{gap / rtn_gap[r['config']]:.2f}"
-            L.append(f"| {r['config']} | {r['method'].upper()} | {r['calib']} | {r['ppl']:.4f} | {gap:+.4f} | {ratio} | "
+            lm = r.get("linear_mse_sums") or {}
+            lin = f"{lm['mse_final'] / lm['mse_rtn']:.3f}" if lm.get("mse_rtn") else ""
+            L.append(f"| {r['config']} | {r['method'].upper()} | {r['calib']} | {r['ppl']:.4f} | {gap:+.4f} | {ratio} | {lin} | "
                      f"{r['median_layer_s']:.2f} | {cpu_per_layer(r, res):.1f} | {r['maxrss_mib']:.0f} ({r['rss_anon_mib']:.0f} / {r['rss_file_mib']:.0f}) | {r['path']} |")
         cal = sorted({(r["calib"], r["calibration"]) for r in res["stories"] if r.get("method", "rtn") != "rtn"})
         L.append("")
@@ -578,9 +639,15 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: small calibration, W4 g32 + W3 only, 2-layer synthetic")
-    ap.add_argument("--methods", default="rtn,awq,gptq,awq+gptq", help="stories260K rows: comma list of --method values")
+    ap.add_argument("--methods", default="rtn,awq,gptq,awq+gptq", help="stories260K rows: comma list of --method values; "
+                    "METHOD/seq adds --calib-inputs quantized (e.g. gptq/seq)")
     ap.add_argument("--eval-text", default=str(DEFAULT_EVAL), help="in-domain text for stories260K perplexity")
     ap.add_argument("--calib-text", default=None, help="in-domain calibration text: adds AWQ rows calibrated on it")
+    ap.add_argument("--configs", default=None, help="stories260K configs as BITS:GROUP comma list (default "
+                    "4:32,4:64,4:128,8:-1,3:32)")
+    ap.add_argument("--peers", default="", help="llm-compressor rows (W4 only): comma list of gptq, awq")
+    ap.add_argument("--peer-down", choices=("channel", "ignore"), default="channel",
+                    help="llm-compressor's down_proj (input 172, no group multiple): per channel, or kept in fp")
     ap.add_argument("--stories-samples", type=int, default=None, help="calibration samples for stories260K (default 128; quick 16)")
     ap.add_argument("--stories-seqlen", type=int, default=None, help="calibration window (default 512; quick 256)")
     ap.add_argument("--synth-samples", type=int, default=None, help="calibration samples, synthetic (default 32; quick 4)")
@@ -610,6 +677,11 @@ def main() -> None:
         if getattr(args, f"synth_{k}") is None:
             setattr(args, f"synth_{k}", quick if q else SYNTH[k])
     args.methods = [m for m in args.methods.split(",") if m]
+    args.peers = [m for m in args.peers.split(",") if m]
+    if set(args.peers) - {"gptq", "awq"}:
+        raise SystemExit(f"--peers {','.join(args.peers)}: choose from gptq, awq")
+    if args.peers and not PEER_PY.exists():
+        raise SystemExit(f"{PEER_PY} missing: run bench/peers/setup_llmcompressor.sh first")
     args.synth_rtn_layers = [int(x) for x in args.synth_rtn_layers.split(",") if x]
     args.synth_awq_layers = [int(x) for x in args.synth_awq_layers.split(",") if x]
     if not Path(args.eval_text).is_file():

@@ -259,7 +259,11 @@ def test_report_schema_and_plot(w4_run):
     for k in ("seqlen", "windows", "scored_tokens", "tokens", "max_new_tokens"):
         assert type(p[k]) is int, k
     assert isinstance(rep["windows"], list) and len(rep["windows"]) == p["windows"]
-    assert all(set(w) == {"reference_nll", "candidate_nll"} for w in rep["windows"])
+    assert all(set(w) == {"reference_nll", "candidate_nll", "top1_agreement", "top5_agreement", "top5_overlap",
+                          "reference_p_top", "candidate_p_top"} for w in rep["windows"])
+    for k in ("top5_agreement", "top5_overlap"):
+        assert isinstance(rep[k], float) and 0 <= rep[k] <= 1, k
+    assert set(rep["p_top"]) == {"reference", "candidate"} and all(0 < v < 1 for v in rep["p_top"].values())
     assert rep["warnings"] == []  # RTN: no calibration text to overlap with
     assert isinstance(rep["lmkiln_version"], str) and isinstance(rep["seconds"], (int, float))
 
@@ -417,3 +421,96 @@ def test_cuda_engine_vs_hf(fp_engine, vdir):
     assert rep["kl"]["mean"] < 1e-6 and rep["top1_agreement"] > 0.999 and rep["passed"]
     _, cpu = verify(STORIES, fp_engine, report=vdir / "cuda-vs-cpu.json")
     assert rel(rep["reference"]["ppl"], cpu["reference"]["ppl"]) < 1e-3  # TF32 etc. may differ slightly
+
+
+# -- 9. top-5 agreement, top-5 overlap, p(reference's top token) ------------------------
+
+
+def _direct_stats(ref: list[list[float]], cand: list[list[float]]) -> dict:
+    """The agreement statistics computed position by position in plain Python (no topk)."""
+    def ranked(row):
+        return sorted(range(len(row)), key=lambda i: -row[i])
+
+    def probs(row):
+        m = max(row)
+        e = [math.exp(v - m) for v in row]
+        return [v / sum(e) for v in e]
+
+    k = min(5, len(ref[0]))
+    top1 = top5 = overlap = p_ref = p_cand = 0.0
+    for r, c in zip(ref, cand):
+        rr, cr = ranked(r), ranked(c)
+        top1 += rr[0] == cr[0]
+        top5 += rr[0] in cr[:k]
+        overlap += len(set(rr[:k]) & set(cr[:k])) / k
+        p_ref += probs(r)[rr[0]]
+        p_cand += probs(c)[rr[0]]
+    n = len(ref)
+    return {"top1_agreement": top1 / n, "top5_agreement": top5 / n, "top5_overlap": overlap / n,
+            "reference_p_top": p_ref / n, "candidate_p_top": p_cand / n}
+
+
+@pytest.mark.parametrize("vocab", [16, 4])  # 4 < 5: the sets are the whole top 4
+def test_agreement_statistics_match_a_direct_computation(vocab):
+    from lmkiln.verify.metrics import Accumulator
+
+    g = torch.Generator().manual_seed(vocab)
+    acc, wins = Accumulator(), []
+    for T in (7, 5):  # two windows of different lengths: the overall value weighs positions, not windows
+        ref = torch.randn(T, vocab, generator=g, dtype=torch.float64)
+        cand = ref + 1.5 * torch.randn(T, vocab, generator=g, dtype=torch.float64)  # near, so some agree and some do not
+        acc.add(ref, cand, torch.randint(0, vocab, (T,), generator=g))
+        wins.append((ref.tolist(), cand.tolist()))
+    s = acc.summary()
+    for got, (ref, cand) in zip(s["windows"], wins):
+        want = _direct_stats(ref, cand)
+        for key, v in want.items():
+            assert got[key] == pytest.approx(v, rel=1e-12, abs=1e-15), (key, got[key], v)
+    want = _direct_stats(wins[0][0] + wins[1][0], wins[0][1] + wins[1][1])
+    assert s["top1_agreement"] == pytest.approx(want["top1_agreement"])
+    assert s["top5_agreement"] == pytest.approx(want["top5_agreement"])
+    assert s["top5_overlap"] == pytest.approx(want["top5_overlap"])
+    assert s["p_top"]["reference"] == pytest.approx(want["reference_p_top"], rel=1e-12)
+    assert s["p_top"]["candidate"] == pytest.approx(want["candidate_p_top"], rel=1e-12)
+    if vocab == 4:  # every top "5" is the whole vocabulary
+        assert s["top5_agreement"] == s["top5_overlap"] == 1.0
+    else:  # the test is only worth something if the statistics tell the cases apart
+        assert want["top1_agreement"] < want["top5_agreement"] < 1 and 0 < want["top5_overlap"] < 1
+
+
+def test_agreement_statistics_of_a_model_against_itself(fp_engine, one_prompt, vdir):
+    _, rep = verify(fp_engine, fp_engine, "--prompts", one_prompt, report=vdir / "self-top5.json")
+    assert rep["top5_agreement"] == rep["top5_overlap"] == 1.0
+    assert rep["p_top"]["reference"] == rep["p_top"]["candidate"]
+    assert all(w["top5_overlap"] == 1.0 and w["reference_p_top"] == w["candidate_p_top"] for w in rep["windows"])
+
+
+def test_w4_agreement_statistics_are_consistent(w4_run):
+    _, rep, _ = w4_run
+    # top-1 agreement implies top-5 agreement, and quantization costs the reference's favourite some probability
+    assert rep["top1_agreement"] < rep["top5_agreement"] < 1
+    assert 0 < rep["top5_overlap"] < 1
+    assert rep["p_top"]["candidate"] < rep["p_top"]["reference"]
+    w = rep["windows"]
+    n = rep["protocol"]["scored_tokens"] // len(w)  # equal windows: the overall value is the windows' mean
+    assert all(rep["protocol"]["scored_tokens"] == n * len(w) for _ in w)
+    for key, overall in (("top5_agreement", rep["top5_agreement"]), ("top5_overlap", rep["top5_overlap"]),
+                         ("candidate_p_top", rep["p_top"]["candidate"])):
+        assert sum(x[key] for x in w) / len(w) == pytest.approx(overall, rel=1e-9), key
+
+
+def test_optional_top5_and_p_top_thresholds(w4_run, w4_engine, one_prompt, vdir):
+    rep0 = w4_run[1]
+    assert "min_top5" not in rep0["thresholds"] and "min_p_top" not in rep0["checks"]  # not given: not checked
+    wide = ("--data", TINYSTORIES, "--prompts", one_prompt, "--max-ppl-increase", 1000, "--max-kl", 10, "--min-top1", 0)
+    top5, p_top = rep0["top5_agreement"], rep0["p_top"]["candidate"]
+    r, rep = verify(STORIES, w4_engine, *wide, "--min-top5", top5 - 0.01, "--min-p-top", p_top - 0.01,
+                    report=vdir / "top5-pass.json", expect=0)
+    assert rep["checks"]["min_top5"] == {"value": top5, "passed": True}
+    assert rep["checks"]["min_p_top"] == {"value": p_top, "passed": True}
+    assert "top-5 agreement" in r.stdout and "p(reference top-1)" in r.stdout
+    r, rep = verify(STORIES, w4_engine, *wide, "--min-top5", top5 + 0.01, report=vdir / "top5-fail.json", expect=1)
+    fail_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("FAIL")]
+    assert len(fail_lines) == 1 and "min_top5" in fail_lines[0], r.stderr
+    assert rep["thresholds"]["min_top5"] == top5 + 0.01 and "min_p_top" not in rep["thresholds"]
+    assert rep["passed"] is False and rep["checks"]["min_top5"]["passed"] is False

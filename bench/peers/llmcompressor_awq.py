@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""llm-compressor's AWQ on CPU, on calibration token ids given as a tensor file.
+"""llm-compressor's AWQ (or GPTQ) on CPU, on calibration token ids given as a tensor file.
 
 Peer run for a side-by-side comparison with lmkiln's AWQ: same model, same calibration
 ids, W4A16 asymmetric, group 128, zero points. Run it with the bench venv's python
@@ -7,7 +7,14 @@ ids, W4A16 asymmetric, group 128, zero points. Run it with the bench venv's pyth
 
     bench/out/venv-llmcompressor/bin/python bench/peers/llmcompressor_awq.py \
         --model bench/out/synth-1b-L1 --ids IDS.pt --out OUT_DIR \
-        --group-size 128 --json RESULT.json [--check] [--threads N]
+        --group-size 128 --json RESULT.json [--check] [--threads N] \
+        [--method awq|gptq] [--down group|channel|ignore]
+
+--method gptq: llm-compressor's GPTQModifier with its defaults (dampening 0.01, static
+activation order, block 128) instead of AWQ + round-to-nearest.
+--down: how mlp.down_proj is quantized. llm-compressor needs a layer's input width to be a
+multiple of the group size (no padding); where it is not (stories260K: 172), `channel`
+quantizes down_proj per output channel at the same bit width and `ignore` keeps it in fp.
 
 --ids: a torch .pt file holding an int64 tensor (n_samples, seqlen). It is used as is
 (nothing is tokenized here): num_calibration_samples = n_samples, max_seq_length = seqlen.
@@ -104,7 +111,7 @@ def load_model(path: str, dtype: torch.dtype):
     return m.to("cpu")
 
 
-def recipe(group_size: int):
+def recipe(group_size: int, method: str = "awq", down: str = "group"):
     """AWQ smoothing (default Llama mappings) + W4 asym group-g weight quantization.
 
     In llm-compressor 0.14 AWQModifier is a transform only; the quantization itself is a
@@ -113,16 +120,26 @@ def recipe(group_size: int):
     """
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationScheme,
                                                  QuantizationStrategy, QuantizationType)
+    from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     weights = QuantizationArgs(num_bits=4, type=QuantizationType.INT, strategy=QuantizationStrategy.GROUP,
                                group_size=group_size, symmetric=False, dynamic=False)
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    if down == "group":
+        groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    else:  # every linear but down_proj group-wise; down_proj per channel, or not at all
+        groups = {"group_0": QuantizationScheme(targets=[r"re:.*(q|k|v|o|gate|up)_proj$"], weights=weights)}
+        if down == "channel":
+            per_channel = QuantizationArgs(num_bits=4, type=QuantizationType.INT, strategy=QuantizationStrategy.CHANNEL,
+                                           symmetric=False, dynamic=False)
+            groups["group_1"] = QuantizationScheme(targets=[r"re:.*down_proj$"], weights=per_channel)
+    if method == "gptq":  # GPTQModifier defaults: dampening_frac 0.01, actorder static, block_size 128
+        return [GPTQModifier(config_groups=groups, ignore=["lm_head"])], weights
     # AWQModifier defaults: mappings inferred for LlamaForCausalLM (input_layernorm ->
     # q/k/v, v -> o, post_attention_layernorm -> gate/up, up -> down), duo_scaling=True,
     # n_grid=20, no offload.
-    return [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])], weights
+    return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])], weights
 
 
 def calibration_dataset(ids: torch.Tensor):
@@ -185,6 +202,9 @@ def main() -> int:
                     help="dtype the model is loaded and calibrated in (default float32)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--check", action="store_true", help="print layer-0 output MSE vs the fp model")
+    ap.add_argument("--method", choices=("awq", "gptq"), default="awq")
+    ap.add_argument("--down", choices=("group", "channel", "ignore"), default="group",
+                    help="mlp.down_proj: group-wise like the rest (default), per output channel, or kept in fp")
     a = ap.parse_args()
 
     if a.threads > 0:
@@ -200,7 +220,7 @@ def main() -> int:
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         sys.exit(f"--ids: token ids out of range [0, {vocab})")
-    mods, wargs = recipe(a.group_size)
+    mods, wargs = recipe(a.group_size, a.method, a.down)
     ds = calibration_dataset(ids)
 
     t0 = time.perf_counter()
@@ -214,7 +234,8 @@ def main() -> int:
 
     # -- the plain fp32 checkpoint the result implies ---------------------------------------
     fq = fake_quant_weights(model)
-    expected = {f"model.layers.{i}.{l}.weight" for i in range(model.config.num_hidden_layers) for l in LINEARS}
+    expected = {f"model.layers.{i}.{l}.weight" for i in range(model.config.num_hidden_layers) for l in LINEARS
+                if not (a.down == "ignore" and l == "mlp.down_proj")}
     if set(fq) != expected:
         sys.exit(f"quantized linears {sorted(fq)} != the expected {sorted(expected)}")
     export = load_model(a.model, torch.float32)  # an un-patched module tree to save from
@@ -235,7 +256,7 @@ def main() -> int:
     print(f"fake-quant fp32 checkpoint: {out}", flush=True)
 
     result = {
-        "tool": "llmcompressor", "method": "awq",
+        "tool": "llmcompressor", "method": a.method, "down_proj": a.down,
         "seconds": round(seconds, 3),
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
@@ -245,7 +266,8 @@ def main() -> int:
         "scheme": {"bits": 4, "group_size": a.group_size, "symmetric": False,
                    "zero_point": True, "preset": "W4A16_ASYM" if a.group_size == 128 else None},
         "awq": {"duo_scaling": True, "n_grid": 20, "mappings": "llm-compressor default (LlamaForCausalLM)",
-                "clip_search": False},
+                "clip_search": False} if a.method == "awq" else None,
+        "gptq": {"dampening_frac": 0.01, "actorder": "static", "block_size": 128} if a.method == "gptq" else None,
         "calibration": {"n_samples": n, "seqlen": seqlen, "ids": os.path.abspath(a.ids)},
         "model": os.path.abspath(a.model), "out": os.path.abspath(a.out),
         "patched": [patched],

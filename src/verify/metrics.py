@@ -5,7 +5,15 @@ each window is [BOS] + up to seqlen-1 text tokens (BOS when the tokenizer uses o
 every text token of a window is scored (or only the second half of the window's
 positions, llama.cpp's protocol). Perplexity is exp(mean NLL) with the delta-method
 standard error exp(mean) * std(NLL) / sqrt(N). KL(reference || candidate) and top-1
-agreement are over the next-token distributions at the same scored positions.
+agreement are over the next-token distributions at the same scored positions, as are the
+statistics perplexity misses (a candidate can keep the perplexity and still reorder the
+tokens a sampler picks from):
+
+- top-5 agreement: the reference's top-1 token is among the candidate's 5 most likely;
+- top-5 overlap: |top5(reference) ∩ top5(candidate)| / 5, averaged over positions;
+- p(reference's top token): the mean probability each model gives the token the
+  reference ranks first (the reference's own is its confidence; the candidate's falls
+  short of it by how much mass the quantization moved away from that token).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+TOPK = 5  # top-5 agreement / overlap (fewer when the vocabulary is smaller)
 
 
 def windows(ids: list[int], seqlen: int, bos: int | None) -> list[list[int]]:
@@ -33,8 +43,12 @@ class Accumulator:
     nll_cand: list[torch.Tensor] = field(default_factory=list)
     kl: list[torch.Tensor] = field(default_factory=list)
     top1: list[torch.Tensor] = field(default_factory=list)
+    top5: list[torch.Tensor] = field(default_factory=list)
+    overlap5: list[torch.Tensor] = field(default_factory=list)
+    p_top_ref: list[torch.Tensor] = field(default_factory=list)
+    p_top_cand: list[torch.Tensor] = field(default_factory=list)
     max_dlogit: float = 0.0
-    window_nll: list[tuple[float, float]] = field(default_factory=list)
+    window_stats: list[dict] = field(default_factory=list)
 
     def add(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor) -> None:
         """logits (T, V) predicting targets (T,), already restricted to scored positions."""
@@ -45,9 +59,22 @@ class Accumulator:
         self.nll_ref.append(nr)
         self.nll_cand.append(nc)
         self.kl.append((ref.exp() * (ref - cand)).sum(-1).clamp(min=0))
-        self.top1.append(ref_logits.argmax(-1) == cand_logits.argmax(-1))
+        top = ref_logits.argmax(-1)
+        self.top1.append(top == cand_logits.argmax(-1))
+        k = min(TOPK, ref_logits.shape[-1])
+        ref_k, cand_k = ref_logits.topk(k, -1).indices, cand_logits.topk(k, -1).indices
+        self.top5.append((cand_k == top[:, None]).any(-1))
+        self.overlap5.append((ref_k[:, :, None] == cand_k[:, None, :]).any(-1).sum(-1).double() / k)
+        self.p_top_ref.append(ref.gather(-1, top[:, None])[:, 0].exp())
+        self.p_top_cand.append(cand.gather(-1, top[:, None])[:, 0].exp())
         self.max_dlogit = max(self.max_dlogit, float((ref_logits.float() - cand_logits.float()).abs().max()))
-        self.window_nll.append((float(nr.mean()), float(nc.mean())))
+        self.window_stats.append({"reference_nll": float(nr.mean()), "candidate_nll": float(nc.mean()),
+                                  **{key: float(v[-1].double().mean()) for key, v in self._agreement().items()}})
+
+    def _agreement(self) -> dict[str, list[torch.Tensor]]:
+        """The per-position agreement statistics by report key (docs/verify.md)."""
+        return {"top1_agreement": self.top1, "top5_agreement": self.top5, "top5_overlap": self.overlap5,
+                "reference_p_top": self.p_top_ref, "candidate_p_top": self.p_top_cand}
 
     def summary(self) -> dict:
         nr, nc, kl = torch.cat(self.nll_ref), torch.cat(self.nll_cand), torch.cat(self.kl)
@@ -65,9 +92,12 @@ class Accumulator:
             "ppl_increase_pct": (c["ppl"] / r["ppl"] - 1) * 100,
             "kl": {"mean": float(kl.mean()), "p99": float(torch.quantile(kl, 0.99)), "max": float(kl.max())},
             "top1_agreement": float(top1.mean()),
+            "top5_agreement": float(torch.cat(self.top5).double().mean()),
+            "top5_overlap": float(torch.cat(self.overlap5).mean()),
+            "p_top": {"reference": float(torch.cat(self.p_top_ref).mean()), "candidate": float(torch.cat(self.p_top_cand).mean())},
             "max_abs_dlogit": self.max_dlogit,
             "scored_tokens": len(nr),
-            "windows": [{"reference_nll": a, "candidate_nll": b} for a, b in self.window_nll],
+            "windows": list(self.window_stats),
             "kl_values": kl,
         }
 
