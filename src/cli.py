@@ -171,7 +171,7 @@ def export_onnx_cmd(
     ep: str = typer.Option("cpu", "--ep", help="Execution provider the graph targets: cpu (fp32) or cuda (fp16)."),
     portable: bool = typer.Option(False, "--portable", help="Standard ONNX ops only (opset 21 DequantizeLinear + MatMul, plain attention)."),
     triton: bool = typer.Option(False, "--triton", help="Also lay out a Triton Inference Server model repository."),
-    accuracy_level: int = typer.Option(0, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact (default), 4 int8 activations, faster on CPU."),
+    accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact, 4 int8 activations (faster; the CPU default, see docs/export-onnx.md). Default: 4 on CPU, 0 on CUDA."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ):
     """Export to ONNX for onnxruntime (CPU/CUDA), onnxruntime-genai and Triton."""
@@ -221,6 +221,8 @@ def quantize_cmd(
                                "(AWQ's scales, then GPTQ rounding), or rtn (round to nearest, no calibration)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: Hessian dampening, a fraction of its mean diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing activation energy (static groups: same layout)."),
+    min_expert_tokens: int = typer.Option(16, "--min-expert-tokens", min=1, help="Mixture of experts: an expert routed fewer calibration tokens gets round-to-nearest (reported)."),
+    calib_inputs: str = typer.Option("fp", "--calib-inputs", help="What the next layer calibrates on: fp (the original model's outputs; layers independent, --ray parallel) or quantized (the quantized layers' outputs, one after another; usually more accurate, see docs/quantize.md)."),
     group_size: int = typer.Option(128, "--group-size", help="Weights per quantization group along the input; -1 = per channel."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric quantization (no zero points)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help=".txt, .jsonl (text field) or a directory of them; default: bundled WikiText-2 validation excerpt."),
@@ -257,7 +259,8 @@ def quantize_cmd(
     if probe and not dry_run:
         raise InputError("--probe goes with --dry-run")
     opts = QuantOptions(bits=4 if w4a16 else 8, group_size=group_size, symmetric=sym, method=method,
-                        clip=not no_clip, duo_scaling=duo_scaling, chunk=chunk, damp=damp, act_order=act_order)
+                        clip=not no_clip, duo_scaling=duo_scaling, chunk=chunk, damp=damp, act_order=act_order,
+                        min_expert_tokens=min_expert_tokens, calib_inputs=calib_inputs)
     calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
     if dry_run:
         compute = resolve_compute(device, dtype)
@@ -336,6 +339,8 @@ def verify_cmd(
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Fail above this perplexity increase, in percent."),
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Fail above this mean KL(reference || candidate)."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Fail below this top-1 agreement (0..1)."),
+    min_top5: Optional[float] = typer.Option(None, "--min-top5", help="Fail below this top-5 agreement: share of positions where the reference's top-1 token is in the candidate's top 5 (0..1; no default)."),
+    min_p_top: Optional[float] = typer.Option(None, "--min-p-top", help="Fail below this mean probability the candidate gives the reference's top-1 token (0..1; no default)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: per-window NLL of both, KL histogram."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip checking engines' weight files against their sha256."),
@@ -348,7 +353,8 @@ def verify_cmd(
         raise InputError(f"--device {device!r}: choose cpu or cuda")
     opts = VerifyOptions(data=data, seqlen=seqlen, max_tokens=max_tokens, prompts=prompts, max_new_tokens=max_new_tokens,
                          runner=runner, device=device, score_second_half=score_second_half,
-                         max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1, check=not no_check)
+                         max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1, min_top5=min_top5,
+                         min_p_top=min_p_top, check=not no_check)
     check_writable(report, "--report"), check_writable(plot, "--plot")
     with LazyProgress("windows") as bar:
         res = run_verify(reference, candidate, opts, progress=lambda k, n: bar.update(k, n))
@@ -360,12 +366,18 @@ def verify_cmd(
         table.add_column(col)
     ref_ppl, cand_ppl = r["reference"], r["candidate"]
     table.add_row("perplexity", f"{ref_ppl['ppl']:.4f} ± {ref_ppl['ppl_stderr']:.3f}", f"{cand_ppl['ppl']:.4f} ± {cand_ppl['ppl_stderr']:.3f}", "", "")
-    rows = [("ppl increase %", r["ppl_increase_pct"], "max_ppl_increase", "≤"), ("mean KL", r["kl"]["mean"], "max_kl", "≤"),
-            ("top-1 agreement", r["top1_agreement"], "min_top1", "≥")]
-    for name, val, key, op in rows:
+    rows = [("ppl increase %", "", r["ppl_increase_pct"], "max_ppl_increase", "≤"), ("mean KL", "", r["kl"]["mean"], "max_kl", "≤"),
+            ("top-1 agreement", "", r["top1_agreement"], "min_top1", "≥"),
+            ("top-5 agreement", "", r["top5_agreement"], "min_top5", "≥"),
+            ("p(reference top-1)", f"{r['p_top']['reference']:.6g}", r["p_top"]["candidate"], "min_p_top", "≥")]
+    for name, ref_val, val, key, op in rows:
+        if key not in r["checks"]:  # an optional threshold that was not given: the value only
+            table.add_row(name, ref_val, f"{val:.6g}", "", "")
+            continue
         ok = r["checks"][key]["passed"]
-        table.add_row(name, "", f"{val:.6g}", f"{op} {r['thresholds'][key]:.6g}", "[green]pass[/]" if ok else "[bold red]FAIL[/]",
+        table.add_row(name, ref_val, f"{val:.6g}", f"{op} {r['thresholds'][key]:.6g}", "[green]pass[/]" if ok else "[bold red]FAIL[/]",
                       style=None if ok else "red")
+    table.add_row("top-5 overlap", "", f"{r['top5_overlap']:.6g}", "", "")
     table.add_row("KL p99 / max", "", f"{r['kl']['p99']:.4g} / {r['kl']['max']:.4g}", "", "")
     table.add_row("max |Δlogit|", "", f"{r['max_abs_dlogit']:.4g}", "", "")
     g = r["greedy"]

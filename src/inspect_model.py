@@ -28,7 +28,8 @@ def _model_rows(m: dict) -> list[tuple[str, str]]:
         ("layers", str(m["num_layer"])),
         ("hidden", str(m["hidden_units"])),
         ("heads / kv heads / head dim", f"{m['head_num']} / {m['kv_head_num']} / {m['size_per_head']}"),
-        ("ffn width", str(m["inter_size"])),
+        ("ffn width", str(m["inter_size"]) + (f" per expert; {m['num_experts']} experts, top {m['experts_per_token']}"
+                                               if m.get("num_experts") else "")),
         ("vocab", str(m["vocab_size"])),
         ("rope", f"{rope['type']}, base {rope['base']:g}" + (f", {rope['scaling']}" if rope.get("scaling") else "")),
         ("tied embeddings", str(m["tie_word_embeddings"])),
@@ -42,7 +43,10 @@ def _logical_shapes(man: dict):
     for name, t in man["tensors"].items():
         if name.endswith((".scales", ".zeros")):
             continue
-        yield (t["shape"][0], t["shape"][1] * per_byte) if name.endswith(".qweight") else t["shape"]
+        shape = list(t["shape"])  # stacked experts: (experts, in, out)
+        if name.endswith(".qweight"):
+            shape[-1] *= per_byte
+        yield shape
 
 
 def _weight_type(man: dict) -> str:

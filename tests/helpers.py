@@ -27,7 +27,7 @@ VOCAB = 512
 
 ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Families with their own quirks (tests/test_families.py runs every table entry).
-FAMILY_ARCHS = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
+FAMILY_ARCHS = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 
 # What each family's tiny model sets beyond BASE so its quirks are exercised at 12 tokens:
 # windows shorter than the prompt, local/global layers, soft-caps that bite, a scale that is
@@ -40,6 +40,9 @@ FAMILY_OVERRIDES = {
                               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}),
     "Phi3ForCausalLM": dict(sliding_window=6),
+    "MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
+    "Qwen3MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16,
+                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
 }
 
 # Small but GQA (4 q heads, 2 kv heads) and with an FFN width that is not a power of two.
@@ -78,6 +81,8 @@ def _classes(arch: str):
         "Gemma2ForCausalLM": ("Gemma2Config", "Gemma2ForCausalLM"),
         "Gemma3ForCausalLM": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
         "Phi3ForCausalLM": ("Phi3Config", "Phi3ForCausalLM"),
+        "MixtralForCausalLM": ("MixtralConfig", "MixtralForCausalLM"),
+        "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     }
     if arch not in table:
         raise ValueError(f"make_tiny_model: unsupported arch {arch!r}")

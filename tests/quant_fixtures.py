@@ -98,7 +98,7 @@ def write_awq(src: Path, awq_dir: Path, fake_dir: Path | None, bits: int, group_
     config = json.loads((Path(src) / "config.json").read_text())
     arch = get_architecture(config["architectures"][0])
     tensors = load_file(str(Path(src) / "model.safetensors"))
-    linears = {arch.hf_name_of(role, i) for role in LINEAR_ROLES for i in range(config["num_hidden_layers"])}
+    linears = {arch.hf_name_of(role, i) for role in LINEAR_ROLES if role in arch.tensors for i in range(config["num_hidden_layers"])}
     out, fake, padded = {}, dict(tensors), False
     for name, w in tensors.items():
         module = name.rsplit(".", 1)[0]

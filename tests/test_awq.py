@@ -24,6 +24,7 @@ from lmkiln.quant.awq import (
     group_applies,
     linear_roles,
     qdq,
+    quantize_weight,
     rtn_layer,
     search_clip,
 )
@@ -118,6 +119,55 @@ def test_awq_beats_rtn_on_salient_channels():
         assert g["mse_scaled"] <= g["mse_rtn"]
         assert g["mse_final"] < g["mse_rtn"], g
     assert "skipped" in groups["v"]  # GQA: 2 kv heads for 4 query heads
+
+
+@torch.no_grad()
+def _linear_inputs(layer, x, kw) -> dict[str, torch.Tensor]:
+    """Every linear's input (tokens, in) when `layer` runs on x."""
+    got, hooks = {}, []
+    for role in linear_roles(ARCH):
+        m = layer.get_submodule(ARCH.module_of(role))
+        hooks.append(m.register_forward_pre_hook(lambda mod, a, role=role: got.__setitem__(role, a[0].reshape(-1, a[0].shape[-1]))))
+    try:
+        layer(x, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def test_awq_report_per_linear_output_mse_matches_the_outputs():
+    """Plain AWQ reports every linear's output MSE on the calibration tokens for RTN of the
+    original weights, AWQ (scaled, clipped RTN) and what is stored: checked against the
+    linears' outputs themselves."""
+    model = _model(salient=True)
+    x, kw = _inputs(model)
+    fp_layer = model.model.layers[0]
+    x_orig = _linear_inputs(fp_layer, x, kw)
+    w_orig = {r: fp_layer.get_submodule(ARCH.module_of(r)).weight.detach().clone() for r in linear_roles(ARCH)}
+    awq = copy.deepcopy(fp_layer)
+    qts, _, report = awq_layer(awq, ARCH, x, kw, W4G32, layer_idx=0)
+    x_folded = _linear_inputs(awq, x, kw)  # awq holds the folded fp weights: its linears read X / s
+
+    def mse(xin, w, w_hat, out_scale=1.0):
+        return float(((xin.double() @ (w.double() - w_hat.double()).t() * out_scale) ** 2).mean())
+
+    lin = report["linears"]
+    assert set(lin) == set(linear_roles(ARCH))
+    for r, e in lin.items():
+        rtn = quantize_weight(w_orig[r], W4G32).dequantize()  # RTN as stored (fp16 scales)
+        assert e["mse_rtn"] == pytest.approx(mse(x_orig[r], w_orig[r], rtn), rel=1e-3), r
+        w_folded = awq.get_submodule(ARCH.module_of(r)).weight.detach()
+        # A linear that feeds a folded group (up -> down) outputs Y / s: the report states its
+        # error in the original units, s recovered here from the fp outputs of both layers.
+        y_orig, y_fold = x_orig[r].double() @ w_orig[r].double().t(), x_folded[r].double() @ w_folded.double().t()
+        s_out = (y_orig * y_fold).sum(0) / (y_fold * y_fold).sum(0)
+        assert (r == "up") == bool((s_out - 1).abs().max() > 1e-3), r
+        assert e["mse_final"] == pytest.approx(mse(x_folded[r], w_folded, qts[r].dequantize(), s_out), rel=1e-3), r
+        assert e["mse_awq"] == e["mse_final"]  # plain AWQ stores its scaled, clipped RTN
+    # the salient channels make RTN lose much more than AWQ on the linears those norms feed
+    for r in ("q", "k", "v", "gate", "up"):
+        assert lin[r]["mse_final"] < lin[r]["mse_rtn"], (r, lin[r])
 
 
 def test_awq_layer_is_deterministic():

@@ -13,7 +13,7 @@ import lmkiln
 from helpers import copy_tree, edit_json, make_tiny_model
 from lmkiln.cli import app
 from lmkiln.errors import InputError, OutputExistsError
-from lmkiln.formats.engine import MANIFEST, rank_file
+from lmkiln.formats.engine import MANIFEST, VERSION, rank_file
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 
@@ -196,7 +196,7 @@ def test_error_bad_manifest(tmp_path, tiny_engine):
 
 def test_error_newer_engine_format(tmp_path, tiny_engine):
     eng = copy_tree(tiny_engine, tmp_path / "e")
-    edit_json(eng / MANIFEST, lambda m: m.update(format_version=2))
+    edit_json(eng / MANIFEST, lambda m: m.update(format_version=VERSION + 1))
     assert_one_line_error(invoke("inspect", eng), 2, "upgrade lmkiln")
 
 
@@ -280,3 +280,31 @@ def test_convert_and_inspect_qwen3(tmp_path):
     assert r.exit_code == 0, r.output
     assert "Qwen3ForCausalLM" in r.stdout and "all hold" in r.stdout
     assert "4 / 2 / 24" in r.stdout  # heads / kv heads / explicit head_dim
+
+
+def test_two_runs_into_one_output(tmp_path, tiny_llama):
+    """A second writer of the same output fails at once in one line (found by running two
+    quantize runs into one -o: the later crashed with exit 3 on the other's files)."""
+    from lmkiln.formats.atomic import output_lock
+
+    out = tmp_path / "q"
+    with output_lock(out):  # as another lmkiln process writing `out` holds it
+        r = invoke("quantize", tiny_llama, "-o", out, "--w4a16", "--group-size", "16", "--calib-samples", "2", "--calib-seqlen", "32")
+        assert_one_line_error(r, 2, "another lmkiln process is writing this output")
+        r = invoke("convert", "hf-to-engine", tiny_llama, "-o", out)  # (its progress bar may have started)
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")][0].endswith("wait for it to finish, or choose another -o")
+    assert not out.exists() and not list(tmp_path.glob(".q.*"))  # nothing written, the lock gone with its holder
+    assert invoke("convert", "hf-to-engine", tiny_llama, "-o", out).exit_code == 0
+
+
+def test_output_that_appears_midway_is_not_replaced(tmp_path):
+    from lmkiln.formats.atomic import atomic_dir
+
+    out = tmp_path / "o"
+    with pytest.raises(OutputExistsError, match="appeared while this run was writing"):
+        with atomic_dir(out) as tmp:
+            (tmp / "mine").write_text("new")
+            out.mkdir()
+            (out / "theirs").write_text("old")
+    assert (out / "theirs").read_text() == "old"

@@ -225,6 +225,26 @@ def test_flipped_data_byte_needs_check(engine_copy):
     assert Engine(engine_copy).verify_checksums() == {SHARED_FILE: True, WEIGHT: False}
 
 
+def test_background_check_while_loading(engine_copy):
+    """EngineModel.from_path hashes in threads while it reads the weights, and still refuses a
+    flipped byte before returning a model; an intact engine loads the same with or without it."""
+    ref = EngineModel.from_path(engine_copy, check=False)
+    ok = EngineModel.from_path(engine_copy, check=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), ok.state_dict().values()))
+    e = Engine(engine_copy, check=True, background=True)
+    e.wait_checked()
+    e.wait_checked()  # done once: a no-op after
+    _flip_data_byte(engine_copy / WEIGHT)
+    with pytest.raises(ChecksumError, match=WEIGHT.replace(".", r"\.")):
+        EngineModel.from_path(engine_copy, check=True)
+    e = Engine(engine_copy, check=True, background=True)  # construction returns before the hash is known
+    with pytest.raises(ChecksumError):
+        e.wait_checked()
+    e = Engine(engine_copy, check=True, background=True)
+    e.stop_check()
+    e.wait_checked()  # abandoned: nothing to raise
+
+
 def test_truncated_weight_file(engine_copy):
     f = engine_copy / WEIGHT
     f.write_bytes(f.read_bytes()[:-16])
@@ -472,6 +492,28 @@ def test_failure_midway_keeps_old_output(tiny_llama, tiny_engine, tmp_path, monk
     assert (out / MANIFEST).read_text() == before
     Engine(out, check=True)
     assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_in_a_writer_thread_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    """ENOSPC in the background writer thread surfaces as the one DiskFullError, no output left."""
+    import errno
+
+    import lmkiln.formats.safetensors_io as sio
+    from lmkiln.errors import DiskFullError
+
+    real, calls = sio.StreamWriter._write_out, []
+
+    def full(self, fd, buf):
+        calls.append(len(buf))
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, fd, buf)
+
+    monkeypatch.setattr(sio.StreamWriter, "_write_out", full)
+    monkeypatch.setattr(sio, "STAGE_BYTES", 4096)
+    with pytest.raises(DiskFullError, match="the disk is full"):
+        convert_hf_to_engine(tiny_llama, tmp_path / "e")
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_output_inside_input_refused(tmp_path, tiny_llama):

@@ -24,7 +24,7 @@ Adding a family is adding an entry; see docs/architectures.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lmkiln.errors import UnsupportedArchitectureError
 
@@ -33,11 +33,35 @@ GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
 LAYER_ROLES = (
     "attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm",
     "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm",
-    "gate", "up", "down",
+    "gate", "up", "down", "router", "expert_gate", "expert_up", "expert_down",
 )
+# Mixture-of-experts roles: `router` (never quantized) and each expert's linears, whose HF names
+# hold `{e}`; a concrete role names its expert after a dot, e.g. "expert_down.3" (see expand_experts).
+EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")
 # Roles whose HF tensor is a linear weight (out, in), the ones quantize acts on; `qkv` and
 # `gate_up` are fused HF linears (Architecture.fused) that the converter splits into roles.
-LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up", *EXPERT_ROLES)
+
+
+def base_role(role: str) -> str:
+    """'expert_down.3' -> 'expert_down'; any other role is its own base."""
+    return role.split(".", 1)[0]
+
+
+def is_linear(role: str) -> bool:
+    return base_role(role) in LINEAR_ROLES
+
+
+def expert_of(role: str) -> int | None:
+    return int(role.split(".", 1)[1]) if "." in role else None
+
+
+def expand_experts(roles, n_experts: int) -> list[str]:
+    """Roles with every expert role repeated per expert ('expert_up' -> 'expert_up.0', ...)."""
+    out = []
+    for r in roles:
+        out += [f"{r}.{e}" for e in range(n_experts)] if r in EXPERT_ROLES else [r]
+    return out
 NORM_ROLES = ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "q_norm", "k_norm", "final_norm")
 
 
@@ -60,6 +84,21 @@ class ScaleGroup:
     # (k, n): the group folds into the k-th of n equal row blocks of `prev` (a fused linear's
     # part: Phi-3's up rows inside gate_up_proj); None: all of prev's rows.
     prev_part: tuple[int, int] | None = None
+    # Mixture of experts: `also` are linears that read the same input and take the fold
+    # (columns x s) but are neither searched nor quantized (the router); `per_expert` makes
+    # one group per expert e from roles and `inspect` written with {e}; otherwise an expert
+    # role in `linears` stands for that role of every expert.
+    also: tuple[str, ...] = ()
+    per_expert: bool = False
+
+    def expand(self, n_experts: int) -> list["ScaleGroup"]:
+        """This group with expert roles made concrete for a layer of `n_experts` experts."""
+        if self.per_expert:
+            return [ScaleGroup(f"{self.prev}.{e}", tuple(f"{r}.{e}" for r in self.linears), self.inspect.format(e=e),
+                               self.reason) for e in range(n_experts)]
+        if any(r in EXPERT_ROLES for r in self.linears):
+            return [replace(self, linears=tuple(expand_experts(self.linears, n_experts)))]
+        return [self]
 
 
 @dataclass(frozen=True)
@@ -95,15 +134,24 @@ class Architecture:
         return out
 
     def hf_name_of(self, role: str, layer: int | None = None) -> str | None:
-        """The HF tensor of `role` (of the fused linear holding it, for a fused member)."""
-        t = self.tensors.get(self.fused_parent(role) or role)
-        return None if t is None else t.format(i=layer)
+        """The HF tensor of `role` (of the fused linear holding it, for a fused member; of
+        expert e for 'expert_up.e')."""
+        t = self.tensors.get(self.fused_parent(role) or base_role(role))
+        return None if t is None else t.format(i=layer, e=expert_of(role))
 
     def module_of(self, role: str) -> str:
         """The HF module path of a linear role relative to its decoder layer, e.g. 'self_attn.q_proj'."""
-        name = self.tensors[self.fused_parent(role) or role]
-        prefix = self.tensors["attn_norm"].split("{i}")[0] + "{i}."
+        name = self.hf_name_of(role, -1)
+        prefix = self.tensors["attn_norm"].split("{i}")[0].format() + "-1."
         return name[len(prefix):].rsplit(".", 1)[0]
+
+    @property
+    def moe(self) -> bool:
+        return "router" in self.tensors
+
+    def scale_groups(self, n_experts: int = 0) -> list[ScaleGroup]:
+        """The AWQ groups of a layer with `n_experts` experts (0: a dense layer)."""
+        return [g for gr in self.awq_groups for g in gr.expand(n_experts)]
 
     @property
     def layer_prefix(self) -> str:
@@ -265,7 +313,7 @@ register(Architecture(
     gguf_arch="",  # not exported to GGUF yet (post-norms and soft-capping not mapped)
     tensors=GEMMA_TENSORS,
     config=GEMMA_CONFIG,
-    defaults={"sliding_window_pattern": 2, "query_pre_attn_scalar": 256, "hidden_act": "gelu_pytorch_tanh",
+    defaults={"sliding_window_pattern": 2, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
               "tie_word_embeddings": True},
     optional=TIED,
     skips=ROTARY_BUFFERS,
@@ -287,7 +335,7 @@ register(Architecture(
         "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     },
     config=GEMMA_CONFIG,
-    defaults={"sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_act": "gelu_pytorch_tanh",
+    defaults={"sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
               "tie_word_embeddings": True},
     optional=TIED,
     skips=ROTARY_BUFFERS,
@@ -325,6 +373,76 @@ register(Architecture(
         ScaleGroup("gate_up", ("down",), inspect="mlp.down_proj", prev_part=(1, 2),
                    reason="down reads act(gate) * up, linear in up: the second half of gate_up's rows"),
     ),
+))
+
+
+# Mixture of experts: every FFN is a router and experts, each expert a gated MLP as Llama's.
+# Engine: the router kept fp, the experts' linears stacked per layer (docs/engine-format.md).
+MOE_REASONS = {
+    "router": "the router is never quantized: a changed expert choice costs more than its bytes save",
+    "num_experts": "experts per layer; every layer is a mixture (dense layers among them are refused)",
+    "norm_topk": "the top-k routing weights are renormalised to sum to 1 before mixing the experts' outputs",
+}
+MOE_AWQ = (
+    *LLAMA_AWQ[:2],
+    ScaleGroup("ffn_norm", ("expert_gate", "expert_up"), inspect="{moe}", also=("router",),
+               reason="every expert's gate/up and the router read the FFN norm's output; scored on the mixed output, "
+                      "so routing weights weigh each expert's error"),
+    ScaleGroup("expert_up", ("expert_down",), inspect="{experts}.{{e}}.{down}", per_expert=True,
+               reason="an expert's down reads act(gate)*up of the tokens routed to it, times their routing weight"),
+)
+
+
+def _moe_awq(moe: str, experts: str, down: str) -> tuple[ScaleGroup, ...]:
+    """MOE_AWQ with the family's module names in `inspect`."""
+    return tuple(replace(g, inspect=g.inspect.format(moe=moe, experts=experts, down=down)) for g in MOE_AWQ)
+
+
+register(Architecture(
+    hf_name="MixtralForCausalLM",
+    genai_type="mixtral",
+    gguf_arch="",  # not exported to GGUF yet
+    tensors={
+        **{r: n for r, n in LLAMA_TENSORS.items() if r not in ("gate", "up", "down")},
+        "router": "model.layers.{i}.block_sparse_moe.gate.weight",
+        "expert_gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+        "expert_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+        "expert_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+    },
+    config={**LLAMA_LIKE_CONFIG, "sliding_window": "sliding_window", "num_experts": "num_local_experts",
+            "experts_per_token": "num_experts_per_tok"},
+    optional=TIED_LM_HEAD,
+    skips=ROTARY_BUFFERS,
+    quirks={"norm_topk": True},
+    quirk_reasons={**MOE_REASONS, "norm_topk": "Mixtral always renormalises its top-2 weights"},
+    awq_groups=_moe_awq("block_sparse_moe", "block_sparse_moe.experts", "w2"),
+))
+
+register(Architecture(
+    hf_name="Qwen3MoeForCausalLM",
+    genai_type="qwen3_moe",
+    gguf_arch="",  # not exported to GGUF yet
+    gguf_rope_interleaved=False,
+    tensors={
+        **{r: n for r, n in LLAMA_TENSORS.items() if r not in ("gate", "up", "down")},
+        "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+        "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+        "router": "model.layers.{i}.mlp.gate.weight",
+        "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+        "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+        "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+    },
+    config={**LLAMA_LIKE_CONFIG, "inter_size": "moe_intermediate_size", "sliding_window": "sliding_window",
+            "use_sliding_window": "use_sliding_window", "attn_bias": "attention_bias",
+            "num_experts": ("num_experts", "num_local_experts"),  # transformers 5 saves the latter
+            "experts_per_token": "num_experts_per_tok", "norm_topk": "norm_topk_prob"},
+    defaults={"norm_topk_prob": False},
+    optional=TIED_LM_HEAD,
+    skips=ROTARY_BUFFERS,
+    quirks={"qk_norm": True},
+    quirk_reasons={**MOE_REASONS, "qk_norm": "Qwen3 RMS-normalises each q/k head before rotary",
+                   "inter_size": "an expert's FFN width is moe_intermediate_size (intermediate_size is for dense layers)"},
+    awq_groups=_moe_awq("mlp", "mlp.experts", "down_proj"),
 ))
 
 

@@ -21,7 +21,7 @@ def _lookup(cfg: dict, key: str | tuple[str, ...], defaults: dict):
     for k in (key,) if isinstance(key, str) else key:
         if cfg.get(k) is not None:
             return cfg[k]
-    return defaults.get(key if isinstance(key, str) else key[0])
+    return next((defaults[k] for k in ((key,) if isinstance(key, str) else key) if k in defaults), None)
 
 
 def rope_from_hf(cfg: dict, head_dim: int, layer_type: str = "full_attention") -> dict:
@@ -123,6 +123,14 @@ def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
             m["sliding_window"] = None  # every layer global: the window is unused
         # kept per layer unless every layer is alike (then `sliding_window` alone says it, as in v1)
         m["layer_types"] = types if "full_attention" in types and "sliding_attention" in types or m["rope_local"] else None
+    if m["num_experts"] is not None:
+        if cfg.get("mlp_only_layers") or (cfg.get("decoder_sparse_step") or 1) != 1:
+            raise UnsupportedArchitectureError("config.json: dense FFN layers among the mixture-of-experts layers "
+                                               "(mlp_only_layers / decoder_sparse_step) are not supported yet")
+        if not isinstance(m["experts_per_token"], int) or not 1 <= m["experts_per_token"] <= m["num_experts"]:
+            raise UnsupportedArchitectureError(f"config.json: {m['experts_per_token']!r} experts per token of "
+                                               f"{m['num_experts']} is not a valid top-k")
+        m["norm_topk"] = bool(m["norm_topk"])
     eos = m.get("eos_token_id")
     m["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     m["rope"] = rope_from_hf(cfg, m["size_per_head"])

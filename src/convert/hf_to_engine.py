@@ -18,7 +18,9 @@ from typing import Callable, Iterator
 import torch
 
 import lmkiln
-from lmkiln.convert.architectures import GLOBAL_ROLES, LAYER_ROLES, LINEAR_ROLES, Architecture, get_architecture
+from lmkiln.convert.architectures import (
+    EXPERT_ROLES, GLOBAL_ROLES, LAYER_ROLES, Architecture, expand_experts, get_architecture, is_linear,
+)
 from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.convert.quantized import (
     check_symmetric, engine_tensors, is_quantized, module_name, pad_in, rank_in, resolve_quant, rows, unquantized_linears,
@@ -50,17 +52,22 @@ def role_shapes(model: dict) -> dict[str, tuple[int, ...]]:
         "q_norm": (hd,), "k_norm": (hd,),
         "gate": (inter, h), "up": (inter, h), "down": (h, inter),
         "qkv": ((hq + 2 * kv) * hd, h), "gate_up": (2 * inter, h),
-    }
+        "router": (model.get("num_experts") or 0, h),
+        "expert_gate": (inter, h), "expert_up": (inter, h), "expert_down": (h, inter),
+    } | {f"{r}.{e}": s for r, s in (("expert_gate", (inter, h)), ("expert_up", (inter, h)), ("expert_down", (h, inter)))
+         for e in range(model.get("num_experts") or 0)}
 
 
 def required_roles(model: dict, arch: Architecture) -> tuple[list[str], list[str]]:
     """(global, per-layer) roles this model needs, as the checkpoint holds them (a fused
     linear in place of its members)."""
     glob = [r for r in GLOBAL_ROLES if not (r == "lm_head" and model["tie_word_embeddings"])]
+    moe = bool(model.get("num_experts"))
     layer = [r for r in LAYER_ROLES
              if not (r.endswith("_bias") and not model["attn_bias"]) and not (r in ("q_norm", "k_norm") and not model["qk_norm"])
-             and not (r.startswith("post_") and not model["sandwich_norm"])]
-    return glob, arch.hf_roles(layer)
+             and not (r.startswith("post_") and not model["sandwich_norm"])
+             and not (r in ("gate", "up", "down") and moe) and not ((r == "router" or r in EXPERT_ROLES) and not moe)]
+    return glob, expand_experts(arch.hf_roles(layer), model.get("num_experts") or 0)
 
 
 def fused_rows(arch: Architecture, model: dict, role: str) -> tuple[str, int, int] | None:
@@ -128,7 +135,7 @@ def account(ckpt, arch: Architecture, model: dict, spec: AwqSpec | None = None) 
         name = arch.hf_name_of(role, i)
         if name is None:
             raise CheckpointError(f"the {arch.hf_name} table has no tensor for role {role!r}, which this config needs")
-        if spec is not None and role in LINEAR_ROLES and is_quantized(ckpt, arch, role, i, spec):
+        if spec is not None and is_linear(role) and is_quantized(ckpt, arch, role, i, spec):
             _account_qlinear(ckpt, module_name(arch, role, i), role, spec, shapes[role], acc)
             continue
         if name not in ckpt:
@@ -188,6 +195,13 @@ def _pad_ffn_rows(w, n: int):
     return w.pad_out(n) if isinstance(w, QTensor) else pad_rows(w, n)
 
 
+def stacked(per_expert: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """The experts' engine tensors stacked along a new leading dim, name by name."""
+    lists = [list(t) for t in per_expert]
+    for k, (name, _) in enumerate(lists[0]):
+        yield name, torch.stack([items[k][1] for items in lists])
+
+
 def produce_head(src, model: dict) -> Iterator[tuple[str, torch.Tensor]]:
     yield "tok_embeddings.weight", src.fp("embed")
 
@@ -216,16 +230,23 @@ def produce_layer(src, model: dict, i: int, tp: int, quant: dict | None = None) 
     if model["attn_bias"]:
         qb, kb, vb = permute_rotary(src.fp("q_bias", i), hq, hd), permute_rotary(src.fp("k_bias", i), kv, hd), src.fp("v_bias", i)
     o = src.linear("o", i, "attention.wo")
-    gate = _pad_ffn_rows(src.linear("gate", i, "feed_forward.w13"), inter_p)
-    up = _pad_ffn_rows(src.linear("up", i, "feed_forward.w13"), inter_p)
-    down = pad_in(src.linear("down", i, "feed_forward.w2"), inter_p, channel)
+    n_exp = model.get("num_experts") or 0
+    # (gate, up, down) of the dense FFN, or of each expert (rows padded alike, stacked per rank below)
+    ffns = [(f"expert_gate.{e}", f"expert_up.{e}", f"expert_down.{e}") for e in range(n_exp)] or [("gate", "up", "down")]
+    kind = "moe" if n_exp else "feed_forward"
+    ffns = [(_pad_ffn_rows(src.linear(g, i, f"{kind}.w13"), inter_p), _pad_ffn_rows(src.linear(u, i, f"{kind}.w13"), inter_p),
+             pad_in(src.linear(d, i, f"{kind}.w2"), inter_p, channel)) for g, u, d in ffns]
     for r in range(tp):
         yield from engine_tensors(f"{p}.attention.w_qkv.{r}", rows(lambda *w: fuse_qkv_rank(*w, hd, kv, tp, r), q, k, v))
         if model["attn_bias"]:
             yield f"{p}.attention.w_qkv.{r}.bias", fuse_qkv_rank(qb, kb, vb, hd, kv, tp, r).contiguous()
         yield from engine_tensors(f"{p}.attention.wo.{r}", rank_in(o, tp, r, channel))
-        yield from engine_tensors(f"{p}.feed_forward.w13.{r}", rows(lambda *w: fuse_w13_rank(*w, tp, r), gate, up))
-        yield from engine_tensors(f"{p}.feed_forward.w2.{r}", rank_in(down, tp, r, channel))
+        if n_exp and r == 0:
+            yield f"{p}.moe.router.weight", src.fp("router", i).t().contiguous()
+        w13 = [engine_tensors(f"{p}.{kind}.w13.{r}", rows(lambda *w: fuse_w13_rank(*w, tp, r), g, u)) for g, u, _ in ffns]
+        w2 = [engine_tensors(f"{p}.{kind}.w2.{r}", rank_in(d, tp, r, channel)) for _, _, d in ffns]
+        yield from (stacked(w13) if n_exp else w13[0])
+        yield from (stacked(w2) if n_exp else w2[0])
 
 
 def produce_tail(src, model: dict) -> Iterator[tuple[str, torch.Tensor]]:
@@ -317,7 +338,7 @@ def convert_hf_to_engine(
     plan = make_plan(ckpt, tp, dtype)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, force=force, inputs=(ckpt.path,)) as tmp:
-        writer = EngineWriter(tmp, plan.tensors)
+        writer = EngineWriter(tmp, plan.tensors, threads=True)
         try:
             for name, t in produce(ckpt, plan.arch, plan.model, tp, plan.fp_dtype, plan.quant, plan.spec):
                 writer.write(name, t)

@@ -35,6 +35,17 @@ ENGINE_LINEARS = {
 }
 
 
+def engine_linears(model: dict) -> dict[str, tuple[str, ...]]:
+    """ENGINE_LINEARS of this model: a mixture-of-experts layer stacks every expert's gate/up
+    into `moe.w13` and downs into `moe.w2`, which are quantized alike or not at all."""
+    n = model.get("num_experts") or 0
+    if not n:
+        return ENGINE_LINEARS
+    return {"attention.w_qkv": ("q", "k", "v"), "attention.wo": ("o",),
+            "moe.w13": tuple(f"{r}.{e}" for e in range(n) for r in ("expert_gate", "expert_up")),
+            "moe.w2": tuple(f"expert_down.{e}" for e in range(n))}
+
+
 def module_name(arch: Architecture, role: str, layer: int) -> str:
     """The HF module of a linear role, e.g. 'model.layers.0.self_attn.q_proj'."""
     return arch.hf_name_of(role, layer).rsplit(".", 1)[0]
@@ -75,7 +86,7 @@ def unquantized_linears(ckpt, arch: Architecture, model: dict, spec: AwqSpec) ->
     """Engine linears kept fp, e.g. ['layers.0.feed_forward.w2']; fused roles must agree."""
     out = []
     for i in range(model["num_layer"]):
-        for kind, roles in ENGINE_LINEARS.items():
+        for kind, roles in engine_linears(model).items():
             status = {r: is_quantized(ckpt, arch, r, i, spec) for r in roles}
             if len(set(status.values())) > 1:
                 raise CheckpointError(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import lmkiln
-from lmkiln.convert.architectures import LINEAR_ROLES
+from lmkiln.convert.architectures import is_linear
 from lmkiln.convert.hf_to_engine import required_roles
 from lmkiln.convert.quantized import rows
 from lmkiln.errors import InputError
@@ -82,8 +82,8 @@ def engine_to_compressed_tensors(source: str | Path, out: str | Path, force: boo
                 t = layer_tensors(engine, i, gm, interleaved=False)  # HF order: ranks merged, q/k rotary rows un-permuted
                 for fused, parts in arch.fused.items():  # the engine holds them apart; the HF model fused
                     t[fused] = rows(lambda *w: torch.cat(w, 0), *(t[r] for r in parts))
-                qts = {r: _fit_in(t[r], inter_p) for r in layer_roles if r in LINEAR_ROLES}
-                yield LayerResult(i, qts, {arch.hf_name_of(r, i): t[r] for r in layer_roles if r not in LINEAR_ROLES})
+                qts = {r: _fit_in(t[r], inter_p) for r in layer_roles if is_linear(r)}
+                yield LayerResult(i, qts, {arch.hf_name_of(r, i): t[r] for r in layer_roles if not is_linear(r)})
 
         dtype = WEIGHT_TYPES[engine.manifest["fp_dtype"]]
         stream(HfQuantSink(tmp, ckpt, arch, model, spec, q.get("method", "awq"), dtype, layout), layers(), report)

@@ -9,6 +9,7 @@ looks complete. An existing target is refused unless `force`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -35,15 +36,45 @@ def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Pa
 
 
 @contextlib.contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold `target`'s writer lock: a second lmkiln process writing the same output (or its
+    resume state) fails at once in one line, instead of the two runs trampling each other's
+    temporary files or the later one replacing the earlier one's output without --force.
+
+    An flock on `.NAME.lmkiln-lock` beside the output (released by the kernel if the process
+    dies), removed again when the writer is done."""
+    target = Path(target).absolute()
+    lock = target.parent / f".{target.name}.lmkiln-lock"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"{target}: another lmkiln process is writing this output right now; "
+                         "wait for it to finish, or choose another -o") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (), tmp: Path | None = None,
-               needed: int | None = None, then: str = "re-run") -> Iterator[Path]:
+               needed: int | None = None, then: str = "re-run", lock: bool = True) -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes `target`.
 
     `tmp` names a fixed temporary directory to (re)use, for commands that resume; it is
     kept on failure. Otherwise a fresh one is made and removed on failure. A full disk
     fails as one DiskFullError (formats/space.py) saying `needed` bytes and `then`.
+    `lock=False`: the caller already holds output_lock(target).
     """
     target = check_output(target, force, inputs)
+    with output_lock(target) if lock else contextlib.nullcontext():
+        yield from _atomic_dir(target, force, tmp, needed, then)
+
+
+def _atomic_dir(target: Path, force: bool, tmp: Path | None, needed: int | None, then: str) -> Iterator[Path]:
     keep_on_failure = tmp is not None
     if tmp is None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent))
@@ -62,6 +93,9 @@ def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (),
         raise
     old = None
     if target.exists():
+        if not force:  # appeared while we worked (not through lmkiln, which holds the lock): never replace it silently
+            raise OutputExistsError(f"{target}: appeared while this run was writing; its output is kept in {tmp} "
+                                    "(rename it yourself, or re-run with --force)")
         old = target.parent / f".{target.name}.lmkiln-old-{os.getpid()}"
         os.rename(target, old)
     os.rename(tmp, target)
@@ -90,6 +124,11 @@ def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = ()) 
 def atomic_file(target: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success it is fsynced and renamed to `target`."""
     target = check_output_file(target, force, inputs)
+    with output_lock(target):
+        yield from _atomic_file(target, force)
+
+
+def _atomic_file(target: Path, force: bool) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
@@ -107,6 +146,9 @@ def atomic_file(target: Path, force: bool = False, inputs: tuple[Path, ...] = ()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if target.exists() and not force:
+        tmp.unlink(missing_ok=True)
+        raise OutputExistsError(f"{target}: appeared while this run was writing; re-run with --force to replace it")
     os.replace(tmp, target)
     _fsync_dir(target.parent)
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from safetensors import safe_open
 
 from lmkiln.errors import ChecksumError, EngineFormatError, InputError, SafetensorsFormatError
 from lmkiln.formats.packing import round_up
-from lmkiln.formats.safetensors_io import CODES, DTYPES, StreamWriter, read_header, sha256_file
+from lmkiln.formats.safetensors_io import CODES, DTYPES, InFlight, StreamWriter, read_header, sha256_file
 
 FORMAT = "lmkiln-engine"
 VERSION = 2  # what this lmkiln reads; it writes 1 unless the model needs a v2 field (FAMILY_FIELDS)
@@ -35,6 +36,7 @@ TENSOR_DTYPES = {**WEIGHT_TYPES, "uint8": torch.uint8}
 TENSOR_DTYPE_NAMES = {v: k for k, v in TENSOR_DTYPES.items()}
 # Per-layer linear weights, by engine name without the `layers.{i}.` prefix and rank suffix.
 LINEAR_KINDS = ("attention.w_qkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+MOE_KINDS = ("attention.w_qkv", "attention.wo", "moe.w13", "moe.w2")  # a mixture-of-experts layer's: experts stacked
 QUANT_REQUIRED = {"bits": int, "granularity": str, "group_size": (int, type(None)), "symmetric": bool,
                   "hidden_padded": int, "unquantized": list}
 QUANT_OPTIONAL = {"requested_group_size": int, "method": (str, type(None)), "source_layout": (str, type(None))}
@@ -58,7 +60,14 @@ FAMILY_FIELDS = {
     "query_pre_attn_scalar": None,  # attention scale = this ** -0.5 (default head_dim ** -0.5)
     "layer_types": None,  # per layer "full_attention" | "sliding_attention": the window applies to the latter only
     "rope_local": None,  # rope block of the sliding layers when it differs from `rope`
+    "num_experts": None,  # mixture of experts: experts per layer (router + stacked experts replace the FFN)
+    "experts_per_token": None,  # top-k experts each token is routed to
+    "norm_topk": None,  # renormalise the top-k routing weights to sum to 1
 }
+
+
+def layer_kinds(model: dict) -> tuple[str, ...]:
+    return MOE_KINDS if model.get("num_experts") else LINEAR_KINDS
 
 
 def with_family_defaults(model: dict) -> dict:
@@ -98,7 +107,7 @@ def kv_heads_per_rank(kv_head_num: int, tp: int) -> int:
 
 def linear_names(model: dict) -> list[str]:
     """Every per-layer linear of the model, e.g. 'layers.0.attention.w_qkv' (no rank suffix)."""
-    return [f"layers.{i}.{k}" for i in range(model["num_layer"]) for k in LINEAR_KINDS]
+    return [f"layers.{i}.{k}" for i in range(model["num_layer"]) for k in layer_kinds(model)]
 
 
 def quant_layout(model: dict, tp: int, group_size: int | None) -> tuple[int, int]:
@@ -112,15 +121,18 @@ def quant_layout(model: dict, tp: int, group_size: int | None) -> tuple[int, int
     return round_up(model["hidden_units"], group_size), round_up(model["inter_size"], group_size * tp)
 
 
-def _linear(name: str, file: str, in_fp: int, in_q: int, out: int, dtype: torch.dtype, quant: dict | None) -> list:
-    """The tensor(s) of one rank's linear: fp `.weight` (in, out), or the quantized triple."""
+def _linear(name: str, file: str, in_fp: int, in_q: int, out: int, dtype: torch.dtype, quant: dict | None,
+            experts: int = 0) -> list:
+    """The tensor(s) of one rank's linear: fp `.weight` (in, out), or the quantized triple;
+    `experts` > 0: that many experts' linears stacked along a leading dim."""
+    e = (experts,) if experts else ()
     if quant is None or name.rsplit(".", 1)[0] in quant["unquantized"]:
-        return [(f"{name}.weight", file, dtype, (in_fp, out))]
+        return [(f"{name}.weight", file, dtype, (*e, in_fp, out))]
     g = quant["group_size"] or in_q  # per channel: one group spanning this rank's input
     cols = out // 2 if quant["bits"] == 4 else out
-    return [(f"{name}.qweight", file, torch.uint8, (in_q, cols)),
-            (f"{name}.scales", file, torch.float16, (in_q // g, out)),
-            (f"{name}.zeros", file, torch.uint8, (in_q // g, out))]
+    return [(f"{name}.qweight", file, torch.uint8, (*e, in_q, cols)),
+            (f"{name}.scales", file, torch.float16, (*e, in_q // g, out)),
+            (f"{name}.zeros", file, torch.uint8, (*e, in_q // g, out))]
 
 
 def expected_tensors(model: dict, tp: int, inter_padded: int, dtype: torch.dtype,
@@ -149,8 +161,11 @@ def expected_tensors(model: dict, tp: int, inter_padded: int, dtype: torch.dtype
             if model["attn_bias"]:
                 out.append((f"{p}.attention.w_qkv.{r}.bias", f, dtype, (qkv_r,)))
             out += _linear(f"{p}.attention.wo.{r}", f, hq * hd // tp, hq * hd // tp, h, dtype, quant)
-            out += _linear(f"{p}.feed_forward.w13.{r}", f, h, h_q, 2 * inter_padded // tp, dtype, quant)
-            out += _linear(f"{p}.feed_forward.w2.{r}", f, inter_padded // tp, inter_padded // tp, h, dtype, quant)
+            ffn, n_exp = ("moe", model["num_experts"]) if model.get("num_experts") else ("feed_forward", 0)
+            if n_exp and r == 0:  # the router is replicated, like the norms
+                out.append((f"{p}.moe.router.weight", SHARED_FILE, dtype, (h, n_exp)))
+            out += _linear(f"{p}.{ffn}.w13.{r}", f, h, h_q, 2 * inter_padded // tp, dtype, quant, n_exp)
+            out += _linear(f"{p}.{ffn}.w2.{r}", f, inter_padded // tp, inter_padded // tp, h, dtype, quant, n_exp)
     out.append(("norm.weight", SHARED_FILE, dtype, (h,)))
     if not model["tie_word_embeddings"]:
         out.append(("output.weight", SHARED_FILE, dtype, (h, model["vocab_size"])))
@@ -162,16 +177,28 @@ def manifest_index(plan: list[tuple[str, str, torch.dtype, tuple[int, ...]]]) ->
 
 
 class EngineWriter:
-    """Streams the planned tensors into their files inside an (atomic) output directory."""
+    """Streams the planned tensors into their files inside an (atomic) output directory.
 
-    def __init__(self, out_dir: Path, plan: list[tuple[str, str, torch.dtype, tuple[int, ...]]]):
+    `threads=True`: each file is written and hashed by its own background threads while the
+    caller produces the next tensor (StreamWriter's `inflight` mode, at most `inflight_bytes`
+    queued over all files); the caller must not modify a tensor after writing it."""
+
+    def __init__(self, out_dir: Path, plan: list[tuple[str, str, torch.dtype, tuple[int, ...]]],
+                 threads: bool = False, inflight_bytes: int = 128 << 20):
         self.out_dir = Path(out_dir)
         self.plan = plan
         files: dict[str, list] = {}
         for name, fname, dtype, shape in plan:
             files.setdefault(fname, []).append((name, dtype, shape))
         self._file_of = {name: fname for name, fname, _, _ in plan}
-        self._writers = {f: StreamWriter(self.out_dir / f, specs, {"format": "pt"}) for f, specs in files.items()}
+        inflight = InFlight(inflight_bytes) if threads else None
+        self._writers = {}
+        try:
+            for f, specs in files.items():
+                self._writers[f] = StreamWriter(self.out_dir / f, specs, {"format": "pt"}, inflight)
+        except BaseException:
+            self.abort()  # stops the threads of the files already opened
+            raise
 
     def write(self, name: str, t: torch.Tensor) -> None:
         self._writers[self._file_of[name]].write(name, t)
@@ -218,8 +245,12 @@ def missing_manifest(path: Path) -> str:
 class Engine:
     """A validated engine directory. Construction reads no weight data."""
 
-    def __init__(self, path: str | Path, check: bool = False):
+    def __init__(self, path: str | Path, check: bool = False, background: bool = False):
+        """`check`: verify every weight file's sha256 against the manifest, before returning;
+        with `background` too, in threads while the caller goes on (reading the weights):
+        `wait_checked()` then waits for the result and raises ChecksumError."""
         self.path = Path(path)
+        self._pending: dict | None = None
         if not self.path.is_dir():
             raise InputError(f"{self.path}: no such engine directory")
         mpath = self.path / MANIFEST
@@ -233,8 +264,10 @@ class Engine:
             raise EngineFormatError(f"{mpath}: not valid JSON ({e}); the engine is corrupt, re-run the conversion") from None
         self.manifest = m
         self._validate_manifest()
-        self._validate_files(check)
+        self._validate_files(check and not background)
         self._handles: dict[str, object] = {}
+        if check and background:
+            self._start_check()
 
     # -- validation ------------------------------------------------------------------
 
@@ -328,6 +361,11 @@ class Engine:
                 self._fail(f"model.{k} must be {'a number' if k == 'norm_offset' else 'null or a positive number'}, got {val!r}")
         if not isinstance(model["sandwich_norm"], bool):
             self._fail(f"model.sandwich_norm must be true or false, got {model['sandwich_norm']!r}")
+        ne, k = model["num_experts"], model["experts_per_token"]
+        if ne is not None and (not isinstance(ne, int) or isinstance(ne, bool) or ne < 1 or not isinstance(k, int)
+                               or isinstance(k, bool) or not 1 <= k <= ne or not isinstance(model["norm_topk"], bool)):
+            self._fail(f"model.num_experts {ne!r} / experts_per_token {k!r} / norm_topk {model['norm_topk']!r}: "
+                       "need experts >= 1, 1 <= top-k <= experts and a boolean norm_topk")
         lt = model["layer_types"]
         if lt is not None and (not isinstance(lt, list) or len(lt) != model["num_layer"] or not set(lt) <= set(LAYER_TYPES)):
             self._fail(f"model.layer_types must be null or one of {list(LAYER_TYPES)} per layer, got {lt!r}")
@@ -410,6 +448,37 @@ class Engine:
         if check:
             self._check_sha256()
 
+    def _start_check(self) -> None:
+        """Hash every weight file in background threads (one per file, hashlib and file reads
+        release the GIL); `wait_checked` compares. The reads also warm the page cache for the
+        weights' own reads."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = self.manifest["files"]
+        self._stop_check = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1)), thread_name_prefix="sha256")
+        self._pending = {f: pool.submit(sha256_file, self.path / f, stop=self._stop_check) for f in files}
+        pool.shutdown(wait=False)
+
+    def wait_checked(self) -> None:
+        """Wait for a background check (`background=True`); a mismatch raises ChecksumError."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._compare_digests({f: fut.result() for f, fut in pending.items()})
+
+    def stop_check(self) -> None:
+        """Abandon a background check (the caller failed anyway)."""
+        if self._pending is not None:
+            self._stop_check.set()
+            self._pending = None
+
+    def _compare_digests(self, digests: dict[str, str]) -> None:
+        for fname, meta in self.manifest["files"].items():
+            if digests[fname] != meta.get("sha256"):
+                raise ChecksumError(f"{self.path / fname}: sha256 {digests[fname][:12]}… does not match the manifest's "
+                                    f"{str(meta.get('sha256'))[:12]}…; the file is corrupt: re-run the conversion "
+                                    "(--no-check skips this check)")
+
     def _check_sha256(self) -> None:
         """Every weight file's sha256 against the manifest, files in parallel (hashlib
         releases the GIL): a flipped byte is a ChecksumError naming the file."""
@@ -418,11 +487,7 @@ class Engine:
         files = self.manifest["files"]
         with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
             digests = dict(zip(files, pool.map(lambda f: sha256_file(self.path / f), files)))
-        for fname, meta in files.items():
-            if digests[fname] != meta.get("sha256"):
-                raise ChecksumError(f"{self.path / fname}: sha256 {digests[fname][:12]}… does not match the manifest's "
-                                    f"{str(meta.get('sha256'))[:12]}…; the file is corrupt: re-run the conversion "
-                                    "(--no-check skips this check)")
+        self._compare_digests(digests)
 
     def verify_checksums(self) -> dict[str, bool]:
         return {f: sha256_file(self.path / f) == meta.get("sha256") for f, meta in self.manifest["files"].items()}

@@ -37,11 +37,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from lmkiln.convert.architectures import LINEAR_ROLES, Architecture, ScaleGroup
+from lmkiln.convert.architectures import LINEAR_ROLES, Architecture, ScaleGroup, expand_experts, expert_of, is_linear
 from lmkiln.errors import QuantizationError
 from lmkiln.formats.packing import round_up
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.quant.gptq import gptq_quantize, hessian_update, output_mse
+from lmkiln.quant.moe import layer_experts
 from lmkiln.quant.primitives import compute_qparams, fake_quantize, fake_quantize_, pad_to_multiple, quantize
 
 NO_CLIP_ROLES = ("q", "k")
@@ -71,6 +72,14 @@ class QuantOptions:
     chunk: int = 0  # calibration samples resident on the device at once (rounded up to a multiple of micro()); 0 = auto
     damp: float = 0.01  # GPTQ: Hessian dampening, a fraction of its mean diagonal
     act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
+    # An expert routed fewer calibration tokens than this gets no scale search, clip or GPTQ
+    # rounding of its own (too little data: NaN or overfit scales): round-to-nearest, reported.
+    min_expert_tokens: int = 16
+    # What feeds layer i+1's calibration: "fp", the original model's layer-i output (every layer
+    # job independent of the others' results, so --ray runs them side by side), or "quantized",
+    # the quantized layer i's output: each layer is calibrated on the inputs the quantized model
+    # will really give it (GPTQ's and llm-compressor's sequential order), one layer after another.
+    calib_inputs: str = "fp"
 
     @property
     def calibrated(self) -> bool:
@@ -207,16 +216,19 @@ def inspected_chunks(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, grou
     dev, cdt = layer_device(layer), layer_dtype(layer)
     inputs: dict[str, torch.Tensor] = {}
     for sl, xc in chunks(x, chunk, dev, cdt):
-        per = []  # per micro-batch: [(group, module, input, kwargs)]
+        per = []  # per micro-batch: {inspected module: (input, kwargs)}; an expert no token reached has none
         for _, xm in micro_batches(xc):
             with Hooks(layer, {gr.inspect for gr in groups}, inputs.__setitem__) as hooks:
                 layer(xm, **layer_kwargs)
-            per.append([(gr, layer.get_submodule(gr.inspect), inputs[gr.inspect], hooks.kwargs[gr.inspect]) for gr in groups])
+            per.append({n: (t, hooks.kwargs[n]) for n, t in inputs.items()})
             inputs.clear()
         items = []
-        for k, gr in enumerate(groups):
-            insp, kw = per[0][k][1], per[0][k][3]
-            xins = [p[k][2] for p in per]
+        for gr in groups:
+            got = [p[gr.inspect] for p in per if gr.inspect in p]
+            if not got:
+                continue
+            insp, kw = layer.get_submodule(gr.inspect), got[0][1]
+            xins = [t for t, _ in got]
             items.append((gr, insp, xins, kw, [output_of(insp(xi, **kw)) for xi in xins]))
         yield sl, xc, items
 
@@ -236,14 +248,28 @@ def fp_forward(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict, chunk: int
     return y
 
 
-def linear_roles(arch: Architecture) -> list[str]:
-    return [r for r in LINEAR_ROLES if r in arch.tensors]
+def linear_roles(arch: Architecture, n_experts: int = 0) -> list[str]:
+    """The layer's quantized linears, each expert's apart ('expert_up.3')."""
+    return expand_experts([r for r in LINEAR_ROLES if r in arch.tensors], n_experts)
+
+
+def input_owners(arch: Architecture, roles: list[str]) -> dict[str, str]:
+    """role -> the module whose input the role's linear reads: the first linear of its scale
+    group (a group's linears share one input by definition, applied or skipped), else its
+    own. One Hessian per owner serves all the linears reading that input."""
+    owner: dict[str, str] = {}
+    n_experts = len({expert_of(r) for r in roles} - {None})
+    for gr in arch.scale_groups(n_experts):
+        for r in gr.linears:
+            if r in roles:  # experts in one group read different tokens: one input per expert
+                owner.setdefault(r, arch.module_of(next(x for x in gr.linears if expert_of(x) == expert_of(r))))
+    return {r: owner.get(r, arch.module_of(r)) for r in roles}
 
 
 def group_applies(group: ScaleGroup, arch: Architecture, layer: nn.Module) -> bool:
     """A group folding into a previous linear needs that linear's output width to equal
     the group's input width (v -> o fails under GQA)."""
-    if group.prev not in LINEAR_ROLES:
+    if not is_linear(group.prev):
         return True
     rows = layer.get_submodule(arch.module_of(group.prev)).weight.shape[0]
     if group.prev_part and rows % group.prev_part[1]:
@@ -313,7 +339,7 @@ class Swap:
 def fold_scale(master: Master, arch: Architecture, group: ScaleGroup, s: torch.Tensor) -> None:
     """Divide the producer of X by s and multiply the consumers' columns by s (fp-exact)."""
     pm = arch.module_of(group.prev)
-    if group.prev in LINEAR_ROLES:
+    if is_linear(group.prev):
         rows = prev_rows(group, master.param(pm).shape[0])
         master.param(pm)[rows].div_(s[:, None])
         if f"{pm}.bias" in master.w:
@@ -323,9 +349,9 @@ def fold_scale(master: Master, arch: Architecture, group: ScaleGroup, s: torch.T
         master.param(pm).add_(off).div_(s).sub_(off)
     else:
         master.param(pm).div_(s)
-    for r in group.linears:
+    for r in (*group.linears, *group.also):  # `also`: the router takes the fold, unquantized
         master.param(arch.module_of(r)).mul_(s)
-    master.sync([pm, *(arch.module_of(r) for r in group.linears)])
+    master.sync([pm, *(arch.module_of(r) for r in (*group.linears, *group.also))])
 
 
 def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, o: QuantOptions, group, layer_idx: int):
@@ -412,30 +438,41 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     n, T = x.shape[:2]
     chunk = layer_chunk(layer, x, o)
     y = torch.empty_like(x) if out is None else out
-    groups = [gr for gr in arch.awq_groups if group_applies(gr, arch, layer)]
-    roles = linear_roles(arch)
+    n_experts = layer_experts(arch, layer)
+    all_groups = arch.scale_groups(n_experts)
+    groups = [gr for gr in all_groups if group_applies(gr, arch, layer)]
+    roles = linear_roles(arch, n_experts)
     mod = {r: arch.module_of(r) for r in roles}
     clip_roles = [r for r in roles if o.clip and r not in NO_CLIP_ROLES]
-    first = {gr: mod[gr.linears[0]] for gr in groups}  # the module whose input is the group's X
+    # the module whose input is the group's X: its first linear's, or (experts reading different
+    # tokens of X, the MoE block's group) the inspected block's
+    first = {gr: mod[gr.linears[0]] if len({expert_of(r) for r in gr.linears}) == 1 else gr.inspect for gr in groups}
 
     # -- pass 1: fp output, activation statistics, clip-search tokens ----------------------
     keep = clip_positions(n * T, o, dev)
     abs_sum = {m: None for m in first.values()}
+    abs_rows = dict.fromkeys(abs_sum, 0)
     clip_x: dict[str, list] = {mod[r]: [] for r in clip_roles}
     pos = [0]
     gptq = o.method == "awq+gptq"
-    hess: dict[str, torch.Tensor | None] = {mod[r]: None for r in roles} if gptq else {}
+    # H = 2·XᵀX of each distinct linear input (original layer): GPTQ's rounding needs it, and
+    # both methods' report gives every linear's exact output MSE from it (gptq.output_mse).
+    # One in x in fp32 matrix per distinct input, whatever the calibration size.
+    owner = input_owners(arch, roles)
+    hess: dict[str, torch.Tensor | None] = dict.fromkeys(owner.values())
     hess_tokens = dict.fromkeys(hess, 0)
 
     def stats(name, t):
         flat = t.reshape(-1, t.shape[-1])
-        if name in hess:  # GPTQ's Hessian of this linear's (original) inputs
+        if name in hess:
             hess[name], k = hessian_update(hess[name], flat)
             hess_tokens[name] += k
         if name in abs_sum:  # per sample, added in order: the same sums for any chunking
-            for sample in t.reshape(-1, T, t.shape[-1]):
+            # (an expert's linears see only the rows routed to it: summed as one piece per forward)
+            for sample in (t.reshape(-1, T, t.shape[-1]) if t.dim() == 3 else flat[None]):
                 s = sample.abs().sum(0, dtype=torch.float64)
                 abs_sum[name] = s if abs_sum[name] is None else abs_sum[name] + s
+                abs_rows[name] += sample.shape[0]
         if name in clip_x:
             lo = pos[0]
             sel = keep[(keep >= lo) & (keep < lo + flat.shape[0])] - lo
@@ -443,8 +480,12 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
 
     with Hooks(layer, set(abs_sum) | set(clip_x) | set(hess), stats):
         fp_forward(layer, x, layer_kwargs, chunk, y, layer_idx, before=lambda k: pos.__setitem__(0, k * T))
-    x_mean = {m: _finite((s / (n * T)).float(), "activation statistics", layer_idx) for m, s in abs_sum.items()}
-    clip_in = {m: torch.cat(v) for m, v in clip_x.items()}
+    # An expert routed too few tokens gets plain RTN: no per-expert scale, clip or GPTQ rounding.
+    starved = {r: hess_tokens[owner[r]] for r in roles if expert_of(r) is not None and hess_tokens[owner[r]] < o.min_expert_tokens}
+    groups = [gr for gr in groups if gr.prev not in starved]
+    clip_roles = [r for r in clip_roles if r not in starved]
+    x_mean = {m: _finite((s / abs_rows[m]).float(), "activation statistics", layer_idx) for m, s in abs_sum.items() if s is not None}
+    clip_in = {m: torch.cat(v) for m, v in clip_x.items() if v}
 
     # -- pass 2: score every grid point of every group, chunk by chunk ---------------------
     master = Master(layer, master)
@@ -474,13 +515,25 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
         scales[gr] = cands[gr][best][1]
         report["groups"].append({"prev": gr.prev, "linears": list(gr.linears), "alpha": cands[gr][best][0],
                                  "_loss_rtn": loss[gr][o.n_grid], "_loss_best": loss[gr][best]})
-    for gr in arch.awq_groups:
+    for gr in all_groups:
         if gr not in groups:
-            report["groups"].append({"prev": gr.prev, "linears": list(gr.linears), "skipped": gr.reason or "shapes differ"})
+            why = (f"expert {expert_of(gr.prev)} was routed {starved[gr.prev]} calibration tokens (< --min-expert-tokens "
+                   f"{o.min_expert_tokens}): round-to-nearest" if gr.prev in starved else gr.reason or "shapes differ")
+            report["groups"].append({"prev": gr.prev, "linears": list(gr.linears), "skipped": why})
+    if starved:
+        report["rtn_fallback"] = {r: {"tokens": k, "why": f"fewer than {o.min_expert_tokens} calibration tokens routed to "
+                                                         f"expert {expert_of(r)}"} for r, k in starved.items()}
+
+    # -- the report's RTN baseline, from the weights before any fold -----------------------
+    for r in roles:
+        w0 = master.param(mod[r])
+        report["linears"][r] = {"mse_rtn": None if hess[owner[r]] is None else  # an expert no token reached
+                                output_mse(w0, quantize_weight(w0, o).dequantize(), hess[owner[r]], hess_tokens[owner[r]])}
 
     # -- fold, then let the clip search see the inputs as the scaled model feeds them ------
-    unscaled = {r: master.param(mod[r]).clone() for r in roles} if gptq else {}  # for the report's RTN baseline
     in_scale = {r: s for gr, s in scales.items() for r in gr.linears}  # a folded linear's inputs are X / s
+    out_scale = {gr.prev: prev_out_scale(gr, s, master.param(mod[gr.prev]).shape[0])  # ... and a folded producer's outputs Y / s
+                 for gr, s in scales.items() if is_linear(gr.prev)}
     for gr, s in scales.items():
         fold_scale(master, arch, gr, s)
         for r in gr.linears:
@@ -491,26 +544,33 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     qts = {}
     for r in roles:
         w = master.param(mod[r])
-        entry = {"clip": None}
+        entry = {"clip": None, **report["linears"][r]}
         if r in clip_roles:
             mv = search_clip(w, clip_in[mod[r]], o)
             g = o.group_for(w.shape[1])
             full = pad_to_multiple(w.abs(), 1, g)[0].view(w.shape[0], -1, g).amax(-1)
             entry["clip"] = float((mv / full.clamp(min=1e-12)).mean())
-        if gptq:  # GPTQ rounding of the scaled weights, each group's range from the clip search
-            h, n_tok = hess[mod[r]], hess_tokens[mod[r]]
-            if r in in_scale:
-                s = in_scale[r].to(h.device).float()
-                h = h / (s[:, None] * s[None, :])
-            qts[r] = gptq_quantize(w, h, o.bits, o.group_size, o.symmetric, o.damp, o.act_order,
-                                   clip_max=mv if r in clip_roles else None)
-            awq_rtn = quantize_weight(apply_clip(w, mv, o) if r in clip_roles else w, o).dequantize()
-            entry.update(mse_rtn=output_mse(unscaled[r], quantize_weight(unscaled[r], o).dequantize(), hess[mod[r]], n_tok),
-                         mse_awq=output_mse(w, awq_rtn, h, n_tok), mse_final=output_mse(w, qts[r].dequantize(), h, n_tok))
-        else:
-            if r in clip_roles:
-                w = apply_clip(w, mv, o)
+        # The folded linear reads X / s: its Hessian is H / (s sᵀ), so the MSE below is on the same outputs.
+        h, n_tok = hess[owner[r]], hess_tokens[owner[r]]
+        if r in starved:  # too few tokens to fit anything to: RTN of the (shared-scaled) weight
             qts[r] = quantize_weight(w, o)
+            entry["mse_awq"] = entry["mse_final"] = None if h is None else output_mse(w, qts[r].dequantize(), h, n_tok)
+            report["linears"][r] = entry
+            continue
+        if r in in_scale:
+            s = in_scale[r].to(h.device).float()
+            h = h / (s[:, None] * s[None, :])
+        awq_q = quantize_weight(apply_clip(w, mv, o) if r in clip_roles else w, o)
+        entry["mse_awq"] = output_mse(w, awq_q.dequantize(), h, n_tok, out_scale.get(r))
+        if gptq:  # GPTQ rounding of the scaled weights, each group's range from the clip search
+            # min/max grids inside AWQ's clip bounds: GPTQ's own grid search on top of the clip
+            # search clipped twice and lost (held-out TinyStories, docs/BENCHMARKS.md)
+            qts[r] = gptq_quantize(w, h, o.bits, o.group_size, o.symmetric, o.damp, o.act_order,
+                                   clip_max=mv if r in clip_roles else None, grid_steps=1)
+            entry["mse_final"] = output_mse(w, qts[r].dequantize(), h, n_tok, out_scale.get(r))
+        else:  # AWQ's scaled, clipped round-to-nearest is what is stored
+            qts[r] = awq_q
+            entry["mse_final"] = entry["mse_awq"]
         report["linears"][r] = entry
 
     # -- pass 3: error as stored: each group alone, and the whole quantized layer ----------
@@ -536,7 +596,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
 def rtn_layer(layer: nn.Module, arch: Architecture, o: QuantOptions,
               master: dict[str, torch.Tensor] | None = None) -> dict[str, QTensor]:
     m = Master(layer, master)
-    return {r: quantize_weight(m.param(arch.module_of(r)), o) for r in linear_roles(arch)}
+    return {r: quantize_weight(m.param(arch.module_of(r)), o) for r in linear_roles(arch, layer_experts(arch, layer))}
 
 
 def padded_in(in_features: int, o: QuantOptions) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lmkiln.convert.architectures import LINEAR_ROLES, get_architecture
+from lmkiln.convert.architectures import LINEAR_ROLES, base_role, expand_experts, get_architecture
 from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.errors import InputError
 from lmkiln.formats.awq_gemm import awq_spec, read_qlinear
@@ -35,8 +35,8 @@ def fake_quant_state_dict(awq_dir: str | Path, dtype: torch.dtype = torch.float3
     sd = {}
     modules = {}
     for i in range(m["num_layer"]):
-        for role in LINEAR_ROLES:  # as the checkpoint holds them: a fused linear, not its members
-            name = arch.hf_name_of(role, i) if role in arch.tensors else None
+        for role in expand_experts(LINEAR_ROLES, m.get("num_experts") or 0):  # as the checkpoint holds them: a fused linear, not its members
+            name = arch.hf_name_of(role, i) if base_role(role) in arch.tensors else None
             if name is not None:
                 modules[name.rsplit(".", 1)[0]] = shapes[role]
     for name in ckpt.keys():

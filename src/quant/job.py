@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmkiln.convert.architectures import LINEAR_ROLES, Architecture
+from lmkiln.convert.architectures import Architecture
+from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.convert.rope import inv_freq
 from lmkiln.errors import InputError
 from lmkiln.formats.awq_gemm import write_qlinear
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
-from lmkiln.quant.awq import QuantOptions, awq_layer, rtn_layer
+from lmkiln.quant.awq import QuantOptions, Swap, awq_layer, fp_forward, layer_chunk, rtn_layer
+from lmkiln.quant import moe
 from lmkiln.quant.gptq import gptq_layer
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,7 +118,10 @@ class LayerModule:
         """The materialised module that runs layer i (one per layer kind)."""
         kind = self._kinds[i] if i < len(self._kinds) else ""
         if kind not in self._modules:
-            m = self._meta.get_submodule(self.arch.layer_prefix.format(i=i)).to_empty(device=self.compute.device).eval()
+            m = self._meta.get_submodule(self.arch.layer_prefix.format(i=i))
+            if self.arch.moe:  # experts as one linear each, named as the checkpoint names them (quant/moe.py)
+                moe.install(m, self.arch, engine_config_from_hf(self.arch, self.ckpt.config))
+            m = m.to_empty(device=self.compute.device).to(self.compute.dtype).eval()
             self._modules[kind] = m.requires_grad_(False)
         return self._modules[kind]
 
@@ -173,15 +178,20 @@ def run_layer(mod: LayerModule, i: int, options: QuantOptions, out_dtype: torch.
     t0 = time.time()
     arch = mod.arch
     layer, master = mod.load(i)
+    x = hidden
     if options.method in ("awq", "awq+gptq"):
-        qts, hidden, rep = awq_layer(layer, arch, hidden, layer_kwargs, options, i, out=hidden_out, master=master)
+        qts, hidden, rep = awq_layer(layer, arch, x, layer_kwargs, options, i, out=hidden_out, master=master)
     elif options.method == "gptq":
-        qts, hidden, rep = gptq_layer(layer, arch, hidden, layer_kwargs, options, i, out=hidden_out, master=master)
+        qts, hidden, rep = gptq_layer(layer, arch, x, layer_kwargs, options, i, out=hidden_out, master=master)
     else:
         qts, rep = rtn_layer(layer, arch, options, master), {"groups": [], "linears": {}}
+    if options.calib_inputs == "quantized" and x is not None:
+        # The next layer calibrates on this layer as stored: its (folded) module with the dequantized weights.
+        with Swap(layer, {arch.module_of(r): q.dequantize() for r, q in qts.items()}):
+            hidden = fp_forward(layer, x, layer_kwargs, layer_chunk(layer, x, options), hidden, i)
     qts = {r: q.map_rows(lambda t: t.cpu()) for r, q in qts.items()}
     prefix = arch.layer_prefix.format(i=i)
-    linear_names = {arch.hf_name_of(r, i) for r in LINEAR_ROLES}
+    linear_names = {arch.hf_name_of(r, i) for r in qts}
     params = master if master is not None else dict(layer.named_parameters())  # norms now carry the folded scales
     fp = {f"{prefix}.{n}": p.detach().to(device="cpu", dtype=out_dtype).contiguous()
           for n, p in params.items() if f"{prefix}.{n}" not in linear_names}

@@ -33,7 +33,7 @@ from lmkiln.convert.architectures import Architecture, get_architecture
 from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.convert.hf_to_engine import account
 from lmkiln.errors import InputError
-from lmkiln.formats.atomic import atomic_dir, check_output
+from lmkiln.formats.atomic import atomic_dir, check_output, output_lock
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec
 from lmkiln.formats.engine import config_sha256
 from lmkiln.formats.hf import HFCheckpoint
@@ -91,12 +91,15 @@ def _check_options(options: QuantOptions, to: str) -> None:
         raise InputError(f"--group-size {options.group_size}: use -1 (per channel) or a size of at least 8, e.g. 32, 64, 128")
     if options.method not in METHODS:
         raise InputError(f"--method {options.method!r}: choose {', '.join(METHODS)}")
+    if options.calib_inputs not in CALIB_INPUTS:
+        raise InputError(f"--calib-inputs {options.calib_inputs!r}: choose {', '.join(CALIB_INPUTS)}")
     if not 0 < options.damp < 1:
         raise InputError(f"--damp {options.damp}: GPTQ's dampening is a fraction of the Hessian's mean diagonal, in (0, 1)")
     if options.chunk < 0:
         raise InputError(f"--chunk {options.chunk}: calibration samples per chunk must be at least 1 (0 = auto)")
 
 
+CALIB_INPUTS = ("fp", "quantized")
 GROUP_SIZES = (-1, 8, 16, 32, 64, 128, 256)  # what a refusal checks to say which would fit
 
 
@@ -193,6 +196,9 @@ def quantize_model(
     calib = calib or CalibOptions()
     _check_options(options, to)
     compute = resolve_compute(device, dtype)
+    if driver is not None and options.calib_inputs == "quantized" and options.calibrated:
+        raise InputError("--calib-inputs quantized feeds each layer the previous quantized layer's output, so layers "
+                         "cannot run side by side: drop --ray, or keep --calib-inputs fp")
     ckpt = HFCheckpoint(model_dir)
     if awq_spec(ckpt.config) is not None:
         raise InputError(f"{ckpt.path}: already quantized (quantization_config present); quantize the original fp checkpoint")
@@ -200,95 +206,98 @@ def quantize_model(
     mcfg = engine_config_from_hf(arch, ckpt.config)
     acc = account(ckpt, arch, mcfg)
     out_dir = Path(out_dir) if probe_only else check_output(Path(out_dir), force, inputs=(ckpt.path,))
-    n_layer = mcfg["num_layer"]
-    spec = _check_layout(to, arch, mcfg, options)
-    src_dtype = ckpt.source_dtype if ckpt.source_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-    ids = calib_info = None
-    if options.calibrated:
-        ids, calib_info = _calibration(ckpt, mcfg, calib, info)
+    with contextlib.ExitStack() as held:
+        if not probe_only:  # one writer per output and resume state: a second run fails at once
+            held.enter_context(output_lock(out_dir))
+        n_layer = mcfg["num_layer"]
+        spec = _check_layout(to, arch, mcfg, options)
+        src_dtype = ckpt.source_dtype if ckpt.source_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        ids = calib_info = None
+        if options.calibrated:
+            ids, calib_info = _calibration(ckpt, mcfg, calib, info)
 
-    free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
-    plan = make_plan(ckpt, arch, mcfg, options, compute, calib.n_samples, calib.seqlen, out_dir, free)
-    partial = out_dir.parent / f".{out_dir.name}.lmkiln-partial"
-    if not probe_only and plan.disk_needed > plan.free_disk + (_du(partial) if resume else 0):
-        raise InputError(f"{out_dir.parent}: {human(plan.free_disk)} free, the output needs {human(plan.output_bytes)} "
-                         f"and its resume state {human(plan.state_bytes)}; free space or choose another -o")
-    if on_plan:
-        on_plan(plan)
-    info(f"device {compute.describe()}; estimated peak "
-         + (f"device memory {human(plan.peak_device)}, " if compute.device.type == "cuda" else "")
-         + f"host RAM {human(plan.peak_host)} (docs/quantize.md, memory)")
+        free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
+        plan = make_plan(ckpt, arch, mcfg, options, compute, calib.n_samples, calib.seqlen, out_dir, free)
+        partial = out_dir.parent / f".{out_dir.name}.lmkiln-partial"
+        if not probe_only and plan.disk_needed > plan.free_disk + (_du(partial) if resume else 0):
+            raise InputError(f"{out_dir.parent}: {human(plan.free_disk)} free, the output needs {human(plan.output_bytes)} "
+                             f"and its resume state {human(plan.state_bytes)}; free space or choose another -o")
+        if on_plan:
+            on_plan(plan)
+        info(f"device {compute.describe()}; estimated peak "
+             + (f"device memory {human(plan.peak_device)}, " if compute.device.type == "cuda" else "")
+             + f"host RAM {human(plan.peak_host)} (docs/quantize.md, memory)")
 
-    fingerprint = {
-        "model": model_fingerprint(ckpt),
-        "calibration": calib_info["sha256"] if calib_info else None,
-        # --chunk changes memory, not results, so a resume may use another one
-        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "chunk"},
-        "compute": {"device": compute.device.type, "dtype": str(compute.dtype),
-                    "threads": job_threads(mcfg, compute, driver.prepare(compute, plan, n_layer) if driver else None)},
-        "lmkiln_version": lmkiln.__version__,
-    }
-    layer_kwargs = calibration_kwargs(mcfg, ids, compute) if options.calibrated else None
+        fingerprint = {
+            "model": model_fingerprint(ckpt),
+            "calibration": calib_info["sha256"] if calib_info else None,
+            # --chunk changes memory, not results, so a resume may use another one
+            "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "chunk"},
+            "compute": {"device": compute.device.type, "dtype": str(compute.dtype),
+                        "threads": job_threads(mcfg, compute, driver.prepare(compute, plan, n_layer) if driver else None)},
+            "lmkiln_version": lmkiln.__version__,
+        }
+        layer_kwargs = calibration_kwargs(mcfg, ids, compute) if options.calibrated else None
 
-    if probe_only:
-        mod = LayerModule(ckpt, arch, compute)
-        hidden = _embed(ckpt, arch, ids, compute, plan) if options.calibrated else None
-        if compute.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(compute.device)
-        with threads_for(mcfg, compute):
-            res, _ = run_layer(mod, 0, options, src_dtype, hidden, layer_kwargs and layer_kwargs[0])
-        report = {"layers": [res.report], "totals": _totals(t_start, [res.report], calib_info, compute)}
-        return QuantResult(None, report, plan)
+        if probe_only:
+            mod = LayerModule(ckpt, arch, compute)
+            hidden = _embed(ckpt, arch, ids, compute, plan) if options.calibrated else None
+            if compute.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(compute.device)
+            with threads_for(mcfg, compute):
+                res, _ = run_layer(mod, 0, options, src_dtype, hidden, layer_kwargs and layer_kwargs[0])
+            report = {"layers": [res.report], "totals": _totals(t_start, [res.report], calib_info, compute)}
+            return QuantResult(None, report, plan)
 
-    state = ResumeState(partial, fingerprint, resume, info)
-    start = state.done(n_layer)
-    if resume and start:
-        info(f"resuming after {start} finished layer(s)")
-    stop_after = int(os.environ.get(STOP_ENV, "-1"))
-    reports = []
-    run = LayerRun(ckpt, arch, mcfg, options, compute, plan, src_dtype, ids, layer_kwargs, state)
-    with (atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out", needed=plan.disk_needed,
-                     then="re-run with --resume (finished layers are kept)") as tmp, threads_for(mcfg, compute)):
-        sink = make_sink(to, tmp, ckpt, arch, mcfg, spec, options.method, src_dtype, acc)
-        try:
-            sink.begin()
-            for i in range(start):  # replay: the sink rebuilds its output from the state
-                res = state.load(i, spec, run.linears(i))
-                sink.add(res)
-                reports.append(res.report)
-            layers = driver(run, start, spec) if driver else local_layers(run, start, spec)
-            with contextlib.closing(layers):  # a failure here stops the driver's work too
-                for res in layers:
+        state = ResumeState(partial, fingerprint, resume, info)
+        start = state.done(n_layer)
+        if resume and start:
+            info(f"resuming after {start} finished layer(s)")
+        stop_after = int(os.environ.get(STOP_ENV, "-1"))
+        reports = []
+        run = LayerRun(ckpt, arch, mcfg, options, compute, plan, src_dtype, ids, layer_kwargs, state)
+        with (atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out", needed=plan.disk_needed, lock=False,
+                         then="re-run with --resume (finished layers are kept)") as tmp, threads_for(mcfg, compute)):
+            sink = make_sink(to, tmp, ckpt, arch, mcfg, spec, options.method, src_dtype, acc)
+            try:
+                sink.begin()
+                for i in range(start):  # replay: the sink rebuilds its output from the state
+                    res = state.load(i, spec, run.linears(i))
                     sink.add(res)
                     reports.append(res.report)
-                    if on_layer:
-                        on_layer(res.index, n_layer, res.report)
-                    i = res.index
-                    del res  # written: do not hold it through the next layer's job
-                    if i == stop_after:
-                        raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}")
-            report = {
-                "lmkiln_version": lmkiln.__version__,
-                "source": str(ckpt.path),
-                "method": options.method,
-                "options": dataclasses.asdict(options),
-                "compute": {"device": compute.describe(), "dtype": str(compute.dtype).replace("torch.", "")},
-                "calibration": calib_info,
-                "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "compute"},
-                "driver": getattr(driver, "info", None) or {"kind": "local"},
-                "layers": reports,
-                "totals": _totals(t_start, reports, calib_info, compute),
-            }
-            sink.finish(report)
-        except BaseException:
-            sink.abort()
-            raise
-    shutil.rmtree(partial, ignore_errors=True)
-    if report_path:
-        import json
+                layers = driver(run, start, spec) if driver else local_layers(run, start, spec)
+                with contextlib.closing(layers):  # a failure here stops the driver's work too
+                    for res in layers:
+                        sink.add(res)
+                        reports.append(res.report)
+                        if on_layer:
+                            on_layer(res.index, n_layer, res.report)
+                        i = res.index
+                        del res  # written: do not hold it through the next layer's job
+                        if i == stop_after:
+                            raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}")
+                report = {
+                    "lmkiln_version": lmkiln.__version__,
+                    "source": str(ckpt.path),
+                    "method": options.method,
+                    "options": dataclasses.asdict(options),
+                    "compute": {"device": compute.describe(), "dtype": str(compute.dtype).replace("torch.", "")},
+                    "calibration": calib_info,
+                    "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "compute"},
+                    "driver": getattr(driver, "info", None) or {"kind": "local"},
+                    "layers": reports,
+                    "totals": _totals(t_start, reports, calib_info, compute),
+                }
+                sink.finish(report)
+            except BaseException:
+                sink.abort()
+                raise
+        shutil.rmtree(partial, ignore_errors=True)
+        if report_path:
+            import json
 
-        Path(report_path).write_text(json.dumps(report, indent=1))
-    return QuantResult(out_dir, report, plan)
+            Path(report_path).write_text(json.dumps(report, indent=1))
+        return QuantResult(out_dir, report, plan)
 
 
 @dataclass

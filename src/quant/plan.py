@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lmkiln.convert.architectures import LINEAR_ROLES, Architecture
+from lmkiln.convert.architectures import LINEAR_ROLES, Architecture, expand_experts, is_linear
 from lmkiln.convert.hf_to_engine import required_roles, role_shapes
 from lmkiln.convert.quantized import module_name
 from lmkiln.formats.awq_gemm import PACK
@@ -120,7 +120,8 @@ def _numel(shape) -> int:
 def layer_linears(arch: Architecture, model: dict, i: int) -> dict[str, tuple[str, tuple[int, int]]]:
     """role -> (HF module, (out, in)) of layer i's quantized linears."""
     shapes = role_shapes(model)
-    return {r: (module_name(arch, r, i), shapes[r]) for r in LINEAR_ROLES if r in arch.tensors}
+    roles = expand_experts([r for r in LINEAR_ROLES if r in arch.tensors], model.get("num_experts") or 0)
+    return {r: (module_name(arch, r, i), shapes[r]) for r in roles}
 
 
 def qlinear_bytes(out_f: int, in_f: int, o: QuantOptions) -> int:
@@ -139,9 +140,10 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     shapes = role_shapes(model)
     src_b = torch.empty((), dtype=ckpt.source_dtype).element_size()
     per_layer = sum(_numel(shapes[r]) for r in layer_roles)
-    lin = {r: shapes[r] for r in layer_roles if r in LINEAR_ROLES}
+    lin = {r: shapes[r] for r in layer_roles if is_linear(r)}
     b = compute.bytes
-    groups = [sum(_numel(shapes[r]) for r in gr.linears) for gr in arch.awq_groups] or [max(_numel(s) for s in lin.values())]
+    groups = ([sum(_numel(shapes[r]) for r in gr.linears) for gr in arch.scale_groups(model.get("num_experts") or 0)]
+              or [max(_numel(s) for s in lin.values())])
     h, inter = model["hidden_units"], model["inter_size"]
     awq = o.calibrated
     weights = per_layer * b + (per_layer * 4 if b < 4 else 0)
@@ -165,7 +167,7 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     else:
         peak_device = peak_host = HOST_BASELINE + largest + max(work, weights + pack) + hidden
     fp_global = sum(_numel(ckpt.shape(arch.hf_name_of(r))) for r in glob) * src_b
-    fp_layer = sum(_numel(shapes[r]) for r in layer_roles if r not in LINEAR_ROLES) * src_b
+    fp_layer = sum(_numel(shapes[r]) for r in layer_roles if not is_linear(r)) * src_b
     q_layer = sum(qlinear_bytes(*s, o) for s in lin.values()) + fp_layer
     n = model["num_layer"]
     output = int(fp_global + n * q_layer)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import lmkiln
-from lmkiln.convert.architectures import LINEAR_ROLES
+from lmkiln.convert.architectures import is_linear
 from lmkiln.convert.hf_to_engine import CheckpointSource, make_plan, required_roles
 from lmkiln.errors import InputError
 from lmkiln.formats.atomic import atomic_dir, check_output
@@ -42,8 +42,8 @@ def awq_to_compressed_tensors(src: str | Path, out: str | Path, force: bool = Fa
     with atomic_dir(out, force=force, inputs=(ckpt.path,)) as tmp:
         def layers():
             for i in range(plan.model["num_layer"]):
-                q = {r: source.linear(r, i, "") for r in layer_roles if r in LINEAR_ROLES}
-                fp = {plan.arch.hf_name_of(r, i): source.fp(r, i) for r in layer_roles if r not in LINEAR_ROLES}
+                q = {r: source.linear(r, i, "") for r in layer_roles if is_linear(r)}
+                fp = {plan.arch.hf_name_of(r, i): source.fp(r, i) for r in layer_roles if not is_linear(r)}
                 yield LayerResult(i, q, fp)
 
         stream(HfQuantSink(tmp, ckpt, plan.arch, plan.model, plan.spec, method, plan.fp_dtype, layout), layers(), report)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from lmkiln.convert.architectures import LINEAR_ROLES, Architecture
+from lmkiln.convert.architectures import LINEAR_ROLES, Architecture, is_linear
 from lmkiln.convert.hf_to_engine import (
     Accounting, CheckpointSource, EnginePlan, engine_manifest, member_linear, produce_head, produce_layer, produce_tail, required_roles,
     role_shapes,
@@ -138,7 +138,7 @@ class HfQuantSink(Sink):
         for i in range(model["num_layer"]):
             for role in self.layer_roles:
                 name = arch.hf_name_of(role, i)
-                if role not in LINEAR_ROLES:
+                if not is_linear(role):
                     specs.append((name, dtype, self.shapes[role]))
                     continue
                 module = module_name(arch, role, i)
@@ -155,7 +155,7 @@ class HfQuantSink(Sink):
         i = res.index
         for role in self.layer_roles:
             name = self.arch.hf_name_of(role, i)
-            if role in LINEAR_ROLES:
+            if is_linear(role):
                 module = module_name(self.arch, role, i)
                 qt = res.qtensors[role]
                 out_p = self.shapes[role][0]

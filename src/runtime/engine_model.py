@@ -239,21 +239,63 @@ def merge_ranks(engine: Engine, layer: int, dtype: torch.dtype) -> dict[str, tor
     return out
 
 
-def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, device="cpu", kernels: bool = False) -> nn.Module:
-    """Linear `layers.{layer}.{kind}` with its tensor-parallel ranks merged: `Linear` or `QuantLinear`."""
+def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, device="cpu", kernels: bool = False,
+                fetch=None) -> nn.Module:
+    """Linear `layers.{layer}.{kind}` with its tensor-parallel ranks merged: `Linear` or `QuantLinear`.
+    `fetch(name)` reads a rank's tensor (default engine.get; an expert's slice for MoE)."""
     m, tp = engine.model, engine.tp
     base = f"layers.{layer}.{kind}"
+    fetch = fetch or engine.get
+    shape_kind = kind.replace("moe.", "feed_forward.")  # an expert's linears split over ranks like the dense FFN's
 
     def merged(suffix, convert=lambda t: t):
-        return merge_shards(kind, [convert(engine.get(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
+        return merge_shards(shape_kind, [convert(fetch(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
 
     bias = merged("bias").to(dtype) if kind == "attention.w_qkv" and m["attn_bias"] else None
     if not engine.is_quantized(base):
         return Linear(merged("weight").to(dtype), bias)
     bits = engine.quant["bits"]
     codes = merged("qweight", unpack_int4 if bits == 4 else (lambda t: t))
-    in_features = {"attention.w_qkv": m["hidden_units"], "feed_forward.w13": m["hidden_units"]}.get(kind, codes.shape[0])
+    in_features = m["hidden_units"] if shape_kind in ("attention.w_qkv", "feed_forward.w13") else codes.shape[0]
     return QuantLinear(codes, merged("scales"), merged("zeros"), bits, in_features, bias, dtype, device, kernels)
+
+
+class MoE(nn.Module):
+    """Router and experts, as Mixtral / Qwen3-MoE compute them: softmax over the router's
+    logits in float32, each token's top-k experts, their weights renormalised when
+    `norm_topk`, every expert's output times its weight summed in expert order."""
+
+    def __init__(self, router: Linear, experts: list[FeedForward], top_k: int, norm_topk: bool):
+        super().__init__()
+        self.router, self.experts, self.top_k, self.norm_topk = router, nn.ModuleList(experts), top_k, norm_topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = torch.softmax(self.router(flat).float(), -1).topk(self.top_k, -1)
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e in idx.unique().tolist():
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out.index_add_(0, tok, (self.experts[e](flat[tok]) * w[tok, slot, None]).to(out.dtype))
+        return out.view_as(x)
+
+
+def load_moe(engine: Engine, layer: int, dtype: torch.dtype, device="cpu", kernels: bool = False) -> MoE:
+    """Layer `layer`'s router and experts; each rank's stacked tensors are read once."""
+    m, p = engine.model, f"layers.{layer}.moe"
+    cache: dict[str, torch.Tensor] = {}
+
+    def expert(e: int):
+        def fetch(name):
+            if name not in cache:
+                cache[name] = engine.get(name)
+            return cache[name][e]
+        return FeedForward(load_linear(engine, layer, "moe.w13", dtype, device, kernels, fetch),
+                           load_linear(engine, layer, "moe.w2", dtype, device, kernels, fetch), m["hidden_act"])
+
+    experts = [expert(e) for e in range(m["num_experts"])]
+    return MoE(Linear(engine.get(f"{p}.router.weight").to(dtype)), experts, m["experts_per_token"], m["norm_topk"])
 
 
 class EngineModel(nn.Module):
@@ -275,7 +317,8 @@ class EngineModel(nn.Module):
             if cfg["qk_norm"]:
                 qn, kn = norm(f"{p}.attention.q_norm.weight"), norm(f"{p}.attention.k_norm.weight")
             attn = Attention(cfg, lin(i, "attention.w_qkv"), lin(i, "attention.wo"), qn, kn)
-            ffn = FeedForward(lin(i, "feed_forward.w13"), lin(i, "feed_forward.w2"), cfg["hidden_act"])
+            ffn = (load_moe(engine, i, dtype, device, kernels) if cfg["num_experts"] else
+                   FeedForward(lin(i, "feed_forward.w13"), lin(i, "feed_forward.w2"), cfg["hidden_act"]))
             post = (norm(f"{p}.post_attention_norm.weight"), norm(f"{p}.post_ffn_norm.weight")) if cfg["sandwich_norm"] else ()
             layers.append(DecoderLayer(norm(f"{p}.attention_norm.weight"), attn, norm(f"{p}.ffn_norm.weight"), ffn, *post))
         self.layers = nn.ModuleList(layers)
@@ -292,7 +335,14 @@ class EngineModel(nn.Module):
     @classmethod
     def from_path(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", check: bool = True,
                   kernels: bool = False) -> "EngineModel":
-        return cls(Engine(path, check=check), dtype=dtype, device=device, kernels=kernels)
+        engine = Engine(path, check=check, background=True)  # sha256 in threads while the weights load
+        try:
+            model = cls(engine, dtype=dtype, device=device, kernels=kernels)
+        except BaseException:
+            engine.stop_check()
+            raise
+        engine.wait_checked()
+        return model
 
     name = "torch-engine"
 
