@@ -343,3 +343,21 @@ def test_disk_full_while_converting_leaves_nothing(tmp_path, monkeypatch):
     assert r.exit_code == 2, r.output
     assert "the disk is full" in r.output and "free space and re-run" in r.output
     assert list(tmp_path.iterdir()) == []  # no output, no temporary sibling
+
+
+def test_plan_counts_the_hessians(tmp_path):
+    """Every calibrated method holds one in x in fp32 Hessian per distinct linear input for the
+    layer job: q/k/v share the attention norm's output, gate/up the FFN norm's; o and down their own."""
+    from lmkiln.assets import bundled_model_path
+    from lmkiln.formats.hf import HFCheckpoint
+    from lmkiln.quant.awq import QuantOptions
+    from lmkiln.quant.pipeline import CalibOptions, plan_quantize
+
+    cfg = HFCheckpoint(bundled_model_path()).config
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    attn = cfg["num_attention_heads"] * (cfg.get("head_dim") or h // cfg["num_attention_heads"])
+    want = 4 * (h * h + attn * attn + h * h + inter * inter)
+    for method in ("awq", "gptq", "awq+gptq"):
+        plan = plan_quantize(bundled_model_path(), tmp_path / "x", QuantOptions(method=method, group_size=32), CalibOptions())
+        assert plan.hessians == want and ("X Hessians (one per linear input, fp32)", f"{want / 1024:.2f} KiB") in plan.rows()
+    assert plan_quantize(bundled_model_path(), tmp_path / "x", QuantOptions(method="rtn", group_size=32), CalibOptions()).hessians == 0

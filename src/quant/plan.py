@@ -35,7 +35,7 @@ from lmkiln.convert.quantized import module_name
 from lmkiln.formats.awq_gemm import PACK
 from lmkiln.formats.packing import round_up
 from lmkiln.formats.hf import HFCheckpoint
-from lmkiln.quant.awq import QuantOptions, micro, resolve_chunk
+from lmkiln.quant.awq import QuantOptions, input_owners, linear_roles, micro, resolve_chunk
 from lmkiln.quant.job import Compute
 
 GIB = 1 << 30
@@ -70,6 +70,7 @@ class QuantPlan:
     free_disk: int
     compute: Compute
     calib_tokens: int
+    hessians: int = 0  # H = 2XᵀX per distinct linear input, fp32 (GPTQ rounding; every method's per-linear MSE)
 
     @property
     def disk_needed(self) -> int:
@@ -90,6 +91,7 @@ class QuantPlan:
             ("H hidden states (in + out)", g(self.hidden) + (" on device" if on_cuda and self.hidden_on_device else " on host" if on_cuda else "")),
             ("A one chunk of activations", g(self.chunk)),
             ("C clip search", g(self.clip)),
+            ("X Hessians (one per linear input, fp32)", g(self.hessians)),
         ]
         if on_cuda:
             rows.append(("peak device memory (est.)", g(self.peak_device)))
@@ -157,7 +159,11 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     micro_tokens = min(n_samples, m) * seqlen if awq else 0
     chunk = chunk_bytes(chunk_tokens, h, inter, b) + micro_tokens * (FORWARD_PER_TOKEN[0] * inter * b + FORWARD_PER_TOKEN[1] * h * 4)
     clip = CLIP_BYTES if awq and o.clip else 0
-    work = weights + search + chunk + clip
+    # every calibrated method keeps one in x in fp32 Hessian per distinct linear input for the
+    # whole layer job (q/k/v share one, gate/up share one; each expert has its own)
+    owners = input_owners(arch, linear_roles(arch, model.get("num_experts") or 0)) if awq else {}
+    hessians = sum(shapes[next(r for r in owners if owners[r] == m)][1] ** 2 * 4 for m in set(owners.values()))
+    work = weights + search + chunk + clip + hessians
     largest = max(_numel(ckpt.shape(n)) * torch.empty((), dtype=ckpt.dtype(n)).element_size() for n in ckpt.keys())
     on_cuda = compute.device.type == "cuda"
     hidden_on_device = on_cuda and (device_free is None or work + hidden < 0.9 * device_free)
@@ -174,5 +180,5 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     state = int(n * q_layer + (n_tokens * h * b * 2 if awq else 0))
     free = shutil.disk_usage(Path(out_dir).absolute().parent).free
     return QuantPlan(n, per_layer, per_layer * src_b, largest, weights, search, hidden, chunk, clip, hidden_on_device,
-                     int(peak_device), int(peak_host), output, state, free, compute, n_tokens)
+                     int(peak_device), int(peak_host), output, state, free, compute, n_tokens, hessians)
 
