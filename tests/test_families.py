@@ -160,7 +160,7 @@ def test_calibration_layer_is_the_reference_layer(family):
     from types import SimpleNamespace
 
     from lmkiln.quant.pipeline import _embed
-    torch.testing.assert_close(_embed(ckpt, a, ids, compute, SimpleNamespace(hidden_on_device=False)), hs[0])  # Gemma's scale
+    torch.testing.assert_close(_embed(ckpt, a, mcfg, ids, compute, SimpleNamespace(hidden_on_device=False)), hs[0])  # Gemma's scale
     mod = LayerModule(ckpt, a, compute)
     kws = calibration_kwargs(mcfg, ids, compute)
     for i in range(mcfg["num_layer"] - 1):  # the last hidden state has the final norm applied

@@ -306,45 +306,36 @@ GEMMA_REASONS = {
     "hf_attention": "transformers runs it with eager attention: its sdpa path refuses soft-capping",
 }
 TIED = {"lm_head": "Gemma ties the output projection to the embedding"}
+GEMMA_DEFAULTS = {"query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
+# What the Gemma entries share; GGUF export is not mapped yet (post-norms, soft-capping, local rope)
+GEMMA = dict(gguf_arch="", config=GEMMA_CONFIG, optional=TIED, skips=ROTARY_BUFFERS, awq_groups=LLAMA_AWQ, hf_attention="eager")
 
 register(Architecture(
     hf_name="Gemma2ForCausalLM",
     genai_type="gemma2",
-    gguf_arch="",  # not exported to GGUF yet (post-norms and soft-capping not mapped)
     tensors=GEMMA_TENSORS,
-    config=GEMMA_CONFIG,
-    defaults={"sliding_window_pattern": 2, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
-              "tie_word_embeddings": True},
-    optional=TIED,
-    skips=ROTARY_BUFFERS,
+    defaults={**GEMMA_DEFAULTS, "sliding_window_pattern": 2},
     quirks=GEMMA_QUIRKS,
     quirk_reasons={**GEMMA_REASONS,
                    "attn_softcap": "Gemma 2 soft-caps attention scores: cap * tanh(score / cap) before the mask",
                    "final_softcap": "Gemma 2 soft-caps the logits the same way"},
-    awq_groups=LLAMA_AWQ,
-    hf_attention="eager",
+    **GEMMA,
 ))
 
 register(Architecture(
     hf_name="Gemma3ForCausalLM",
     genai_type="gemma3_text",
-    gguf_arch="",  # not exported to GGUF yet
     tensors={
         **GEMMA_TENSORS,
         "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
         "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     },
-    config=GEMMA_CONFIG,
-    defaults={"sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
-              "tie_word_embeddings": True},
-    optional=TIED,
-    skips=ROTARY_BUFFERS,
+    defaults={**GEMMA_DEFAULTS, "sliding_window_pattern": 6},
     quirks={**GEMMA_QUIRKS, "qk_norm": True},
     quirk_reasons={**GEMMA_REASONS,
                    "qk_norm": "Gemma 3 RMS-normalises q/k heads (with the (1 + w) offset) instead of soft-capping",
                    "rope_local": "sliding layers use their own rope base (rope_local_base_freq), global ones the main rope"},
-    awq_groups=LLAMA_AWQ,
-    hf_attention="eager",
+    **GEMMA,
 ))
 
 register(Architecture(

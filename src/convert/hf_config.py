@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from lmkiln.convert.architectures import Architecture
 from lmkiln.errors import UnsupportedArchitectureError
-from lmkiln.formats.engine import FAMILY_FIELDS, LAYER_TYPES
+from lmkiln.formats.engine import ACTIVATIONS as SUPPORTED_ACT, FAMILY_FIELDS, LAYER_TYPES
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
-SUPPORTED_ACT = ("silu", "gelu_pytorch_tanh")  # what the runner and the ONNX export compute
 
 # Defaults transformers applies when a key is absent (LlamaConfig and friends).
 DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu", "max_position_embeddings": 2048}

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from lmkiln.convert.architectures import Architecture
-
-ACT = {"silu": nn.functional.silu, "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh")}
+from lmkiln.convert.blocks import ACTIVATIONS, mix_experts
 
 
 class Expert(nn.Module):
@@ -31,7 +30,7 @@ class Expert(nn.Module):
         self.names = names
         for n, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden))):
             setattr(self, n, nn.Linear(i, o, bias=False))
-        self.act = ACT[act]
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
@@ -48,15 +47,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        probs = torch.softmax(getattr(self, self.router_name)(flat).float(), -1)
-        w, idx = probs.topk(self.top_k, -1)
-        if self.norm_topk:
-            w = w / w.sum(-1, keepdim=True)
         experts = getattr(self, self.experts_name)
-        out = torch.zeros_like(flat)
-        for e in idx.unique().tolist():
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            out.index_add_(0, tok, experts[e](flat[tok], w[tok, slot]).to(out.dtype))
+        out = mix_experts(flat, getattr(self, self.router_name)(flat), self.top_k, self.norm_topk,
+                          lambda e, rows, w: experts[e](rows, w))
         return out.view_as(x)
 
 

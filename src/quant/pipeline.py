@@ -241,7 +241,7 @@ def quantize_model(
 
         if probe_only:
             mod = LayerModule(ckpt, arch, compute)
-            hidden = _embed(ckpt, arch, ids, compute, plan) if options.calibrated else None
+            hidden = _embed(ckpt, arch, mcfg, ids, compute, plan) if options.calibrated else None
             if compute.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(compute.device)
             with threads_for(mcfg, compute):
@@ -335,7 +335,7 @@ class LayerRun:
         if not self.options.calibrated:
             return None
         if start == 0:
-            return _embed(self.ckpt, self.arch, self.ids, self.compute, self.plan)
+            return _embed(self.ckpt, self.arch, self.mcfg, self.ids, self.compute, self.plan)
         return _place(self.state.hidden(start - 1), self.compute, self.plan)
 
 
@@ -423,11 +423,11 @@ def _place(hidden: torch.Tensor, compute: Compute, plan: QuantPlan) -> torch.Ten
     return hidden.to(device=where, dtype=compute.dtype)
 
 
-def _embed(ckpt: HFCheckpoint, arch, ids: torch.Tensor, compute: Compute, plan: QuantPlan) -> torch.Tensor:
+def _embed(ckpt: HFCheckpoint, arch, mcfg: dict, ids: torch.Tensor, compute: Compute, plan: QuantPlan) -> torch.Tensor:
     """The first layer's input: embedding rows of the calibration tokens (the table stays on the host)."""
     table = ckpt.get(arch.hf_name_of("embed"))
     x = torch.nn.functional.embedding(ids, table)
-    scale = engine_config_from_hf(arch, ckpt.config)["embed_scale"]
+    scale = mcfg["embed_scale"]
     if scale is not None:  # Gemma: times sqrt(hidden) rounded to the table's dtype, as the reference embeds
         x = x * torch.tensor(scale).to(table.dtype)
     return _place(x.float(), compute, plan)

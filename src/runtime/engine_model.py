@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkiln.convert.blocks import ACTIVATIONS, mix_experts
 from lmkiln.convert.rope import apply_rotary, cos_sin, inv_freq
 from lmkiln.formats.engine import Engine, kv_heads_per_rank
 from lmkiln.formats.packing import unpack_int4
@@ -36,9 +37,6 @@ class RMSNorm(nn.Module):
             return (xf * (self.offset + self.weight.float())).to(x.dtype)
         # Llama: normalise in float32 and scale after casting back
         return self.weight * xf.to(x.dtype)
-
-
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -271,13 +269,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        w, idx = torch.softmax(self.router(flat).float(), -1).topk(self.top_k, -1)
-        if self.norm_topk:
-            w = w / w.sum(-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        for e in idx.unique().tolist():
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            out.index_add_(0, tok, (self.experts[e](flat[tok]) * w[tok, slot, None]).to(out.dtype))
+        out = mix_experts(flat, self.router(flat), self.top_k, self.norm_topk, lambda e, rows, w: self.experts[e](rows) * w[:, None])
         return out.view_as(x)
 
 
