@@ -7,7 +7,7 @@ from pathlib import Path
 from lmkiln.convert.architectures import get_architecture
 from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.errors import InputError
-from lmkiln.formats.engine import Engine, is_engine
+from lmkiln.formats.engine import Engine, file_checksum, is_engine
 from lmkiln.formats.hf import HFCheckpoint
 
 
@@ -87,7 +87,8 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
         if check:
             sums = eng.verify_checksums()
             bad = [f for f, ok in sums.items() if not ok]
-            rows.append(("checksums", "all hold" if not bad else f"MISMATCH: {', '.join(bad)}"))
+            algos = sorted({file_checksum(meta)[0] for meta in man["files"].values()})
+            rows.append(("checksums", f"all hold ({', '.join(algos)})" if not bad else f"MISMATCH: {', '.join(bad)}"))
         else:
             rows.append(("checksums", "not checked (--no-check)"))
         return "engine", rows

@@ -80,8 +80,8 @@ def test_inspect_engine(tiny_engine):
     assert r.exit_code == 0, r.output
     assert "LlamaForCausalLM" in r.stdout
     assert "lmkiln engine" in r.stdout
-    assert "all hold" in r.stdout
-    assert "fp32" in r.stdout and "lmkiln-engine v1" in r.stdout
+    assert "all hold (blake3)" in r.stdout
+    assert "fp32" in r.stdout and "lmkiln-engine v3" in r.stdout
 
 
 def test_inspect_tampered_engine(tiny_engine, tmp_path):

@@ -40,7 +40,7 @@ def _leftovers(parent):
 
 def test_converted_engine_layout(tiny_engine, tiny_llama):
     m = _manifest(tiny_engine)
-    assert m["format"] == "lmkiln-engine" and m["format_version"] == 1
+    assert m["format"] == "lmkiln-engine" and m["format_version"] == 3  # blake3 checksums
     assert m["weight_type"] == "fp32" and m["tensor_parallel"] == 1
     model = m["model"]
     assert model["architecture"] == "LlamaForCausalLM"
@@ -64,12 +64,13 @@ def test_converted_engine_layout(tiny_engine, tiny_llama):
     assert m["source"]["skipped_tensors"] == {}
 
 
-def test_manifest_sha256_and_sizes(tiny_engine):
+def test_manifest_blake3_and_sizes(tiny_engine):
+    import blake3
+
     m = _manifest(tiny_engine)
     for fname, meta in m["files"].items():
         data = (tiny_engine / fname).read_bytes()
-        assert meta["sha256"] == hashlib.sha256(data).hexdigest()
-        assert meta["size"] == len(data)
+        assert meta == {"blake3": blake3.blake3(data).hexdigest(), "size": len(data)}  # no sha256 any more
     eng = Engine(tiny_engine, check=True)
     assert eng.verify_checksums() == {f: True for f in m["files"]}
 
@@ -218,9 +219,9 @@ def _flip_data_byte(path):
 def test_flipped_data_byte_needs_check(engine_copy):
     _flip_data_byte(engine_copy / WEIGHT)
     Engine(engine_copy)  # header and sizes still agree: loads without hashing
-    with pytest.raises(ChecksumError, match="sha256") as ei:
+    with pytest.raises(ChecksumError, match="blake3") as ei:
         Engine(engine_copy, check=True)
-    assert WEIGHT in str(ei.value)
+    assert WEIGHT in str(ei.value) and "\n" not in str(ei.value)
     assert isinstance(ei.value, EngineFormatError)
     assert Engine(engine_copy).verify_checksums() == {SHARED_FILE: True, WEIGHT: False}
 
@@ -273,7 +274,7 @@ def test_tensor_removed_from_index(engine_copy):
 
 def test_unknown_tensor_in_index(engine_copy):
     edit_json(engine_copy / MANIFEST, lambda m: m["tensors"].update({"layers.0.extra.weight": {"file": SHARED_FILE, "dtype": "fp32", "shape": [64]}}))
-    with pytest.raises(EngineFormatError, match="'layers.0.extra.weight' in the manifest is not part of format v1"):
+    with pytest.raises(EngineFormatError, match="'layers.0.extra.weight' in the manifest is not part of format v3"):
         Engine(engine_copy)
 
 
@@ -323,14 +324,69 @@ def test_format_version_newer(engine_copy):
         Engine(engine_copy)
 
 
-def test_llama_engine_stays_v1(tiny_engine):
-    """Models without v2 fields are written as v1 (readable by earlier lmkiln), the fields left out."""
+def test_llama_engine_leaves_v2_fields_out(tiny_engine):
+    """Models without v2 fields leave them out of the model block (v3 only changes the checksums)."""
     m = json.loads((tiny_engine / MANIFEST).read_text())
-    assert m["format_version"] == 1 and not set(FAMILY_FIELDS) & set(m["model"])
+    assert m["format_version"] == 3 and not set(FAMILY_FIELDS) & set(m["model"])
     assert Engine(tiny_engine).model["norm_offset"] == 0.0  # read back with v1's meaning
 
 
+def _as_sha256_engine(path, version=1):
+    """Rewrite an engine's manifest as earlier lmkiln wrote it: sha256 checksums, format v1."""
+    def old(m):
+        m["format_version"] = version
+        for f, meta in m["files"].items():
+            m["files"][f] = {"sha256": hashlib.sha256((path / f).read_bytes()).hexdigest(), "size": meta["size"]}
+    edit_json(path / MANIFEST, old)
+
+
+def test_sha256_engine_of_earlier_lmkiln_still_loads_and_is_checked(engine_copy):
+    _as_sha256_engine(engine_copy)
+    e = Engine(engine_copy, check=True)
+    assert e.verify_checksums() == {SHARED_FILE: True, WEIGHT: True}
+    e = Engine(engine_copy, check=True, background=True)
+    e.wait_checked()
+    _flip_data_byte(engine_copy / WEIGHT)
+    with pytest.raises(ChecksumError, match=f"{WEIGHT}: sha256 .* does not match"):
+        Engine(engine_copy, check=True)
+    e = Engine(engine_copy, check=True, background=True)
+    with pytest.raises(ChecksumError, match=f"{WEIGHT}: sha256"):
+        e.wait_checked()
+    assert Engine(engine_copy).verify_checksums() == {SHARED_FILE: True, WEIGHT: False}
+
+
+def test_v3_engine_flipped_byte_names_the_file(engine_copy):
+    assert _manifest(engine_copy)["format_version"] == 3
+    _flip_data_byte(engine_copy / SHARED_FILE)
+    with pytest.raises(ChecksumError, match=f"{SHARED_FILE}: blake3 .* does not match the manifest's") as ei:
+        Engine(engine_copy, check=True)
+    assert str(engine_copy / SHARED_FILE) in str(ei.value) and "\n" not in str(ei.value)
+    e = Engine(engine_copy, check=True, background=True)  # the background check says the same
+    with pytest.raises(ChecksumError, match=f"{SHARED_FILE}: blake3"):
+        e.wait_checked()
+
+
+def test_unknown_checksum_algorithm_refused(engine_copy):
+    def md5(m):
+        for meta in m["files"].values():
+            meta["md5"] = meta.pop("blake3")
+    edit_json(engine_copy / MANIFEST, md5)
+    with pytest.raises(EngineFormatError) as ei:
+        Engine(engine_copy)
+    msg = str(ei.value)
+    assert "no checksum this lmkiln knows" in msg and "'md5'" in msg and "upgrade lmkiln" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_blake3_in_an_older_manifest_refused(engine_copy, version):
+    """An older lmkiln cannot verify blake3, so a manifest claiming v1/v2 must not carry it."""
+    edit_json(engine_copy / MANIFEST, lambda m: m.update(format_version=version))
+    with pytest.raises(EngineFormatError, match=f"blake3 checksum, which needs format version 3; the manifest says {version}"):
+        Engine(engine_copy)
+
+
 def test_v2_fields_in_a_v1_manifest_refused(engine_copy):
+    _as_sha256_engine(engine_copy, version=1)  # as earlier lmkiln wrote it
     edit_json(engine_copy / MANIFEST, lambda m: m["model"].update(norm_offset=1.0))
     with pytest.raises(EngineFormatError, match=r"\['norm_offset'\] need format version 2, the manifest says 1"):
         Engine(engine_copy)
@@ -665,6 +721,6 @@ def test_a_flipped_byte_in_an_engine_stops_generate_and_verify(tmp_path):
                  ["verify", str(bundled_model_path()), str(eng), "--max-tokens", "64", "--max-new-tokens", "2"]):
         r = CliRunner().invoke(app, args, env=env)
         assert r.exit_code == 2, r.output
-        assert f"{f.name}: sha256" in r.output and "the file is corrupt" in r.output
+        assert f"{f.name}: blake3" in r.output and "the file is corrupt" in r.output
     r = CliRunner().invoke(app, ["generate", str(eng), "-p", "Once", "-n", "2", "--no-check"], env=env)
     assert r.exit_code == 0, r.output

@@ -294,3 +294,25 @@ def test_quantized_head(source, engines, tmp_path):
     assert s["top1"] >= 0.7 and 0 < s["kl"] <= 0.2
     with pytest.raises(InputError, match="head_bits"):
         export_onnx(eng, tmp_path / "bad", head_bits=3)
+
+
+def test_cli_head_bits(engines, tmp_path):
+    """`lmkiln export onnx --head-bits 8`: the API's head_bits from the command line; a width
+    other than 0/4/8 is one line and exit 2, before anything is written."""
+    from typer.testing import CliRunner
+
+    from lmkiln.cli import app
+
+    env = {"COLUMNS": "200", "NO_COLOR": "1"}
+    out = tmp_path / "h8"
+    r = CliRunner().invoke(app, ["export", "onnx", str(engines["int4"]), "-o", str(out), "--head-bits", "8"], env=env)
+    assert r.exit_code == 0, r.output
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {p.key: p.value for p in m.metadata_props}["lmkiln.head_bits"] == "8"
+    assert json.loads((out / "lmkiln_export.json").read_text())["head_bits"] == 8
+    head = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.input[1] == "output.qweight"]
+    assert len(head) == 1 and {a.name: a.i for a in head[0].attribute}["bits"] == 8
+    r = CliRunner().invoke(app, ["export", "onnx", str(engines["int4"]), "-o", str(tmp_path / "h3"), "--head-bits", "3"], env=env)
+    assert r.exit_code == 2, r.output
+    assert "--head-bits 3: choose 0 (fp head), 4 or 8" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "h3").exists()

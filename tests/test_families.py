@@ -13,7 +13,7 @@ import torch
 from helpers import ARCHS, FAMILY_ARCHS, load_hf_model, make_tiny_model
 from lmkiln.convert.architectures import ARCHITECTURES
 from lmkiln.convert.hf_to_engine import convert_hf_to_engine
-from lmkiln.formats.engine import MANIFEST, Engine
+from lmkiln.formats.engine import FAMILY_FIELDS, MANIFEST, Engine
 from lmkiln.runtime.engine_model import EngineModel
 
 ALL = sorted(ARCHITECTURES)
@@ -59,11 +59,14 @@ def test_convert_matches_transformers(family):
 
 
 def test_manifest_version(family):
-    """Families with v2 fields write format v2 (v1 readers refuse them); the others stay v1."""
+    """Every engine is written as format v3 (blake3 checksums; older readers refuse it), and only families
+    with v2 fields write them into the model block."""
     arch, d, hf = family
     eng = convert_hf_to_engine(hf, d / "v.engine", force=True)
     m = json.loads((eng / MANIFEST).read_text())
-    assert m["format_version"] == (2 if arch.startswith("Gemma") or ARCHITECTURES[arch].moe else 1)
+    assert m["format_version"] == 3
+    v2 = arch.startswith("Gemma") or ARCHITECTURES[arch].moe
+    assert bool(set(FAMILY_FIELDS) & set(m["model"])) == v2
     assert Engine(eng).model["architecture"] == arch
 
 

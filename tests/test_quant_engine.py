@@ -349,7 +349,7 @@ def test_inspect_shows_quantization(stories_w4, quant_models, tmp_path):
     _, _, engine = stories_w4
     rows = dict(describe(engine)[1])
     assert rows["weight type"] == "int4 g32 asym"
-    assert rows["checksums"] == "all hold"
+    assert rows["checksums"] == "all hold (blake3)"
     assert "awq" in rows["quantization"] and "fp32" in rows["fp tensors"]
     awq8, _ = quant_models("llama", "int8-channel-sym")
     assert dict(describe(convert_hf_to_engine(awq8, tmp_path / "e8"))[1])["weight type"] == "int8 per-channel sym"

@@ -456,3 +456,34 @@ def test_tensor_bytes_of_transposed_views():
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.uint8, torch.bool):
         t = (torch.arange(35).reshape(5, 7) % 3).to(dtype).t()
         assert bytes(tensor_bytes(t)) == bytes(tensor_bytes(t.contiguous())), dtype
+
+
+def test_blake3_writer_and_file_digest(tmp_path):
+    """The engine writer's checksum: the threaded writer's blake3 is the whole file's, and
+    file_digest (mapped slices, all cores) agrees for both algorithms, also across slices."""
+    import blake3
+
+    import lmkiln.formats.safetensors_io as sio
+
+    tensors = _threaded_cases()
+    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    w = StreamWriter(tmp_path / "b3.safetensors", specs, {"format": "pt"}, sio.InFlight(10_000), checksum="blake3")
+    for n, t in tensors.items():
+        w.write(n, t)
+    digest = w.close()
+    data = (tmp_path / "b3.safetensors").read_bytes()
+    assert digest == blake3.blake3(data).hexdigest() == sio.file_digest(tmp_path / "b3.safetensors", "blake3")
+    assert sio.file_digest(tmp_path / "b3.safetensors", "sha256") == hashlib.sha256(data).hexdigest()
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 1000 + b"x")
+    old = sio.FILE_SLICE
+    try:
+        sio.FILE_SLICE = 4096  # many slices and a short last one
+        assert sio.file_digest(big, "blake3") == blake3.blake3(big.read_bytes()).hexdigest()
+        assert sio.file_digest(big, "sha256") == hashlib.sha256(big.read_bytes()).hexdigest()
+    finally:
+        sio.FILE_SLICE = old
+    (tmp_path / "empty").write_bytes(b"")
+    assert sio.file_digest(tmp_path / "empty", "blake3") == blake3.blake3(b"").hexdigest()
+    with pytest.raises(ValueError, match="unknown checksum 'md5'"):
+        sio.new_hash("md5")

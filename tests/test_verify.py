@@ -9,11 +9,11 @@ fixture, and an AWQ-GEMM Hugging Face directory. Runs use 1024 tokens (two windo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -139,7 +139,7 @@ def damaged_engine(w4_engine, vdir):
     replace_tensor(f, DAMAGED_TENSOR, (t.float() * 2).to(t.dtype))
 
     def fix(m):
-        m["files"]["rank0.safetensors"]["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+        m["files"]["rank0.safetensors"]["blake3"] = blake3.blake3(f.read_bytes()).hexdigest()
         m["files"]["rank0.safetensors"]["size"] = f.stat().st_size
 
     edit_json(d / "manifest.json", fix)

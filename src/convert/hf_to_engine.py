@@ -357,7 +357,7 @@ def convert_hf_to_engine(
 
 def engine_manifest(plan: EnginePlan, ckpt, tp: int, files: dict, tokenizer_files: list[str]) -> dict:
     """The manifest of an engine written from `plan` (docs/engine-format.md)."""
-    manifest = {"format": FORMAT, "format_version": needed_version(plan.model), "model": manifest_model(plan.model)}
+    manifest = {"format": FORMAT, "format_version": needed_version(plan.model, files), "model": manifest_model(plan.model)}
     if plan.quant is None:
         manifest["weight_type"] = DTYPE_NAMES[plan.fp_dtype]
         manifest["tensor_parallel"] = tp

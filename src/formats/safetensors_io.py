@@ -214,15 +214,17 @@ class StreamWriter:
     With `inflight` (an InFlight bound), `write` only queues the tensor: a writer thread
     makes it contiguous (a transposed view is transposed there), copies it into a staging
     buffer written with O_DIRECT (see `_write_loop`), and a hasher thread feeds the same
-    bytes to sha256 in order, all three mostly without the GIL, while the caller produces
-    the next tensor. The file and digest are the same as without threads; the caller must
-    not modify a tensor after handing it to `write`. An error in a thread (a full disk)
-    is raised by the next `write` or by `close`. The file is not left in the page cache.
+    bytes to the checksum (`checksum`: sha256 or blake3) in order, all three mostly without
+    the GIL, while the caller produces the next tensor. The file and digest are the same as
+    without threads; the caller must not modify a tensor after handing it to `write`. An
+    error in a thread (a full disk) is raised by the next `write` or by `close`. The file is
+    not left in the page cache.
     """
 
     def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None,
-                 inflight: InFlight | None = None):
+                 inflight: InFlight | None = None, checksum: str = "sha256"):
         self.path = Path(path)
+        self.checksum = checksum
         self._order = [name for name, _, _ in specs]
         self._specs = {name: (dtype, tuple(shape)) for name, dtype, shape in specs}
         if len(self._specs) != len(self._order):
@@ -241,7 +243,7 @@ class StreamWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data region, as the reference writer does
         self._f = open(self.path, "wb", buffering=0 if inflight is not None else -1)
-        self._sha = hashlib.sha256()
+        self._sha = new_hash(checksum)
         self._inflight = inflight
         self._direct = False
         self._threads: list[threading.Thread] = []
@@ -252,7 +254,7 @@ class StreamWriter:
             self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
             self._written = self._synced = 0
             self._threads = [threading.Thread(target=self._write_loop, name=f"write {self.path.name}", daemon=True),
-                             threading.Thread(target=self._hash_loop, name=f"sha256 {self.path.name}", daemon=True)]
+                             threading.Thread(target=self._hash_loop, name=f"{checksum} {self.path.name}", daemon=True)]
             for th in self._threads:
                 th.start()
         try:
@@ -375,7 +377,7 @@ class StreamWriter:
         self._next += 1
 
     def close(self) -> str:
-        """Finish the file; returns its sha256 hex digest. Fails if a planned tensor is missing."""
+        """Finish the file; returns its `checksum` hex digest. Fails if a planned tensor is missing."""
         if self._next != len(self._order):
             self.abort()
             raise ValueError(f"{self.path.name}: {len(self._order) - self._next} planned tensors never written, first {self._order[self._next]!r}")
@@ -400,14 +402,45 @@ class StreamWriter:
                 pass
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20, stop: threading.Event | None = None) -> str | None:
-    """The file's sha256 hex digest, read into one reused buffer (hashing and reading release
-    the GIL); None if `stop` is set before the end."""
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(chunk))
+CHECKSUMS = ("blake3", "sha256")  # the whole-file checksums lmkiln computes and verifies, preferred first
+FILE_SLICE = 64 << 20  # file_digest hashes a mapped file in slices this long (a `stop` is noticed between them)
+
+
+def new_hash(algo: str, threads: bool = False):
+    """A fresh hash object of checksum `algo` ('blake3' or 'sha256'). `threads`: blake3 spreads
+    each large update over all cores (worth it for whole files; the writer's hasher thread
+    runs single-threaded beside the producer and the writer thread)."""
+    if algo == "sha256":
+        return hashlib.sha256()
+    if algo == "blake3":
+        import blake3
+
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
+    raise ValueError(f"unknown checksum {algo!r}; known: {', '.join(CHECKSUMS)}")
+
+
+def file_digest(path: Path, algo: str = "sha256", stop: threading.Event | None = None) -> str | None:
+    """The file's `algo` hex digest (blake3 on all cores), hashed from a read-only mapping in
+    FILE_SLICE slices (no copy; both hashes release the GIL); None if `stop` is set before the end."""
+    h = new_hash(algo, threads=True)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            if stop is not None and stop.is_set():
-                return None
-            h.update(buf[:n])
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if hasattr(m, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+                m.madvise(mmap.MADV_SEQUENTIAL)
+            mv = memoryview(m)
+            try:
+                for off in range(0, size, FILE_SLICE):
+                    if stop is not None and stop.is_set():
+                        return None
+                    h.update(mv[off:off + FILE_SLICE])
+            finally:
+                mv.release()
     return h.hexdigest()
+
+
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str | None:
+    """The file's sha256 hex digest (engines written before format v3 record it)."""
+    return file_digest(path, "sha256", stop)
