@@ -89,6 +89,9 @@ case "$status" in
     *) exit "$status" ;;
 esac
 
-# 3. Next: verify it on the same GPU (docs/verify.md), e.g.
-#    lmkiln verify "$MODEL" "$OUT" --device cuda --report "$OUT_DIR/verify.json"
+# 3. Next: verify it on the same GPU (docs/verify.md, docs/runtime.md). An engine output
+#    (TO=engine) runs there with its int4 codes packed; verify loads one model at a time, and
+#    for a 70B the fp reference does not fit one GPU: run it on the host, e.g.
+#    lmkiln verify "$MODEL" "$OUT" --device cuda --reference-device cpu --report "$OUT_DIR/verify.json"
+#    lmkiln generate "$OUT" -p "The capital of France is" -n 64 --device cuda
 echo "done: $OUT (report: $OUT_DIR/quant-report.json)"

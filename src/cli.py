@@ -338,7 +338,9 @@ def verify_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Greedy-generation prompts, one per line; default: bundled."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     runner: str = typer.Option("auto", "--runner", help="Candidate runner: auto, torch, onnx or transformers."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="The candidate engine's compute dtype: auto (fp32; bf16 for a quantized engine on CUDA, where int4 stays packed), fp32, bf16 or fp16."),
+    reference_device: Optional[str] = typer.Option(None, "--reference-device", help="Where the reference runs (default: --device). The two run one after the other, never both in memory."),
     score_second_half: bool = typer.Option(False, "--score-second-half", help="Score only the second half of each window (llama.cpp's protocol)."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Fail above this perplexity increase, in percent."),
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Fail above this mean KL(reference || candidate)."),
@@ -347,16 +349,14 @@ def verify_cmd(
     min_p_top: Optional[float] = typer.Option(None, "--min-p-top", help="Fail below this mean probability the candidate gives the reference's top-1 token (0..1; no default)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: per-window NLL of both, KL histogram."),
-    no_check: bool = typer.Option(False, "--no-check", help="Skip checking engines' weight files against their sha256."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip checking engines' weight files against their checksums."),
 ):
     """Compare REFERENCE with CANDIDATE: perplexity, KL, top-1, greedy match. Exit 0 pass, 1 fail, 2 bad input."""
-    from lmkiln.errors import InputError
     from lmkiln.verify.verify import VerifyOptions, run_verify, write_plot
 
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: choose cpu or cuda")
     opts = VerifyOptions(data=data, seqlen=seqlen, max_tokens=max_tokens, prompts=prompts, max_new_tokens=max_new_tokens,
-                         runner=runner, device=device, score_second_half=score_second_half,
+                         runner=runner, device=device, dtype=dtype, reference_device=reference_device,
+                         score_second_half=score_second_half,
                          max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1, min_top5=min_top5,
                          min_p_top=min_p_top, check=not no_check)
     check_writable(report, "--report"), check_writable(plot, "--plot")
@@ -432,12 +432,15 @@ def generate_cmd(
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-    no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their sha256."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their checksums."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. On CUDA int4 engines stay packed and decode through CUDA graphs."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp32; bf16 for a quantized engine on CUDA), fp32, bf16 or fp16."),
 ):
     """Greedy generation through the engine runner."""
     from lmkiln.runtime.session import generate_text
 
-    for p, text in zip(prompt, generate_text(source, prompt, max_new_tokens, allow_pickle=allow_pickle, check=not no_check)):
+    texts = generate_text(source, prompt, max_new_tokens, allow_pickle=allow_pickle, check=not no_check, device=device, dtype=dtype)
+    for p, text in zip(prompt, texts):
         out.print(f"[bold]{p}[/]{text}", highlight=False)
 
 

@@ -25,7 +25,8 @@ from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.packing import unpack_int4
 from lmkiln.formats.qtensor import dequantize
 from lmkiln.inspect_model import describe
-from lmkiln.runtime.engine_model import EngineModel, QuantLinear
+from lmkiln.runtime.engine_model import EngineModel
+from lmkiln.runtime.qlinear import QuantLinear
 from lmkiln.runtime.generate import greedy_generate
 from lmkiln.runtime.session import generate_text
 from quant_fixtures import MODELS, build_hf, write_awq

@@ -5,7 +5,9 @@ a preallocated KV cache, prefill + decode, and batches of prompts of different l
 (left padding + attention mask). Tensor-parallel ranks are merged at load time, so an
 engine written with any --tp runs on one device with the same logits as --tp 1.
 int4/int8 engines merge their ranks in the integer domain (codes, scales and zeros
-move like weights) and run each linear as a `QuantLinear`.
+move like weights) and run each linear as a `QuantLinear` (runtime/qlinear.py: packed on
+CUDA, dequantized at load on CPU). `step` is a fixed-shape decode step for CUDA graphs
+(runtime/generate.py: static_greedy).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lmkiln.convert.blocks import ACTIVATIONS, mix_experts
 from lmkiln.convert.rope import apply_rotary, cos_sin, inv_freq
 from lmkiln.formats.engine import Engine, kv_heads_per_rank
 from lmkiln.formats.packing import unpack_int4
-from lmkiln.formats.qtensor import dequantize
+from lmkiln.runtime.qlinear import QuantLinear
 
 
 class RMSNorm(nn.Module):
@@ -54,67 +56,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight
-        return y if self.bias is None else y + self.bias
-
-
-INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
-
-class QuantLinear(nn.Module):
-    """`Linear` for a weight held as integer codes: w = (code - zero) * scale per group.
-
-    codes uint8 (in_padded, out), scales/zeros (in_padded / g, out); `in_features` is
-    the activation width (in_padded - in_features trailing rows are zero padding).
-    With `kernels=True`, on CPU it runs a packed integer kernel when one fits (`mode`
-    says which). The default is False: on AVX2-only CPUs (no AVX-512, like our CI
-    machines) PyTorch's int4 CPU kernel measured 10-40x slower than an fp32 matmul
-    (bench/kernels.py, docs/BENCHMARKS.md), so speed wins over resident memory there.
-    - "int4": aten._weight_int4pack_mm_for_cpu, which computes (q - 8) * scale + zero_fp,
-      so zero_fp = (8 - zero) * scale; in float32 both products and their sum are exact
-      (small integers times an fp16 scale), so the weights equal the dequantized ones;
-    - "int8": aten._weight_int8pack_mm for per-channel symmetric int8 (zero 128 and one
-      scale per output column), with int8 weights code - 128;
-    - "dequant" otherwise: the weight is dequantized ONCE here, at load, into the compute
-      dtype, and runs as a plain matmul (memory as an fp engine, numerics identical).
-    """
-
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int,
-                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device="cpu", kernels: bool = False):
-        super().__init__()
-        k, n = codes.shape
-        g = k // scales.shape[0]
-        self.in_features, self.k, self.n, self.group_size = in_features, k, n, g
-        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
-        scales, zeros = scales.float(), zeros.to(torch.int32)
-        cpu = kernels and torch.device(device).type == "cpu" and dtype in KERNEL_DTYPES
-        if cpu and bits == 4 and n % 16 == 0 and g in INT4_KERNEL_GROUPS:
-            self.mode = "int4"
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().to(torch.int32).contiguous(), 1))
-            zero_fp = (8 - zeros).float() * scales
-            self.register_buffer("scales_and_zeros", torch.stack([scales, zero_fp], -1).to(dtype).contiguous())
-        elif cpu and bits == 8 and bool((zeros == 128).all()) and bool((scales == scales[:1]).all()):
-            self.mode = "int8"
-            self.register_buffer("qweight", (codes.t().to(torch.int32) - 128).to(torch.int8).contiguous())
-            self.register_buffer("scale", scales[0].to(dtype).contiguous())
-        else:
-            self.mode = "dequant"
-            w = dequantize(codes.t(), scales.t(), zeros.t(), g).t()[:in_features]
-            self.weight = nn.Parameter(w.to(dtype).contiguous(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dequant":
-            y = x @ self.weight
-        else:
-            lead = x.shape[:-1]
-            x2 = x.reshape(-1, x.shape[-1])  # the kernels take 2-D input only
-            if self.k > self.in_features:
-                x2 = F.pad(x2, (0, self.k - self.in_features))
-            if self.mode == "int4":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
-            y = y.reshape(*lead, self.n)
         return y if self.bias is None else y + self.bias
 
 
@@ -153,16 +94,23 @@ class Attention(nn.Module):
         self.scale = (qpas if qpas is not None else self.hd) ** -0.5
         self.softcap = cfg["attn_softcap"]
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int | torch.Tensor):
+        """`start`: the cache slot of x's first token; an int, or for a fixed-shape decode
+        step (`EngineModel.step`) a 1-element tensor, attending then over the whole cache."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.hq * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
         q, k, v = q.view(B, T, self.hq, self.hd), k.view(B, T, self.hkv, self.hd), v.view(B, T, self.hkv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.k[layer][:, :, start:start + T] = k.transpose(1, 2)
-        cache.v[layer][:, :, start:start + T] = v.transpose(1, 2)
-        keys, values = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+        if isinstance(start, torch.Tensor):  # slot on the device: no host sync, same shapes every step
+            cache.k[layer].index_copy_(2, start, k.transpose(1, 2).to(cache.k[layer].dtype))
+            cache.v[layer].index_copy_(2, start, v.transpose(1, 2).to(cache.v[layer].dtype))
+            keys, values = cache.k[layer], cache.v[layer]
+        else:
+            cache.k[layer][:, :, start:start + T] = k.transpose(1, 2)
+            cache.v[layer][:, :, start:start + T] = v.transpose(1, 2)
+            keys, values = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
         q = q.transpose(1, 2)
         if self.softcap is None:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.hq != self.hkv)
@@ -238,7 +186,7 @@ def merge_ranks(engine: Engine, layer: int, dtype: torch.dtype) -> dict[str, tor
 
 
 def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, device="cpu", kernels: bool = False,
-                fetch=None) -> nn.Module:
+                fetch=None, path: str | None = None) -> nn.Module:
     """Linear `layers.{layer}.{kind}` with its tensor-parallel ranks merged: `Linear` or `QuantLinear`.
     `fetch(name)` reads a rank's tensor (default engine.get; an expert's slice for MoE)."""
     m, tp = engine.model, engine.tp
@@ -249,13 +197,13 @@ def load_linear(engine: Engine, layer: int, kind: str, dtype: torch.dtype, devic
     def merged(suffix, convert=lambda t: t):
         return merge_shards(shape_kind, [convert(fetch(f"{base}.{r}.{suffix}")) for r in range(tp)], m, tp)
 
-    bias = merged("bias").to(dtype) if kind == "attention.w_qkv" and m["attn_bias"] else None
+    bias = merged("bias").to(device=device, dtype=dtype) if kind == "attention.w_qkv" and m["attn_bias"] else None
     if not engine.is_quantized(base):
-        return Linear(merged("weight").to(dtype), bias)
+        return Linear(merged("weight").to(device=device, dtype=dtype), bias)
     bits = engine.quant["bits"]
     codes = merged("qweight", unpack_int4 if bits == 4 else (lambda t: t))
     in_features = m["hidden_units"] if shape_kind in ("attention.w_qkv", "feed_forward.w13") else codes.shape[0]
-    return QuantLinear(codes, merged("scales"), merged("zeros"), bits, in_features, bias, dtype, device, kernels)
+    return QuantLinear(codes, merged("scales"), merged("zeros"), bits, in_features, bias, dtype, device, kernels, path)
 
 
 class MoE(nn.Module):
@@ -273,7 +221,7 @@ class MoE(nn.Module):
         return out.view_as(x)
 
 
-def load_moe(engine: Engine, layer: int, dtype: torch.dtype, device="cpu", kernels: bool = False) -> MoE:
+def load_moe(engine: Engine, layer: int, dtype: torch.dtype, device="cpu", kernels: bool = False, path: str | None = None) -> MoE:
     """Layer `layer`'s router and experts; each rank's stacked tensors are read once."""
     m, p = engine.model, f"layers.{layer}.moe"
     cache: dict[str, torch.Tensor] = {}
@@ -283,24 +231,29 @@ def load_moe(engine: Engine, layer: int, dtype: torch.dtype, device="cpu", kerne
             if name not in cache:
                 cache[name] = engine.get(name)
             return cache[name][e]
-        return FeedForward(load_linear(engine, layer, "moe.w13", dtype, device, kernels, fetch),
-                           load_linear(engine, layer, "moe.w2", dtype, device, kernels, fetch), m["hidden_act"])
+        return FeedForward(load_linear(engine, layer, "moe.w13", dtype, device, kernels, fetch, path),
+                           load_linear(engine, layer, "moe.w2", dtype, device, kernels, fetch, path), m["hidden_act"])
 
     experts = [expert(e) for e in range(m["num_experts"])]
-    return MoE(Linear(engine.get(f"{p}.router.weight").to(dtype)), experts, m["experts_per_token"], m["norm_topk"])
+    return MoE(Linear(engine.get(f"{p}.router.weight").to(device=device, dtype=dtype)), experts, m["experts_per_token"], m["norm_topk"])
 
 
 class EngineModel(nn.Module):
-    def __init__(self, engine: Engine, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: bool = False):
-        """`kernels=True` runs quantized linears with packed integer kernels where they fit;
-        by default they are dequantized once at load (see QuantLinear)."""
+    def __init__(self, engine: Engine, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: bool = False,
+                 linear_path: str | None = None):
+        """Quantized linears (see QuantLinear): on CUDA they stay packed (int4/int8 kernels
+        where they fit, else dequantized per call); on CPU `kernels=True` runs the packed
+        CPU kernels where they fit, and by default they are dequantized once at load.
+        `linear_path` forces "dequant" or "dequant-live" for every quantized linear."""
         super().__init__()
         self.config = cfg = engine.model
         self.compute_dtype = dtype
         eps = float(cfg["norm_eps"])
-        get = lambda n: engine.get(n).to(dtype)  # noqa: E731
+        # Every tensor goes to the device as it is read, one linear at a time: neither host
+        # nor device memory ever holds the whole model in a wider form than it runs in.
+        get = lambda n: engine.get(n).to(device=device, dtype=dtype)  # noqa: E731
         norm = lambda n: RMSNorm(get(n), eps, float(cfg["norm_offset"]))  # noqa: E731
-        lin = lambda i, kind: load_linear(engine, i, kind, dtype, device, kernels)  # noqa: E731
+        lin = lambda i, kind: load_linear(engine, i, kind, dtype, device, kernels, path=linear_path)  # noqa: E731
         self.tok_embeddings = nn.Parameter(get("tok_embeddings.weight"), requires_grad=False)
         layers = []
         for i in range(cfg["num_layer"]):
@@ -309,7 +262,7 @@ class EngineModel(nn.Module):
             if cfg["qk_norm"]:
                 qn, kn = norm(f"{p}.attention.q_norm.weight"), norm(f"{p}.attention.k_norm.weight")
             attn = Attention(cfg, lin(i, "attention.w_qkv"), lin(i, "attention.wo"), qn, kn)
-            ffn = (load_moe(engine, i, dtype, device, kernels) if cfg["num_experts"] else
+            ffn = (load_moe(engine, i, dtype, device, kernels, linear_path) if cfg["num_experts"] else
                    FeedForward(lin(i, "feed_forward.w13"), lin(i, "feed_forward.w2"), cfg["hidden_act"]))
             post = (norm(f"{p}.post_attention_norm.weight"), norm(f"{p}.post_ffn_norm.weight")) if cfg["sandwich_norm"] else ()
             layers.append(DecoderLayer(norm(f"{p}.attention_norm.weight"), attn, norm(f"{p}.ffn_norm.weight"), ffn, *post))
@@ -326,10 +279,10 @@ class EngineModel(nn.Module):
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", check: bool = True,
-                  kernels: bool = False) -> "EngineModel":
-        engine = Engine(path, check=check, background=True)  # sha256 in threads while the weights load
+                  kernels: bool = False, linear_path: str | None = None) -> "EngineModel":
+        engine = Engine(path, check=check, background=True)  # checksums in threads while the weights load
         try:
-            model = cls(engine, dtype=dtype, device=device, kernels=kernels)
+            model = cls(engine, dtype=dtype, device=device, kernels=kernels, linear_path=linear_path)
         except BaseException:
             engine.stop_check()
             raise
@@ -367,6 +320,26 @@ class EngineModel(nn.Module):
         allowed |= own & ~qvalid[:, :, None]
         return allowed[:, None]
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.tok_embeddings)
+        if self.config["embed_scale"] is not None:  # rounded to the compute dtype first, as the reference does
+            x = x * torch.tensor(self.config["embed_scale"], dtype=torch.float32).to(x.dtype)
+        return x
+
+    def _layers_and_head(self, x, ropes, masks, cache, start) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            window, local = self.layer_kinds[i]
+            x = layer(x, *ropes[local], masks[window], cache, i, start)
+        x = self.norm(x)
+        logits = self.output(x) if self.output is not None else x @ self.tok_embeddings.t()
+        return softcap(logits.float(), self.config["final_softcap"])
+
+    def _ropes(self, qpos: torch.Tensor) -> dict:
+        ropes = {False: cos_sin(self.inv_freq, qpos)}
+        if any(local for _, local in self.layer_kinds):
+            ropes[True] = cos_sin(self.inv_freq_local, qpos)
+        return ropes
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), float32.
@@ -387,17 +360,45 @@ class EngineModel(nn.Module):
         cache.valid[:, start:start + T] = qvalid
         cache.kpos[:, start:start + T] = qpos
         masks = {w: self._mask(cache, qpos, qvalid, start, T, w) for w in {w for w, _ in self.layer_kinds}}
-        ropes = {False: cos_sin(self.inv_freq, qpos)}
-        if any(local for _, local in self.layer_kinds):
-            ropes[True] = cos_sin(self.inv_freq_local, qpos)
-        x = F.embedding(input_ids, self.tok_embeddings)
-        if self.config["embed_scale"] is not None:  # rounded to the compute dtype first, as the reference does
-            x = x * torch.tensor(self.config["embed_scale"], dtype=torch.float32).to(x.dtype)
-        for i, layer in enumerate(self.layers):
-            window, local = self.layer_kinds[i]
-            x = layer(x, *ropes[local], masks[window], cache, i, start)
-        x = self.norm(x)
-        logits = self.output(x) if self.output is not None else x @ self.tok_embeddings.t()
+        logits = self._layers_and_head(self._embed(input_ids), self._ropes(qpos), masks, cache, start)
         cache.length = start + T
         cache.next_pos += qvalid.long().sum(1)
-        return softcap(logits.float(), self.config["final_softcap"])
+        return logits
+
+    def linear_paths(self) -> dict[str, str]:
+        """How each linear runs, by module name: a QuantLinear's `mode` ("int4", "int8",
+        "dequant-live", "dequant") or "fp" for a plain weight."""
+        return {name: getattr(mod, "mode", "fp") for name, mod in self.named_modules() if isinstance(mod, (Linear, QuantLinear))}
+
+    def runtime_report(self) -> dict:
+        """What `verify` records about this runner: device, dtype, and the count of linears per path."""
+        counts: dict[str, int] = {}
+        for mode in self.linear_paths().values():
+            counts[mode] = counts.get(mode, 0) + 1
+        return {"device": str(self.device), "dtype": str(self.compute_dtype).removeprefix("torch."), "linear_paths": counts}
+
+    @property
+    def graphable(self) -> bool:
+        """Whether `step` can be captured as a CUDA graph: not with MoE layers, whose routing
+        picks rows by data (shapes change per token, and it reads indices on the host)."""
+        return not self.config["num_experts"]
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
+        """One decode step at fixed shapes, for CUDA graphs: each row's next token `token`
+        (B, 1), already on the device, goes to cache slot `slot` (a 1-element long tensor on
+        the device, advanced in place), attending over the whole cache under a mask. Nothing
+        here reads a value back to the host, so a captured step replays without a sync.
+        -> logits (B, vocab) float32. The host's `cache.length` is not advanced (it cannot
+        know it without a sync): set it from `slot` after the last step."""
+        qpos = cache.next_pos[:, None]  # (B, 1): every row has a real token here
+        cache.valid.index_fill_(1, slot, True)
+        cache.kpos.index_copy_(1, slot, qpos)
+        allowed = cache.valid[:, None, :] & (cache.kpos[:, None, :] <= qpos[:, :, None])  # (B, 1, capacity)
+        masks = {}
+        for w in {w for w, _ in self.layer_kinds}:
+            masks[w] = (allowed & ((qpos[:, :, None] - cache.kpos[:, None, :]) < w) if w else allowed)[:, None]
+        logits = self._layers_and_head(self._embed(token), self._ropes(qpos), masks, cache, slot)
+        cache.next_pos += 1
+        slot += 1
+        return logits[:, 0]

@@ -29,14 +29,47 @@ def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]
         yield convert_hf_to_engine(source, Path(tmp) / "engine", allow_pickle=allow_pickle)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_device(device: str) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`, refused in one line where torch cannot run it here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: choose cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: choose cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available to torch here (run on a GPU machine, or --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def runtime_dtype(name: str, device: str | torch.device, quantized: bool) -> torch.dtype:
+    """The engine runner's compute dtype: `name` (fp32, bf16, fp16) or "auto": float32 on
+    CPU and for fp engines (exact, as verify's fp thresholds expect); bfloat16 for a
+    quantized engine on CUDA, the dtype PyTorch's packed int4 kernel computes in."""
+    if name == "auto":
+        return torch.bfloat16 if quantized and torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle: bool = False, device: str = "cpu",
-                  check: bool = True) -> list[str]:
+                  check: bool = True, dtype: str = "auto") -> list[str]:
     from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.runtime.engine_model import EngineModel
     from lmkiln.runtime.generate import greedy_generate
 
+    from lmkiln.formats.engine import Engine
+
+    dev = check_device(device)
     with engine_dir(source, allow_pickle) as path:
-        model = EngineModel.from_path(path, dtype=torch.float32, device=device, check=check)  # weights checked against their sha256
+        quantized = Engine(path).quant is not None
+        model = EngineModel.from_path(path, dtype=runtime_dtype(dtype, dev, quantized), device=dev, check=check)
         tok = load_tokenizer(path)
         ids = [tok(p).input_ids for p in prompts]
         new = greedy_generate(model, ids, max_new_tokens, model.config["eos_token_id"])

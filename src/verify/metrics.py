@@ -103,16 +103,26 @@ class Accumulator:
 
 
 @torch.inference_mode()
-def compare(reference, candidate, ids: list[int], seqlen: int, bos: int | None, second_half: bool = False,
-            progress=None) -> dict:
-    acc = Accumulator()
-    wins = windows(ids, seqlen, bos)
+def window_logits(runner, wins: list[list[int]], progress=None) -> list[torch.Tensor]:
+    """Each window's logits (T, V) float32 on the host: one side of `compare`, run alone so
+    the reference and the candidate never have to fit in (GPU) memory together."""
+    out = []
     for k, w in enumerate(wins):
+        out.append(runner.forward(torch.tensor([w], dtype=torch.long))[0].float().cpu())
+        if progress:
+            progress(k + 1, len(wins))
+    return out
+
+
+@torch.inference_mode()
+def compare(reference_logits: list[torch.Tensor], candidate, wins: list[list[int]], second_half: bool = False,
+            progress=None) -> dict:
+    """Statistics of `candidate` against the reference's `window_logits` over the same windows."""
+    acc = Accumulator()
+    for k, (w, lr) in enumerate(zip(wins, reference_logits)):
         x = torch.tensor([w], dtype=torch.long)
-        lr = reference.forward(x)[0].float().cpu()
         lc = candidate.forward(x)[0].float().cpu()
-        first = 0 if bos is not None else 0
-        start = max(first, (len(w) - 1) // 2) if second_half else first
+        start = (len(w) - 1) // 2 if second_half else 0
         acc.add(lr[start:-1], lc[start:-1], x[0, start + 1:])
         if progress:
             progress(k + 1, len(wins))

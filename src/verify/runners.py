@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import torch
 
 from lmkiln.errors import InputError
 from lmkiln.formats.engine import Engine, is_engine
@@ -65,45 +64,74 @@ def weight_type(path: Path) -> str:
     return {"float16": "fp16", "bfloat16": "bf16"}.get(str(cfg.get("dtype", cfg.get("torch_dtype", "float32"))), "fp32")
 
 
-@contextlib.contextmanager
-def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu", check: bool = True) -> Iterator[object]:
-    """Yield a Runner for `path`. `role` is "reference" or "candidate"; `check`: an
-    engine's weight files are checked against their sha256 first."""
+def vocab_of(path: Path) -> int | None:
+    """The vocabulary size an artifact declares, read without loading it (None: not known
+    before loading), so a mismatch is refused before any model runs."""
+    kind = kind_of(path)
+    try:
+        if kind == "engine":
+            return int(json.loads((Path(path) / "manifest.json").read_text())["model"]["vocab_size"])
+        if kind == "hf":
+            cfg = json.loads((Path(path) / "config.json").read_text())
+            return int(cfg.get("vocab_size") or cfg["text_config"]["vocab_size"])
+        if kind == "gguf":
+            from lmkiln.formats.gguf import GgufFile
+
+            return int(GgufFile(path).model().vocab)
+    except (KeyError, TypeError, ValueError, OSError):
+        pass
+    return None
+
+
+def resolve_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu") -> tuple[str, str]:
+    """(kind of `path`, runner that will run it), refusing bad combinations in one line
+    before anything is loaded."""
+    from lmkiln.runtime.session import check_device
+
     if runner not in RUNNERS:
         raise InputError(f"--runner {runner!r}: choose one of {', '.join(RUNNERS)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available to torch here")
+    check_device(device)
     kind = kind_of(path)
     if kind == "gguf":
         if runner not in ("auto", "torch"):
             raise InputError(f"{path}: a GGUF file runs with --runner auto (its weights dequantized, on the torch engine)")
+        return kind, "gguf"
+    if runner == "auto":
+        runner = {"engine": "torch", "onnx": "onnx", "hf": "transformers" if role == "reference" else "torch"}[kind]
+    if runner == "onnx" and kind != "onnx":
+        raise InputError(f"{path}: --runner onnx needs an ONNX export folder (run `lmkiln export onnx` first)")
+    if runner == "transformers" and kind != "hf":
+        raise InputError(f"{path}: the transformers runner needs a Hugging Face directory")
+    if runner == "torch" and kind == "onnx":
+        raise InputError(f"{path}: an ONNX export runs with --runner onnx (or auto)")
+    return kind, runner
+
+
+@contextlib.contextmanager
+def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu", check: bool = True,
+                dtype: str = "auto") -> Iterator[object]:
+    """Yield a Runner for `path`. `role` is "reference" or "candidate"; `check`: an
+    engine's weight files are checked against their checksums first; `dtype`: the engine
+    runner's compute dtype (runtime.session.runtime_dtype)."""
+    from lmkiln.runtime.session import runtime_dtype
+
+    kind, runner = resolve_runner(path, role, runner, device)
+    if runner == "gguf":
         from lmkiln.runtime.gguf_runner import gguf_model
 
         yield gguf_model(path, device=device)
-        return
-    if runner == "auto":
-        runner = {"engine": "torch", "onnx": "onnx", "hf": "transformers" if role == "reference" else "torch"}[kind]
-    if runner == "onnx":
-        if kind != "onnx":
-            raise InputError(f"{path}: --runner onnx needs an ONNX export folder (run `lmkiln export onnx` first)")
+    elif runner == "onnx":
         from lmkiln.runtime.onnx_runner import OnnxRunner
 
         yield OnnxRunner(path, provider=device)
-        return
-    if runner == "transformers":
-        if kind != "hf":
-            raise InputError(f"{path}: the transformers runner needs a Hugging Face directory")
+    elif runner == "transformers":
         from lmkiln.runtime.hf_runner import TransformersRunner
 
         yield TransformersRunner(path, device=device)
-        return
-    # torch engine runner
-    if kind == "onnx":
-        raise InputError(f"{path}: an ONNX export runs with --runner onnx (or auto)")
-    from lmkiln.runtime.engine_model import EngineModel
-    from lmkiln.runtime.session import engine_dir
+    else:  # the torch engine runner
+        from lmkiln.runtime.engine_model import EngineModel
+        from lmkiln.runtime.session import engine_dir
 
-    with engine_dir(path) as e:
-        yield EngineModel(Engine(e, check=check), dtype=torch.float32, device=device)
-
-
+        with engine_dir(path) as e:
+            engine = Engine(e, check=check)
+            yield EngineModel(engine, dtype=runtime_dtype(dtype, device, engine.quant is not None), device=device)

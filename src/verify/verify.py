@@ -14,8 +14,9 @@ from lmkiln.formats.tokenizer import load_tokenizer
 from lmkiln.quant.calib import unpack_shingles
 from lmkiln.runtime.generate import greedy_generate
 from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
-from lmkiln.verify.metrics import compare
-from lmkiln.verify.runners import kind_of, open_runner, weight_type
+from lmkiln.verify.metrics import compare, window_logits, windows
+from lmkiln.runtime.session import runtime_dtype
+from lmkiln.verify.runners import kind_of, open_runner, resolve_runner, vocab_of, weight_type
 
 # Defaults per candidate weight type: what a healthy conversion/quantization of a real
 # model stays within (int4 is loosest; fp32 must be numerically the same model).
@@ -39,13 +40,15 @@ class VerifyOptions:
     max_new_tokens: int = 32
     runner: str = "auto"
     device: str = "cpu"
+    dtype: str = "auto"  # the candidate engine runner's compute dtype (runtime.session.runtime_dtype)
+    reference_device: str | None = None  # where the reference runs; default: `device`
     score_second_half: bool = False
     max_ppl_increase: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None
     min_top5: float | None = None  # top-5 agreement (reference's top-1 in the candidate's top 5)
     min_p_top: float | None = None  # candidate's mean probability of the reference's top token
-    check: bool = True  # engines' weight files against their sha256 before use
+    check: bool = True  # engines' weight files against their checksums before use
 
 
 @dataclass
@@ -82,6 +85,22 @@ def _calibration_shingles(candidate: Path) -> list[str]:
         return []
 
 
+def _runtime(runner) -> dict:
+    """Where and how a runner computes: the engine runner says which path each linear took."""
+    rep = getattr(runner, "runtime_report", None)
+    return rep() if rep else {"device": str(getattr(runner, "device", ""))}
+
+
+def _release_device(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None) -> VerifyResult:
     reference, candidate = Path(reference), Path(candidate)
     kind_of(reference), kind_of(candidate)  # clear errors before any heavy loading
@@ -112,21 +131,40 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     if overlap:
         warnings.append(f"the evaluation text shares {overlap} 32-token spans with the candidate's calibration text; "
                         "perplexity is optimistic (evaluate on other text)")
+    ref_device = o.reference_device or o.device
+    resolve_runner(reference, "reference", "auto", ref_device), resolve_runner(candidate, "candidate", o.runner, o.device)
+    if o.dtype != "auto":
+        runtime_dtype(o.dtype, o.device, True)  # a bad --dtype is refused now, not after the reference has run
+    vocabs = vocab_of(reference), vocab_of(candidate)
+    if None not in vocabs and vocabs[0] != vocabs[1]:
+        raise InputError(f"vocabularies differ: reference {vocabs[0]}, candidate {vocabs[1]}")
     t0 = time.time()
-    with (open_runner(reference, "reference", "auto", o.device, o.check) as ref,
-          open_runner(candidate, "candidate", o.runner, o.device, o.check) as cand):
-        if ref.vocab_size != cand.vocab_size:
-            raise InputError(f"vocabularies differ: reference {ref.vocab_size}, candidate {cand.vocab_size}")
-        stats = compare(ref, cand, ids, seqlen, bos, o.score_second_half, progress)
+    wins = windows(ids, seqlen, bos)
+    prompt_ids = [tok(p).input_ids for p in prompts]
+    # One model at a time: the reference's logits wait on the host while the candidate runs,
+    # so a device only ever holds one of them (a 70B int4 candidate fits one 80 GB GPU; the
+    # fp reference beside it would not).
+    half = (lambda k, n: progress(k, 2 * n)) if progress else None
+    with open_runner(reference, "reference", "auto", ref_device, o.check) as ref:
+        ref_logits = window_logits(ref, wins, half)
+        ref_greedy = [greedy_generate(ref, [pid], o.max_new_tokens, ref.eos_token_ids)[0] for pid in prompt_ids]
+        ref_vocab, runners, runtime = ref.vocab_size, {"reference": f"{ref.name}@{ref_device}"}, {"reference": _runtime(ref)}
+        del ref
+    _release_device(ref_device)
+    with open_runner(candidate, "candidate", o.runner, o.device, o.check, o.dtype) as cand:
+        if ref_vocab != cand.vocab_size:
+            raise InputError(f"vocabularies differ: reference {ref_vocab}, candidate {cand.vocab_size}")
+        stats = compare(ref_logits, cand, wins, o.score_second_half,
+                        (lambda k, n: progress(n + k, 2 * n)) if progress else None)
         greedy = []
-        for p in prompts:
-            pid = tok(p).input_ids
-            a = greedy_generate(ref, [pid], o.max_new_tokens, ref.eos_token_ids)[0]
+        for p, pid, a in zip(prompts, prompt_ids, ref_greedy):
             b = greedy_generate(cand, [pid], o.max_new_tokens, cand.eos_token_ids)[0]
             div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
             greedy.append({"prompt": p, "match": a == b, "first_divergence": div,
                            "reference": tok.decode(a, skip_special_tokens=True), "candidate": tok.decode(b, skip_special_tokens=True)})
-        runners = {"reference": f"{ref.name}@{o.device}", "candidate": f"{cand.name}@{o.device}"}
+        runners["candidate"] = f"{cand.name}@{o.device}"
+        runtime["candidate"] = _runtime(cand)
+    del ref_logits
     kl_values = stats.pop("kl_values")
     checks = {
         "max_ppl_increase": (stats["ppl_increase_pct"], stats["ppl_increase_pct"] <= thresholds["max_ppl_increase"]),
@@ -164,6 +202,7 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
             "max_new_tokens": o.max_new_tokens,
         },
         "runners": runners,
+        "runtime": runtime,
         "windows": stats["windows"],
         "warnings": warnings,
         "seconds": round(time.time() - t0, 2),
