@@ -300,7 +300,7 @@ def test_cuda_candidate_with_cpu_reference(engines, tmp_path):
     r = invoke("verify", STORIES, engines["int4"], "--device", "cuda", "--reference-device", "cpu", "--max-tokens", "512",
                "--report", rep)
     assert r.exit_code in (0, 1), r.output
-    assert json.loads(rep.read_text())["runners"] == {"reference": "transformers@cpu", "candidate": "torch-engine@cuda"}
+    assert json.loads(rep.read_text())["runners"] == {"reference": "transformers@cpu", "candidate": "torch-engine@cuda:0"}
 
 
 def test_tinygemm_layout_is_read_back_exactly(monkeypatch):
@@ -337,3 +337,15 @@ def test_tinygemm_layout_is_read_back_exactly(monkeypatch):
         monkeypatch.setattr(QuantLinear, "DEQUANT_CHUNK", g * n)  # one group of rows per block: the same weights
         assert torch.equal(ql.weight_from_packed(), want)
         monkeypatch.setattr(QuantLinear, "DEQUANT_CHUNK", 1 << 24)
+
+
+def test_generate_and_verify_take_device_auto(engines, tmp_path):
+    """`--device auto` (as quantize takes it): CUDA when available, here whatever torch sees."""
+    want = "cuda:0" if torch.cuda.is_available() else "cpu"
+    r = invoke("generate", engines["int4"], "-p", "Once", "-n", "4", "--device", "auto")
+    assert r.exit_code == 0, r.output
+    rep = tmp_path / "v.json"
+    r = invoke("verify", STORIES, engines["int4"], "--device", "auto", "--max-tokens", "512", "--max-new-tokens", "4",
+               "--report", rep)
+    assert r.exit_code in (0, 1), r.output
+    assert json.loads(rep.read_text())["runners"]["candidate"] == f"torch-engine@{want}"

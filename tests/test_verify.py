@@ -416,7 +416,7 @@ def test_awq_gemm_hf_candidate_auto_and_transformers_agree(awq_hf, one_prompt, v
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_engine_vs_hf(fp_engine, vdir):
     r, rep = verify(STORIES, fp_engine, "--device", "cuda", report=vdir / "cuda.json")
-    assert rep["runners"] == {"reference": "transformers@cuda", "candidate": "torch-engine@cuda"}
+    assert rep["runners"] == {"reference": "transformers@cuda:0", "candidate": "torch-engine@cuda:0"}
     assert rel(rep["reference"]["ppl"], rep["candidate"]["ppl"]) < 1e-4
     assert rep["kl"]["mean"] < 1e-6 and rep["top1_agreement"] > 0.999 and rep["passed"]
     _, cpu = verify(STORIES, fp_engine, report=vdir / "cuda-vs-cpu.json")

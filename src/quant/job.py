@@ -50,6 +50,18 @@ def resolve_compute(device: str = "auto", dtype: str = "auto") -> Compute:
     """--device auto|cpu|cuda|cuda:N and --dtype auto|fp32|bf16|fp16 -> Compute.
 
     auto: CUDA when available, else the CPU; fp32 on the CPU, bf16 on CUDA."""
+    dev = resolve_device(device)
+    t = (dtype or "auto").strip().lower()
+    if t == "auto":
+        t = "bf16" if dev.type == "cuda" else "fp32"
+    if t not in COMPUTE_DTYPES:
+        raise InputError(f"--dtype {dtype!r}: use auto, fp32, bf16 or fp16")
+    return Compute(dev, COMPUTE_DTYPES[t])
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """--device auto|cpu|cuda|cuda:N -> a torch.device this machine has (auto: CUDA when
+    available, else the CPU); anything else is refused in one line."""
     d = (device or "auto").strip().lower()
     if d == "auto":
         d = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,12 +79,7 @@ def resolve_compute(device: str = "auto", dtype: str = "auto") -> Compute:
         if index >= torch.cuda.device_count():
             raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)")
         dev = torch.device("cuda", index)
-    t = (dtype or "auto").strip().lower()
-    if t == "auto":
-        t = "bf16" if dev.type == "cuda" else "fp32"
-    if t not in COMPUTE_DTYPES:
-        raise InputError(f"--dtype {dtype!r}: use auto, fp32, bf16 or fp16")
-    return Compute(dev, COMPUTE_DTYPES[t])
+    return dev
 
 
 @dataclass

@@ -33,18 +33,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_device(device: str) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N`, refused in one line where torch cannot run it here."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r}: choose cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: choose cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available to torch here (run on a GPU machine, or --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+    """`auto`, `cpu`, `cuda` or `cuda:N`, as `quantize --device` takes it (one parser)."""
+    from lmkiln.quant.job import resolve_device
+
+    return resolve_device(device)
 
 
 def runtime_dtype(name: str, device: str | torch.device, quantized: bool) -> torch.dtype:

@@ -115,7 +115,11 @@ def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu"
     runner's compute dtype (runtime.session.runtime_dtype)."""
     from lmkiln.runtime.session import runtime_dtype
 
+    from lmkiln.runtime.session import check_device
+
     kind, runner = resolve_runner(path, role, runner, device)
+    dev = check_device(device)  # "auto" and "cuda" become the device itself (cuda:0)
+    device = str(dev)
     if runner == "gguf":
         from lmkiln.runtime.gguf_runner import gguf_model
 
@@ -123,7 +127,7 @@ def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu"
     elif runner == "onnx":
         from lmkiln.runtime.onnx_runner import OnnxRunner
 
-        yield OnnxRunner(path, provider=device)
+        yield OnnxRunner(path, provider=dev.type)  # onnxruntime's CUDA provider takes its device from its own options
     elif runner == "transformers":
         from lmkiln.runtime.hf_runner import TransformersRunner
 

@@ -15,7 +15,7 @@ from lmkiln.quant.calib import unpack_shingles
 from lmkiln.runtime.generate import greedy_generate
 from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
 from lmkiln.verify.metrics import compare, window_logits, windows
-from lmkiln.runtime.session import runtime_dtype
+from lmkiln.runtime.session import check_device, runtime_dtype
 from lmkiln.verify.runners import kind_of, open_runner, resolve_runner, vocab_of, weight_type
 
 # Defaults per candidate weight type: what a healthy conversion/quantization of a real
@@ -133,8 +133,9 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
                         "perplexity is optimistic (evaluate on other text)")
     ref_device = o.reference_device or o.device
     resolve_runner(reference, "reference", "auto", ref_device), resolve_runner(candidate, "candidate", o.runner, o.device)
+    device, ref_device = str(check_device(o.device)), str(check_device(ref_device))  # "auto" resolved once
     if o.dtype != "auto":
-        runtime_dtype(o.dtype, o.device, True)  # a bad --dtype is refused now, not after the reference has run
+        runtime_dtype(o.dtype, device, True)  # a bad --dtype is refused now, not after the reference has run
     vocabs = vocab_of(reference), vocab_of(candidate)
     if None not in vocabs and vocabs[0] != vocabs[1]:
         raise InputError(f"vocabularies differ: reference {vocabs[0]}, candidate {vocabs[1]}")
@@ -151,7 +152,7 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
         ref_vocab, runners, runtime = ref.vocab_size, {"reference": f"{ref.name}@{ref_device}"}, {"reference": _runtime(ref)}
         del ref
     _release_device(ref_device)
-    with open_runner(candidate, "candidate", o.runner, o.device, o.check, o.dtype) as cand:
+    with open_runner(candidate, "candidate", o.runner, device, o.check, o.dtype) as cand:
         if ref_vocab != cand.vocab_size:
             raise InputError(f"vocabularies differ: reference {ref_vocab}, candidate {cand.vocab_size}")
         stats = compare(ref_logits, cand, wins, o.score_second_half,
@@ -162,7 +163,7 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
             div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
             greedy.append({"prompt": p, "match": a == b, "first_divergence": div,
                            "reference": tok.decode(a, skip_special_tokens=True), "candidate": tok.decode(b, skip_special_tokens=True)})
-        runners["candidate"] = f"{cand.name}@{o.device}"
+        runners["candidate"] = f"{cand.name}@{device}"
         runtime["candidate"] = _runtime(cand)
     del ref_logits
     kl_values = stats.pop("kl_values")
