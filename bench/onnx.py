@@ -21,6 +21,15 @@ gathered one row at a time unless tied).
 
     .venv/bin/python bench/onnx.py --out bench/out/onnx --json bench/out/onnx.json
     .venv/bin/python bench/onnx.py --models stories --tokens 32      # quick
+    # ours vs the builder only, 4 fresh loads x 6 rounds, an A/A control (the builder's folder again):
+    .venv/bin/python bench/onnx.py --models synth --tokens 32 --loads 4 --repeats 6 \\
+        --variants "ours int4 acc4,ours int4 acc4 head4,builder int4" --extra "builder again=DIR_WITH_SAME_FILES"
+
+Timing: rounds interleave the variants (order reversed every other round), every model is loaded
+`--loads` times (order rotated), and per-step decode times are kept (the first
+`generate_next_token` only picks a token from the prefill's logits and is left out). Each
+variant / builder ratio is given as the ratio of median steps, of fastest steps, of paired rounds
+(median, p25, p75, rounds won) and per load.
 """
 
 from __future__ import annotations
@@ -79,32 +88,75 @@ def weight_bytes(onnx_dir: Path) -> int:
     return int(total)
 
 
-def genai_speeds(dirs: dict[str, Path], prompt: list[int], n_new: int, repeats: int) -> dict:
-    """genai_speed for every variant, rounds interleaved (variant A, B, ..., then again), so
+def genai_speeds(dirs: dict[str, Path], prompt: list[int], n_new: int, repeats: int, loads: int = 1) -> dict:
+    """genai_speed for every variant, rounds interleaved (variant A, B, ..., then again, the order
+    reversed every other round so no variant always runs first or right after another), so
     load from other jobs on a shared machine falls on all variants alike; a variant that fails
-    to load or run maps to its error string."""
+    to load or run maps to its error string.
+
+    `loads`: every model is loaded anew that many times (the load order rotated), `repeats` timed
+    rounds after a warm-up round each time. Where a loaded model's weights land in memory moves its
+    decode time by 1-2 % for the whole life of the load (measured: the same model loaded twice in
+    one process, 1.01x), so one load per variant cannot resolve differences of that size.
+
+    Per variant: median prefill / decode tok/s over all rounds; per-step decode times pooled over
+    all rounds (min, p25, median, p75, ms); the median step of each load (`loads_step_ms`); each
+    round's decode tok/s (`rounds_decode_tok_s`, in round order: round i of every variant ran within
+    seconds of the others', which `versus` pairs)."""
+    import gc
+
     import onnxruntime_genai as og
 
-    models, out = {}, {}
-    for label, d in dirs.items():
-        try:
-            models[label] = og.Model(str(d))
-        except RuntimeError as e:
-            out[label] = str(e).splitlines()[0][:200]
-    samples = {label: [] for label in models}
-    for r in range(repeats + 1):  # round 0 is a warm-up
-        for label in list(models):
-            try:
-                res = genai_speed(models[label], prompt, n_new, 1, warmup=False)
-            except RuntimeError as e:  # the builder's graph can fail at run time (GQA needs head_dim % 16 == 0)
-                out[label] = str(e).splitlines()[0][:200]
-                del models[label]
+    out, labels = {}, list(dirs)
+    samples = {label: [] for label in labels}
+    for load in range(loads):
+        k = load % len(labels)
+        models = {}
+        for label in labels[k:] + labels[:k]:
+            if label in out:  # failed before
                 continue
-            if r:
-                samples[label].append(res)
-    for label in models:
-        out[label] = {k: float(np.median([x[k] for x in samples[label]])) for k in ("prefill_tok_s", "decode_tok_s")}
+            try:
+                models[label] = og.Model(str(dirs[label]))
+            except RuntimeError as e:
+                out[label] = str(e).splitlines()[0][:200]
+        for r in range(repeats + 1):  # round 0 is a warm-up
+            order = list(models) if r % 2 == 0 else list(models)[::-1]
+            for label in order:
+                try:
+                    res = genai_speed(models[label], prompt, n_new, 1, warmup=False)
+                except RuntimeError as e:  # the builder's graph can fail at run time (GQA needs head_dim % 16 == 0)
+                    out[label] = str(e).splitlines()[0][:200]
+                    del models[label]
+                    continue
+                if r:
+                    samples[label].append((load, res))
+        del models
+        gc.collect()
+    for label in labels:
+        if label in out:
+            continue
+        xs = [x for _, x in samples[label]]
+        steps = 1e3 * np.concatenate([x["steps_s"] for x in xs])
+        per_load = [float(1e3 * np.median(np.concatenate([x["steps_s"] for ld, x in samples[label] if ld == load])))
+                    for load in range(loads)]
+        out[label] = {k: float(np.median([x[k] for x in xs])) for k in ("prefill_tok_s", "decode_tok_s")}
+        out[label].update(step_ms={"min": float(steps.min()), "p25": float(np.percentile(steps, 25)),
+                                   "median": float(np.median(steps)), "p75": float(np.percentile(steps, 75)),
+                                   "n": int(steps.size)},
+                          loads_step_ms=per_load, rounds_decode_tok_s=[x["decode_tok_s"] for x in xs])
     return out
+
+
+def versus(a: dict, b: dict) -> dict:
+    """Decode speed of a relative to b (> 1: a faster) four ways: ratio of the median steps,
+    of the fastest steps (the least disturbed by other load), the median with p25 / p75
+    of the per-round ratios (a's round i over b's round i, run back to back), and the ratio of
+    the median steps of each load (`loads`: the spread there is the memory-placement noise)."""
+    paired = np.array(a["rounds_decode_tok_s"]) / np.array(b["rounds_decode_tok_s"])
+    loads = np.array(b["loads_step_ms"]) / np.array(a["loads_step_ms"])
+    return {"loads": [round(float(x), 4) for x in loads],"median_step": b["step_ms"]["median"] / a["step_ms"]["median"], "min_step": b["step_ms"]["min"] / a["step_ms"]["min"],
+            "paired_median": float(np.median(paired)), "paired_p25": float(np.percentile(paired, 25)),
+            "paired_p75": float(np.percentile(paired, 75)), "paired_wins": f"{int((paired >= 1).sum())}/{paired.size}"}
 
 
 def genai_speed(model, prompt: list[int], n_new: int, repeats: int, warmup: bool = True) -> dict:
@@ -112,8 +164,8 @@ def genai_speed(model, prompt: list[int], n_new: int, repeats: int, warmup: bool
 
     if not isinstance(model, og.Model):
         model = og.Model(str(model))
-    pre, dec = [], []
-    for _ in range(repeats + int(warmup)):  # the first run is a warm-up
+    pre, dec, step_s = [], [], []
+    for i in range(repeats + int(warmup)):  # the first run is a warm-up
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + n_new, do_sample=False)
         gen = og.Generator(model, params)
@@ -122,13 +174,16 @@ def genai_speed(model, prompt: list[int], n_new: int, repeats: int, warmup: bool
         t1 = time.perf_counter()
         steps = 0
         while not gen.is_done() and steps < n_new:
+            ts = time.perf_counter()
             gen.generate_next_token()
+            if i >= int(warmup) and steps:  # the first call only picks the token from the prefill's logits
+                step_s.append(time.perf_counter() - ts)
             steps += 1
         t2 = time.perf_counter()
         pre.append(len(prompt) / (t1 - t0))
         dec.append(steps / (t2 - t1))
     k = int(warmup)
-    return {"prefill_tok_s": float(np.median(pre[k:])), "decode_tok_s": float(np.median(dec[k:]))}
+    return {"prefill_tok_s": float(np.median(pre[k:])), "decode_tok_s": float(np.median(dec[k:])), "steps_s": step_s}
 
 
 def transformers_speed(hf_dir: Path, prompt: list[int], n_new: int, repeats: int) -> dict:
@@ -165,7 +220,8 @@ def run_builder(hf_dir: Path, out: Path, timeout: int) -> str | None:
 
 
 def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int, repeats: int, bw: float,
-                builder_timeout: int) -> dict:
+                builder_timeout: int, only: set[str] | None = None, extra: dict[str, Path] | None = None,
+                loads: int = 1) -> dict:
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
     from lmkiln.export import export_onnx
     from lmkiln.formats.tokenizer import load_tokenizer
@@ -193,16 +249,19 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
                "ours int4 sym acc4": ("eng-int4-sym", "ours-int4-sym-acc4", {}),
                "ours fp32": ("eng-fp32", "ours-fp32", {})}
     variants = {}
+    if only:
+        exports = {k: v for k, v in exports.items() if k in only}
     for label, (eng, d, kw) in exports.items():
         if not (work / d).exists():
             export_onnx(work / eng, work / d, **kw)
         variants[label] = work / d
-    why = run_builder(hf_dir, work / "builder-int4", builder_timeout)
+    variants.update(extra or {})
+    why = run_builder(hf_dir, work / "builder-int4", builder_timeout) if not only or "builder int4" in only else "not selected"
     if why is None:
         variants["builder int4"] = work / "builder-int4"
     rows = {}
     load0 = os.getloadavg()
-    speeds = genai_speeds(variants, prompt, n_new, repeats)
+    speeds = genai_speeds(variants, prompt, n_new, repeats, loads)
     for label, d in variants.items():
         r = speeds[label]
         if isinstance(r, str):
@@ -213,20 +272,30 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
         r.update(weight_mb=wb / 1e6, roofline_tok_s=bw * 1e9 / wb)
         r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
         rows[label] = r
+        st = r["step_ms"]
         print(f"  {name:8s} {label:20s} prefill {r['prefill_tok_s']:9.1f} tok/s  decode {r['decode_tok_s']:8.1f} tok/s  "
+              f"step ms min {st['min']:.2f} p25 {st['p25']:.2f} median {st['median']:.2f} p75 {st['p75']:.2f}  "
               f"weights {wb / 1e6:8.1f} MB  roofline {r['roofline_fraction']:.0%}", flush=True)
-    rows["transformers fp32"] = transformers_speed(hf_dir, prompt, n_new, repeats)
-    print(f"  {name:8s} transformers fp32 prefill {rows['transformers fp32']['prefill_tok_s']:9.1f} tok/s  "
-          f"decode {rows['transformers fp32']['decode_tok_s']:8.1f} tok/s", flush=True)
-    res = {"rows": rows, "prompt_tokens": len(prompt), "new_tokens": n_new, "export_int4_s": t_export, "builder_error": why,
-           "loadavg_before": load0, "loadavg_after": os.getloadavg()}
-    base = rows["ours int4 acc4"]["decode_tok_s"]
-    res["ratios"] = {"ours_int4_vs_transformers_fp32": base / rows["transformers fp32"]["decode_tok_s"]}
+    load1 = os.getloadavg()
+    if not only or "transformers fp32" in only:
+        rows["transformers fp32"] = transformers_speed(hf_dir, prompt, n_new, repeats)
+        print(f"  {name:8s} transformers fp32 prefill {rows['transformers fp32']['prefill_tok_s']:9.1f} tok/s  "
+              f"decode {rows['transformers fp32']['decode_tok_s']:8.1f} tok/s", flush=True)
+    res = {"rows": rows, "prompt_tokens": len(prompt), "new_tokens": n_new, "rounds": repeats, "loads": loads, "export_int4_s": t_export,
+           "builder_error": why, "loadavg_before": load0, "loadavg_after_onnx": load1, "loadavg_after": os.getloadavg()}
+    res["ratios"] = {}
+    if "ours int4 acc4" in rows and "transformers fp32" in rows:
+        res["ratios"]["ours_int4_vs_transformers_fp32"] = rows["ours int4 acc4"]["decode_tok_s"] / rows["transformers fp32"]["decode_tok_s"]
     if "builder int4" in rows:
-        b = rows["builder int4"]["decode_tok_s"]
-        for label in exports:
+        b = rows["builder int4"]
+        for label in [*exports, *(extra or {})]:
             if label in rows:
-                res["ratios"][label.replace(" ", "_") + "_vs_builder_int4"] = rows[label]["decode_tok_s"] / b
+                v = versus(rows[label], b)
+                res["ratios"][label.replace(" ", "_") + "_vs_builder_int4"] = v
+                print(f"  {name:8s} {label:20s} / builder int4 decode: median step {v['median_step']:.3f}x  "
+                      f"min step {v['min_step']:.3f}x  per-round {v['paired_median']:.3f}x "
+                      f"(p25 {v['paired_p25']:.3f}, p75 {v['paired_p75']:.3f}, rounds >= 1: {v['paired_wins']})  "
+                      f"per load {v['loads']}", flush=True)
     return res
 
 
@@ -236,7 +305,13 @@ def main() -> None:
     ap.add_argument("--models", default="stories,synth")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds per variant, interleaved (after one warm-up round)")
+    ap.add_argument("--loads", type=int, default=3,
+                    help="load every model anew this many times (rotating the order), --repeats rounds each")
+    ap.add_argument("--variants", default="",
+                    help="comma list of row labels to run (default all), e.g. 'ours int4 acc4,builder int4'")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
+                    help="also time this ONNX folder (an ablation export) in the same interleaved rounds; repeatable")
     ap.add_argument("--builder-timeout", type=int, default=1800)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -253,7 +328,9 @@ def main() -> None:
     results = {"machine": info, "models": {}}
     for name in a.models.split(","):
         hf = bundled_model_path() if name == "stories" else common.make_synthetic(a.out / "synth-hf", hidden=2048, inter=5632, layers=8, heads=16, kv_heads=8)
-        results["models"][name] = bench_model(name, hf, a.out / name, a.prompt_len, a.tokens, a.repeats, bw, a.builder_timeout)
+        results["models"][name] = bench_model(name, hf, a.out / name, a.prompt_len, a.tokens, a.repeats, bw, a.builder_timeout,
+                                              {v.strip() for v in a.variants.split(",") if v.strip()} or None,
+                                              {k: Path(v) for k, v in (e.split("=", 1) for e in a.extra)}, a.loads)
         print(json.dumps({name: results["models"][name]["ratios"], "builder_error": results["models"][name]["builder_error"]}), flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")

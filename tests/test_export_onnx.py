@@ -119,6 +119,20 @@ def test_model_checks_and_metadata(engines, exports):
     assert (exports["fp32"] / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("kind", ["int4", "int4-portable"])
+def test_onnxruntime_fuses_rmsnorm(kind, exports, tmp_path):
+    """The standard-op RMSNorm (the first norm; every norm of the portable graph) squares with
+    Pow(x, 2), the pattern onnxruntime's SimplifiedLayerNormFusion turns into one node."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(exports[kind] / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    n_norms = [n.op_type for n in onnx.load(str(exports[kind] / "model.onnx")).graph.node].count("ReduceMean")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == n_norms >= 1 and "ReduceMean" not in ops
+
+
 def test_portable_left_padded_batch(engines, exports, tok):
     """The portable graph takes positions from the mask, so left-padded batches work."""
     prompts = [tok(p).input_ids for p in ["Once upon a time there was a big red ball", *PROMPTS]]

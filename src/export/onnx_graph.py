@@ -62,10 +62,12 @@ class DecoderBuilder:
         return self.g.op1("Cast", [x], to=to)
 
     def rms(self, x: str, gamma: str) -> str:
-        """RMSNorm from standard ops, normalising in float32 like the engine's norm."""
+        """RMSNorm from standard ops, normalising in float32 like the engine's norm. Squared with
+        Pow(x, 2), not Mul(x, x): onnxruntime's SimplifiedLayerNormFusion matches Pow -> ReduceMean
+        -> Add -> Sqrt -> Div -> Mul and runs one fused SimplifiedLayerNormalization instead."""
         g = self.g
         xf = x if self.T == TensorProto.FLOAT else self.cast(x, TensorProto.FLOAT)
-        ms = g.op1("ReduceMean", [g.op1("Mul", [xf, xf]), g.const([-1])], keepdims=1)
+        ms = g.op1("ReduceMean", [g.op1("Pow", [xf, g.const(2.0, np.float32)]), g.const([-1])], keepdims=1)
         r = g.op1("Sqrt", [g.op1("Add", [ms, g.const(self.eps, np.float32)])])
         y = g.op1("Div", [xf, r])
         if self.T != TensorProto.FLOAT:
