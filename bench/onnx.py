@@ -7,6 +7,7 @@ Side by side, same model, same prompt, same harness (onnxruntime-genai, greedy):
                         (int8 activations, as the builder's int4 CPU default)
   ours int4 acc0        the same with accuracy_level 0 (exact: bit-faithful to the engine)
   ours int4 acc4 head4  accuracy_level 4 and head_bits=4 (output head int4 too, as the builder does)
+  ours int4 acc4 head8  accuracy_level 4 and head_bits=8 (output head int8)
   ours int4 sym acc4    a symmetric RTN engine: no zero_points inputs (as the builder's graph)
   ours fp32             export of the fp32 engine
   builder int4     `python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu`
@@ -246,6 +247,7 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
     exports = {"ours int4 acc4": ("eng-int4", "ours-int4-acc4", {}),
                "ours int4 acc0": ("eng-int4", "ours-int4-acc0", {"accuracy_level": 0}),
                "ours int4 acc4 head4": ("eng-int4", "ours-int4-acc4-head4", {"head_bits": 4}),
+               "ours int4 acc4 head8": ("eng-int4", "ours-int4-acc4-head8", {"head_bits": 8}),
                "ours int4 sym acc4": ("eng-int4-sym", "ours-int4-sym-acc4", {}),
                "ours fp32": ("eng-fp32", "ours-fp32", {})}
     variants = {}
