@@ -349,3 +349,13 @@ def test_generate_and_verify_take_device_auto(engines, tmp_path):
                "--report", rep)
     assert r.exit_code in (0, 1), r.output
     assert json.loads(rep.read_text())["runners"]["candidate"] == f"torch-engine@{want}"
+
+
+@CUDA
+def test_cuda_graph_greedy_families(family_engine):
+    """Windows, soft-caps, local rope and Gemma's embedding scale inside a captured graph;
+    MoE steps run uncaptured (routing is data-dependent)."""
+    model = EngineModel.from_path(family_engine, device="cuda")
+    graphed = static_greedy(model, PROMPTS, 12)
+    assert graphed == static_greedy(model, PROMPTS, 12, graphs=False)
+    assert graphed == greedy_generate(model, PROMPTS, 12, static=False)

@@ -322,8 +322,10 @@ class EngineModel(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.tok_embeddings)
-        if self.config["embed_scale"] is not None:  # rounded to the compute dtype first, as the reference does
-            x = x * torch.tensor(self.config["embed_scale"], dtype=torch.float32).to(x.dtype)
+        if self.config["embed_scale"] is not None:
+            # rounded to the compute dtype first, as the reference does; a Python number here,
+            # so a captured CUDA graph holds no host tensor
+            x = x * float(torch.tensor(self.config["embed_scale"], dtype=torch.float32).to(x.dtype))
         return x
 
     def _layers_and_head(self, x, ropes, masks, cache, start) -> torch.Tensor:
