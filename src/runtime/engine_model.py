@@ -21,9 +21,23 @@ from torch import nn
 
 from lmkiln.convert.blocks import ACTIVATIONS, mix_experts
 from lmkiln.convert.rope import apply_rotary, cos_sin, inv_freq
+from lmkiln.errors import InputError
 from lmkiln.formats.engine import Engine, kv_heads_per_rank
 from lmkiln.formats.packing import unpack_int4
 from lmkiln.runtime.qlinear import QuantLinear
+
+
+def runtime_dtype(name: str, device: str | torch.device, quantized: bool) -> torch.dtype:
+    """The engine runner's compute dtype: `name` (fp32, bf16, fp16) or "auto": float32 on
+    CPU and for fp engines (exact, as verify's fp thresholds expect); bfloat16 for a
+    quantized engine on CUDA, the dtype PyTorch's packed int4 kernel computes in."""
+    from lmkiln.quant.job import COMPUTE_DTYPES
+
+    if name == "auto":
+        return torch.bfloat16 if quantized and torch.device(device).type == "cuda" else torch.float32
+    if name not in COMPUTE_DTYPES:
+        raise InputError(f"--dtype {name!r}: choose auto, {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 class RMSNorm(nn.Module):
@@ -278,9 +292,12 @@ class EngineModel(nn.Module):
         self.eval().to(device)
 
     @classmethod
-    def from_path(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", check: bool = True,
+    def from_path(cls, path: str | Path, dtype: torch.dtype | str = torch.float32, device="cpu", check: bool = True,
                   kernels: bool = False, linear_path: str | None = None) -> "EngineModel":
+        """`dtype` a torch dtype, or a name for `runtime_dtype` ("auto" picks by this engine)."""
         engine = Engine(path, check=check, background=True)  # checksums in threads while the weights load
+        if isinstance(dtype, str):
+            dtype = runtime_dtype(dtype, device, engine.quant is not None)
         try:
             model = cls(engine, dtype=dtype, device=device, kernels=kernels, linear_path=linear_path)
         except BaseException:

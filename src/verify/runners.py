@@ -18,7 +18,7 @@ from typing import Iterator
 
 
 from lmkiln.errors import InputError
-from lmkiln.formats.engine import Engine, is_engine
+from lmkiln.formats.engine import is_engine
 from lmkiln.formats.gguf import is_gguf
 
 RUNNERS = ("auto", "torch", "onnx", "transformers")
@@ -112,9 +112,7 @@ def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu"
                 dtype: str = "auto") -> Iterator[object]:
     """Yield a Runner for `path`. `role` is "reference" or "candidate"; `check`: an
     engine's weight files are checked against their checksums first; `dtype`: the engine
-    runner's compute dtype (runtime.session.runtime_dtype)."""
-    from lmkiln.runtime.session import runtime_dtype
-
+    runner's compute dtype (runtime.engine_model.runtime_dtype)."""
     from lmkiln.runtime.session import check_device
 
     kind, runner = resolve_runner(path, role, runner, device)
@@ -136,6 +134,5 @@ def open_runner(path: Path, role: str, runner: str = "auto", device: str = "cpu"
         from lmkiln.runtime.engine_model import EngineModel
         from lmkiln.runtime.session import engine_dir
 
-        with engine_dir(path) as e:
-            engine = Engine(e, check=check)
-            yield EngineModel(engine, dtype=runtime_dtype(dtype, device, engine.quant is not None), device=device)
+        with engine_dir(path) as e:  # checksums verified in background threads while the weights load
+            yield EngineModel.from_path(e, dtype=dtype, device=device, check=check)

@@ -15,7 +15,8 @@ from lmkiln.quant.calib import unpack_shingles
 from lmkiln.runtime.generate import greedy_generate
 from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
 from lmkiln.verify.metrics import compare, window_logits, windows
-from lmkiln.runtime.session import check_device, runtime_dtype
+from lmkiln.runtime.engine_model import runtime_dtype
+from lmkiln.runtime.session import check_device
 from lmkiln.verify.runners import kind_of, open_runner, resolve_runner, vocab_of, weight_type
 
 # Defaults per candidate weight type: what a healthy conversion/quantization of a real
@@ -40,7 +41,7 @@ class VerifyOptions:
     max_new_tokens: int = 32
     runner: str = "auto"
     device: str = "cpu"
-    dtype: str = "auto"  # the candidate engine runner's compute dtype (runtime.session.runtime_dtype)
+    dtype: str = "auto"  # the candidate engine runner's compute dtype (runtime.engine_model.runtime_dtype)
     reference_device: str | None = None  # where the reference runs; default: `device`
     score_second_half: bool = False
     max_ppl_increase: float | None = None
