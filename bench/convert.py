@@ -11,6 +11,7 @@ the bench itself never holds the model. Then it times, alternating and repeated:
               fsyncs every weight file it writes; a reference row, not the target)
   convert     `python -m lmkiln convert hf-to-engine SRC -o DST --force`
   convert tp2 the same with `--tp 2`
+  import torch `python -c "import torch"` (with --floor): the fixed cost before a converter's first byte
 
 Each command is a child process reaped with os.wait4, whose rusage gives the child's
 own peak RSS (ru_maxrss, KiB on Linux) and CPU time. A sampler thread also polls the
@@ -255,8 +256,11 @@ def machine() -> dict:
 
 # -- the bench -----------------------------------------------------------------------------
 
-def variants(src: Path, work: Path, tps: list[int], baseline: Path | None = None) -> dict[str, tuple[Path, list[list[str]]]]:
+def variants(src: Path, work: Path, tps: list[int], baseline: Path | None = None,
+             floor: bool = False) -> dict[str, tuple[Path | None, list[list[str]]]]:
     v = {}
+    if floor:  # what any converter that imports torch pays before its first byte (no output)
+        v["import torch"] = (None, [[sys.executable, "-c", "import torch"]])
     dst = work / "cp"
     v["cp"] = (dst, [["cp", "-r", str(src), str(dst)]])
     dst = work / "cp_sync"
@@ -326,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                          "renamed lmkiln), as 'convert (baseline)' rows run with PYTHONPATH=DIR, alternating with the others")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before measuring, wait up to S seconds for the 1-minute load average to fall below 0.3")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time `python -c 'import torch'` (the fixed cost of any converter that imports torch)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the summary and every run to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (a later run with the same --workdir reuses the model)")
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  warning: load average {load:.2f} before measuring: other processes compete for the "
                   f"{os.cpu_count()} cores and the disk; see the others' load column", file=sys.stderr)
 
-        plan = variants(src, work, tps, args.baseline.absolute() if args.baseline else None)
+        plan = variants(src, work, tps, args.baseline.absolute() if args.baseline else None, args.floor)
         if args.no_cp_sync:
             plan.pop("cp+sync")
         runs: dict[str, list[dict]] = {name: [] for name in plan}
@@ -394,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                     if rep >= 0:
                         runs[name].append(r)
                     os.sync()
+                    if dst is None:
+                        continue
                     evict(dst)
                     if keep_outputs:
                         os.rename(dst, trash / f"{dst.name}.{rep + 1}")
@@ -429,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ours:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            for p in [src, work / "done", log_path, *(dst for dst, _ in variants(src, work, tps, args.baseline).values())]:
+            for p in [src, work / "done", log_path, *(dst for dst, _ in variants(src, work, tps, args.baseline).values() if dst)]:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 elif p.exists():

@@ -233,6 +233,34 @@ def replace_tensor(path: str | Path, name: str, tensor: torch.Tensor) -> None:
     save_file(tensors, str(path), metadata=header.get("__metadata__"))
 
 
+def as_earlier_engine(path: str | Path, version: int) -> None:
+    """Rewrite an engine in place as an lmkiln before format v4 wrote it: fp linear weights
+    stored (in, out), the manifest's `format_version`, shapes and checksums (sha256 before
+    v3, blake3 from v3) to match. Weight values are unchanged."""
+    import hashlib
+
+    import blake3
+    from safetensors.torch import load_file, save_file
+
+    from lmkiln.formats.engine import MANIFEST, VERSION, stored_out_in
+
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert version < 4 <= manifest["format_version"] == VERSION
+    for fname in manifest["files"]:
+        tensors = load_file(str(path / fname))
+        for name in tensors:
+            if stored_out_in(name, VERSION):
+                tensors[name] = tensors[name].transpose(-2, -1).contiguous()
+                manifest["tensors"][name]["shape"] = list(tensors[name].shape)
+        save_file(tensors, str(path / fname), metadata={"format": "pt"})
+        data = (path / fname).read_bytes()
+        digest = {"sha256": hashlib.sha256(data).hexdigest()} if version < 3 else {"blake3": blake3.blake3(data).hexdigest()}
+        manifest["files"][fname] = {**digest, "size": len(data)}
+    manifest["format_version"] = version
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
 def edit_json(path: str | Path, mutate) -> dict:
     """Load a JSON file, apply `mutate(obj)` in place, write it back; returns the object."""
     path = Path(path)

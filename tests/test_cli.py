@@ -81,7 +81,7 @@ def test_inspect_engine(tiny_engine):
     assert "LlamaForCausalLM" in r.stdout
     assert "lmkiln engine" in r.stdout
     assert "all hold (blake3)" in r.stdout
-    assert "fp32" in r.stdout and "lmkiln-engine v3" in r.stdout
+    assert "fp32" in r.stdout and "lmkiln-engine v4" in r.stdout
 
 
 def test_inspect_tampered_engine(tiny_engine, tmp_path):

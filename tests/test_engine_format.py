@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lmkiln.convert.hf_to_engine as h2e
-from helpers import ARCHS, LLAMA3_ROPE, add_tensor, copy_tree, edit_json, load_hf_model, make_tiny_model, read_raw_header, remove_tensor, replace_tensor, rewrite_header
+from helpers import ARCHS, LLAMA3_ROPE, add_tensor, as_earlier_engine, copy_tree, edit_json, load_hf_model, make_tiny_model, read_raw_header, remove_tensor, replace_tensor, rewrite_header
 from lmkiln.convert.architectures import ARCHITECTURES
 from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 from lmkiln.errors import (
@@ -40,7 +40,7 @@ def _leftovers(parent):
 
 def test_converted_engine_layout(tiny_engine, tiny_llama):
     m = _manifest(tiny_engine)
-    assert m["format"] == "lmkiln-engine" and m["format_version"] == 3  # blake3 checksums
+    assert m["format"] == "lmkiln-engine" and m["format_version"] == VERSION == 4  # fp linears stored (out, in)
     assert m["weight_type"] == "fp32" and m["tensor_parallel"] == 1
     model = m["model"]
     assert model["architecture"] == "LlamaForCausalLM"
@@ -81,7 +81,7 @@ def test_engine_tensors_are_the_transformed_hf_tensors(tiny_engine, tiny_llama):
 
     eng, ck = Engine(tiny_engine), HFCheckpoint(tiny_llama)
     assert torch.equal(eng.get("tok_embeddings.weight"), ck.get("model.embed_tokens.weight"))
-    assert torch.equal(eng.get("output.weight"), ck.get("lm_head.weight").t())
+    assert torch.equal(eng.get("output.weight"), ck.get("lm_head.weight").t())  # read as (in, out)...
     assert torch.equal(eng.get("layers.1.ffn_norm.weight"), ck.get("model.layers.1.post_attention_layernorm.weight"))
     qkv = eng.get("layers.0.attention.w_qkv.0.weight")  # (in, out) = (64, (4 + 2 + 2) * 16)
     q = permute_rotary(ck.get("model.layers.0.self_attn.q_proj.weight"), 4, 16)
@@ -92,6 +92,29 @@ def test_engine_tensors_are_the_transformed_hf_tensors(tiny_engine, tiny_llama):
     assert torch.equal(w13, torch.cat([ck.get("model.layers.0.mlp.gate_proj.weight"), ck.get("model.layers.0.mlp.up_proj.weight")]).t())
     with pytest.raises(EngineFormatError, match="no tensor"):
         eng.get("layers.9.nothing")
+    # ... stored as the source's bytes, (out, in): the conversion copied them, it did not transpose
+    header, data = read_raw_header(tiny_engine / WEIGHT)
+    a, b = header["layers.0.attention.w_qkv.0.weight"]["data_offsets"]
+    assert header["layers.0.attention.w_qkv.0.weight"]["shape"] == [128, 64]
+    assert data[a:b] == torch.cat([q, k, v]).numpy().tobytes()
+    header, data = read_raw_header(tiny_engine / SHARED_FILE)
+    a, b = header["output.weight"]["data_offsets"]
+    assert data[a:b] == ck.get("lm_head.weight").numpy().tobytes()
+
+
+@pytest.mark.parametrize("version, tp", [(1, 1), (3, 1), (3, 2)])
+def test_engines_of_earlier_layout_load_the_same(tmp_path, tiny_engine, tiny_llama, version, tp):
+    """An engine as lmkiln wrote it before v4 (fp linears stored (in, out)) reads back the same
+    tensors and gives the same logits as the v4 engine."""
+    src = tiny_engine if tp == 1 else convert_hf_to_engine(tiny_llama, tmp_path / "tp2.engine", tp=2)
+    old = copy_tree(src, tmp_path / "old.engine")
+    as_earlier_engine(old, version)
+    assert _manifest(old)["tensors"]["output.weight"]["shape"] == [64, 512]
+    new_e, old_e = Engine(src), Engine(old, check=True)
+    for name in new_e.manifest["tensors"]:
+        assert torch.equal(new_e.get(name), old_e.get(name)), name
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(EngineModel.from_path(old)(ids), EngineModel.from_path(src)(ids), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -274,7 +297,7 @@ def test_tensor_removed_from_index(engine_copy):
 
 def test_unknown_tensor_in_index(engine_copy):
     edit_json(engine_copy / MANIFEST, lambda m: m["tensors"].update({"layers.0.extra.weight": {"file": SHARED_FILE, "dtype": "fp32", "shape": [64]}}))
-    with pytest.raises(EngineFormatError, match="'layers.0.extra.weight' in the manifest is not part of format v3"):
+    with pytest.raises(EngineFormatError, match="'layers.0.extra.weight' in the manifest is not part of format v4"):
         Engine(engine_copy)
 
 
@@ -300,9 +323,9 @@ def test_file_header_disagrees_with_manifest(engine_copy):
     """Same byte count, transposed shape in the weight file itself."""
     f = engine_copy / WEIGHT
     before = f.stat().st_size
-    rewrite_header(f, lambda h: h["layers.0.feed_forward.w2.0.weight"].update(shape=[64, 96]))
+    rewrite_header(f, lambda h: h["layers.0.feed_forward.w2.0.weight"].update(shape=[96, 64]))  # (in, out): pre-v4
     assert f.stat().st_size == before
-    with pytest.raises(EngineFormatError, match="w2.0.weight' in rank0.safetensors is F32 \\[64, 96\\]"):
+    with pytest.raises(EngineFormatError, match="w2.0.weight' in rank0.safetensors is F32 \\[96, 64\\]"):
         Engine(engine_copy)
 
 
@@ -325,19 +348,15 @@ def test_format_version_newer(engine_copy):
 
 
 def test_llama_engine_leaves_v2_fields_out(tiny_engine):
-    """Models without v2 fields leave them out of the model block (v3 only changes the checksums)."""
+    """Models without v2 fields leave them out of the model block (v3 and v4 change checksums and layout)."""
     m = json.loads((tiny_engine / MANIFEST).read_text())
-    assert m["format_version"] == 3 and not set(FAMILY_FIELDS) & set(m["model"])
+    assert m["format_version"] == VERSION and not set(FAMILY_FIELDS) & set(m["model"])
     assert Engine(tiny_engine).model["norm_offset"] == 0.0  # read back with v1's meaning
 
 
 def _as_sha256_engine(path, version=1):
-    """Rewrite an engine's manifest as earlier lmkiln wrote it: sha256 checksums, format v1."""
-    def old(m):
-        m["format_version"] = version
-        for f, meta in m["files"].items():
-            m["files"][f] = {"sha256": hashlib.sha256((path / f).read_bytes()).hexdigest(), "size": meta["size"]}
-    edit_json(path / MANIFEST, old)
+    """Rewrite an engine as earlier lmkiln wrote it: (in, out) layout, sha256 checksums, format v1."""
+    as_earlier_engine(path, version)
 
 
 def test_sha256_engine_of_earlier_lmkiln_still_loads_and_is_checked(engine_copy):
@@ -355,8 +374,8 @@ def test_sha256_engine_of_earlier_lmkiln_still_loads_and_is_checked(engine_copy)
     assert Engine(engine_copy).verify_checksums() == {SHARED_FILE: True, WEIGHT: False}
 
 
-def test_v3_engine_flipped_byte_names_the_file(engine_copy):
-    assert _manifest(engine_copy)["format_version"] == 3
+def test_blake3_engine_flipped_byte_names_the_file(engine_copy):
+    assert _manifest(engine_copy)["format_version"] == VERSION
     _flip_data_byte(engine_copy / SHARED_FILE)
     with pytest.raises(ChecksumError, match=f"{SHARED_FILE}: blake3 .* does not match the manifest's") as ei:
         Engine(engine_copy, check=True)
@@ -380,6 +399,7 @@ def test_unknown_checksum_algorithm_refused(engine_copy):
 @pytest.mark.parametrize("version", [1, 2])
 def test_blake3_in_an_older_manifest_refused(engine_copy, version):
     """An older lmkiln cannot verify blake3, so a manifest claiming v1/v2 must not carry it."""
+    as_earlier_engine(engine_copy, 3)
     edit_json(engine_copy / MANIFEST, lambda m: m.update(format_version=version))
     with pytest.raises(EngineFormatError, match=f"blake3 checksum, which needs format version 3; the manifest says {version}"):
         Engine(engine_copy)

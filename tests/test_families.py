@@ -59,12 +59,12 @@ def test_convert_matches_transformers(family):
 
 
 def test_manifest_version(family):
-    """Every engine is written as format v3 (blake3 checksums; older readers refuse it), and only families
+    """Every engine is written as format v4 (fp linears stored (out, in); older readers refuse it), and only families
     with v2 fields write them into the model block."""
     arch, d, hf = family
     eng = convert_hf_to_engine(hf, d / "v.engine", force=True)
     m = json.loads((eng / MANIFEST).read_text())
-    assert m["format_version"] == 3
+    assert m["format_version"] == 4
     v2 = arch.startswith("Gemma") or ARCHITECTURES[arch].moe
     assert bool(set(FAMILY_FIELDS) & set(m["model"])) == v2
     assert Engine(eng).model["architecture"] == arch

@@ -204,7 +204,7 @@ def test_modules_to_not_convert_stay_fp(quant_models, tmp_path):
     engine = convert_hf_to_engine(awq, tmp_path / "e", tp=2)
     eng = Engine(engine)
     assert eng.quant["unquantized"] == ["layers.1.feed_forward.w2"]
-    assert eng.manifest["tensors"]["layers.1.feed_forward.w2.1.weight"]["shape"] == [96, 64]  # inter padded to 192
+    assert eng.manifest["tensors"]["layers.1.feed_forward.w2.1.weight"]["shape"] == [64, 96]  # (out, in); inter padded to 192
     model = EngineModel(eng)
     assert isinstance(model.layers[1].feed_forward.w2, torch.nn.Module) and not isinstance(model.layers[1].feed_forward.w2, QuantLinear)
     with torch.no_grad():
@@ -317,6 +317,23 @@ def test_reader_checks_quantized_file_headers(engine_copy):
     (engine_copy / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(EngineFormatError, match="wo.0.scales"):
         Engine(engine_copy)
+
+
+def test_int4_engine_of_earlier_layout_loads_the_same(int4_engine, tmp_path):
+    """An int4 engine as lmkiln wrote it before format v4 (its fp head stored (in, out); codes
+    never moved) reads back the same tensors and logits."""
+    import shutil
+
+    from helpers import as_earlier_engine
+
+    old = shutil.copytree(int4_engine, tmp_path / "old.engine")
+    as_earlier_engine(old, 3)
+    new_e, old_e = Engine(int4_engine), Engine(old, check=True)
+    assert old_e.manifest["tensors"]["output.weight"]["shape"][::-1] == new_e.manifest["tensors"]["output.weight"]["shape"]
+    for name in new_e.manifest["tensors"]:
+        assert torch.equal(new_e.get(name), old_e.get(name)), name
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(EngineModel.from_path(old)(ids), EngineModel.from_path(int4_engine)(ids), rtol=0, atol=0)
 
 
 # -- the real bundled model, and the commands ------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,7 +32,7 @@ from lmkiln.formats.atomic import atomic_dir
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
 from lmkiln.formats.engine import (
     DTYPE_NAMES, FORMAT, QUANT_TYPES, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
-    expected_tensors, manifest_index, manifest_model, needed_version, write_manifest,
+    VERSION, expected_tensors, manifest_index, manifest_model, write_manifest,
 )
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
@@ -242,7 +243,7 @@ def produce_layer(src, model: dict, i: int, tp: int, quant: dict | None = None) 
             yield f"{p}.attention.w_qkv.{r}.bias", fuse_qkv_rank(qb, kb, vb, hd, kv, tp, r).contiguous()
         yield from engine_tensors(f"{p}.attention.wo.{r}", rank_in(o, tp, r, channel))
         if n_exp and r == 0:
-            yield f"{p}.moe.router.weight", src.fp("router", i).t().contiguous()
+            yield f"{p}.moe.router.weight", src.fp("router", i)  # (experts, hidden): stored (out, in)
         w13 = [engine_tensors(f"{p}.{kind}.w13.{r}", rows(lambda *w: fuse_w13_rank(*w, tp, r), g, u)) for g, u, _ in ffns]
         w2 = [engine_tensors(f"{p}.{kind}.w2.{r}", rank_in(d, tp, r, channel)) for _, _, d in ffns]
         yield from (stacked(w13) if n_exp else w13[0])
@@ -252,7 +253,7 @@ def produce_layer(src, model: dict, i: int, tp: int, quant: dict | None = None) 
 def produce_tail(src, model: dict) -> Iterator[tuple[str, torch.Tensor]]:
     yield "norm.weight", src.fp("final_norm")
     if not model["tie_word_embeddings"]:
-        yield "output.weight", src.fp("lm_head").t().contiguous()
+        yield "output.weight", src.fp("lm_head")  # (vocab, hidden): stored (out, in)
 
 
 def produce(ckpt, arch: Architecture, model: dict, tp: int, out_dtype: torch.dtype,
@@ -337,6 +338,11 @@ def convert_hf_to_engine(
     ckpt = HFCheckpoint(model_dir, allow_pickle=allow_pickle)
     plan = make_plan(ckpt, tp, dtype)
     out_dir = Path(out_dir)
+    # Which tokenizer class the source resolves to costs an import of transformers and a
+    # tokenizer load (seconds): found in a thread while the weights are copied.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-class")
+    tok_class = pool.submit(resolved_tokenizer_class, ckpt.path) if ckpt.tokenizer_files() else None
+    pool.shutdown(wait=False)
     with atomic_dir(out_dir, force=force, inputs=(ckpt.path,)) as tmp:
         writer = EngineWriter(tmp, plan.tensors, threads=True)
         try:
@@ -351,13 +357,15 @@ def convert_hf_to_engine(
         side = copy_side_files(ckpt.tokenizer_files(), tmp)
         copy_side_files([Path(p) for p in extra_files], tmp)
         shutil.copyfile(ckpt.path / "config.json", tmp / "source_config.json")
-        write_manifest(tmp, engine_manifest(plan, ckpt, tp, files, side))
+        write_manifest(tmp, engine_manifest(plan, ckpt, tp, files, side, tok_class.result() if tok_class else None))
     return out_dir
 
 
-def engine_manifest(plan: EnginePlan, ckpt, tp: int, files: dict, tokenizer_files: list[str]) -> dict:
-    """The manifest of an engine written from `plan` (docs/engine-format.md)."""
-    manifest = {"format": FORMAT, "format_version": needed_version(plan.model, files), "model": manifest_model(plan.model)}
+def engine_manifest(plan: EnginePlan, ckpt, tp: int, files: dict, tokenizer_files: list[str],
+                    tokenizer_class: str | None = None) -> dict:
+    """The manifest of an engine written from `plan` (docs/engine-format.md); `tokenizer_class`
+    the one the source resolves to when the caller found it already."""
+    manifest = {"format": FORMAT, "format_version": VERSION, "model": manifest_model(plan.model)}
     if plan.quant is None:
         manifest["weight_type"] = DTYPE_NAMES[plan.fp_dtype]
         manifest["tensor_parallel"] = tp
@@ -372,7 +380,7 @@ def engine_manifest(plan: EnginePlan, ckpt, tp: int, files: dict, tokenizer_file
         "tokenizer_files": tokenizer_files,
         # source_config.json hides the source's model_type from AutoTokenizer, which may then pick another class
         # (a Qwen2 config with a Llama tokenizer_config): the engine loads the class the source resolves to
-        "tokenizer_class": resolved_tokenizer_class(ckpt.path) if tokenizer_files else None,
+        "tokenizer_class": (tokenizer_class or resolved_tokenizer_class(ckpt.path)) if tokenizer_files else None,
         "source": {
             "architecture": plan.arch.hf_name,
             "config_sha256": config_sha256(ckpt.config),

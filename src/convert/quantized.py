@@ -170,9 +170,10 @@ def rank_in(w, tp: int, rank: int, channel: bool):
 
 
 def engine_tensors(name: str, w) -> list[tuple[str, torch.Tensor]]:
-    """One rank's linear (HF orientation) as engine tensors, (in, out) like every engine weight."""
+    """One rank's linear (HF orientation) as engine tensors: an fp weight as it is, (out, in)
+    (format v4 stores them so: no transpose); a quantized one's codes/scales/zeros (in, out)."""
     if not isinstance(w, QTensor):
-        return [(f"{name}.weight", w.t().contiguous())]
+        return [(f"{name}.weight", w.contiguous())]
     codes = w.codes.t().contiguous()
     return [
         (f"{name}.qweight", pack_int4(codes) if w.bits == 4 else codes.to(torch.uint8)),

@@ -1,7 +1,7 @@
 """Named weight transforms, pure and shape-explicit.
 
-All take HF-orientation linear weights, (out, in), and return new tensors; the final
-transpose to the engine's (in, out) happens once, at the end, in the converter.
+All take HF-orientation linear weights, (out, in), and return new tensors; the engine
+stores fp weights in that orientation too (format v4), quantized codes (in, out).
 Tensor-parallel helpers compute one rank's slice so a rank never needs the others
 (which splits are allowed is the engine format's rule: `lmkiln.formats.engine.check_tp`).
 """

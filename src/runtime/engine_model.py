@@ -61,7 +61,8 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """y = x @ W + b with W stored (in, out), as in the engine files."""
+    """y = x @ W + b with W (in, out), as `Engine.get` returns it (a view of (out, in) bytes
+    from format v4: the matmul reads it transposed, no copy)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -167,8 +168,11 @@ def merge_shards(kind: str, parts: list[torch.Tensor], m: dict, tp: int) -> torc
     """One linear's full (in, out) tensor from its per-rank (in_r, out_r) shards.
 
     Works for anything laid out like a weight along the output dim: weights, biases,
-    int codes, and group scales/zeros (whose rows are groups of input rows).
+    int codes, and group scales/zeros (whose rows are groups of input rows). One rank's
+    tensor is returned as it is (an fp weight stays the (in, out) view of its stored bytes).
     """
+    if len(parts) == 1:
+        return parts[0]
     if kind == "attention.w_qkv":
         hd, hq, hkv = m["size_per_head"], m["head_num"], m["kv_head_num"]
         kv_r = kv_heads_per_rank(hkv, tp)
