@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -45,7 +44,6 @@ import threading
 import time
 from pathlib import Path
 
-from importlib import metadata
 
 from common import llama_tensors, machine as _machine
 

@@ -1,6 +1,5 @@
 """Engine format v1: conversion output, the validating reader, atomic writes and accounting."""
 
-import hashlib
 import json
 import struct
 
