@@ -32,10 +32,12 @@ def llama_tensors(hidden: int, heads: int, kv_heads: int, inter: int, vocab: int
     return out
 
 
-def make_synthetic(path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, dtype: str = "float32") -> Path:
+def make_synthetic(path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, dtype: str = "float32",
+                   vocab: int = 512) -> Path:
     """A seeded random-init LlamaForCausalLM with the bundled tokenizer (vocab 512), reused if present.
 
-    `dtype`: the dtype on disk ("float32", "bfloat16", "float16")."""
+    `dtype`: the dtype on disk ("float32", "bfloat16", "float16"). `vocab` > 512 gives a realistic
+    embedding and head; the bundled tokenizer's ids (< 512) stay valid in it."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -43,7 +45,7 @@ def make_synthetic(path: Path, hidden: int, inter: int, layers: int, heads: int,
 
     from lmkiln.assets import bundled_model_path
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ Side by side, same model, same prompt, same harness (onnxruntime-genai, greedy):
                         (int8 activations, as the builder's int4 CPU default)
   ours int4 acc0        the same with accuracy_level 0 (exact: bit-faithful to the engine)
   ours int4 acc4 head4  accuracy_level 4 and head_bits=4 (output head int4 too, as the builder does)
-  ours int4 acc4 head8  accuracy_level 4 and head_bits=8 (output head int8)
+  ours int4 acc4 head8  accuracy_level 4 and head_bits=8 (output head int8, blocks of 128, level 4)
   ours int4 sym acc4    a symmetric RTN engine: no zero_points inputs (as the builder's graph)
   ours fp32             export of the fp32 engine
   builder int4     `python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu`
@@ -15,13 +15,18 @@ Side by side, same model, same prompt, same harness (onnxruntime-genai, greedy):
 
 Models: stories260K (bundled) and a synthetic random-init seeded Llama big enough to be
 bandwidth-bound (hidden 2048, FFN 5632, 8 layers, 16 heads / 8 kv heads, vocab 512 =
-the bundled tokenizer, untied head). Memory bandwidth is measured with a numpy copy of
-a 512 MiB array (read + write bytes / s); the roofline for decode is bandwidth / bytes
+the bundled tokenizer, untied head; `--vocab 32000` gives the same model a realistic vocabulary,
+where the output head is a large share of the bytes read per token: the prompt still comes from
+the bundled tokenizer, whose ids < 512 are valid in any larger vocabulary). Memory bandwidth
+is measured with a numpy copy of a 512 MiB array (read + write bytes / s); the roofline for decode is bandwidth / bytes
 of weights read per token (every initializer except the embedding table, which is
 gathered one row at a time unless tied).
 
     .venv/bin/python bench/onnx.py --out bench/out/onnx --json bench/out/onnx.json
     .venv/bin/python bench/onnx.py --models stories --tokens 32      # quick
+    # the output head options on a vocabulary of 32000 (results keyed "synth-v32000"):
+    .venv/bin/python bench/onnx.py --models synth --vocab 32000 --tokens 32 --loads 2 --repeats 4 \\
+        --variants "ours int4 acc4,ours int4 acc4 head8,ours int4 acc4 head4,builder int4"
     # ours vs the builder only, 4 fresh loads x 6 rounds, an A/A control (the builder's folder again):
     .venv/bin/python bench/onnx.py --models synth --tokens 32 --loads 4 --repeats 6 \\
         --variants "ours int4 acc4,ours int4 acc4 head4,builder int4" --extra "builder again=DIR_WITH_SAME_FILES"
@@ -45,7 +50,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import time
 
@@ -82,7 +86,7 @@ def weight_bytes(onnx_dir: Path) -> int:
     tied = not any(i.name.startswith("output") or "lm_head" in i.name for i in m.graph.initializer)
     for t in m.graph.initializer:
         n = int(np.prod(t.dims)) if t.dims else 1
-        size = {1: 4, 10: 2, 2: 1, 21: 0.5, 7: 8, 6: 4, 22: 0.5}.get(t.data_type, 4) * n
+        size = {1: 4, 10: 2, 2: 1, 3: 1, 21: 0.5, 7: 8, 6: 4, 22: 0.5}.get(t.data_type, 4) * n
         if ("embed" in t.name and not tied) or "cos_cache" in t.name or "sin_cache" in t.name:
             continue
         total += size
@@ -233,11 +237,11 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
     tok = load_tokenizer(hf_dir)
     text = (Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tinystories_eval.txt").read_text()
     prompt = tok(text).input_ids[:prompt_len]
-    if not (work / "eng-fp32").exists():
+    if not (work / "eng-fp32").exists() and (not only or "ours fp32" in only):
         convert_hf_to_engine(hf_dir, work / "eng-fp32")
     if not (work / "eng-int4").exists():
         quantize_model(hf_dir, work / "eng-int4", QuantOptions(bits=4, group_size=32, method="rtn"), to="engine")
-    if not (work / "eng-int4-sym").exists():
+    if not (work / "eng-int4-sym").exists() and (not only or "ours int4 sym acc4" in only):
         quantize_model(hf_dir, work / "eng-int4-sym", QuantOptions(bits=4, group_size=32, method="rtn", symmetric=True),
                        to="engine")
     t = time.perf_counter()
@@ -314,6 +318,11 @@ def main() -> None:
                     help="comma list of row labels to run (default all), e.g. 'ours int4 acc4,builder int4'")
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
                     help="also time this ONNX folder (an ablation export) in the same interleaved rounds; repeatable")
+    ap.add_argument("--vocab", type=int, default=512,
+                    help="vocabulary of the synthetic model (default 512 = the bundled tokenizer's); a larger one "
+                         "(e.g. 32000) gives the output head a realistic share of the bytes read per token. The "
+                         "bundled tokenizer still makes the prompt (ids < 512, valid in any larger vocabulary); its "
+                         "results are keyed 'synth-v{N}' with their own folders under --out")
     ap.add_argument("--builder-timeout", type=int, default=1800)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -329,7 +338,13 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     results = {"machine": info, "models": {}}
     for name in a.models.split(","):
-        hf = bundled_model_path() if name == "stories" else common.make_synthetic(a.out / "synth-hf", hidden=2048, inter=5632, layers=8, heads=16, kv_heads=8)
+        if name == "stories":
+            hf = bundled_model_path()
+        else:
+            if a.vocab != 512:
+                name = f"{name}-v{a.vocab}"
+            hf = common.make_synthetic(a.out / ("synth-hf" if a.vocab == 512 else f"synth-hf-v{a.vocab}"), hidden=2048,
+                                       inter=5632, layers=8, heads=16, kv_heads=8, vocab=a.vocab)
         results["models"][name] = bench_model(name, hf, a.out / name, a.prompt_len, a.tokens, a.repeats, bw, a.builder_timeout,
                                               {v.strip() for v in a.variants.split(",") if v.strip()} or None,
                                               {k: Path(v) for k, v in (e.split("=", 1) for e in a.extra)}, a.loads)

@@ -330,3 +330,33 @@ def test_cli_head_bits(engines, tmp_path):
     assert r.exit_code == 2, r.output
     assert "--head-bits 3: choose 0 (fp head), 4 or 8" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "h3").exists()
+
+
+def test_int8_head_close_to_fp_head(tmp_path):
+    """head_bits=8: the output head as a symmetric int8 MatMulNBits in blocks of 128 (hidden 256 here:
+    two blocks), run at accuracy_level 4 even in a level-0 export (onnxruntime has no 8-bit CPU kernel
+    at level 0: it would dequantize the head on every call). Its logits stay close to the same
+    export's fp head: int8 weights (RTN, absmax / 127 per block) and int8 activations per block of
+    128 each put ~0.5-1 % relative error on the logits, so the bound is 3 % of the logits' spread,
+    top-1 >= 95 % (this random tiny model has near ties) and KL <= 1e-3; and at least 10x less KL than
+    the int4 head (blocks of 32)."""
+    hf = make_tiny_model(tmp_path / "hf", seed=3, hidden_size=256, intermediate_size=384)
+    eng = convert_hf_to_engine(hf, tmp_path / "eng")
+    ids = torch.randint(3, 512, (1, 96), generator=torch.Generator().manual_seed(1))
+    for acc in (0, 4):
+        ref = OnnxRunner(export_onnx(eng, tmp_path / f"h0-{acc}", accuracy_level=acc)).forward(ids)
+        got = {}
+        for bits in (8, 4):
+            out = export_onnx(eng, tmp_path / f"h{bits}-{acc}", accuracy_level=acc, head_bits=bits)
+            m = onnx.load(str(out / "model.onnx"))
+            head = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.input[1] == "output.qweight"]
+            assert len(head) == 1 and len(head[0].input) == 3  # symmetric: no zero points
+            attrs = {a.name: a.i for a in head[0].attribute}
+            assert (attrs["bits"], attrs["block_size"]) == (bits, 128 if bits == 8 else 32)
+            assert attrs["accuracy_level"] == (4 if bits == 8 else acc)
+            got[bits] = OnnxRunner(out).forward(ids)
+        s8, s4 = _stats(ref, got[8]), _stats(ref, got[4])
+        rel = ((got[8] - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm()).item()
+        print(f"acc {acc}: int8 head vs fp head {s8} rel {rel:.4f}; int4 head {s4}")
+        assert rel <= 0.03 and s8["top1"] >= 0.95 and s8["kl"] <= 1e-3
+        assert s8["kl"] * 10 <= s4["kl"]

@@ -55,7 +55,8 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
     accuracy_level: MatMulNBits' (0 = dequantize to the activation type, exact; 4 = int8
     activations, faster on CPU); None = DEFAULT_ACCURACY_LEVEL[ep] (4 on CPU, 0 on CUDA).
     head_bits: 0 keeps the output head fp (as in the engine); 4 or 8 quantizes it at
-    export (symmetric RTN, blocks of 32: smaller and faster, not bit-faithful).
+    export (symmetric RTN; int4 in blocks of 32, int8 in blocks of 128 and, on CPU, always at
+    accuracy_level 4: smaller and faster, not bit-faithful; docs/export-onnx.md).
     """
     from lmkiln.formats.atomic import atomic_dir, check_output
     from lmkiln.formats.engine import Engine

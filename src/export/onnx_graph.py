@@ -27,7 +27,6 @@ import torch
 from onnx import TensorProto, helper
 
 from lmkiln.convert.rope import inv_freq
-from lmkiln.errors import InputError
 from lmkiln.export.store import NP_TO_ONNX, Graph
 from lmkiln.export.weights import (LinearW, dequantized, load_linear, np_fp, quantize_symmetric, split_columns, to_blocked_dq,
                                    to_matmulnbits)
@@ -38,7 +37,18 @@ MS = "com.microsoft"
 # Symmetric int4/int8 weights (every zero = 8 / 128) go without MatMulNBits' zero_points input,
 # whose absence means that same zero point; tests turn it off to compare both graphs.
 DROP_DEFAULT_ZERO_POINTS = True
-HEAD_BLOCK = 32  # block size of the optional quantized output head
+# Block size of the optional quantized output head, per width. int4: 32, as the onnxruntime-genai
+# builder. int8: 128 (capped at the activation width rounded up to a power of two): with
+# accuracy_level 4, onnxruntime 1.32's int8 MatMulNBits kernel ran a (2048 -> 32000) head in 3.69 ms
+# at block 128 vs 3.93 ms at block 32 (median of 300 runs), and a decode step of the vocab-32000
+# synthetic took 35.9-36.1 vs 37.2-37.9 ms, for 1.6x the (small) activation-quantization error;
+# docs/export-onnx.md "Quantized output head".
+HEAD_BLOCK = {4: 32, 8: 128}
+
+
+def head_block(bits: int, k: int) -> int:
+    """The quantized head's block size for `bits` and activation width `k` (a power of two >= 16)."""
+    return max(16, min(HEAD_BLOCK[bits], 1 << max(k - 1, 1).bit_length()))
 
 
 class DecoderBuilder:
@@ -75,12 +85,11 @@ class DecoderBuilder:
         return g.op1("Mul", [y, gamma])
 
     def linear(self, x: str, layer: int, kind: str, lw: LinearW | None = None) -> str:
-        g, name = self.g, f"layers.{layer}.{kind}"
         if lw is None:
             lw = load_linear(self.e, layer, kind, self.dtype)
-        return self._linear(x, name, lw)
+        return self._linear(x, f"layers.{layer}.{kind}", lw)
 
-    def _linear(self, x: str, name: str, lw: LinearW) -> str:
+    def _linear(self, x: str, name: str, lw: LinearW, accuracy_level: int | None = None) -> str:
         g = self.g
         if not lw.bits:
             y = g.op1("MatMul", [x, g.store.add(f"{name}.weight", lw.weight)])
@@ -96,7 +105,8 @@ class DecoderBuilder:
                 if nb["zero_points"] is not None:
                     ins.append(g.store.add(f"{name}.zero_points", nb["zero_points"]))
                 y = g.op1("MatMulNBits", ins, domain=MS, K=nb["K"], N=nb["N"], bits=nb["bits"],
-                          block_size=nb["block_size"], accuracy_level=self.accuracy_level)
+                          block_size=nb["block_size"],
+                          accuracy_level=self.accuracy_level if accuracy_level is None else accuracy_level)
         if lw.bias is not None:
             y = g.op1("Add", [y, g.store.add(f"{name}.bias", lw.bias)])
         return y
@@ -152,7 +162,12 @@ class DecoderBuilder:
 
         if self.head_bits:  # quantized at export (symmetric RTN): an approximation the engine does not make
             w = self.e.get("tok_embeddings.weight").T if m["tie_word_embeddings"] else self.e.get("output.weight")
-            y = self._linear(xn, "output", quantize_symmetric(np_fp(w, np.float32), self.head_bits, HEAD_BLOCK))
+            lw = quantize_symmetric(np_fp(w, np.float32), self.head_bits, head_block(self.head_bits, self.h))
+            # onnxruntime (1.32) has no CPU kernel for 8-bit MatMulNBits at accuracy_level 0: it would dequantize
+            # the whole head to float32 on every call (7-23x slower than the fp32 head). The int8 head is an
+            # approximation anyway, so on the float32 (CPU) graph it always runs at level 4 (int8 activations).
+            acc = 4 if self.head_bits == 8 and self.T == TensorProto.FLOAT else None
+            y = self._linear(xn, "output", lw, accuracy_level=acc)
         elif m["tie_word_embeddings"]:  # logits = x @ E^T without storing E twice
             x2 = g.op1("Reshape", [xn, g.const([-1, self.h])])
             y = g.op1("Gemm", [x2, emb], transB=1)
