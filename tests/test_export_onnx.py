@@ -271,12 +271,14 @@ def test_symmetric_without_zero_points(bits, tmp_path, text_ids, monkeypatch):
 
 
 def test_default_accuracy_level(engines, exports, tmp_path, text_ids):
-    """No accuracy_level: 4 (int8 activations) on CPU, recorded in the metadata and the
-    export info; close to the exact level-0 graph (measured cost: docs/export-onnx.md)."""
+    """No accuracy_level: 4 (int8 activations) on CPU, and with it (no head_bits) an int8 output
+    head for a quantized engine; both recorded in the metadata and the export info; close to the
+    exact level-0 graph with its fp head (measured cost: docs/export-onnx.md)."""
     out = export_onnx(engines["int4"], tmp_path / "default")
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx"), load_external_data=False).metadata_props}
-    assert meta["lmkiln.accuracy_level"] == "4"
-    assert json.loads((out / "lmkiln_export.json").read_text())["accuracy_level"] == 4
+    assert meta["lmkiln.accuracy_level"] == "4" and meta["lmkiln.head_bits"] == "8"
+    info = json.loads((out / "lmkiln_export.json").read_text())
+    assert (info["accuracy_level"], info["head_bits"]) == (4, 8)
     attrs = {a.name: a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
              for a in n.attribute if a.name == "accuracy_level"}
     assert attrs == {"accuracy_level": 4}
@@ -285,6 +287,20 @@ def test_default_accuracy_level(engines, exports, tmp_path, text_ids):
     assert s["top1"] >= 0.95 and s["kl"] <= 2e-3
     cuda = export_onnx(engines["int4"], tmp_path / "cuda", ep="cuda")
     assert json.loads((cuda / "lmkiln_export.json").read_text())["accuracy_level"] == 0
+
+
+@pytest.mark.parametrize("case, kw, want", [
+    ("int4 cpu", {}, 8), ("int4 cpu level 0", {"accuracy_level": 0}, 0), ("int4 cuda", {"ep": "cuda"}, 0),
+    ("int4 cpu portable", {"portable": True}, 0), ("fp32 cpu", {}, 0), ("int4 cpu, asked fp", {"head_bits": 0}, 0),
+])
+def test_default_head_bits(engines, tmp_path, case, kw, want):
+    """The head is int8 by default only where the graph already runs on int8 activations (a quantized
+    engine on CPU at level 4, MatMulNBits); exact exports, CUDA, portable and fp engines keep it fp."""
+    out = export_onnx(engines["fp32" if case.startswith("fp32") else "int4"], tmp_path / "x", **kw)
+    assert json.loads((out / "lmkiln_export.json").read_text())["head_bits"] == want
+    heads = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits" and n.input[1] == "output.qweight"]
+    assert len(heads) == (want == 8)
 
 
 @pytest.mark.parametrize("source", ["int4 tied", "fp32 untied"])
