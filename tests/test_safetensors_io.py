@@ -408,6 +408,37 @@ def test_threaded_stream_writer_same_bytes_and_digest(tmp_path, monkeypatch, dir
             assert torch.equal(f.get_tensor(n), t), n
 
 
+@pytest.mark.parametrize("threads", [True, False])
+def test_rows_are_written_as_their_concatenation(tmp_path, monkeypatch, threads):
+    """A `Rows` (a fused linear's members, never concatenated in memory) writes exactly the bytes,
+    and gives the digest, of the concatenated tensor; parts may be views, cross staging buffers,
+    and be empty."""
+    import lmkiln.formats.safetensors_io as sio
+
+    monkeypatch.setattr(sio, "STAGE_BYTES", 8192)
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(70, 40, generator=g).to(torch.bfloat16), torch.randn(40, 70, generator=g).to(torch.bfloat16).t()
+    cases = {"qkv": [q, k, q[:10]], "one": [torch.randn(3, 40, generator=g).to(torch.bfloat16)],
+             "with_empty": [q[:0], q[5:9]], "u8": [torch.arange(9, dtype=torch.uint8).reshape(3, 3)] * 3}
+    specs = [(n, parts[0].dtype, (sum(p.shape[0] for p in parts), *parts[0].shape[1:])) for n, parts in cases.items()]
+    inflight = sio.InFlight(10_000) if threads else None
+    rows_w = StreamWriter(tmp_path / "rows.safetensors", specs, {"format": "pt"}, inflight)
+    cat_w = StreamWriter(tmp_path / "cat.safetensors", specs, {"format": "pt"})
+    for n, parts in cases.items():
+        rows_w.write(n, sio.Rows(parts))
+        cat_w.write(n, torch.cat(parts, 0))
+    d_rows, d_cat = rows_w.close(), cat_w.close()
+    assert (tmp_path / "rows.safetensors").read_bytes() == (tmp_path / "cat.safetensors").read_bytes()
+    assert d_rows == d_cat
+    r = sio.Rows(cases["qkv"])
+    assert (r.dtype, tuple(r.shape), r.numel(), r.element_size()) == (torch.bfloat16, (150, 40), 6000, 2)
+    assert torch.equal(r.tensor(), torch.cat(cases["qkv"], 0))
+    with pytest.raises(ValueError, match="parts differ"):
+        sio.Rows([q, q.float()])
+    with pytest.raises(ValueError, match="planned"):  # the writer checks a Rows' dtype and shape like a tensor's
+        StreamWriter(tmp_path / "x.safetensors", [("a", torch.bfloat16, (5, 40))]).write("a", sio.Rows([q[:2], q[:2]]))
+
+
 def test_inflight_bounds_queued_bytes():
     import threading
 

@@ -26,7 +26,7 @@ from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.convert.quantized import (
     check_symmetric, engine_tensors, is_quantized, module_name, pad_in, rank_in, resolve_quant, rows, unquantized_linears,
 )
-from lmkiln.convert.transforms import fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary
+from lmkiln.convert.transforms import cat_rows, fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary
 from lmkiln.errors import CheckpointError, InputError
 from lmkiln.formats.atomic import atomic_dir
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
@@ -36,6 +36,7 @@ from lmkiln.formats.engine import (
 )
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
+from lmkiln.formats.safetensors_io import Rows
 from lmkiln.formats.tokenizer import resolved_tokenizer_class
 from lmkiln.formats.packing import round_up
 
@@ -235,16 +236,19 @@ def produce_layer(src, model: dict, i: int, tp: int, quant: dict | None = None) 
     # (gate, up, down) of the dense FFN, or of each expert (rows padded alike, stacked per rank below)
     ffns = [(f"expert_gate.{e}", f"expert_up.{e}", f"expert_down.{e}") for e in range(n_exp)] or [("gate", "up", "down")]
     kind = "moe" if n_exp else "feed_forward"
+    # fp members of a fused linear go to the writer as Rows (written part by part, never concatenated);
+    # quantized ones (codes, scales, zeros) and stacked experts are concatenated
+    join = lambda w: cat_rows if n_exp or isinstance(w, QTensor) else Rows  # noqa: E731
     ffns = [(_pad_ffn_rows(src.linear(g, i, f"{kind}.w13"), inter_p), _pad_ffn_rows(src.linear(u, i, f"{kind}.w13"), inter_p),
              pad_in(src.linear(d, i, f"{kind}.w2"), inter_p, channel)) for g, u, d in ffns]
     for r in range(tp):
-        yield from engine_tensors(f"{p}.attention.w_qkv.{r}", rows(lambda *w: fuse_qkv_rank(*w, hd, kv, tp, r), q, k, v))
+        yield from engine_tensors(f"{p}.attention.w_qkv.{r}", rows(lambda *w: fuse_qkv_rank(*w, hd, kv, tp, r, join(q)), q, k, v))
         if model["attn_bias"]:
             yield f"{p}.attention.w_qkv.{r}.bias", fuse_qkv_rank(qb, kb, vb, hd, kv, tp, r).contiguous()
         yield from engine_tensors(f"{p}.attention.wo.{r}", rank_in(o, tp, r, channel))
         if n_exp and r == 0:
             yield f"{p}.moe.router.weight", src.fp("router", i)  # (experts, hidden): stored (out, in)
-        w13 = [engine_tensors(f"{p}.{kind}.w13.{r}", rows(lambda *w: fuse_w13_rank(*w, tp, r), g, u)) for g, u, _ in ffns]
+        w13 = [engine_tensors(f"{p}.{kind}.w13.{r}", rows(lambda *w: fuse_w13_rank(*w, tp, r, join(g)), g, u)) for g, u, _ in ffns]
         w2 = [engine_tensors(f"{p}.{kind}.w2.{r}", rank_in(d, tp, r, channel)) for _, _, d in ffns]
         yield from (stacked(w13) if n_exp else w13[0])
         yield from (stacked(w2) if n_exp else w2[0])

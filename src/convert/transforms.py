@@ -8,6 +8,8 @@ Tensor-parallel helpers compute one rank's slice so a rank never needs the other
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -73,12 +75,19 @@ def kv_rank_heads(kv_heads: int, tp: int, rank: int) -> tuple[int, int]:
     return h, h + 1
 
 
-def fuse_qkv_rank(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, kv_heads: int, tp: int, rank: int) -> torch.Tensor:
-    """[q_r | k_r | v_r] along dim 0 for one rank (weights (out, in) or biases (out,))."""
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts, 0)
+
+
+def fuse_qkv_rank(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, kv_heads: int, tp: int, rank: int,
+                  join: Callable[[list], torch.Tensor] = cat_rows) -> torch.Tensor:
+    """[q_r | k_r | v_r] along dim 0 for one rank (weights (out, in) or biases (out,)); `join`
+    makes the parts one tensor (a writer's `Rows` keeps them apart: no copy)."""
     a, b = kv_rank_heads(kv_heads, tp, rank)
-    return torch.cat([rank_rows(q, tp, rank), k[a * head_dim:b * head_dim], v[a * head_dim:b * head_dim]], 0)
+    return join([rank_rows(q, tp, rank), k[a * head_dim:b * head_dim], v[a * head_dim:b * head_dim]])
 
 
-def fuse_w13_rank(gate: torch.Tensor, up: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+def fuse_w13_rank(gate: torch.Tensor, up: torch.Tensor, tp: int, rank: int,
+                  join: Callable[[list], torch.Tensor] = cat_rows) -> torch.Tensor:
     """[w1_r | w3_r] along dim 0 for one rank; gate/up already padded to a multiple of tp."""
-    return torch.cat([rank_rows(gate, tp, rank), rank_rows(up, tp, rank)], 0)
+    return join([rank_rows(gate, tp, rank), rank_rows(up, tp, rank)])

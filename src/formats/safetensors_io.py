@@ -135,6 +135,42 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+class Rows:
+    """Tensors that make one planned tensor, concatenated along dim 0, handed to a writer as they
+    are: it copies each part into the file in turn, so a fused linear ([q | k | v], [gate | up])
+    is never concatenated in memory (that `torch.cat` was a third of the converter's main thread
+    once nothing was transposed any more). Has what a writer asks of a tensor."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = [p.detach() for p in parts]
+        first = self.parts[0]
+        if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in self.parts):
+            raise ValueError(f"Rows: parts differ in dtype or trailing shape: {[(p.dtype, tuple(p.shape)) for p in self.parts]}")
+        self.dtype = first.dtype
+        self.shape = torch.Size((sum(p.shape[0] for p in self.parts), *first.shape[1:]))
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def detach(self) -> "Rows":
+        return self
+
+    def contiguous(self) -> "Rows":
+        return self
+
+    def tensor(self) -> torch.Tensor:
+        """The concatenated tensor (a copy), for a reader of the parts that needs one."""
+        return torch.cat(self.parts, 0)
+
+
+def byte_parts(t: torch.Tensor | Rows) -> list[memoryview]:
+    """The raw bytes of a tensor, or of each part of a `Rows`, in file order."""
+    return [tensor_bytes(p) for p in t.parts] if isinstance(t, Rows) else [tensor_bytes(t)]
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (contiguous, on CPU), without a copy when possible."""
     t = t.detach().to("cpu")
@@ -213,9 +249,9 @@ class StreamWriter:
 
     With `inflight` (an InFlight bound), `write` only queues the tensor: a writer thread
     makes it contiguous (a transposed view is transposed there), copies it into a staging
-    buffer written with O_DIRECT (see `_write_loop`), and a hasher thread feeds the same
-    bytes to the checksum (`checksum`: sha256 or blake3) in order, all three mostly without
-    the GIL, while the caller produces the next tensor. The file and digest are the same as
+    buffer that an I/O thread writes with O_DIRECT (see `_write_loop`), and a hasher thread
+    feeds the same bytes to the checksum (`checksum`: sha256 or blake3) in order, all mostly
+    without the GIL, while the caller produces the next tensor. The file and digest are the same as
     without threads; the caller must not modify a tensor after handing it to `write`. An
     error in a thread (a full disk) is raised by the next `write` or by `close`. The file is
     not left in the page cache.
@@ -267,10 +303,11 @@ class StreamWriter:
         self.size = 8 + len(raw) + offset
 
     def _emit(self, b, n: int | None = None) -> None:
-        """Bytes to write and hash; in inflight mode also a tensor of `n` bytes."""
+        """Bytes to write and hash; in inflight mode also a tensor (or `Rows`) of `n` bytes."""
         if self._inflight is None:
-            self._f.write(b)
-            self._sha.update(b)
+            for part in b if isinstance(b, list) else [b]:
+                self._f.write(part)
+                self._sha.update(part)
             return
         self._raise_error()
         n = len(b) if n is None else n
@@ -280,14 +317,22 @@ class StreamWriter:
     # -- the threads (inflight mode) -------------------------------------------------
 
     def _write_loop(self) -> None:
-        """Copy the queued bytes into an aligned staging buffer and write it with O_DIRECT
-        (DMA from the buffer: no page-cache copy, no dirty pages for the final fsync to
-        wait on); where the file system refuses O_DIRECT, the same writes go through the
-        page cache with their writeback started every WRITEBACK_EVERY bytes."""
+        """Copy the queued bytes into aligned staging buffers that an I/O thread writes with
+        O_DIRECT (DMA from the buffer: no page-cache copy, no dirty pages for the final fsync to
+        wait on); two buffers, so the copy into one overlaps the disk write of the other. Where
+        the file system refuses O_DIRECT, the same writes go through the page cache with their
+        writeback started every WRITEBACK_EVERY bytes."""
         import numpy as np
 
         fd = self._f.fileno()
-        stage = mmap.mmap(-1, STAGE_BYTES)  # page-aligned, reused for the whole file
+        stages = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]  # page-aligned, reused for the whole file
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for st in stages:
+            free.put(st)
+        to_disk: queue.SimpleQueue = queue.SimpleQueue()
+        io = threading.Thread(target=self._io_loop, args=(fd, to_disk, free), name=f"io {self.path.name}", daemon=True)
+        io.start()
+        stage = free.get()
         sv = np.frombuffer(stage, np.uint8)
         fill = 0
         try:
@@ -295,35 +340,51 @@ class StreamWriter:
             while (item := self._to_write.get()) is not None:
                 if self._error is None and not self._stop:
                     try:
-                        if isinstance(item[0], torch.Tensor):
-                            item = (tensor_bytes(item[0]), item[1])
-                        off, n = 0, item[1]
-                        src = np.frombuffer(item[0], np.uint8) if n else None
-                        while off < n:  # numpy's copy releases the GIL
-                            k = min(n - off, STAGE_BYTES - fill)
-                            sv[fill:fill + k] = src[off:off + k]
-                            fill, off = fill + k, off + k
-                            if fill == STAGE_BYTES:
-                                self._write_out(fd, memoryview(stage))
-                                fill = 0
+                        item = (byte_parts(item[0]) if isinstance(item[0], (torch.Tensor, Rows)) else [item[0]], item[1])
+                        for part in item[0]:
+                            off, n = 0, len(part)
+                            src = np.frombuffer(part, np.uint8) if n else None
+                            while off < n:  # numpy's copy releases the GIL
+                                k = min(n - off, STAGE_BYTES - fill)
+                                sv[fill:fill + k] = src[off:off + k]
+                                fill, off = fill + k, off + k
+                                if fill == STAGE_BYTES:
+                                    to_disk.put((stage, fill, False))
+                                    stage = free.get()  # back once the I/O thread wrote it (or failed)
+                                    sv = np.frombuffer(stage, np.uint8)
+                                    fill = 0
                     except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                         self._error = self._error or e
                 self._to_hash.put(item)
             if fill and self._error is None and not self._stop:
-                try:
-                    aligned = fill // DIRECT_ALIGN * DIRECT_ALIGN
-                    self._write_out(fd, memoryview(stage)[:aligned])
-                    self._direct = _set_direct(fd, False)  # the tail is not a whole block
-                    self._write_out(fd, memoryview(stage)[aligned:fill])
-                except BaseException as e:  # noqa: BLE001
-                    self._error = self._error or e
+                to_disk.put((stage, fill, True))
         finally:
+            to_disk.put(None)
+            io.join()
             self._to_hash.put(None)
             del sv
+            for st in stages:
+                try:
+                    st.close()
+                except BufferError:  # a view of it lives on in the stored error's traceback; freed with it
+                    pass
+
+    def _io_loop(self, fd: int, to_disk: queue.SimpleQueue, free: queue.SimpleQueue) -> None:
+        """Write full staging buffers in order, then the last (partial) one: its whole blocks with
+        O_DIRECT, the tail without (not a whole block). Every buffer goes back to `free`."""
+        while (job := to_disk.get()) is not None:
+            stage, n, last = job
             try:
-                stage.close()
-            except BufferError:  # a view of it lives on in the stored error's traceback; freed with it
-                pass
+                if self._error is None and not self._stop:
+                    aligned = n // DIRECT_ALIGN * DIRECT_ALIGN if last else n
+                    self._write_out(fd, memoryview(stage)[:aligned])
+                    if last:
+                        self._direct = _set_direct(fd, False)
+                        self._write_out(fd, memoryview(stage)[aligned:n])
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = self._error or e
+            finally:
+                free.put(stage)
 
     def _write_out(self, fd: int, buf: memoryview) -> None:
         while len(buf):
@@ -344,7 +405,8 @@ class StreamWriter:
         while (item := self._to_hash.get()) is not None:
             try:
                 if self._error is None and not self._stop:
-                    self._sha.update(item[0])
+                    for part in item[0] if isinstance(item[0], list) else [item[0]]:
+                        self._sha.update(part)
             except BaseException as e:  # noqa: BLE001
                 self._error = self._error or e
             finally:
@@ -363,7 +425,7 @@ class StreamWriter:
             self._stop = True
             raise self._error
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def write(self, name: str, t: torch.Tensor | Rows) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise ValueError(f"{self.path.name}: got tensor {name!r}, expected {expected!r} next")
@@ -371,7 +433,7 @@ class StreamWriter:
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise ValueError(f"{self.path.name}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
         if self._inflight is None:
-            self._emit(tensor_bytes(t))
+            self._emit(byte_parts(t))
         else:
             self._emit(t.detach(), t.numel() * t.element_size())  # made contiguous (transposed) by the writer thread
         self._next += 1
