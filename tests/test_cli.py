@@ -272,6 +272,22 @@ def test_subprocess_error_and_debug(tmp_path):
     assert "InputError" in p.stderr
 
 
+def test_subprocess_convert_exits_fast_and_complete(tmp_path, tiny_llama):
+    """`convert hf-to-engine` skips the interpreter's teardown on success (cli.FAST_EXIT): the
+    process still exits 0 with its output printed, and the engine is complete and checks; a
+    failure still exits 2 the normal way."""
+    from lmkiln.cli import FAST_EXIT
+    from lmkiln.formats.engine import Engine
+
+    assert ("convert", "hf-to-engine") in FAST_EXIT
+    p = run_module("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e")
+    assert p.returncode == 0, p.stderr
+    assert f"wrote {tmp_path / 'e'}" in " ".join(p.stdout.split())
+    assert Engine(tmp_path / "e", check=True).verify_checksums() == {"rank0.safetensors": True, "shared.safetensors": True}
+    p = run_module("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e")  # exists, no --force
+    assert p.returncode == 2 and "--force" in p.stderr
+
+
 def test_convert_and_inspect_qwen3(tmp_path):
     hf = make_tiny_model(tmp_path / "hf", "Qwen3ForCausalLM", seed=5)
     r = invoke("convert", "hf-to-engine", hf, "-o", tmp_path / "e")
