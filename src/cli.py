@@ -489,7 +489,7 @@ def demo_cmd(
               f"mean KL {r['kl']['mean']:.4f}, top-1 {r['top1_agreement']:.3f}, "
               f"greedy match {sum(g['match'] for g in r['greedy'])}/{len(r['greedy'])}: "
               + ("[green]PASS[/]" if res.passed else "[bold red]FAIL[/] " + "; ".join(res.failures)), highlight=False)
-    out.print(f"[bold]5. export[/] the int4 engine to ONNX (MatMulNBits) and check onnxruntime against the torch engine")
+    out.print("[bold]5. export[/] the int4 engine to ONNX (MatMulNBits) and check onnxruntime against the torch engine")
     from lmkiln.export import export_onnx
 
     onnx_dir = export_onnx(q.output, workdir / "stories260K-w4.onnx", force=True)
