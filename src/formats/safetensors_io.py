@@ -161,10 +161,6 @@ class Rows:
     def contiguous(self) -> "Rows":
         return self
 
-    def tensor(self) -> torch.Tensor:
-        """The concatenated tensor (a copy), for a reader of the parts that needs one."""
-        return torch.cat(self.parts, 0)
-
 
 def byte_parts(t: torch.Tensor | Rows) -> list[memoryview]:
     """The raw bytes of a tensor, or of each part of a `Rows`, in file order."""
