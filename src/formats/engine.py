@@ -145,7 +145,8 @@ def quant_layout(model: dict, tp: int, group_size: int | None) -> tuple[int, int
 
 
 # The fp linear weights: stored (out, in) from format v4 on (`OUT_IN_SINCE`), read as (in, out).
-_LINEAR_WEIGHT = re.compile(r"^(output|layers\.\d+\.(moe\.router|(attention|feed_forward|moe)\.(w_qkv|wo|w13|w2)\.\d+))\.weight$")
+_LINEAR_WEIGHT = re.compile(r"^(output|layers\.\d+\.(moe\.router|(%s)\.\d+))\.weight$"
+                            % "|".join(re.escape(k) for k in sorted(set(LINEAR_KINDS + MOE_KINDS))))
 
 
 def stored_out_in(name: str, version: int) -> bool:
