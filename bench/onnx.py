@@ -9,6 +9,9 @@ Side by side, same model, same prompt, same harness (onnxruntime-genai, greedy):
   ours int4 acc4 head4  accuracy_level 4 and head_bits=4 (output head int4 too, as the builder does)
   ours int4 acc4 head8  accuracy_level 4 and head_bits=8 (output head int8, blocks of 128, level 4)
   ours int4 sym acc4    a symmetric RTN engine: no zero_points inputs (as the builder's graph)
+  ours int8 acc4 / acc0 / portable
+                        an int8-g128 RTN engine at level 4, at level 0 (onnxruntime has no 8-bit level-0
+                        CPU kernel) and as DequantizeLinear + MatMul (`portable`)
   ours fp32             export of the fp32 engine
   builder int4     `python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu`
   transformers     fp32 `generate` (prefill = one forward over the prompt)
@@ -244,6 +247,8 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
     if not (work / "eng-int4-sym").exists() and (not only or "ours int4 sym acc4" in only):
         quantize_model(hf_dir, work / "eng-int4-sym", QuantOptions(bits=4, group_size=32, method="rtn", symmetric=True),
                        to="engine")
+    if not (work / "eng-int8").exists() and only and any(v.startswith("ours int8") for v in only):
+        quantize_model(hf_dir, work / "eng-int8", QuantOptions(bits=8, group_size=128, method="rtn"), to="engine")
     t = time.perf_counter()
     if not (work / "ours-int4-acc4").exists():
         export_onnx(work / "eng-int4", work / "ours-int4-acc4")  # the CPU default: accuracy_level 4
@@ -253,6 +258,9 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
                "ours int4 acc4 head4": ("eng-int4", "ours-int4-acc4-head4", {"head_bits": 4}),
                "ours int4 acc4 head8": ("eng-int4", "ours-int4-acc4-head8", {"head_bits": 8}),
                "ours int4 sym acc4": ("eng-int4-sym", "ours-int4-sym-acc4", {}),
+               "ours int8 acc4": ("eng-int8", "ours-int8-acc4", {}),
+               "ours int8 acc0": ("eng-int8", "ours-int8-acc0", {"accuracy_level": 0}),
+               "ours int8 portable": ("eng-int8", "ours-int8-portable", {"portable": True}),
                "ours fp32": ("eng-fp32", "ours-fp32", {})}
     variants = {}
     if only:

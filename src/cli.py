@@ -178,13 +178,17 @@ def export_onnx_cmd(
 ):
     """Export to ONNX for onnxruntime (CPU/CUDA), onnxruntime-genai and Triton."""
     from lmkiln.errors import InputError
-    from lmkiln.export import export_onnx
+    from lmkiln.export import EXPORT_INFO, export_onnx
 
     if head_bits not in (None, 0, 4, 8):
         raise InputError(f"--head-bits {head_bits}: choose 0 (fp head), 4 or 8")
     with LazyProgress("exporting") as bar:
         path = export_onnx(source, output, ep=ep, portable=portable, triton=triton, force=force,
                            progress=lambda name, n: bar.advance(), accuracy_level=accuracy_level, head_bits=head_bits)
+    dequantized = json.loads((path / EXPORT_INFO).read_text(encoding="utf-8")).get("dequantized_linears") or []
+    if dequantized:
+        out.print(f"[yellow]note[/] {len(dequantized)} quantized linear(s) exported as float weights (larger file), e.g. "
+                  f"{dequantized[0]}", markup=True, highlight=False)
     out.print(f"[green]wrote[/] {path}")
 
 

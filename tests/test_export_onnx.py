@@ -253,21 +253,25 @@ def test_cuda_flavour_graph_runs_on_cpu(engines, tmp_path, portable):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_symmetric_without_zero_points(bits, tmp_path, text_ids, monkeypatch):
     """Symmetric weights (every zero = 2^(bits-1)) go without MatMulNBits' zero_points input,
-    whose default is that zero: the same logits as the graph that carries them."""
+    whose default is that zero: the same logits as the graph that carries them. int8 at level 4:
+    at level 0 an int8 engine's linears go dequantized, without MatMulNBits (see below); level 4's
+    int8 activations cost more than 1e-4 KL against the engine, so that bound is level 0's."""
     import lmkiln.export.onnx_graph as og_mod
 
     eng = quantize_model(bundled_model_path(), tmp_path / "sym", QuantOptions(bits=bits, group_size=32, method="rtn",
                                                                             symmetric=True), to="engine").output
-    lean = export_onnx(eng, tmp_path / "lean", accuracy_level=0)
+    level = 0 if bits == 4 else 4
+    lean = export_onnx(eng, tmp_path / "lean", accuracy_level=level, head_bits=0)
     monkeypatch.setattr(og_mod, "DROP_DEFAULT_ZERO_POINTS", False)
-    full = export_onnx(eng, tmp_path / "full", accuracy_level=0)
+    full = export_onnx(eng, tmp_path / "full", accuracy_level=level, head_bits=0)
     names = lambda d: {t.name for t in onnx.load(str(d / "model.onnx")).graph.initializer}  # noqa: E731
     assert not any(n.endswith(".zero_points") for n in names(lean))
     assert any(n.endswith(".zero_points") for n in names(full))
     a, b = OnnxRunner(lean).forward(text_ids), OnnxRunner(full).forward(text_ids)
     assert (a - b).abs().max().item() <= 1e-5
     s = _stats(EngineModel.from_path(eng).forward(text_ids), a)
-    assert s["top1"] >= 0.999 and s["kl"] <= 1e-4
+    print(bits, level, s)
+    assert s["top1"] >= (0.999 if level == 0 else 0.98) and s["kl"] <= (1e-4 if level == 0 else 1e-3)
 
 
 def test_default_accuracy_level(engines, exports, tmp_path, text_ids):
@@ -326,6 +330,25 @@ def test_quantized_head(source, engines, tmp_path):
         export_onnx(eng, tmp_path / "bad", head_bits=3)
 
 
+def test_int4_head_grid_search():
+    """quantize_symmetric, the quantized head's quantizer: each block's scale is the least-error
+    of 20 range shrinks (data-free), not absmax / 7 as the builder's RTN: on heavy-tailed weights
+    (Student t, 3 degrees of freedom) the reconstruction error drops, with codes in [0, 15] around
+    the fixed zero 8 and fp16 scales as before; steps=1 is absmax RTN."""
+    from lmkiln.export.weights import quantize_symmetric
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_t(3, size=(96, 40)) * 0.02).astype(np.float32)  # (in, out): 96 rows = 3 blocks of 32
+    deq = lambda lw: ((lw.codes.astype(np.float32).reshape(3, 32, 40) - 8)  # noqa: E731
+                      * lw.scales.astype(np.float32)[:, None, :]).reshape(96, 40)
+    searched, plain = quantize_symmetric(w, 4, 32), quantize_symmetric(w, 4, 32, steps=1)
+    assert (plain.scales == (np.abs(w.reshape(3, 32, 40)).max(1) / 7).astype(np.float16)).all()
+    for lw in (searched, plain):
+        assert lw.codes.max() <= 15 and (lw.zeros == 8).all() and lw.scales.dtype == np.float16
+    assert ((deq(searched) - w) ** 2).sum() < 0.97 * ((deq(plain) - w) ** 2).sum()
+    assert (searched.scales <= plain.scales).all() and (searched.scales < plain.scales).any()
+
+
 def test_cli_head_bits(engines, tmp_path):
     """`lmkiln export onnx --head-bits 8`: the API's head_bits from the command line; a width
     other than 0/4/8 is one line and exit 2, before anything is written."""
@@ -346,6 +369,37 @@ def test_cli_head_bits(engines, tmp_path):
     assert r.exit_code == 2, r.output
     assert "--head-bits 3: choose 0 (fp head), 4 or 8" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "h3").exists()
+
+
+def test_int8_engine_at_level_0_runs_dequantized(engines, exports, tmp_path):
+    """onnxruntime (1.32) has no 8-bit MatMulNBits CPU kernel at accuracy level 0: it dequantizes the
+    whole weight on every call (an int8 engine decoded at 0.6 tok/s vs 26 at level 4, docs/BENCHMARKS.md).
+    An int8 engine exported at level 0 for CPU gets its linears as float32 weights instead (the same
+    exact product: parity is test_parity_with_engine_runner's "int8"), each listed with why in
+    lmkiln_export.json and reported by the CLI; at level 4 they stay 8-bit MatMulNBits, and int4
+    linears stay MatMulNBits at either level."""
+    from typer.testing import CliRunner
+
+    from lmkiln.cli import app
+
+    m = onnx.load(str(exports["int8"] / "model.onnx"), load_external_data=False)
+    assert not [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    linears = [n.input[1].removesuffix(".weight") for n in m.graph.node
+               if n.op_type == "MatMul" and n.input[1].startswith("layers.")]
+    listed = json.loads((exports["int8"] / "lmkiln_export.json").read_text())["dequantized_linears"]
+    assert linears and sorted(d.split(" ")[0] for d in listed) == sorted(linears)
+    assert all(d.endswith("(int8 at accuracy level 0: onnxruntime has no CPU kernel)") for d in listed)
+    assert json.loads((exports["int4"] / "lmkiln_export.json").read_text())["dequantized_linears"] == []
+
+    env = {"COLUMNS": "200", "NO_COLOR": "1"}
+    r = CliRunner().invoke(app, ["export", "onnx", str(engines["int8"]), "-o", str(tmp_path / "l0"), "--accuracy-level", "0"], env=env)
+    assert r.exit_code == 0, r.output
+    assert f"note {len(linears)} quantized linear(s) exported as float weights" in r.output
+    r = CliRunner().invoke(app, ["export", "onnx", str(engines["int8"]), "-o", str(tmp_path / "l4")], env=env)
+    assert r.exit_code == 0 and "note" not in r.output, r.output
+    nbits = [{a.name: a.i for a in n.attribute} for n in onnx.load(str(tmp_path / "l4" / "model.onnx")).graph.node
+             if n.op_type == "MatMulNBits" and n.input[1].startswith("layers.")]
+    assert len(nbits) == len(linears) and all(a["bits"] == 8 and a["accuracy_level"] == 4 for a in nbits)
 
 
 def test_int8_head_close_to_fp_head(tmp_path):

@@ -71,12 +71,12 @@ def test_act_order_codes_stay_in_the_standard_layout():
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_searched_grids_beat_min_max_grids(act_order):
-    """group_grid: each group's range shrink is chosen by the diag-H-weighted rounding error.
+    """grid_qparams: each group's range shrink is chosen by the diag-H-weighted rounding error.
     With uncorrelated inputs (diagonal H) GPTQ pushes no error across columns, so that is
     exactly the output error: the searched grids can only lower it, and with heavy-tailed
     weights (Student t, 3 degrees of freedom, as trained weights are) whose outliers stretch
     min/max grids they do."""
-    from lmkiln.quant.gptq import group_grid
+    from lmkiln.quant.primitives import grid_qparams
 
     g = torch.Generator().manual_seed(6)
     h = torch.diag(torch.rand(128, generator=g) * 10 + 0.1) * 2000  # channels of different energy
@@ -89,7 +89,7 @@ def test_searched_grids_beat_min_max_grids(act_order):
     w, h, n = weight_and_inputs(seed=5, in_f=128)
     # One group by hand: the chosen grid's weighted error is the least of the 20 shrinks.
     blk, hd = w[:, :32], torch.diag(h)[:32]
-    s, z = group_grid(blk, hd, 4, False)
+    s, z = grid_qparams(blk, 4, 32, False, hd)
 
     def err(s, z):
         s16 = s.half().float()

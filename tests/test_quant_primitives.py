@@ -19,7 +19,7 @@ from lmkiln.formats.packing import (
     unpack_int8,
 )
 from lmkiln.formats.qtensor import dequantize
-from lmkiln.quant.primitives import compute_qparams, fake_quantize, pad_to_multiple, quantize
+from lmkiln.quant.primitives import compute_qparams, fake_quantize, grid_qparams, pad_to_multiple, quantize
 
 
 def _weight(out_f, in_f, seed=0, scale=0.05):
@@ -164,6 +164,33 @@ def test_errors():
 
 
 # --- packing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_grid_qparams_picks_each_groups_least_error_shrink(symmetric):
+    """grid_qparams without input weights (the data-free grid of the ONNX export's int4 head):
+    every group gets, of the 20 shrinks of its range (absmax * (1 - i / 100)), the one whose
+    fp16-rounded grid has the least squared rounding error, computed here group by group; with
+    heavy-tailed weights (Student t, 3 degrees of freedom, as trained weights are) some groups
+    shrink and the whole error drops below min/max's. steps=1 is compute_qparams."""
+    torch.manual_seed(3)
+    w = torch.distributions.StudentT(torch.tensor(3.0)).sample((24, 96)) * 0.02
+    s, z = grid_qparams(w, 4, 32, symmetric)
+    s1, z1 = grid_qparams(w, 4, 32, symmetric, steps=1)
+    s0, z0 = compute_qparams(w, 4, 32, symmetric)
+    assert torch.equal(s1, s0) and torch.equal(z1, z0)
+
+    def err(s, z, grp):  # (out,) squared error of group grp under grid (s, z) (out, n_groups)
+        blk, s16, zz = w[:, grp * 32:(grp + 1) * 32], s[:, grp:grp + 1].half().float(), z[:, grp:grp + 1]
+        return (((torch.clamp(torch.round(blk / s16) + zz, 0, 15) - zz) * s16 - blk) ** 2).sum(1)
+
+    amax = w.reshape(24, 3, 32).abs().amax(-1)
+    for grp in range(3):
+        shrinks = torch.stack([err(*compute_qparams(w, 4, 32, symmetric, clip_max=amax * (1 - i / 100)), grp) for i in range(20)])
+        torch.testing.assert_close(err(s, z, grp), shrinks.min(0).values)
+    total = sum(err(s, z, grp).sum() for grp in range(3))
+    assert total < 0.97 * sum(err(s0, z0, grp).sum() for grp in range(3))
+    assert (s < s0).any() and (s <= s0).all()
 
 
 def test_awq_nibble_order_hand_computed():

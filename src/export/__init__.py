@@ -93,7 +93,7 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
             raise InputError(f"{source}: ONNX export of {engine.model['architecture']} is not supported yet: the graph has "
                              f"no {', '.join(unsupported)}; verify or serve the engine, AWQ-GEMM or compressed-tensors output")
         with atomic_dir(out_dir, force=force, inputs=(source,)) as tmp:
-            files = write_model(engine, tmp, ep, portable, progress, accuracy_level, head_bits)
+            files, dequantized = write_model(engine, tmp, ep, portable, progress, accuracy_level, head_bits)
             side = [f for f in engine.manifest.get("tokenizer_files", []) if (engine.path / f).is_file()]
             for f in side:
                 shutil.copyfile(engine.path / f, tmp / f)
@@ -106,6 +106,7 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
             (tmp / EXPORT_INFO).write_text(json.dumps({
                 "weight_type": engine.manifest["weight_type"], "ep": ep, "portable": portable,
                 "accuracy_level": accuracy_level, "head_bits": head_bits, "lmkiln_version": lmkiln.__version__,
+                "dequantized_linears": dequantized,  # quantized linears exported as float weights, and why
                 "tokenizer_class": engine.manifest.get("tokenizer_class"),  # what `verify` loads here (formats/tokenizer.py)
                 "source": source_summary(engine)}, indent=1) + "\n", encoding="utf-8")
             if (engine.path / "lmkiln_quant_report.json").is_file():
@@ -117,8 +118,10 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
     return out_dir
 
 
-def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_level: int, head_bits: int = 0) -> list[str]:
-    """model.onnx (+ model.onnx.data) in `out`, checked; returns the files written."""
+def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_level: int,
+                head_bits: int = 0) -> tuple[list[str], list[str]]:
+    """model.onnx (+ model.onnx.data) in `out`, checked; returns the files written and the
+    quantized linears exported dequantized (with why)."""
     import onnx
 
     from lmkiln.export.onnx_graph import DecoderBuilder
@@ -128,6 +131,8 @@ def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_l
     weight_bytes = sum(f["size"] for f in engine.manifest["files"].values())
     if engine.quant is None and dtype == np.float32 and engine.dtype.itemsize == 2:
         weight_bytes *= 2
+    if engine.quant is not None and engine.quant["bits"] == 8 and dtype == np.float32 and accuracy_level == 0 and not portable:
+        weight_bytes *= 4  # int8 linears become float32 weights at level 0 on CPU (DecoderBuilder._linear)
     store = TensorStore(out, external=weight_bytes > EXTERNAL_THRESHOLD, progress=progress)
     try:
         b = DecoderBuilder(engine, Graph(store), dtype, portable, accuracy_level, head_bits)
@@ -153,7 +158,7 @@ def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_l
         files.append(DATA_FILE)
     else:
         (out / DATA_FILE).unlink(missing_ok=True)
-    return files
+    return files, b.fallbacks
 
 
 __all__ = ["export_onnx"]

@@ -31,6 +31,7 @@ from lmkiln.export.store import NP_TO_ONNX, Graph
 from lmkiln.export.weights import (LinearW, dequantized, load_linear, np_fp, quantize_symmetric, split_columns, to_blocked_dq,
                                    to_matmulnbits)
 from lmkiln.formats.engine import Engine
+from lmkiln.quant.primitives import GRID_STEPS
 
 OPSET = 21
 MS = "com.microsoft"
@@ -44,6 +45,10 @@ DROP_DEFAULT_ZERO_POINTS = True
 # synthetic took 35.9-36.1 vs 37.2-37.9 ms, for 1.6x the (small) activation-quantization error;
 # docs/export-onnx.md "Quantized output head".
 HEAD_BLOCK = {4: 32, 8: 128}
+# Range shrinks tried per head block (quant.primitives.grid_qparams, least squared error). int4: 20, the
+# least-error of absmax ... 0.81 absmax, cut the head's KL on stories260K by a quarter at the same bytes
+# (docs/export-onnx.md); int8: 1 (absmax), its rounding error is already ~500x smaller.
+HEAD_GRID_STEPS = {4: GRID_STEPS, 8: 1}
 
 
 def head_block(bits: int, k: int) -> int:
@@ -96,17 +101,23 @@ class DecoderBuilder:
         elif self.portable:
             y = g.op1("MatMul", [x, self._dq_weight(name, lw)])
         else:
+            level = self.accuracy_level if accuracy_level is None else accuracy_level
             nb = to_matmulnbits(lw, self.dtype, DROP_DEFAULT_ZERO_POINTS)
-            if nb is None:  # no power-of-two block >= 16 divides the group: run it dequantized
-                self.fallbacks.append(f"{name} (group {lw.group}: no MatMulNBits block size)")
+            # onnxruntime (1.32) has no 8-bit MatMulNBits CPU kernel at level 0: it dequantizes the whole
+            # weight on every call (an int8 engine decoded at 0.6 tok/s vs 26 at level 4, docs/BENCHMARKS.md).
+            # The dequantized float32 weight computes the same exact product, 40x faster.
+            why = (f"group {lw.group}: no MatMulNBits block size" if nb is None else
+                   "int8 at accuracy level 0: onnxruntime has no CPU kernel" if lw.bits == 8 and level == 0
+                   and self.T == TensorProto.FLOAT else None)
+            if why:  # run it dequantized
+                self.fallbacks.append(f"{name} ({why})")
                 y = g.op1("MatMul", [x, g.store.add(f"{name}.weight", dequantized(lw, self.dtype))])
             else:
                 ins = [x, g.store.add(f"{name}.qweight", nb["B"]), g.store.add(f"{name}.scales", nb["scales"])]
                 if nb["zero_points"] is not None:
                     ins.append(g.store.add(f"{name}.zero_points", nb["zero_points"]))
                 y = g.op1("MatMulNBits", ins, domain=MS, K=nb["K"], N=nb["N"], bits=nb["bits"],
-                          block_size=nb["block_size"],
-                          accuracy_level=self.accuracy_level if accuracy_level is None else accuracy_level)
+                          block_size=nb["block_size"], accuracy_level=level)
         if lw.bias is not None:
             y = g.op1("Add", [y, g.store.add(f"{name}.bias", lw.bias)])
         return y
@@ -160,9 +171,10 @@ class DecoderBuilder:
             delta = self.ffn(xn, i)
         xn, _ = self.norm_add(resid, delta, self.fp("norm.weight"), last=True)
 
-        if self.head_bits:  # quantized at export (symmetric RTN): an approximation the engine does not make
+        if self.head_bits:  # quantized at export (symmetric, data-free): an approximation the engine does not make
             w = self.e.get("tok_embeddings.weight").T if m["tie_word_embeddings"] else self.e.get("output.weight")
-            lw = quantize_symmetric(np_fp(w, np.float32), self.head_bits, head_block(self.head_bits, self.h))
+            lw = quantize_symmetric(np_fp(w, np.float32), self.head_bits, head_block(self.head_bits, self.h),
+                                    HEAD_GRID_STEPS[self.head_bits])
             # onnxruntime (1.32) has no CPU kernel for 8-bit MatMulNBits at accuracy_level 0: it would dequantize
             # the whole head to float32 on every call (7-23x slower than the fp32 head). The int8 head is an
             # approximation anyway, so on the float32 (CPU) graph it always runs at level 4 (int8 activations).

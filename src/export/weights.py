@@ -17,7 +17,12 @@ import torch
 
 from lmkiln.formats.engine import Engine
 from lmkiln.formats.packing import unpack_int4
+from lmkiln.quant.primitives import GRID_STEPS, grid_qparams
 from lmkiln.runtime.engine_model import merge_shards
+
+
+# Output rows per step of quantize_symmetric's grid search (a 2048-wide head: 8 MB a step; 512-4096 ran alike).
+HEAD_CHUNK = 1024
 
 
 @dataclass
@@ -135,19 +140,26 @@ def to_matmulnbits(lw: LinearW, dtype: np.dtype, drop_default_zeros: bool = True
             "bits": lw.bits, "block_size": block}
 
 
-def quantize_symmetric(w: np.ndarray, bits: int = 4, block: int = 32) -> LinearW:
-    """Round-to-nearest symmetric quantization of an fp (in, out) weight in groups of
-    `block` input rows (the in dimension zero-padded to a multiple of it), as the
-    quantizer's symmetric scheme: scale = absmax / (2^(bits-1) - 1), zero = 2^(bits-1).
-    Used for the optional quantized output head (the engine keeps the head fp)."""
+def quantize_symmetric(w: np.ndarray, bits: int = 4, block: int = 32, steps: int = GRID_STEPS) -> LinearW:
+    """Symmetric quantization of an fp (in, out) weight in groups of `block` input rows (the
+    in dimension zero-padded to a multiple of it), zero = 2^(bits-1) as the quantizer's
+    symmetric scheme. Each group's scale is the one of `steps` range shrinks with the least
+    squared rounding error (`grid_qparams`, data-free: no calibration at export); `steps=1`
+    is plain absmax RTN, as the onnxruntime-genai builder quantizes its head. Used for the
+    optional quantized output head (the engine keeps the head fp)."""
     K, N = w.shape
     kp = -(-K // block) * block
     wp = np.zeros((kp, N), np.float32)
     wp[:K] = w
+    wt = torch.from_numpy(np.ascontiguousarray(wp.T))  # (out, in): groups along rows
+    scales = np.empty((kp // block, N), np.float16)  # fp16 like the engine's scales
+    for c in range(0, N, HEAD_CHUNK):  # output rows a chunk at a time: the search's temporaries stay small
+        s, _ = grid_qparams(wt[c:c + HEAD_CHUNK], bits, block, True, steps=steps)
+        scales[:, c:c + HEAD_CHUNK] = s.T.half().numpy()
+    del wt
+    scales[scales == 0] = np.float16(2.0 ** -24)  # an all-zero group: any positive scale
     g = wp.reshape(kp // block, block, N)
     qmax, zero = (1 << (bits - 1)) - 1, default_zero_point(bits)
-    scales = (np.abs(g).max(axis=1) / qmax).astype(np.float16)  # (kp / block, N), fp16 like the engine's scales
-    scales[scales == 0] = np.float16(2.0 ** -24)  # an all-zero group: any positive scale
     q = np.clip(np.rint(g / scales.astype(np.float32)[:, None, :]), -zero, qmax) + zero
     return LinearW(K, N, bits, codes=np.ascontiguousarray(q.reshape(kp, N).astype(np.uint8)), scales=scales,
                    zeros=np.full(scales.shape, zero, np.uint8))

@@ -15,7 +15,7 @@ them unchanged.
   front from the original weights ("static groups"), so the codes stay in the standard
   input order and layout;
 - each group's grid is not min/max but the range shrink (0-19 %) with the least rounding
-  error weighted by diag H (`group_grid`): on stories260K W4 g32, calibrated and judged on
+  error weighted by diag H (`primitives.grid_qparams`): on stories260K W4 g32, calibrated and judged on
   TinyStories text held out from both calibration and evaluation, it cut GPTQ's perplexity
   gap by 29 % (docs/BENCHMARKS.md, "quantize methods");
 - the Hessian is accumulated in fp32 (`hessian_update`), chunk by chunk, on the device.
@@ -27,12 +27,9 @@ import torch
 
 from lmkiln.errors import QuantizationError
 from lmkiln.formats.qtensor import QTensor
-from lmkiln.quant.primitives import compute_qparams, pad_to_multiple
+from lmkiln.quant.primitives import GRID_STEPS, grid_qparams, pad_to_multiple
 
 BLOCK = 128
-# Each group's grid: the range shrunk by 0, 1, ..., GRID_STEPS-1 percent, the one with the least
-# Hessian-diagonal-weighted rounding error kept (see group_grid).
-GRID_STEPS = 20
 
 
 def hessian_update(h: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -42,38 +39,12 @@ def hessian_update(h: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tenso
     return (xtx.mul_(2) if h is None else h.add_(xtx, alpha=2)), x.shape[0]
 
 
-def group_grid(blk: torch.Tensor, hdiag: torch.Tensor, bits: int, symmetric: bool, clip_max: torch.Tensor | None = None,
-               steps: int = GRID_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero (out, 1) of one group's weights blk (out, g): of the min/max grids of the
-    range shrunk by i percent, i < steps, the one with the least rounding error weighted by
-    the inputs' energy hdiag (g,) = diag H, row by row. Min/max alone spends the 16 levels on
-    a few outliers; the shrink trades their clipping for finer steps everywhere else, judged
-    by what the outputs feel (reference GPTQ's optional "mse" grid, activation-weighted).
-    `clip_max` (out, 1): a bound from a clip search, kept."""
-    qmax = 2 ** bits - 1
-    amax = blk.abs().amax(1, keepdim=True)
-    best = None
-    for i in range(steps):
-        cm = amax * (1 - i / 100)
-        if clip_max is not None:
-            cm = torch.minimum(cm, clip_max)
-        s, z = compute_qparams(blk, bits, blk.shape[1], symmetric, clip_max=cm, check=False)
-        s16 = s.half().float()  # the stored scale: the error is judged on what dequantizes
-        err = (((torch.clamp(torch.round(blk / s16) + z, 0, qmax) - z) * s16 - blk) ** 2 * hdiag[None, :]).sum(1)
-        if best is None:
-            best = [err, s, z]
-        else:
-            better = err < best[0]
-            best = [torch.where(better, err, best[0]), torch.where(better[:, None], s, best[1]), torch.where(better[:, None], z, best[2])]
-    return best[1], best[2]
-
-
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   damp: float = 0.01, act_order: bool = False, clip_max: torch.Tensor | None = None,
                   grid_steps: int = GRID_STEPS) -> QTensor:
     """GPTQ codes for weight w (out, in) given Hessian h (in, in) (any positive scale:
     only its shape matters). `clip_max` (out, in_padded/g): each group's range bound from
-    a clip search, used where the group's parameters are set. `grid_steps`: see group_grid
+    a clip search, used where the group's parameters are set. `grid_steps`: see grid_qparams
     (1 = plain min/max grids). Works on w's device."""
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
@@ -95,8 +66,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     if act_order:  # static groups: every group's grid from the original weights, before any update
         hd = torch.diag(H)
         for grp in range(ng):
-            s, z = group_grid(W[:, grp * g:(grp + 1) * g], hd[grp * g:(grp + 1) * g], bits, symmetric,
-                              None if clip_max is None else clip_max[:, grp:grp + 1], grid_steps)
+            s, z = grid_qparams(W[:, grp * g:(grp + 1) * g], bits, g, symmetric, hd[grp * g:(grp + 1) * g],
+                                None if clip_max is None else clip_max[:, grp:grp + 1], grid_steps)
             scales[:, grp], zeros[:, grp] = s[:, 0], z[:, 0]
     W, H = W[:, perm], H[perm][:, perm]
     try:
@@ -116,8 +87,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
             grp = col // g
             if not act_order and col % g == 0:  # reached a new group: its grid from the weights as updated so far
                 blk = W1[:, j:j + g] if j + g <= b1 - b0 else torch.cat([W1[:, j:], W[:, b1:b0 + j + g]], 1)
-                s, z = group_grid(blk, torch.diag(H)[b0 + j:b0 + j + g], bits, symmetric,
-                                  None if clip_max is None else clip_max[:, grp:grp + 1], grid_steps)
+                s, z = grid_qparams(blk, bits, g, symmetric, torch.diag(H)[b0 + j:b0 + j + g],
+                                    None if clip_max is None else clip_max[:, grp:grp + 1], grid_steps)
                 scales[:, grp], zeros[:, grp] = s[:, 0], z[:, 0]
             s, z = scales[:, grp], zeros[:, grp]
             # fp16-rounded scales, as every format stores them: the codes are optimal for the scale used
