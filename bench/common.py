@@ -11,6 +11,10 @@ import shutil
 from pathlib import Path
 
 
+# The bundled stories260K's tokenizer files, which the synthetic models borrow (vocab 512).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
 def llama_tensors(hidden: int, heads: int, kv_heads: int, inter: int, vocab: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, shape) of every LlamaForCausalLM tensor, in checkpoint order."""
     hd = hidden // heads
@@ -52,7 +56,7 @@ def make_synthetic(path: Path, hidden: int, inter: int, layers: int, heads: int,
     model = LlamaForCausalLM(cfg).eval().to(getattr(torch, dtype))
     path.mkdir(parents=True)
     model.save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+    for f in TOKENIZER_FILES:
         shutil.copyfile(bundled_model_path() / f, path / f)
     return path
 

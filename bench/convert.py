@@ -12,6 +12,12 @@ the bench itself never holds the model. Then it times, alternating and repeated:
   convert     `python -m lmkiln convert hf-to-engine SRC -o DST --force`
   convert tp2 the same with `--tp 2`
   import torch `python -c "import torch"` (with --floor): the fixed cost before a converter's first byte
+  tokenizer class  (with --floor) resolving the bundled tokenizer's class with transformers, as
+              `convert` does for a checkpoint that carries a tokenizer (transformers imports torch)
+
+  convert (with tokenizer)  (with --with-tokenizer) `convert` of the same weights (hard links) beside
+              the bundled tokenizer's files, as a real checkpoint carries them: it then also resolves
+              the tokenizer class (in a thread, during the copy)
 
 Each command is a child process reaped with os.wait4, whose rusage gives the child's
 own peak RSS (ru_maxrss, KiB on Linux) and CPU time. A sampler thread also polls the
@@ -45,9 +51,10 @@ import time
 from pathlib import Path
 
 
-from common import llama_tensors, machine as _machine
+from common import TOKENIZER_FILES, llama_tensors, machine as _machine
 
 ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "src" / "assets" / "stories260K"
 GB = 1e9
 MB = 1e6
 
@@ -255,10 +262,13 @@ def machine() -> dict:
 # -- the bench -----------------------------------------------------------------------------
 
 def variants(src: Path, work: Path, tps: list[int], baseline: Path | None = None,
-             floor: bool = False) -> dict[str, tuple[Path | None, list[list[str]]]]:
+             floor: bool = False, tok_src: Path | None = None) -> dict[str, tuple[Path | None, list[list[str]]]]:
     v = {}
     if floor:  # what any converter that imports torch pays before its first byte (no output)
         v["import torch"] = (None, [[sys.executable, "-c", "import torch"]])
+        # and what resolving a tokenizer's class costs (the engine must record it: issue #14)
+        v["tokenizer class"] = (None, [[sys.executable, "-c", "from lmkiln.formats.tokenizer import resolved_tokenizer_class; "
+                                        f"assert resolved_tokenizer_class({str(BUNDLED)!r})"]])
     dst = work / "cp"
     v["cp"] = (dst, [["cp", "-r", str(src), str(dst)]])
     dst = work / "cp_sync"
@@ -273,6 +283,10 @@ def variants(src: Path, work: Path, tps: list[int], baseline: Path | None = None
         if baseline is not None:  # the same command with another lmkiln first on the path (e.g. an older src/)
             dst = work / f"engine_tp{tp}_baseline"
             v[f"{name} (baseline)"] = (dst, [["env", f"PYTHONPATH={baseline}", *cmd(dst)]])
+    if tok_src is not None:
+        dst = work / "engine_tokenizer"
+        v["convert (with tokenizer)"] = (dst, [[sys.executable, "-m", "lmkiln", "convert", "hf-to-engine", str(tok_src),
+                                                "-o", str(dst), "--force"]])
     return v
 
 
@@ -331,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true",
                     help="also time `python -c 'import torch'` (the fixed cost of any converter that imports torch)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--with-tokenizer", action="store_true",
+                    help="copy the bundled tokenizer's files into the synthetic checkpoint (as a real one carries them)")
     ap.add_argument("--json", type=Path, help="also write the summary and every run to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (a later run with the same --workdir reuses the model)")
     ap.add_argument("--_generate", nargs=4, help=argparse.SUPPRESS)
@@ -355,6 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"writing a synthetic ~{args.size_gb:g} GB fp16 Llama into {src} ...", file=sys.stderr, flush=True)
         info = generate(src, args.size_gb, args.shard_gb, args.seed)
+        tok_src = None
+        if args.with_tokenizer:  # the same weights (hard links, no second copy) with a tokenizer beside them
+            tok_src = work / "hf-llama-tokenizer"
+            shutil.rmtree(tok_src, ignore_errors=True)
+            tok_src.mkdir()
+            for p in src.iterdir():
+                os.link(p, tok_src / p.name)
+            for f in TOKENIZER_FILES:
+                shutil.copyfile(BUNDLED / f, tok_src / f)
         src_bytes = dir_bytes(src)
         print(f"  {info['params'] / 1e6:.0f}M params, {info['desc']['layers']} layers, {info['shards']} shards, "
               f"{src_bytes / GB:.3f} GB on disk ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -367,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  warning: load average {load:.2f} before measuring: other processes compete for the "
                   f"{os.cpu_count()} cores and the disk; see the others' load column", file=sys.stderr)
 
-        plan = variants(src, work, tps, args.baseline.absolute() if args.baseline else None, args.floor)
+        plan = variants(src, work, tps, args.baseline.absolute() if args.baseline else None, args.floor, tok_src)
         if args.no_cp_sync:
             plan.pop("cp+sync")
         runs: dict[str, list[dict]] = {name: [] for name in plan}
