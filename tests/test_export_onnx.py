@@ -377,7 +377,7 @@ def test_int8_engine_at_level_0_runs_dequantized(engines, exports, tmp_path):
     An int8 engine exported at level 0 for CPU gets its linears as float32 weights instead (the same
     exact product: parity is test_parity_with_engine_runner's "int8"), each listed with why in
     lmkiln_export.json and reported by the CLI; at level 4 they stay 8-bit MatMulNBits, and int4
-    linears stay MatMulNBits at either level."""
+    linears stay MatMulNBits at either level. The portable graph's exactness: test_parity's "int8-portable"."""
     from typer.testing import CliRunner
 
     from lmkiln.cli import app
@@ -400,6 +400,12 @@ def test_int8_engine_at_level_0_runs_dequantized(engines, exports, tmp_path):
     nbits = [{a.name: a.i for a in n.attribute} for n in onnx.load(str(tmp_path / "l4" / "model.onnx")).graph.node
              if n.op_type == "MatMulNBits" and n.input[1].startswith("layers.")]
     assert len(nbits) == len(linears) and all(a["bits"] == 8 and a["accuracy_level"] == 4 for a in nbits)
+    # The portable graph's DequantizeLinear + MatMul pairs: onnxruntime would fuse them into the same 8-bit
+    # level-0 MatMulNBits, so OnnxRunner turns QDQ fusions off for an int8 portable export at level 0 (the
+    # int8 weights fold to float32 at load); an int4 one keeps the fusion at its recorded level.
+    opts = lambda kind: OnnxRunner(exports[kind]).session.get_session_options()  # noqa: E731
+    assert opts("int8-portable").get_session_config_entry("session.disable_quant_qdq") == "1"
+    assert opts("int4-portable").get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "0"
 
 
 def test_int8_head_close_to_fp_head(tmp_path):
