@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmkiln.convert.architectures import get_architecture
-from lmkiln.convert.hf_config import engine_config_from_hf
+from lmkiln.convert.hf_to_engine import make_plan, role_shapes
 from lmkiln.errors import InputError
 from lmkiln.formats.engine import Engine, file_checksum, is_engine
 from lmkiln.formats.hf import HFCheckpoint
@@ -93,15 +92,21 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
             rows.append(("checksums", "not checked (--no-check)"))
         return "engine", rows
     ckpt = HFCheckpoint(path, allow_pickle=allow_pickle)
-    arch = get_architecture(ckpt.architecture)
-    rows = _model_rows(engine_config_from_hf(arch, ckpt.config))
+    # the checks convert runs before its first byte: every tensor accounted for, every shape as config.json implies
+    plan = make_plan(ckpt)
+    rows = _model_rows(plan.model)
     q = ckpt.config.get("quantization_config")
+    # parameters as the model has them: an AWQ linear counts its role's (out, in), not its packed, padded
+    # int32 words; its qzeros/scales are not weights
+    shapes = role_shapes(plan.model)
+    weights = [shapes[role] if n in plan.acc.quantized else ckpt.shape(n) for n, role in plan.acc.consumed.items()
+               if n not in plan.acc.quantized or n.endswith(".qweight")]
     rows += [
-        ("parameters", f"{_params(ckpt.shape(n) for n in ckpt.keys()):,}"),
+        ("parameters", f"{_params(weights):,}"),
         ("dtype", str(ckpt.source_dtype).replace("torch.", "")),
         ("quantization", "none" if not q else ", ".join(f"{k}={v}" for k, v in q.items() if k in ("quant_method", "bits", "group_size", "zero_point", "version"))),
         ("weight files", ", ".join(p.name for p in ckpt.weight_files())),
         ("tokenizer files", ", ".join(p.name for p in ckpt.tokenizer_files()) or "none"),
-        ("checksums", "n/a (HF checkpoints carry none); headers validated"),
+        ("checksums", "n/a (HF checkpoints carry none); headers, tensor names and shapes validated"),
     ]
     return "hf", rows

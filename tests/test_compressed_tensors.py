@@ -169,6 +169,11 @@ def test_cli_and_errors(tmp_path, monkeypatch):
     assert sha(tmp_path / "conv" / "model.safetensors") == sha(out / "model.safetensors")
     r = CliRunner().invoke(app, ["convert", "to-compressed-tensors", str(awq), "-o", str(tmp_path / "conv")], env=ENV)
     assert r.exit_code == 2 and "--force" in r.output  # never overwrites without it
+    # lmkiln's own compressed-tensors output given back as an input: said so, not an AWQ version lmkiln made up
+    for cmd in (["generate", str(out), "-p", "Hi", "-n", "2"], ["convert", "hf-to-engine", str(out), "-o", str(tmp_path / "e")]):
+        r = CliRunner().invoke(app, cmd, env=ENV)
+        assert r.exit_code == 2 and "compressed-tensors checkpoint is an output format only" in r.output, r.output
+        assert "'gemm'" not in r.output
     with pytest.raises(InputError, match="not an AWQ-GEMM checkpoint"):
         awq_to_compressed_tensors(STORIES, tmp_path / "x")
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # as if the extra were missing

@@ -5,6 +5,7 @@ portable graphs, HF sources converted on the fly, Triton layout, onnxruntime-gen
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +407,29 @@ def test_int8_engine_at_level_0_runs_dequantized(engines, exports, tmp_path):
     opts = lambda kind: OnnxRunner(exports[kind]).session.get_session_options()  # noqa: E731
     assert opts("int8-portable").get_session_config_entry("session.disable_quant_qdq") == "1"
     assert opts("int4-portable").get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "0"
+
+
+def test_bad_accuracy_level_and_damaged_exports(engines, exports, tmp_path):
+    """An accuracy level onnxruntime would refuse only at load time is refused at export, before
+    anything is written; a truncated model.onnx, or one onnxruntime cannot load, is one line naming
+    the file (InputError: exit 2), not an internal error after the reference model has run."""
+    for level in (7, -1):
+        with pytest.raises(InputError, match=f"--accuracy-level {level}: choose one of 0, 1, 2, 3, 4"):
+            export_onnx(engines["int4"], tmp_path / f"l{level}", accuracy_level=level)
+        assert not (tmp_path / f"l{level}").exists()
+    cut = tmp_path / "cut"
+    shutil.copytree(exports["int4"], cut)
+    (cut / "model.onnx").write_bytes((exports["int4"] / "model.onnx").read_bytes()[:3000])
+    with pytest.raises(InputError, match=r"model.onnx: not a readable ONNX model .*re-export it"):
+        OnnxRunner(cut)
+    bad = tmp_path / "bad"
+    shutil.copytree(exports["int4"], bad)
+    m = onnx.load(str(bad / "model.onnx"))
+    del m.graph.node[0]  # a node whose output others read: the graph no longer holds together
+    onnx.save(m, str(bad / "model.onnx"))
+    with pytest.raises(InputError, match=r"model.onnx: onnxruntime cannot load it \(\w+: .*re-export it") as e:
+        OnnxRunner(bad)
+    assert "\n" not in str(e.value)
 
 
 def test_int8_head_close_to_fp_head(tmp_path):

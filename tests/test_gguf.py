@@ -12,6 +12,7 @@ dequantized with its own `gguf.quants`, then compared with lmkiln's dequantized 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -272,6 +273,19 @@ def test_cli_errors_and_atomic_output(awq_stories, tmp_path):
         export_gguf(tmp_path / "missing", tmp_path / "x.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary siblings left
     assert export_gguf(awq_stories, out, force=True).path == out
+
+
+@pytest.mark.parametrize("damaged,needle", [("tokenizer.json", "tokenizer.json is not valid JSON"),
+                                             ("tokenizer_config.json", "cannot read the tokenizer's special tokens")])
+def test_damaged_tokenizer_is_one_line(awq_stories, damaged, needle, tmp_path):
+    """A truncated tokenizer file is named in one line (exit 2), as generate and verify name it, and
+    no GGUF is left behind."""
+    src = tmp_path / "src"
+    shutil.copytree(awq_stories, src)
+    (src / damaged).write_text('{"version": ', encoding="utf-8")
+    r = CliRunner().invoke(app, ["export", "gguf", str(src), "-o", str(tmp_path / "t.gguf")], env=ENV)
+    assert r.exit_code == 2 and needle in r.output and "internal error" not in r.output, r.output
+    assert not (tmp_path / "t.gguf").exists()
 
 
 def test_byte_level_bpe_tokenizer_becomes_a_gpt2_vocab(tmp_path):

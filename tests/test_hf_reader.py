@@ -103,6 +103,31 @@ def test_missing_architectures(tmp_path, tiny_llama):
         ck.architecture
 
 
+def test_architectures_not_a_list(tmp_path, tiny_llama):
+    """A string where the list of class names belongs is named as such, not read as its first letter."""
+    d = copy_tree(tiny_llama, tmp_path / "m")
+    edit_json(d / "config.json", lambda c: c.update(architectures="LlamaForCausalLM"))
+    with pytest.raises(InputError, match=r"'architectures' must be a list of class names.*not 'LlamaForCausalLM'"):
+        HFCheckpoint(d).architecture
+
+
+def test_single_file_beside_an_index_wins_as_in_transformers(tmp_path, tiny_llama, tiny_llama_sharded):
+    """model.safetensors beside a shard index: read model.safetensors, as transformers does, so the
+    reference runner and lmkiln never read different weights (here the shards hold other values)."""
+    d = copy_tree(tiny_llama_sharded, tmp_path / "m")
+    other = {n: t * 0.5 for n, t in _state_dict(tiny_llama).items()}
+    save_file(other, str(d / "model.safetensors"), metadata={"format": "pt"})
+    ck = HFCheckpoint(d)
+    assert [p.name for p in ck.weight_files()] == ["model.safetensors"]
+    for n, t in other.items():
+        assert torch.equal(ck.get(n), t), n
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(d).state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(ref[name], ck.get(name))
+
+
 # -- discovery errors ---------------------------------------------------------------------
 
 

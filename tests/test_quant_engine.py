@@ -29,6 +29,7 @@ from lmkiln.runtime.engine_model import EngineModel
 from lmkiln.runtime.qlinear import QuantLinear
 from lmkiln.runtime.generate import greedy_generate
 from lmkiln.runtime.session import generate_text
+from helpers import copy_tree, edit_json
 from quant_fixtures import MODELS, build_hf, write_awq
 
 # name -> (bits, group_size, symmetric)
@@ -374,3 +375,23 @@ def test_inspect_shows_quantization(stories_w4, quant_models, tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(engine)], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
     assert result.exit_code == 0, result.output
     assert "int4 g32 asym" in result.output
+
+
+def test_inspect_hf_validates_as_convert_does(stories_w4, tmp_path):
+    """inspect of an HF directory runs convert's checks (every tensor accounted for, shapes as
+    config.json implies) instead of calling a checkpoint "validated" that convert refuses; an AWQ
+    checkpoint's parameters are the model's (qweight unpacked), not its int32 words."""
+    awq, fake, _ = stories_w4
+    fp = dict(describe(fake)[1])
+    assert dict(describe(awq)[1])["parameters"] == fp["parameters"]
+    assert "shapes validated" in fp["checksums"]
+    bad = copy_tree(fake, tmp_path / "layers9")
+    edit_json(bad / "config.json", lambda c: c.update(num_hidden_layers=9))
+    with pytest.raises(CheckpointError, match="model.layers.5.input_layernorm.weight.*missing"):
+        describe(bad)
+    qstr = copy_tree(awq, tmp_path / "qstr")
+    edit_json(qstr / "config.json", lambda c: c.update(quantization_config="awq"))
+    with pytest.raises(CheckpointError, match="quantization_config must be an object"):
+        describe(qstr)
+    result = CliRunner().invoke(app, ["inspect", str(qstr)], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    assert result.exit_code == 2 and "quantization_config must be an object" in result.output, result.output

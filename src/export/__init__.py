@@ -26,6 +26,7 @@ EPS = ("cpu", "cuda")
 # builder's CPU default; docs/export-onnx.md "Accuracy level" has the measured cost), exact on CUDA.
 DEFAULT_ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
 HEAD_BITS = (0, 4, 8)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level: the type its activations are computed in
 
 
 def default_head_bits(ep: str, accuracy_level: int, quantized: bool, portable: bool) -> int:
@@ -79,6 +80,9 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
         raise InputError(f"head_bits {head_bits!r}: choose 0 (fp head), 4 or 8")
     if accuracy_level is None:
         accuracy_level = DEFAULT_ACCURACY_LEVEL[ep]
+    if accuracy_level not in ACCURACY_LEVELS:  # onnxruntime refuses others only when the model is loaded
+        raise InputError(f"--accuracy-level {accuracy_level}: choose one of {', '.join(map(str, ACCURACY_LEVELS))} "
+                         "(0 exact, 4 int8 activations)")
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source}: no such engine or model directory")

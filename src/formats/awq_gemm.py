@@ -56,7 +56,12 @@ def awq_spec(config: dict) -> AwqSpec | None:
     q = config.get("quantization_config")
     if not q:
         return None
+    if not isinstance(q, dict):
+        raise CheckpointError(f"config.json: quantization_config must be an object (e.g. {{\"quant_method\": \"awq\", ...}}), not {q!r}")
     method = str(q.get("quant_method", "")).lower()
+    if method == "compressed-tensors":  # lmkiln writes this format; it does not read it back
+        raise CheckpointError("a compressed-tensors checkpoint is an output format only here; give the AWQ-GEMM directory "
+                              "or the engine it was made from")
     version = str(q.get("version", "gemm")).lower()
     bits = q.get("bits", q.get("w_bit"))
     if method != "awq" or bits not in VERSIONS or version != VERSIONS[bits]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lmkiln.errors import InputError
+from lmkiln.formats.hf import read_json
 from lmkiln.formats.qtensor import QTensor
 
 try:  # a declared dependency; imported lazily by the commands, so keep the error one line
@@ -449,7 +450,7 @@ def add_tokenizer(w, tok_dir: Path, vocab_size: int, eos_ids: list[int]) -> dict
     from tokenizer_config.json / tokenizer.json (gguf.SpecialVocab).
     """
     tok_dir = Path(tok_dir)
-    tj = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8")) if (tok_dir / "tokenizer.json").is_file() else {}
+    tj = read_json(tok_dir / "tokenizer.json", "tokenizer.json") if (tok_dir / "tokenizer.json").is_file() else {}
     added = {int(t["id"]): t for t in tj.get("added_tokens", [])}
     warnings: list[str] = []
     if (tok_dir / "tokenizer.model").is_file():
@@ -506,6 +507,9 @@ def add_tokenizer(w, tok_dir: Path, vocab_size: int, eos_ids: list[int]) -> dict
     log.setLevel(logging.ERROR)
     try:
         special = gguf.SpecialVocab(tok_dir, load_merges=merges, n_vocab=vocab_size)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as e:  # a damaged tokenizer_config.json & co
+        raise InputError(f"{tok_dir}: cannot read the tokenizer's special tokens ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); repair or replace the tokenizer files") from None
     finally:
         log.setLevel(level)
     if "eos" not in special.special_token_ids and eos_ids:

@@ -69,10 +69,12 @@ class HFCheckpoint:
         self.weight_map: dict[str, str] = {}  # tensor name -> file name
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.is_pickle = False
-        if (self.path / SAFETENSORS_INDEX).exists():
-            self._load_sharded()
-        elif (self.path / "model.safetensors").exists():
+        # transformers' order: a model.safetensors beside an index wins (a stale consolidated copy or a
+        # stale shard set would otherwise make lmkiln and the reference runner read different weights)
+        if (self.path / "model.safetensors").exists():
             self._add_file("model.safetensors", None)
+        elif (self.path / SAFETENSORS_INDEX).exists():
+            self._load_sharded()
         elif any((self.path / n).exists() for n in PICKLE_NAMES) or list(self.path.glob("pytorch_model-*.bin")):
             if not allow_pickle:
                 raise InputError(
@@ -183,6 +185,9 @@ class HFCheckpoint:
         archs = self.config.get("architectures") or []
         if not archs:
             raise InputError(f"{self.path / 'config.json'}: no 'architectures' entry; cannot tell which model this is")
+        if not isinstance(archs, list) or not isinstance(archs[0], str):
+            raise InputError(f"{self.path / 'config.json'}: 'architectures' must be a list of class names, "
+                             f'e.g. ["LlamaForCausalLM"], not {archs!r}')
         return archs[0]
 
     @property

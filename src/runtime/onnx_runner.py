@@ -35,8 +35,14 @@ class OnnxCache:
 
 def _metadata(model_file: Path) -> dict[str, str]:
     import onnx
+    from google.protobuf.message import DecodeError
 
-    return {p.key: p.value for p in onnx.load(str(model_file), load_external_data=False).metadata_props}
+    try:
+        model = onnx.load(str(model_file), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as e:  # truncated or overwritten: fail before any work, in one line
+        raise InputError(f"{model_file}: not a readable ONNX model ({type(e).__name__}); re-export it with "
+                         "`lmkiln export onnx`") from None
+    return {p.key: p.value for p in model.metadata_props}
 
 
 class OnnxRunner:
@@ -72,7 +78,15 @@ class OnnxRunner:
             # onnxruntime fuses a portable graph's DequantizeLinear + MatMul into MatMulNBits with
             # int8 activations (accuracy level 4) by default; keep the export's recorded level.
             opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
-        self.session = ort.InferenceSession(str(model_file), opts, providers=[PROVIDERS[provider]])
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        load_errors = tuple(getattr(ort_errors, n) for n in ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile",
+                                                             "InvalidProtobuf", "NotImplemented") if hasattr(ort_errors, n))
+        try:
+            self.session = ort.InferenceSession(str(model_file), opts, providers=[PROVIDERS[provider]])
+        except load_errors as e:  # onnxruntime's own types (not RuntimeError), each a multi-line message
+            raise InputError(f"{model_file}: onnxruntime cannot load it ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:240]}); re-export it with `lmkiln export onnx`") from None
         self.device = provider
         self.graph_kind = meta.get("lmkiln.graph", "contrib")
         self.config = json.loads(meta["lmkiln.model"]) if "lmkiln.model" in meta else {}
