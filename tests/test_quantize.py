@@ -355,6 +355,25 @@ def test_resume_after_interrupt_while_saving_a_layer(tmp_path, monkeypatch):
     assert sha256(out / "model.safetensors") == sha256(ref / "model.safetensors")
 
 
+@pytest.mark.parametrize("damage", ["layer0.safetensors", "layer1.json", "hidden1.pt"])
+def test_resume_from_damaged_state_is_one_line(damage, tmp_path, monkeypatch):
+    """A state file cut short (a disk fault; every state file is now fsynced before its rename, so a
+    power loss should not do it) is named in one line with the way out, not an internal error."""
+    small = CalibOptions(n_samples=4, seqlen=64)
+    out = tmp_path / "q"
+    monkeypatch.setenv(STOP_ENV, "1")
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(STORIES, out, W4, small)
+    monkeypatch.delenv(STOP_ENV)
+    f = tmp_path / ".q.lmkiln-partial" / "state" / damage
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(InputError, match=r"the resume state of (layer \d|the input of layer 2) is damaged .*"
+                                         r"run without --resume to start over") as e:
+        quantize_model(STORIES, out, W4, small, resume=True)
+    assert "\n" not in str(e.value)
+    assert quantize_model(STORIES, out, W4, small).output == out  # and starting over works
+
+
 def test_resume_refuses_changed_options_or_calibration(tmp_path, monkeypatch):
     small = CalibOptions(n_samples=4, seqlen=64)
     out = tmp_path / "q"

@@ -185,6 +185,9 @@ def test_dry_run_reads_headers_only(tmp_path, monkeypatch):
     for what in ("decoder layers", "peak host RAM", "output on disk", "resume state on disk", "free disk"):
         assert what in r.output, (what, r.output)
     assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []
+    # the plan of an output in a folder that does not exist yet: free disk of the nearest existing folder (it raised)
+    plan = plan_quantize(STORIES, tmp_path / "new" / "q", QuantOptions(bits=4, group_size=32), compute=resolve_compute("cpu", "fp32"))
+    assert plan.free_disk > 0 and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("method", ["awq", "rtn"])

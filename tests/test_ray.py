@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,25 @@ def test_cli_ray_errors(tmp_path, monkeypatch):
     assert r.exit_code == 2, r.output
     assert "pip install 'lmkiln[ray]'" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.lmkiln-partial").exists()
+
+
+def test_unreachable_cluster_is_one_line_in_seconds(tmp_path):
+    """An address nothing listens on: one line naming it, at once (Ray alone retried for minutes,
+    printing its own log lines)."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    r = CliRunner().invoke(app, ["quantize", str(STORIES), "--w4a16", "--group-size", "32", "-o", str(tmp_path / "out"),
+                                 "--ray", f"127.0.0.1:{port}"],
+                           env=ENV)
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]  # after the plan's info lines: the one-line error
+    assert last.startswith(f"error: --ray 127.0.0.1:{port}: cannot reach a Ray cluster there"), r.output
+    assert time.monotonic() - t < 30
+    assert not (tmp_path / "out").exists()
 
 
 def test_job_threads_are_part_of_the_fingerprint(tmp_path, monkeypatch):

@@ -23,7 +23,6 @@ measured runs (docs/BENCHMARKS.md compares estimate and measurement).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from lmkiln.convert.quantized import module_name
 from lmkiln.formats.awq_gemm import PACK
 from lmkiln.formats.packing import round_up
 from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.space import free_bytes
 from lmkiln.quant.awq import QuantOptions, input_owners, linear_roles, micro, resolve_chunk
 from lmkiln.quant.job import Compute
 
@@ -178,7 +178,7 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     n = model["num_layer"]
     output = int(fp_global + n * q_layer)
     state = int(n * q_layer + (n_tokens * h * b * 2 if awq else 0))
-    free = shutil.disk_usage(Path(out_dir).absolute().parent).free
+    free = free_bytes(Path(out_dir).absolute().parent)  # the nearest existing folder: --dry-run may name a new one
     return QuantPlan(n, per_layer, per_layer * src_b, largest, weights, search, hidden, chunk, clip, hidden_on_device,
                      int(peak_device), int(peak_host), output, state, free, compute, n_tokens, hessians)
 

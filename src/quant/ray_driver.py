@@ -56,6 +56,20 @@ def import_ray():
     return ray
 
 
+def unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to a Ray address's host:port does not open within `timeout`
+    seconds, or None when it does. Ray itself retries a dead address for minutes, printing
+    its own log lines; an address that is not host:port ("auto") is left to Ray."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 @dataclass
 class RayDriver:
     """A driver for quantize_model(driver=...): yields finished layers in layer order.
@@ -96,11 +110,16 @@ class RayDriver:
 
     def _connect(self, ray) -> bool:
         """Join or start a runtime; True when this driver started it (and stops it)."""
+        local = self.address in (None, "", "local")
+        why = None if local else unreachable(self.address)
+        if why:
+            raise InputError(f"--ray {self.address}: cannot reach a Ray cluster there ({why}); start one "
+                             "(`ray start --head`) or check the address (host:6379 or ray://host:10001)")
         if ray.is_initialized():
             return False
         kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
-            if self.address in (None, "", "local"):
+            if local:
                 ray.init(num_cpus=os.cpu_count(), **kw)
             else:
                 ray.init(address=self.address, **kw)

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmkiln.errors import InputError
@@ -33,10 +34,31 @@ from lmkiln.formats.awq_gemm import AwqSpec, read_qlinear
 from lmkiln.quant.job import LayerResult
 
 
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Rename tmp over path once its bytes are on disk: after a power loss a state file is
+    either absent or whole, never a name over bytes that were still in the page cache."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def _atomic_save(tensors: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    _replace_durably(tmp, path)
+
+
+# What reading a damaged state file raises (truncated safetensors / JSON / torch.save, a missing tensor).
+DAMAGED = (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError, EOFError)
 
 
 class ResumeState:
@@ -58,7 +80,7 @@ class ResumeState:
         elif resume:
             info("nothing to resume; starting from the first layer")
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+        _atomic_write_text(self.dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
 
     def _layer(self, i: int) -> Path:
         return self.dir / f"layer{i}.safetensors"
@@ -77,7 +99,7 @@ class ResumeState:
         """The input of layer i + 1; kept until layer i + 1 is saved."""
         tmp = self.dir / "hidden.tmp"
         torch.save(hidden.cpu() if hidden.device.type != "cpu" else hidden, tmp)
-        os.replace(tmp, self.dir / f"hidden{i}.pt")
+        _replace_durably(tmp, self.dir / f"hidden{i}.pt")
 
     def save(self, res: LayerResult, module_of, hidden: torch.Tensor | None = None) -> None:
         """Persist a finished layer; `module_of(role, i)` names its HF linear module.
@@ -88,20 +110,30 @@ class ResumeState:
         for role in res.qtensors:
             module = module_of(role, res.index)
             tensors.update({f"{module}.{k}": v for k, v in res.awq_gemm(role).items()})
-        (self.dir / f"layer{res.index}.json").write_text(json.dumps(res.report))
+        _atomic_write_text(self.dir / f"layer{res.index}.json", json.dumps(res.report))
         _atomic_save(tensors, self._layer(res.index))  # last: its presence marks the layer done
         (self.dir / f"hidden{res.index - 1}.pt").unlink(missing_ok=True)
 
     def load(self, i: int, spec: AwqSpec, linears: dict[str, tuple[str, tuple[int, int]]]) -> LayerResult:
         """Layer i as saved; `linears`: role -> (HF module, (out, in)) of its quantized linears."""
-        with safe_open(str(self._layer(i)), framework="pt") as f:
-            names = set(f.keys())
-            qts = {role: read_qlinear(f.get_tensor, module, spec, *shape) for role, (module, shape) in linears.items()}
-            quantized = {f"{m}.{s}" for m, _ in linears.values() for s in ("qweight", "qzeros", "scales")}
-            fp = {n: f.get_tensor(n) for n in sorted(names - quantized)}
-        report = json.loads((self.dir / f"layer{i}.json").read_text())
+        try:
+            with safe_open(str(self._layer(i)), framework="pt") as f:
+                names = set(f.keys())
+                qts = {role: read_qlinear(f.get_tensor, module, spec, *shape) for role, (module, shape) in linears.items()}
+                quantized = {f"{m}.{s}" for m, _ in linears.values() for s in ("qweight", "qzeros", "scales")}
+                fp = {n: f.get_tensor(n) for n in sorted(names - quantized)}
+            report = json.loads((self.dir / f"layer{i}.json").read_text())
+        except DAMAGED as e:
+            raise self._damaged(f"layer {i}", e) from None
         return LayerResult(i, qts, fp, report)
 
     def hidden(self, i: int) -> torch.Tensor:
         """The saved input of layer i + 1."""
-        return torch.load(self.dir / f"hidden{i}.pt", weights_only=True)
+        try:
+            return torch.load(self.dir / f"hidden{i}.pt", weights_only=True)
+        except DAMAGED as e:
+            raise self._damaged(f"the input of layer {i + 1}", e) from None
+
+    def _damaged(self, what: str, e: Exception) -> InputError:
+        return InputError(f"{self.dir.parent}: the resume state of {what} is damaged ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160] if str(e) else 'unreadable'}); run without --resume to start over")
