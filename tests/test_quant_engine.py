@@ -364,6 +364,29 @@ def test_stories260k_w4_engine_matches_and_generates(stories_w4):
     assert generate_text(awq, ["Once upon a time"], 24) == [text]
 
 
+def test_generation_refuses_past_the_context_and_vocabulary(stories_w4):
+    """Prompt + new tokens past the model's 512 positions would degrade without a word (and a
+    huge count allocated a cache for all of it: exit 3); ids past the vocabulary mean a tokenizer
+    of another model (was an IndexError). Both are one-line input errors, before any work."""
+    _, _, engine = stories_w4
+    model = EngineModel.from_path(engine)
+    assert greedy_generate(model, [[1] * 500], 12)  # 512 positions: fits
+    with pytest.raises(InputError, match=r"the prompt \(500 tokens\) plus 13 new tokens exceed the model's context of 512 "
+                                         r"positions; .* at most 12 new tokens"):
+        greedy_generate(model, [[1] * 500], 13)
+    with pytest.raises(InputError, match="exceed the model's context of 512"):
+        generate_text(engine, ["Once upon a time"], 10 ** 9)
+    with pytest.raises(InputError, match=r"token id 512 is outside the model's vocabulary \(512 ids\)"):
+        greedy_generate(model, [[1, 512]], 2)
+    # NaN in a weight (convert copies bytes without reading them): the first logits say so, not an empty text
+    norm = model.layers[0].attention_norm
+    bad = norm.weight.detach().clone()  # a copy: the model's tensors may map the engine's files
+    bad[0] = float("nan")
+    norm.weight = torch.nn.Parameter(bad, requires_grad=False)
+    with pytest.raises(InputError, match="logits are NaN or Inf"):
+        greedy_generate(model, [[1, 2, 3]], 2)
+
+
 def test_inspect_shows_quantization(stories_w4, quant_models, tmp_path):
     _, _, engine = stories_w4
     rows = dict(describe(engine)[1])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from lmkiln.errors import InputError
+
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> (ids, mask), both (B, T_max), padded on the left
@@ -25,11 +27,37 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def context_length(model) -> int | None:
+    """The positions the model was made for: lmkiln runners keep the engine's model block
+    (a dict), the transformers runner its model's config."""
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, dict):
+        return cfg.get("max_position_embeddings")
+    return getattr(getattr(getattr(model, "model", None), "config", None), "max_position_embeddings", None)
+
+
+def check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse what would silently go wrong: prompt + new tokens past the model's context
+    (rotary positions it never saw: the text degrades without a word, and a huge count
+    allocates a cache for all of it) and token ids past its vocabulary (a tokenizer that
+    does not belong to the model)."""
+    longest = max((len(p) for p in prompts), default=0)
+    ctx = context_length(model)
+    if ctx and longest + max_new_tokens > ctx:
+        raise InputError(f"the prompt ({longest} tokens) plus {max_new_tokens} new tokens exceed the model's context of "
+                         f"{ctx} positions; shorten the prompt or ask for at most {max(ctx - longest, 0)} new tokens")
+    top = max((max(p) for p in prompts if p), default=-1)
+    if top >= model.vocab_size:
+        raise InputError(f"token id {top} is outside the model's vocabulary ({model.vocab_size} ids): the tokenizer "
+                         "does not belong to this model")
+
+
 @torch.inference_mode()
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int] | tuple[int, ...] = (),
                     static: bool | None = None) -> list[list[int]]:
     """New tokens per prompt (argmax each step), stopping a row at its first EOS (kept).
     `static`: decode through `static_greedy` (default: for a runner with `step` on CUDA)."""
+    check_prompts(model, prompts, max_new_tokens)
     device = getattr(model, "device", None)
     if static is None:
         static = hasattr(model, "step") and device is not None and torch.device(device).type == "cuda"
@@ -39,6 +67,9 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
     B = ids.shape[0]
     cache = model.new_cache(B, ids.shape[1] + max_new_tokens)
     logits = model.forward(ids, mask, cache)[:, -1]
+    if not bool(torch.isfinite(logits).all()):  # argmax of NaN is token 0: it would "generate" silently
+        raise InputError("the model's logits are NaN or Inf: its weights hold NaN/Inf values (a damaged checkpoint; "
+                         "`lmkiln quantize` names the tensor)")
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     eos = torch.tensor(list(eos_ids), dtype=torch.long)
