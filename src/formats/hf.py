@@ -79,7 +79,8 @@ class HFCheckpoint:
             if not allow_pickle:
                 raise InputError(
                     f"{self.path}: only pickle (.bin) weights found; pickle can run arbitrary code when loaded. "
-                    "Convert them to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
+                    "Convert them to safetensors, or to an engine with `lmkiln convert hf-to-engine --allow-pickle` "
+                    "(loaded with torch.load(weights_only=True)) and use that"
                 )
             self._load_pickle()
         else:
@@ -131,7 +132,9 @@ class HFCheckpoint:
             try:
                 sd = torch.load(self.path / fname, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # torch raises many types for a bad pickle
-                raise CheckpointError(f"{self.path / fname}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""  # torch's are paragraphs
+                raise CheckpointError(f"{self.path / fname}: cannot load with weights_only=True ({type(e).__name__}: {first}); "
+                                      "it holds more than tensors (code a pickle may run): get safetensors weights") from None
             self._pickle_cache[fname] = sd
             for name, t in sd.items():
                 self.weight_map[name] = fname
