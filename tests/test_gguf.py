@@ -288,6 +288,22 @@ def test_damaged_tokenizer_is_one_line(awq_stories, damaged, needle, tmp_path):
     assert not (tmp_path / "t.gguf").exists()
 
 
+def test_nan_weights_are_refused_where_gguf_quantizes(tmp_path):
+    """An fp source with a NaN in a weight: quantizing it to Q4_0 wrote NaN scales with numpy
+    warnings and exit 0; now one line naming the GGUF tensor, and no file."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "nan"
+    shutil.copytree(bundled_model_path(), src)
+    sd = load_file(str(src / "model.safetensors"))
+    sd["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    r = CliRunner().invoke(app, ["export", "gguf", str(src), "-o", str(tmp_path / "n.gguf"), "--type", "q4_0"], env=ENV)
+    assert r.exit_code == 2, r.output
+    assert "blk.1.attn_q.weight (engine layer 1): weight of shape" in r.output and "NaN or Inf" in r.output, r.output
+    assert not (tmp_path / "n.gguf").exists()
+
+
 def test_byte_level_bpe_tokenizer_becomes_a_gpt2_vocab(tmp_path):
     """Llama 3 / Qwen style tokenizers: tokens by id, merges, types, llama.cpp's pre-tokenizer name."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers

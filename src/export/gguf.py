@@ -222,6 +222,8 @@ def encode(x, stype: str, how: str, shape: tuple[int, ...]) -> tuple[np.ndarray,
     if tuple(w.shape) != tuple(shape):
         raise AssertionError(f"internal: tensor of shape {w.shape}, planned {shape}")
     if stype in G.BLOCK_TYPES:
+        if not np.isfinite(w).all():  # GGUF's quantizer would write NaN scales (numpy warnings) and exit 0
+            raise InputError(f"weight of shape {tuple(w.shape)} contains NaN or Inf values; the source is damaged")
         return G.quantize(w, stype), {}
     return w.astype(np.float16 if stype == "f16" else np.float32), {}
 
@@ -291,7 +293,10 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
                     layer, cache = s.layer, layer_tensors(engine, s.layer, gm, arch.gguf_rope_interleaved)
                 x = cache[s.role] if s.layer is not None else glob[s.role]
                 st, how, _ = decided[s.name]
-                data, stats = encode(x, st, how, s.shape)
+                try:
+                    data, stats = encode(x, st, how, s.shape)
+                except InputError as e:
+                    raise InputError(f"{s.name} (engine layer {s.layer}): {e}" if s.layer is not None else f"{s.name}: {e}") from None
                 if stats:
                     m_stats.append(stats)
                 w.write_tensor_data(data)
