@@ -8,6 +8,7 @@ so logits must agree to float32 noise (1e-4), for every family, quantization and
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -385,6 +386,22 @@ def test_generation_refuses_past_the_context_and_vocabulary(stories_w4):
     norm.weight = torch.nn.Parameter(bad, requires_grad=False)
     with pytest.raises(InputError, match="logits are NaN or Inf"):
         greedy_generate(model, [[1, 2, 3]], 2)
+
+
+def test_generate_names_the_users_paths(tmp_path):
+    """Errors after an on-the-fly conversion name the user's directory, not the temporary engine
+    made from it; a file (a GGUF, say) is called a file, not 'no such directory'."""
+    src = tmp_path / "weights-only"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copyfile(bundled_model_path() / f, src / f)
+    with pytest.raises(InputError, match=rf"^{src} \(as a temporary engine\): cannot load the tokenizer") as e:
+        generate_text(src, ["Once"], 2)
+    assert "lmkiln-engine-" not in str(e.value)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(InputError, match=r"m.gguf: a file, not an engine or model directory \(GGUF files are read by"):
+        generate_text(gguf, ["Once"], 2)
 
 
 def test_inspect_shows_quantization(stories_w4, quant_models, tmp_path):

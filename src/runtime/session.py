@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, LmkilnError
 from lmkiln.formats.engine import is_engine
 
 
@@ -21,12 +21,21 @@ def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]
     if is_engine(source):
         yield source
         return
+    if source.is_file():
+        gguf = " (GGUF files are read by `lmkiln verify` as its candidate only)" if source.suffix == ".gguf" else ""
+        raise InputError(f"{source}: a file, not an engine or model directory{gguf}")
     if not source.is_dir():
         raise InputError(f"{source}: no such engine or model directory")
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 
     with tempfile.TemporaryDirectory(prefix="lmkiln-engine-") as tmp:
-        yield convert_hf_to_engine(source, Path(tmp) / "engine", allow_pickle=allow_pickle)
+        engine = Path(tmp) / "engine"
+        try:
+            yield convert_hf_to_engine(source, engine, allow_pickle=allow_pickle)
+        except LmkilnError as e:  # name the user's directory, not the temporary engine made from it
+            if str(engine) not in str(e):
+                raise
+            raise type(e)(str(e).replace(str(engine), f"{source} (as a temporary engine)")) from None
 
 
 def check_device(device: str) -> torch.device:
