@@ -66,7 +66,7 @@ echo "== 3/5 verify: the int4 engine against the original (the quality gate)"
 status=0
 lmkiln verify "$MODEL" "$ENGINE" "${data[@]}" --max-tokens "$MAX_TOKENS" --max-new-tokens "$MAX_NEW_TOKENS" \
     --max-ppl-increase "$MAX_PPL_INCREASE" --max-kl "$MAX_KL" --min-top1 "$MIN_TOP1" \
-    --report "$OUT_DIR/verify.json" --plot "$OUT_DIR/verify.png" || status=$?
+    --report "$OUT_DIR/verify.json" --plot "$OUT_DIR/verify.png" "${force[@]}" || status=$?
 if (( status != 0 )); then
     echo "verify failed with exit $status (1 = degraded, see $OUT_DIR/verify.json); not exporting" >&2
     exit "$status"
@@ -81,6 +81,6 @@ echo "== 5/5 verify: onnxruntime on the export against the torch engine (the exp
 # The export moves the int4 codes as they are, so ORT and the engine agree to float rounding:
 # thresholds far tighter than the quantization gate.
 lmkiln verify "$ENGINE" "$ONNX" "${data[@]}" --max-tokens "$MAX_TOKENS" --max-new-tokens "$MAX_NEW_TOKENS" \
-    --max-ppl-increase 0.1 --max-kl 1e-4 --min-top1 0.99 --report "$OUT_DIR/verify-onnx.json"
+    --max-ppl-increase 0.1 --max-kl 1e-4 --min-top1 0.99 --report "$OUT_DIR/verify-onnx.json" "${force[@]}"
 
 echo "done: $AWQ  $ENGINE  $ONNX  (reports: $OUT_DIR/quant-report.json, verify.json, verify.png, verify-onnx.json)"

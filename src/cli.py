@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +36,16 @@ err = Console(stderr=True)
 STATE = {"debug": False}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a scheduler's preemption), raised in the main thread like Ctrl-C so
+    every `finally` and context manager removes its temporaries: Python's default would exit
+    at once and leave model-sized `.NAME.lmkiln-tmp-*` and /tmp/lmkiln-engine-* copies behind."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def guarded(fn):
     """Turn errors into one line and an exit code."""
 
@@ -49,9 +60,10 @@ def guarded(fn):
                 raise
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]; no output was left half-written")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            term = isinstance(e, Terminated)
+            err.print(f"[bold red]{'terminated (SIGTERM)' if term else 'interrupted'}[/]; no output was left half-written")
+            raise typer.Exit(143 if term else 130) from None
         except Exception as e:
             if STATE["debug"]:
                 raise
@@ -80,12 +92,14 @@ def progress_bar() -> Progress:
                     TimeRemainingColumn(), console=err, transient=False)
 
 
-def check_writable(path: Optional[Path], option: str) -> None:
-    """Refuse an output file whose directory is missing before any work, not after it."""
-    from lmkiln.errors import InputError
+def check_writable(path: Optional[Path], option: str, force: bool, inputs=(), outputs=()) -> None:
+    """Refuse a --report file before any work, not after it: what formats/atomic.check_output_file
+    refuses (a directory, an existing file without --force, an input or a file inside one, a
+    missing or unwritable directory), and a file that is or sits inside another output of the run."""
+    from lmkiln.formats.atomic import check_output_file
 
-    if path is not None and not path.absolute().parent.is_dir():
-        raise InputError(f"{option} {path}: directory {path.absolute().parent} does not exist")
+    if path is not None:
+        check_output_file(path, force, tuple(inputs), option, outputs)
 
 
 class LazyProgress:
@@ -200,12 +214,13 @@ def export_gguf_cmd(
     gtype: str = typer.Option("auto", "--type", help="auto (AWQ int4 -> q4_1, or q4_0 if symmetric; int8 -> q8_0; fp -> f16), "
                               "f32, f16, q8_0, q4_0, q4_1."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the export report (JSON) here."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (and --report file)."),
 ):
     """Export one GGUF file for llama.cpp and Ollama; AWQ codes become Q4_1/Q4_0/Q8_0 blocks as they are."""
     from lmkiln.export.gguf import export_gguf
+    from lmkiln.formats.atomic import write_json
 
-    check_writable(report, "--report")
+    check_writable(report, "--report", force, (source,), (output,))
     with LazyProgress("exporting") as bar:
         res = export_gguf(source, output, gtype=gtype, force=force, progress=lambda name, n: bar.advance(), on_info=bar.print)
     rep = res.report
@@ -215,7 +230,7 @@ def export_gguf_cmd(
         out.print(f"q4_1 m = -scale*zero rounded to fp16: max |error| {m['max_abs_err']:.3g} "
                   f"({m['max_err_steps']:.3g} of a step), rms {m['rms_err']:.3g} over {m['blocks']} blocks", highlight=False)
     if report is not None:
-        report.write_text(json.dumps(rep, indent=1) + "\n", encoding="utf-8")
+        write_json(report, rep, force, (source,))
     out.print(f"[green]wrote[/] {res.path}")
 
 
@@ -244,7 +259,7 @@ def quantize_cmd(
                            "lmdeploy); compressed-tensors: pack-quantized HF directory (vLLM, SGLang; pip install "
                            "'lmkiln[compressed-tensors]'); engine: an lmkiln engine."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (and --report file)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the quantization report (JSON) here."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N: where every step runs."),
     dtype: str = typer.Option("auto", "--dtype", help="Calibration precision: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16. The output keeps the source dtype."),
@@ -272,18 +287,20 @@ def quantize_cmd(
                         min_expert_tokens=min_expert_tokens, calib_inputs=calib_inputs)
     calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
     if dry_run:
+        note = _dry_run_output(output, force, model)
         compute = resolve_compute(device, dtype)
         if not probe:
             _plan_table(plan_quantize(model, output, opts, calib_opts, compute, to=to))
-            return
-        res = quantize_model(model, output, opts, calib_opts, to=to, device=device, dtype=dtype, probe_only=True)
-        secs = res.report["layers"][0]["seconds"]
-        _plan_table(res.plan, [("seconds for one layer (probe)", f"{secs:.1f} s"),
-                               ("estimated total", f"{secs * res.plan.n_layers / 60:.1f} min for {res.plan.n_layers} layers")])
+        else:
+            res = quantize_model(model, output, opts, calib_opts, to=to, device=device, dtype=dtype, probe_only=True)
+            secs = res.report["layers"][0]["seconds"]
+            _plan_table(res.plan, [("seconds for one layer (probe)", f"{secs:.1f} s"),
+                                   ("estimated total", f"{secs * res.plan.n_layers / 60:.1f} min for {res.plan.n_layers} layers")])
+        if note:
+            out.print(f"[yellow]note[/] the real run would stop here: {escape(note)}", highlight=False, soft_wrap=True)
         return
     if workers and ray is None:
         raise InputError("--workers goes with --ray")
-    check_writable(report, "--report")
     with LazyProgress("layers") as bar:
         driver, on_layer = None, (lambda i, n, rep: bar.update(i + 1, n))
         if ray is not None:
@@ -303,6 +320,19 @@ def quantize_cmd(
     dev = result.report["totals"].get("peak_device_mb")
     out.print(f"[green]wrote[/] {result.output}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB"
               + (f", peak device memory {dev:.0f} MB" if dev else "") + ")")
+
+
+def _dry_run_output(output: Path, force: bool, model: Path) -> Optional[str]:
+    """The output check the real run makes first: an output it could never write (inside the input,
+    no parent, read-only) is refused as it would be; an existing one is a note, as --force may follow."""
+    from lmkiln.errors import OutputExistsError
+    from lmkiln.formats.atomic import check_output
+
+    try:
+        check_output(output, force, inputs=(model,))
+    except OutputExistsError as e:
+        return str(e)
+    return None
 
 
 def _plan_table(plan, extra=()) -> None:
@@ -353,23 +383,28 @@ def verify_cmd(
     min_top5: Optional[float] = typer.Option(None, "--min-top5", help="Fail below this top-5 agreement: share of positions where the reference's top-1 token is in the candidate's top 5 (0..1; no default)."),
     min_p_top: Optional[float] = typer.Option(None, "--min-p-top", help="Fail below this mean probability the candidate gives the reference's top-1 token (0..1; no default)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: per-window NLL of both, KL histogram."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write an image (type from the name: .png, .svg, .pdf, ...): per-window NLL of both, KL histogram."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip checking engines' weight files against their checksums."),
+    force: bool = typer.Option(False, "--force", help="Replace existing --report / --plot files (never an input)."),
 ):
     """Compare REFERENCE with CANDIDATE: perplexity, KL, top-1, greedy match. Exit 0 pass, 1 fail, 2 bad input."""
-    from lmkiln.verify.verify import VerifyOptions, run_verify, write_plot
+    from lmkiln.formats.atomic import write_json
+    from lmkiln.verify.verify import VerifyOptions, check_plot, run_verify, write_plot
 
     opts = VerifyOptions(data=data, seqlen=seqlen, max_tokens=max_tokens, prompts=prompts, max_new_tokens=max_new_tokens,
                          runner=runner, device=device, dtype=dtype, reference_device=reference_device,
                          score_second_half=score_second_half,
                          max_ppl_increase=max_ppl_increase, max_kl=max_kl, min_top1=min_top1, min_top5=min_top5,
                          min_p_top=min_p_top, check=not no_check)
-    check_writable(report, "--report"), check_writable(plot, "--plot")
+    inputs = tuple(p for p in (reference, candidate, data, prompts) if p is not None)
+    check_writable(report, "--report", force, inputs, (plot,))
+    if plot is not None:
+        check_plot(plot, force, inputs, (report,))
     with LazyProgress("windows") as bar:
         res = run_verify(reference, candidate, opts, progress=lambda k, n: bar.update(k, n))
     r = res.report
     for w in res.warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     table = Table(title=f"verify: {candidate} vs {reference}")
     for col in ("metric", "reference", "candidate", "threshold", ""):
         table.add_column(col)
@@ -399,9 +434,9 @@ def verify_cmd(
     out.print(f"  {p['scored_tokens']} tokens scored in {p['windows']} windows of {p['seqlen']}; "
               f"reference {r['runners']['reference']}, candidate {r['runners']['candidate']}", highlight=False)
     if report:
-        report.write_text(json.dumps(r, indent=1))
+        write_json(report, r, force, inputs)
     if plot:
-        write_plot(res, plot)
+        write_plot(res, plot, force, inputs)
     if not res.passed:
         for f in res.failures:
             err.print(f"[bold red]FAIL[/] {f}", highlight=False)
@@ -416,7 +451,8 @@ def inspect_cmd(
     check: bool = typer.Option(True, "--check/--no-check", help="Hash an engine's weight files against its manifest."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin pickle weights (loaded with weights_only=True)."),
 ):
-    """Show architecture, sizes, dtype/quantization, ranks and checksum status."""
+    """Show architecture, sizes, dtype/quantization, ranks and checksum status. Exit 2 when a weight file fails its checksum."""
+    from lmkiln.errors import ChecksumError
     from lmkiln.inspect_model import describe
 
     kind, rows = describe(path, check=check, allow_pickle=allow_pickle)
@@ -426,8 +462,9 @@ def inspect_cmd(
     for k, v in rows:
         table.add_row(k, v, style="red" if "MISMATCH" in v else None)
     out.print(table)
-    if any("MISMATCH" in v for _, v in rows):
-        raise typer.Exit(1)
+    bad = [v.split(":", 1)[1].strip() for _, v in rows if v.startswith("MISMATCH")]
+    if bad:  # exit 1 is verify's "failed a threshold"; a damaged engine is an input error, as in generate
+        raise ChecksumError(f"{path}: checksum mismatch in {', '.join(bad)}; the engine is damaged: convert or copy it again")
 
 
 @app.command("generate")
@@ -452,11 +489,15 @@ def generate_cmd(
 @app.command("demo")
 @guarded
 def demo_cmd(
-    workdir: Optional[Path] = typer.Option(None, help="Where to write the demo outputs (default: a temporary directory)."),
+    workdir: Optional[Path] = typer.Option(None, help="Where to write the demo outputs (default: a temporary directory). "
+                                           "What an earlier demo left there is replaced; anything else of the same name is refused."),
+    force: bool = typer.Option(False, "--force", help="Also replace stories260K.engine, stories260K-w4.engine or stories260K-w4.onnx "
+                               "in --workdir when they are not an earlier demo's outputs."),
 ):
     """Run the main job on the bundled model: convert, quantize (AWQ W4), generate, verify, export ONNX."""
     from lmkiln.assets import bundled_model_path
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.errors import InputError
     from lmkiln.quant.awq import QuantOptions
     from lmkiln.quant.pipeline import CalibOptions, quantize_model
     from lmkiln.runtime.session import generate_text
@@ -465,15 +506,21 @@ def demo_cmd(
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="lmkiln-demo-")
         workdir = Path(tmp.name)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir {workdir}: is a file, not a directory; choose another --workdir")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--workdir {workdir}: cannot create it ({e.strerror}); choose another --workdir") from None
     model = bundled_model_path()
     prompt = "Once upon a time"
     engine = workdir / "stories260K.engine"
+    replace = {name: _demo_output(workdir / name, force) for name in DEMO_OUTPUTS}  # all refused before any work
     out.print(f"[bold]1. convert[/] {model.name} -> {engine}")
-    convert_hf_to_engine(model, engine, force=True)
+    convert_hf_to_engine(model, engine, force=replace[engine.name])
     out.print(f"[bold]2. quantize[/] AWQ W4 g32 on the bundled calibration text -> {workdir / 'stories260K-w4.engine'}")
     q = quantize_model(model, workdir / "stories260K-w4.engine", QuantOptions(bits=4, group_size=32),
-                       CalibOptions(n_samples=32, seqlen=256), to="engine", force=True,
+                       CalibOptions(n_samples=32, seqlen=256), to="engine", force=replace["stories260K-w4.engine"],
                        on_info=lambda m: out.print(f"   {m}", highlight=False))
     out.print(f"   {len(q.report['layers'])} layers in {q.report['totals']['seconds']:.1f} s, peak RSS {q.report['totals']['peak_rss_mb']:.0f} MB")
     out.print("[bold]3. generate[/] greedily with both engines")
@@ -496,7 +543,7 @@ def demo_cmd(
     out.print("[bold]5. export[/] the int4 engine to ONNX (MatMulNBits) and check onnxruntime against the torch engine")
     from lmkiln.export import export_onnx
 
-    onnx_dir = export_onnx(q.output, workdir / "stories260K-w4.onnx", force=True)
+    onnx_dir = export_onnx(q.output, workdir / "stories260K-w4.onnx", force=replace["stories260K-w4.onnx"])
     res2 = run_verify(q.output, onnx_dir, VerifyOptions(data=ASSETS / "eval" / "tinystories_sample.txt", max_new_tokens=16))
     r2 = res2.report
     out.print(f"   {onnx_dir}: mean KL {r2['kl']['mean']:.2e}, top-1 {r2['top1_agreement']:.4f}, max |Δlogit| "
@@ -506,6 +553,21 @@ def demo_cmd(
         tmp.cleanup()
     if not (res.passed and res2.passed):
         raise typer.Exit(1)
+
+
+DEMO_OUTPUTS = ("stories260K.engine", "stories260K-w4.engine", "stories260K-w4.onnx")
+
+
+def _demo_output(path: Path, force: bool) -> bool:
+    """Whether the demo may replace `path`: what an earlier demo left there (an lmkiln engine or ONNX
+    export, so `make demo` runs twice) or, with --force, any directory; anything else is refused now."""
+    from lmkiln.export import EXPORT_INFO
+    from lmkiln.formats.atomic import check_output
+    from lmkiln.formats.engine import is_engine
+
+    replace = force or is_engine(path) or (path / EXPORT_INFO).is_file()
+    check_output(path, replace, option="--workdir")
+    return replace
 
 
 def optional_values(argv: list[str], options=("--ray",), default: str = "local") -> list[str]:
@@ -529,6 +591,7 @@ FAST_EXIT = {("convert", "hf-to-engine")}
 
 def main() -> None:
     argv = optional_values(sys.argv[1:])
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(args=argv, prog_name="lmkiln")
     except SystemExit as e:

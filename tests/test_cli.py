@@ -91,8 +91,10 @@ def test_inspect_tampered_engine(tiny_engine, tmp_path):
     raw[-10] ^= 0xFF
     f.write_bytes(bytes(raw))
     r = invoke("inspect", eng)
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == 2, r.output  # a damaged engine is bad input, as in generate; exit 1 is verify's "failed"
     assert "MISMATCH" in r.stdout and rank_file(0) in r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:") and f"checksum mismatch in {rank_file(0)}" in errors[0], r.stderr
     assert "all hold" not in r.stdout
     r = invoke("inspect", eng, "--no-check")
     assert r.exit_code == 0

@@ -216,8 +216,7 @@ def test_plan_grows_with_calibration_not_depth(tmp_path):
 def test_refuses_to_start_without_disk_space(tmp_path, monkeypatch):
     import lmkiln.quant.plan as plan
 
-    real = shutil.disk_usage
-    monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(plan, "free_bytes", lambda p: 1000)
     r = invoke("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--method", "rtn")
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from helpers import copy_tree, edit_json, make_tiny_model, replace_tensor
 from lmkiln.assets import bundled_model_path
 from lmkiln.cli import app
+from lmkiln.errors import InputError
 from lmkiln.formats.engine import Engine
 from lmkiln.verify.verify import DEFAULT_THRESHOLDS
 
@@ -224,6 +225,17 @@ def test_explicit_threshold_overrides_only_its_own_default(w4_engine, one_prompt
     assert rep["thresholds"] == {**DEFAULT_THRESHOLDS["int4"], "min_top1": 0.25}
     assert rep["checks"]["min_top1"]["passed"] is True
     assert r.exit_code == (0 if rep["passed"] else 1)
+
+
+@pytest.mark.parametrize("key,value", [("min_top1", 1.01), ("min_top5", -0.1), ("min_p_top", 2.0), ("max_kl", -1e-6),
+                                       ("max_ppl_increase", -1.0)])
+def test_threshold_out_of_range_is_refused_before_any_run(key, value, fp_engine, monkeypatch):
+    # A top-1 of 5 "failed" an identical model and a top-5 of -3 passed anything: neither means anything.
+    import lmkiln.verify.verify as V
+
+    monkeypatch.setattr(V, "open_runner", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(InputError, match=f"--{key.replace('_', '-')} {value:g}: choose"):
+        V.run_verify(STORIES, fp_engine, V.VerifyOptions(**{key: value}))
 
 
 # -- 3. the report and the plot --------------------------------------------------------

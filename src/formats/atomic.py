@@ -3,13 +3,21 @@ sibling, rename into place at the end.
 
 A crash or Ctrl-C leaves the target untouched (absent, or the user's old copy) and only
 a clearly named `.NAME.lmkiln-tmp-*` sibling behind, never a half-written directory that
-looks complete. An existing target is refused unless `force`.
+looks complete. An existing target is refused unless `force`. A run killed outright (SIGKILL,
+power loss) can leave such a sibling; the next writer of the same output, holding its lock,
+sweeps it away.
+
+Paths are compared resolved (`..` and symlinks followed), so no spelling of the input can be
+an output; the output's own last component is kept as given: a symlink there is replaced as a
+link (with `force`), never followed into the directory it names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -20,38 +28,94 @@ from lmkiln.errors import InputError, OutputExistsError
 from lmkiln.formats.space import disk_full_guard
 
 
-def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+def _real(target: Path) -> Path:
+    """`target` absolute, its directories resolved (`..`, symlinks), its last component as given."""
     target = Path(target).absolute()
+    return target.resolve() if target.name in ("", "..") else target.parent.resolve() / target.name
+
+
+def _check_inputs(target: Path, inputs: tuple[Path, ...], contain: bool, what: str) -> None:
+    """Refuse an output that is, sits inside or (`contain`) holds an input, however either is spelled:
+    both as written (parents resolved) and with a symlinked last component followed."""
     for src in inputs:
-        src = Path(src).absolute()
-        if target == src or src in target.parents or target in src.parents:
-            raise InputError(f"{target}: the output must not be, contain or sit inside the input {src}")
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another -o")
-    if target.exists() and not target.is_dir():
+        src = Path(src).resolve()
+        for t in {target, target.resolve()}:
+            if t == src or src in t.parents or (contain and t in src.parents):
+                raise InputError(f"{target}: {what} {src}")
+
+
+def _not_writable(where: Path, option: str) -> str:
+    try:
+        why = "read-only file system" if os.statvfs(where).f_flag & os.ST_RDONLY else "permission denied"
+    except OSError:
+        why = "permission denied"
+    return f"{where}: not writable ({why}); choose another {option}"
+
+
+def _what(option: str) -> str:
+    return "the output" if option == "-o" else option
+
+
+def _check_parent(target: Path, option: str) -> None:
+    if not target.parent.is_dir():
+        raise InputError(f"{target.parent}: parent directory of {_what(option)} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise InputError(_not_writable(target.parent, option))
+
+
+@contextlib.contextmanager
+def _writable(where: Path, option: str) -> Iterator[None]:
+    """Creating our own files in `where` (lock, temporary sibling) fails with EACCES or EROFS as
+    one InputError naming the directory: os.access can pass where ACLs, a remount or a
+    root-squashed share still refuse."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise InputError(_not_writable(where, option)) from None
+
+
+def _exists(p: Path) -> bool:
+    return p.exists() or p.is_symlink()  # a dangling symlink is there too
+
+
+def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o") -> Path:
+    target = _real(target)
+    _check_inputs(target, inputs, True, "the output must not be, contain or sit inside the input")
+    if _exists(target) and not force:
+        raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another {option}")
+    if _exists(target) and not target.is_dir():
         raise OutputExistsError(f"{target}: exists and is not a directory; refusing to replace a file")
-    if not target.parent.exists():
-        raise InputError(f"{target.parent}: parent directory of the output does not exist")
+    _check_parent(target, option)
     return target
 
 
 @contextlib.contextmanager
-def output_lock(target: Path) -> Iterator[None]:
+def output_lock(target: Path, option: str = "-o") -> Iterator[None]:
     """Hold `target`'s writer lock: a second lmkiln process writing the same output (or its
     resume state) fails at once in one line, instead of the two runs trampling each other's
     temporary files or the later one replacing the earlier one's output without --force.
 
     An flock on `.NAME.lmkiln-lock` beside the output (released by the kernel if the process
     dies), removed again when the writer is done."""
-    target = Path(target).absolute()
+    target = _real(target)
     lock = target.parent / f".{target.name}.lmkiln-lock"
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        with _writable(target.parent, option):
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"{target}: another lmkiln process is writing this output right now; "
+                             f"wait for it to finish, or choose another {option}") from None
+        try:  # the lock file we hold is the one named `lock`, not one its last holder just removed
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):  # (sweeping relies on one holder at a time)
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise InputError(f"{target}: another lmkiln process is writing this output right now; "
-                         "wait for it to finish, or choose another -o") from None
     try:
         yield
     finally:
@@ -74,10 +138,29 @@ def atomic_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = (),
         yield from _atomic_dir(target, force, tmp, needed, then)
 
 
+def _sweep_stale(target: Path) -> None:
+    """Remove `.NAME.lmkiln-tmp-*` siblings of `target` left by a killed run. Only called with
+    target's lock held, and every writer holds it while its temporary exists, so none of them
+    is in use (one kept by an "appeared while this run was writing" refusal goes too: the re-run
+    that message asks for replaces it). `.NAME.lmkiln-old-*` is never swept: a run killed
+    between its two renames leaves the user's previous output there. Best effort: a sibling
+    that cannot be removed is left, never a reason to fail the run."""
+    prefix = f".{target.name}.lmkiln-tmp-"
+    for p in target.parent.iterdir():
+        if p.name.startswith(prefix):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
 def _atomic_dir(target: Path, force: bool, tmp: Path | None, needed: int | None, then: str) -> Iterator[Path]:
     keep_on_failure = tmp is not None
+    _sweep_stale(target)
     if tmp is None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent))
+        with _writable(target.parent, "-o"):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any mkdir
@@ -92,7 +175,7 @@ def _atomic_dir(target: Path, force: bool, tmp: Path | None, needed: int | None,
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if target.exists():
+    if _exists(target):
         if not force:  # appeared while we worked (not through lmkiln, which holds the lock): never replace it silently
             raise OutputExistsError(f"{target}: appeared while this run was writing; its output is kept in {tmp} "
                                     "(rename it yourself, or re-run with --force)")
@@ -101,35 +184,50 @@ def _atomic_dir(target: Path, force: bool, tmp: Path | None, needed: int | None,
     os.rename(tmp, target)
     _fsync_dir(target.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():  # the output was a link: replace the link, keep what it pointed to
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """`check_output` for a single-file output."""
-    target = Path(target).absolute()
-    for src in inputs:
-        src = Path(src).absolute()
-        if target == src or src in target.parents:
-            raise InputError(f"{target}: the output must not be or sit inside the input {src}")
+def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o",
+                      outputs: tuple[Path, ...] = ()) -> Path:
+    """`check_output` for a single-file output; `option` names it in messages (-o, --report, --plot);
+    `outputs`: the run's other outputs, which it must not be or sit inside either."""
+    target = _real(target)
+    _check_inputs(target, inputs, False, f"{_what(option)} must not be or sit inside the input")
+    _check_inputs(target, tuple(o for o in outputs if o is not None), False, f"{_what(option)} must not be or sit inside the output")
     if target.is_dir():
-        raise OutputExistsError(f"{target}: is a directory; give a file name for the output (e.g. model.gguf)")
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another -o")
-    if not target.parent.is_dir():
-        raise InputError(f"{target.parent}: parent directory of the output does not exist")
+        raise OutputExistsError(f"{target}: is a directory; give a file name for {option} (e.g. {_example(option)})")
+    if _exists(target) and not force:
+        raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another {option}")
+    _check_parent(target, option)
     return target
 
 
+def _example(option: str) -> str:
+    return {"--report": "report.json", "--plot": "plot.png"}.get(option, "model.gguf")
+
+
 @contextlib.contextmanager
-def atomic_file(target: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+def atomic_file(target: Path, force: bool = False, inputs: tuple[Path, ...] = (), option: str = "-o") -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success it is fsynced and renamed to `target`."""
-    target = check_output_file(target, force, inputs)
-    with output_lock(target):
-        yield from _atomic_file(target, force)
+    target = check_output_file(target, force, inputs, option)
+    with output_lock(target, option):
+        yield from _atomic_file(target, force, option)
 
 
-def _atomic_file(target: Path, force: bool) -> Iterator[Path]:
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent)
+def write_json(target: Path, obj, force: bool = False, inputs: tuple[Path, ...] = (), option: str = "--report") -> Path:
+    """Write `obj` as indented JSON to `target` through atomic_file (the commands' --report files)."""
+    with atomic_file(target, force, inputs, option) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    return _real(target)
+
+
+def _atomic_file(target: Path, force: bool, option: str = "-o") -> Iterator[Path]:
+    _sweep_stale(target)
+    with _writable(target.parent, option):
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.lmkiln-tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -146,7 +244,7 @@ def _atomic_file(target: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if target.exists() and not force:
+    if _exists(target) and not force:
         tmp.unlink(missing_ok=True)
         raise OutputExistsError(f"{target}: appeared while this run was writing; re-run with --force to replace it")
     os.replace(tmp, target)

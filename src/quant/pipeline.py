@@ -33,7 +33,7 @@ from lmkiln.convert.architectures import Architecture, get_architecture
 from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.convert.hf_to_engine import account
 from lmkiln.errors import InputError
-from lmkiln.formats.atomic import atomic_dir, check_output, output_lock
+from lmkiln.formats.atomic import atomic_dir, check_output, check_output_file, output_lock, write_json
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec
 from lmkiln.formats.engine import config_sha256
 from lmkiln.formats.hf import HFCheckpoint
@@ -206,6 +206,8 @@ def quantize_model(
     mcfg = engine_config_from_hf(arch, ckpt.config)
     acc = account(ckpt, arch, mcfg)
     out_dir = Path(out_dir) if probe_only else check_output(Path(out_dir), force, inputs=(ckpt.path,))
+    if report_path is not None and not probe_only:  # refused now, not after the run has committed the output
+        report_path = check_output_file(Path(report_path), force, (ckpt.path, *filter(None, [calib.path])), "--report", (out_dir,))
     with contextlib.ExitStack() as held:
         if not probe_only:  # one writer per output and resume state: a second run fails at once
             held.enter_context(output_lock(out_dir))
@@ -294,9 +296,7 @@ def quantize_model(
                 raise
         shutil.rmtree(partial, ignore_errors=True)
         if report_path:
-            import json
-
-            Path(report_path).write_text(json.dumps(report, indent=1))
+            write_json(report_path, report, force, (ckpt.path,))
         return QuantResult(out_dir, report, plan)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lmkiln
 from lmkiln.errors import InputError
+from lmkiln.formats.atomic import atomic_file, check_output_file
 from lmkiln.formats.tokenizer import load_tokenizer
 from lmkiln.quant.calib import unpack_shingles
 from lmkiln.runtime.generate import greedy_generate
@@ -30,6 +31,16 @@ DEFAULT_THRESHOLDS = {
 }
 # Checked only when given: no per-weight-type defaults have been measured for them yet.
 OPTIONAL_THRESHOLDS = ("min_top5", "min_p_top")
+# What a threshold can mean: the agreements and p_top are fractions; KL and a perplexity increase
+# (percent) are ≥ 0 for a faithful candidate, so a negative one fails every candidate, and a
+# fraction outside 0..1 passes or fails regardless of the models.
+THRESHOLD_RANGES = {"max_ppl_increase": (0.0, math.inf), "max_kl": (0.0, math.inf),
+                    "min_top1": (0.0, 1.0), "min_top5": (0.0, 1.0), "min_p_top": (0.0, 1.0)}
+# Fewer scored tokens than this and the verdict can hinge on a token or two: below 200 one flipped
+# argmax moves top-1 agreement by more than the fp32 default's whole 0.5 % slack (0.995), and the
+# tokens of a window are correlated, so the effective sample is smaller still. A warning, not a
+# refusal: a quick smoke test on a few tokens is legitimate, a CI gate on them is not.
+MIN_SCORED_TOKENS = 256
 
 
 @dataclass
@@ -112,6 +123,9 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     for k, v in thresholds.items():
         if not (isinstance(v, (int, float)) and math.isfinite(v)):
             raise InputError(f"--{k.replace('_', '-')} must be a number")
+        lo, hi = THRESHOLD_RANGES[k]
+        if not lo <= v <= hi:
+            raise InputError(f"--{k.replace('_', '-')} {v:g}: choose " + ("a fraction from 0 to 1" if hi == 1 else "a value ≥ 0"))
     ctx = min(_context_length(reference), _context_length(candidate))
     seqlen = o.seqlen or min(2048, ctx)
     if seqlen > ctx:
@@ -176,6 +190,9 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     optional = {"min_top5": stats["top5_agreement"], "min_p_top": stats["p_top"]["candidate"]}
     checks.update({k: (v, v >= thresholds[k]) for k, v in optional.items() if k in thresholds})
     failures = [f"{k}: {v:.6g} vs threshold {thresholds[k]:.6g}" for k, (v, ok) in checks.items() if not ok]
+    if stats["scored_tokens"] < MIN_SCORED_TOKENS:
+        warnings.append(f"only {stats['scored_tokens']} tokens were scored (fewer than {MIN_SCORED_TOKENS}): the metrics are "
+                        "too noisy to gate on; give more text (--data) or a larger --max-tokens")
     report = {
         "lmkiln_version": lmkiln.__version__,
         "reference": {"path": str(reference), **stats["reference"]},
@@ -212,12 +229,34 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     return VerifyResult(report, not failures, failures, warnings, kl_values)
 
 
-def write_plot(result: VerifyResult, path: Path) -> None:
+def plot_format(path: Path) -> str:
+    """The image type `--plot` writes, from its file name; refused before the run when matplotlib
+    writes no such type (a name without one would get '.png' added: another file than the one named)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt, types = Path(path).suffix[1:].lower(), FigureCanvasBase.get_supported_filetypes()
+    if fmt not in types:
+        raise InputError(f"--plot {path}: " + (f"cannot write a .{fmt} image" if fmt else "no image type in the name")
+                         + f"; name it e.g. verify.png (types: {', '.join(sorted(types))})")
+    return fmt
+
+
+def check_plot(path: Path, force: bool = False, inputs: tuple[Path, ...] = (), outputs: tuple[Path, ...] = ()) -> Path:
+    """Everything write_plot would refuse, before the run: formats/atomic.check_output_file's checks, then the type."""
+    path = check_output_file(path, force, inputs, "--plot", outputs)
+    plot_format(path)
+    return path
+
+
+def write_plot(result: VerifyResult, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
+    """Draw the per-window NLL of both models and the KL histogram into `path` (atomic; an existing
+    file only with force; never one of `inputs` or inside one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fmt = plot_format(path)
     w = result.report["windows"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot([x["reference_nll"] for x in w], marker="o", label="reference")
@@ -232,5 +271,9 @@ def write_plot(result: VerifyResult, path: Path) -> None:
     b.set_ylabel("tokens")
     b.set_title(f"KL: mean {result.report['kl']['mean']:.3g}, p99 {result.report['kl']['p99']:.3g}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_file(path, force, inputs, "--plot") as tmp:
+            fig.savefig(tmp, dpi=100, format=fmt)  # the format named: the temporary has no suffix to go by
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -1,0 +1,314 @@
+"""Outputs never destroy inputs or foreign files, and faults while writing them stay one line, exit 2.
+
+Covers formats/atomic.py (resolved-path checks, stale temporaries, unwritable directories),
+the side files (`--report`, `--plot`), verify's threshold ranges, `demo --workdir`, and
+SIGTERM handled like Ctrl-C. Cases from a fault-injection audit (A1, A2, A5, A10, B1, B2, B9,
+B10, C8): each used to delete an input, overwrite a file silently or end in exit 3.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import copy_tree
+from lmkiln.cli import app
+from lmkiln.errors import InputError, OutputExistsError
+from lmkiln.formats import atomic
+from lmkiln.formats.atomic import atomic_dir, atomic_file, check_output, check_output_file, output_lock
+from lmkiln.formats.engine import MANIFEST
+
+ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+QUICK_VERIFY = ("--max-tokens", "64", "--max-new-tokens", "2")
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+
+
+def one_line_error(r, *needles) -> str:
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    assert "Traceback" not in r.output and "internal error" not in r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def snapshot(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model(tiny_llama, tmp_path):
+    return copy_tree(tiny_llama, tmp_path / "m")
+
+
+# -- A1: an output spelled with `..` or through a symlink is compared resolved ------------------------------
+
+
+def test_output_that_is_the_input_by_another_spelling_is_refused(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "mlink").symlink_to(model)
+    before = snapshot(model)
+    cases = [("m", "sub/../m"), ("mlink", "m"), ("m", "mlink"), ("m", "mlink/eng")]
+    for src, out in cases:
+        one_line_error(invoke("convert", "hf-to-engine", src, "-o", out, "--force"), "must not be, contain or sit inside the input")
+        one_line_error(invoke("quantize", src, "-o", out, "--force", "--w4a16", "--group-size", "16", "--calib-samples", "2",
+                              "--calib-seqlen", "16"), "must not be, contain or sit inside the input")
+    one_line_error(invoke("export", "gguf", "mlink", "-o", "m/x.gguf"), "must not be or sit inside the input")
+    assert snapshot(model) == before and not (model / "eng").exists()
+
+
+def test_file_output_checks_resolve_symlinks(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (tmp_path / "to_config").symlink_to(src / "config.json")
+    (tmp_path / "to_src").symlink_to(src)
+    for target in (tmp_path / "to_config", tmp_path / "to_src" / "new.json", tmp_path / "x" / ".." / "src" / "a.json"):
+        with pytest.raises(InputError, match="must not be or sit inside the input"):
+            check_output_file(target, True, inputs=(src,))
+    with pytest.raises(InputError, match="must not be, contain or sit inside the input"):
+        check_output(tmp_path / "to_src", True, inputs=(src / "config.json",))
+
+
+# -- C8: --force over a symlinked output replaces the link and leaves nothing behind -------------------------
+
+
+def test_force_over_a_symlinked_output_replaces_the_link(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("keep")
+    link = tmp_path / "out"
+    link.symlink_to(theirs)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        check_output(link, False)
+    with atomic_dir(link, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert link.is_dir() and not link.is_symlink() and (link / "new.txt").read_text() == "new"
+    assert (theirs / "keep.txt").read_text() == "keep"  # what the link pointed to is not the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "theirs"]  # no .out.lmkiln-old-*, no lock
+
+
+# -- B10: stale temporaries of a killed run are swept by the next writer, never a live one's -----------------
+
+
+def test_next_writer_sweeps_stale_temporaries(tmp_path):
+    out = tmp_path / "e"
+    stale_dir = tmp_path / ".e.lmkiln-tmp-dead1"
+    stale_dir.mkdir()
+    (stale_dir / "rank0.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / ".e.lmkiln-tmp-dead2").write_bytes(b"partial")
+    old = tmp_path / ".e.lmkiln-old-123"  # a kill between the two renames: the user's previous output
+    old.mkdir()
+    other = tmp_path / ".f.lmkiln-tmp-x"  # another output's temporary
+    other.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".e.lmkiln-old-123", ".f.lmkiln-tmp-x", "e"]
+
+    gguf = tmp_path / "m.gguf"
+    (tmp_path / ".m.gguf.lmkiln-tmp-dead").write_bytes(b"half a gguf")
+    with atomic_file(gguf) as tmp:
+        tmp.write_bytes(b"GGUF")
+    assert gguf.read_bytes() == b"GGUF" and not list(tmp_path.glob(".m.gguf.lmkiln-tmp-*"))
+
+
+def test_a_live_writers_temporary_is_not_swept(tmp_path):
+    out = tmp_path / "e"
+    live = tmp_path / ".e.lmkiln-tmp-live"
+    with output_lock(out):  # as another lmkiln process writing `out` holds it
+        live.mkdir()
+        with pytest.raises(InputError, match="another lmkiln process"):
+            with atomic_dir(out):
+                pass
+        assert live.is_dir()
+
+
+HANG = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from lmkiln import cli
+    from lmkiln.formats.atomic import atomic_dir
+    from lmkiln.runtime.session import engine_dir
+
+    @cli.app.command("hang")
+    @cli.guarded
+    def hang(out: Path, model: Path):
+        with atomic_dir(out) as tmp, engine_dir(model) as eng:
+            (tmp / "f").write_text("x")
+            print("ready", tmp, eng, flush=True)
+            time.sleep(120)
+
+    sys.argv = ["lmkiln", "hang", *sys.argv[1:]]
+    cli.main()
+""")
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, tiny_llama):
+    """`kill`, `timeout` and schedulers send SIGTERM: the output's temporary sibling and the
+    on-the-fly engine in the system temp dir are removed, as for Ctrl-C."""
+    p = subprocess.Popen([sys.executable, "-c", HANG, str(tmp_path / "out"), str(tiny_llama)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    try:
+        line = p.stdout.readline().split()
+        assert line and line[0] == "ready", p.stderr.read()
+        tmp, eng = Path(line[1]), Path(line[2])
+        assert tmp.is_dir() and eng.is_dir()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["terminated (SIGTERM); no output was left half-written"]
+    assert not tmp.exists() and not eng.parent.exists()
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary, no lock
+
+
+# -- B1: an unwritable output directory is one line, exit 2, before any work ---------------------------------
+
+
+def test_unwritable_output_directory_is_refused_up_front(model, tmp_path, monkeypatch):
+    ro = tmp_path.resolve() / "ro"
+    ro.mkdir()
+    real_access = os.access  # as a read-only mount or chmod 555 answers (root ignores the mode bits)
+    monkeypatch.setattr(atomic.os, "access", lambda p, mode, **k: Path(p).resolve() != ro and real_access(p, mode, **k))
+    want = f"{ro}: not writable"
+    one_line_error(invoke("convert", "hf-to-engine", model, "-o", ro / "e"), want, "choose another -o")
+    one_line_error(invoke("quantize", model, "-o", ro / "q", "--w4a16", "--group-size", "16", "--calib-samples", "2",
+                          "--calib-seqlen", "16"), want)
+    # The report of a run whose output is fine: refused before the output is written, not after.
+    one_line_error(invoke("quantize", model, "-o", tmp_path / "q", "--w4a16", "--group-size", "16", "--calib-samples", "2",
+                          "--calib-seqlen", "16", "--report", ro / "r.json"), want, "choose another --report")
+    assert not (tmp_path / "q").exists() and list(ro.iterdir()) == []
+
+
+def test_permission_denied_creating_the_lock_or_temporary_is_exit_2(tmp_path, monkeypatch):
+    """Where os.access says yes but the kernel still refuses (ACLs, root-squash, a remount)."""
+    real_open, real_mkstemp = os.open, atomic.tempfile.mkstemp
+
+    def open_(path, *a, **k):
+        if str(path).endswith(".lmkiln-lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(atomic.os, "open", open_)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path.resolve()}: not writable (") + ".*; choose another -o$"):
+        with atomic_dir(tmp_path / "e"):
+            pass
+    monkeypatch.setattr(atomic.os, "open", real_open)
+
+    def mkstemp(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path.resolve()}: not writable (") + ".*; choose another --report$"):
+        atomic.write_json(tmp_path / "r.json", {"a": 1})
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", real_mkstemp)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- A2, A10, B2: --report and --plot -----------------------------------------------------------------------
+
+
+def test_report_and_plot_are_checked_before_the_work(tiny_llama, tiny_engine, tmp_path):
+    eng = copy_tree(tiny_engine, tmp_path / "eng")
+    before = snapshot(eng)
+    keep = tmp_path / "keep.json"
+    keep.write_text("precious")
+    (tmp_path / "adir").mkdir()
+    v = ("verify", tiny_llama, eng, *QUICK_VERIFY)
+    cases = [
+        (("--report", eng / MANIFEST), "--report must not be or sit inside the input"),
+        (("--report", eng / "new.json"), "--report must not be or sit inside the input"),
+        (("--report", keep), "already exists"),
+        (("--report", tmp_path / "adir"), "is a directory"),
+        (("--plot", tmp_path / "adir"), "is a directory"),
+        (("--plot", tmp_path / "plot.txt"), "cannot write a .txt image"),
+        (("--plot", tmp_path / "plot"), "no image type in the name"),
+        (("--plot", keep.with_suffix(".png"), "--report", keep.with_suffix(".png")), "must not be or sit inside the output"),
+    ]
+    for args, needle in cases:  # one line on stderr: refused before the progress bar, so before the work
+        one_line_error(invoke(*v, *args), needle)
+    one_line_error(invoke("export", "gguf", eng, "-o", tmp_path / "x.gguf", "--report", eng / "config.json"), "inside the input")
+    one_line_error(invoke("export", "gguf", eng, "-o", tmp_path / "x.gguf", "--report", tmp_path / "adir"), "is a directory")
+    one_line_error(invoke("export", "gguf", eng, "-o", tmp_path / "x.gguf", "--report", tmp_path / "x.gguf"), "inside the output")
+    assert not (tmp_path / "x.gguf").exists()
+    assert snapshot(eng) == before and keep.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "eng", "keep.json"]
+
+
+def test_report_and_plot_replace_a_file_only_with_force(tiny_llama, tiny_engine, tmp_path):
+    report, plot = tmp_path / "r.json", tmp_path / "p.svg"
+    report.write_text("old")
+    plot.write_text("old")
+    r = invoke("verify", tiny_llama, tiny_engine, *QUICK_VERIFY, "--report", report, "--plot", plot, "--force")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(report.read_text())
+    assert rep["passed"] is True and plot.read_text().lstrip().startswith("<?xml")  # the type the name says
+    # A5: 64 tokens decide nothing: said on stderr and in the report.
+    assert any(ln.startswith("warning: only") and "tokens were scored" in ln for ln in r.stderr.splitlines()), r.stderr
+    assert any("tokens were scored" in w for w in rep["warnings"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.svg", "r.json"]  # no temporaries, no locks
+
+
+# -- A5: thresholds that cannot mean anything -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option,value,needle", [
+    ("--min-top1", "5", "from 0 to 1"), ("--min-top5", "-3", "from 0 to 1"), ("--min-p-top", "1.5", "from 0 to 1"),
+    ("--max-kl", "-1", "≥ 0"), ("--max-ppl-increase", "-0.5", "≥ 0")])
+def test_impossible_thresholds_are_refused(option, value, needle, tiny_llama, tiny_engine):
+    one_line_error(invoke("verify", tiny_llama, tiny_engine, *QUICK_VERIFY, option, value), f"{option} {float(value):g}", needle)
+
+
+# -- A3, B9: demo --workdir ------------------------------------------------------------------------------------
+
+
+def test_demo_never_replaces_foreign_content(tmp_path):
+    work = tmp_path / "w"
+    (work / "stories260K-w4.onnx").mkdir(parents=True)
+    (work / "stories260K-w4.onnx" / "mine.txt").write_text("precious")
+    one_line_error(invoke("demo", "--workdir", work), "stories260K-w4.onnx: already exists", "--force")
+    assert sorted(p.name for p in work.rglob("*")) == ["mine.txt", "stories260K-w4.onnx"]  # refused before step 1
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    one_line_error(invoke("demo", "--workdir", afile), "is a file, not a directory")
+
+
+def test_demo_replaces_only_what_a_demo_wrote(tmp_path, tiny_engine):
+    from lmkiln.cli import _demo_output
+
+    assert _demo_output(tmp_path / "absent.engine", False) is False
+    own = copy_tree(tiny_engine, tmp_path / "stories260K.engine")  # an lmkiln engine: an earlier demo's
+    assert _demo_output(own, False) is True
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with pytest.raises(OutputExistsError):
+        _demo_output(foreign, False)
+    assert _demo_output(foreign, True) is True
+
+
+# -- C8: quantize --dry-run runs the real run's output check -----------------------------------------------------
+
+
+def test_dry_run_says_what_the_real_run_would_refuse(model, tmp_path):
+    q = ("quantize", model, "--w4a16", "--group-size", "16", "--calib-samples", "2", "--calib-seqlen", "16", "--dry-run")
+    (tmp_path / "exists").mkdir()
+    r = invoke(*q, "-o", tmp_path / "exists")
+    assert r.exit_code == 0, r.output
+    assert "note the real run would stop here" in r.stdout and "already exists" in r.stdout
+    r = invoke(*q, "-o", tmp_path / "exists", "--force")
+    assert r.exit_code == 0 and "note" not in r.stdout
+    one_line_error(invoke(*q, "-o", model / "x"), "must not be, contain or sit inside the input")
+    one_line_error(invoke(*q, "-o", tmp_path / "nodir" / "x"), "does not exist")
