@@ -157,6 +157,11 @@ def hf_to_engine(
         task = bar.add_task("converting", total=len(plan))
         convert_hf_to_engine(model, output, dtype=dtype, tp=tp, force=force, allow_pickle=allow_pickle,
                              progress=lambda name, nbytes: bar.advance(task))
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+    if not manifest.get("tokenizer_class"):  # an engine is still made (weights-only checkpoints convert), but say so now
+        why = "has no tokenizer files" if not manifest.get("tokenizer_files") else "has tokenizer files transformers cannot load"
+        err.print(f"[yellow]note:[/] {escape(str(model))} {why}: generate and verify need a tokenizer; copy the model's "
+                  f"tokenizer files into {escape(str(output))}", highlight=False, soft_wrap=True)
     out.print(f"[green]wrote[/] {output}")
 
 
@@ -593,13 +598,22 @@ def main() -> None:
     argv = optional_values(sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=argv, prog_name="lmkiln")
-    except SystemExit as e:
-        if e.code in (0, None) and tuple(argv[:2]) in FAST_EXIT:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-        raise
+        code = app(args=argv, prog_name="lmkiln", standalone_mode=False)
+    except typer.Abort:
+        err.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except typer.TyperException as e:  # a typo'd command, option or value: one line, as every other error
+        ctx = getattr(e, "ctx", None)  # (Typer would draw a box of five lines and more)
+        where = f"{ctx.command_path} --help" if ctx is not None else "lmkiln --help"
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        err.print(f"[bold red]error:[/] {escape(msg)} (see `{where}`)", highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    code = code if isinstance(code, int) else 0
+    if code == 0 and tuple(argv[:2]) in FAST_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

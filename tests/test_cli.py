@@ -290,6 +290,39 @@ def test_subprocess_convert_exits_fast_and_complete(tmp_path, tiny_llama):
     assert p.returncode == 2 and "--force" in p.stderr
 
 
+def test_usage_errors_are_one_line(tiny_engine):
+    """A typo'd command, a missing argument or a value out of range: one line naming it and where the
+    help is, exit 2 (Typer alone drew a box of five lines and more); --help and --version still work."""
+    for args, needle in ((["generate", tiny_engine, "-p", "Hi", "-n", "0"], "Invalid value for '--max-new-tokens'"),
+                         (["frobnicate"], "No such command 'frobnicate'"),
+                         (["convert", "hf-to-engine"], "Missing argument")):
+        p = run_module(*args)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1, p.stderr
+        assert lines[0].startswith("error:") and needle in lines[0] and "--help`)" in lines[0], lines[0]
+    p = run_module("generate", "--help")
+    assert p.returncode == 0 and "--max-new-tokens" in p.stdout
+    p = run_module("--version")
+    assert p.returncode == 0 and p.stdout.startswith("lmkiln ")
+
+
+def test_convert_notes_a_missing_or_unloadable_tokenizer(tmp_path, tiny_llama):
+    """A weights-only checkpoint still converts (exit 0), but the note says now, not at the first
+    generate, that the engine has no tokenizer; the same for tokenizer files transformers cannot load."""
+    src = tmp_path / "weights-only"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copyfile(tiny_llama / f, src / f)
+    r = invoke("convert", "hf-to-engine", src, "-o", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    assert "has no tokenizer files: generate and verify need a tokenizer" in " ".join(r.stderr.split())
+    (src / "tokenizer_config.json").write_text("[", encoding="utf-8")
+    r = invoke("convert", "hf-to-engine", src, "-o", tmp_path / "e2")
+    assert r.exit_code == 0 and "has tokenizer files transformers cannot load" in " ".join(r.stderr.split()), r.output
+    r = invoke("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e3")
+    assert r.exit_code == 0 and "note:" not in r.output, r.output
+
+
 def test_convert_and_inspect_qwen3(tmp_path):
     hf = make_tiny_model(tmp_path / "hf", "Qwen3ForCausalLM", seed=5)
     r = invoke("convert", "hf-to-engine", hf, "-o", tmp_path / "e")
