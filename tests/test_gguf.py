@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from helpers import torch_threads
+from helpers import make_tiny_model, torch_threads
 from lmkiln.assets import bundled_model_path
 from lmkiln.cli import app
 from lmkiln.convert.architectures import LINEAR_ROLES, get_architecture
@@ -302,6 +302,18 @@ def test_nan_weights_are_refused_where_gguf_quantizes(tmp_path):
     assert r.exit_code == 2, r.output
     assert "blk.1.attn_q.weight (engine layer 1): weight of shape" in r.output and "NaN or Inf" in r.output, r.output
     assert not (tmp_path / "n.gguf").exists()
+
+
+def test_unsupported_family_is_refused_before_converting(tmp_path, monkeypatch):
+    """A family with no GGUF mapping given as an HF directory: refused from its config, naming the
+    user's directory, before the conversion (minutes and a model-sized temporary for a big model)."""
+    import lmkiln.convert.hf_to_engine as h2e
+
+    hf = make_tiny_model(tmp_path / "gemma2", "Gemma2ForCausalLM", seed=1)
+    monkeypatch.setattr(h2e, "convert_hf_to_engine", lambda *a, **k: pytest.fail("converted before refusing"))
+    with pytest.raises(InputError, match=rf"^{hf}: GGUF export of Gemma2ForCausalLM is not supported yet"):
+        export_gguf(hf, tmp_path / "g.gguf")
+    assert not (tmp_path / "g.gguf").exists()
 
 
 def test_byte_level_bpe_tokenizer_becomes_a_gpt2_vocab(tmp_path):

@@ -40,7 +40,7 @@ from lmkiln.convert.rope import inv_freq
 from lmkiln.convert.transforms import unpermute_rotary
 from lmkiln.errors import InputError
 from lmkiln.formats import gguf as G
-from lmkiln.formats.engine import FAMILY_FIELDS, Engine
+from lmkiln.formats.engine import FAMILY_FIELDS, Engine, is_engine
 from lmkiln.formats.qtensor import QTensor
 
 GTYPES = ("auto", "f32", "f16", "q8_0", "q4_0", "q4_1")
@@ -81,18 +81,27 @@ def resolve_type(engine: Engine, gtype: str) -> str:
     return "q4_0" if q["symmetric"] else "q4_1"
 
 
+def gguf_unsupported(m: dict) -> str | None:
+    """Why an engine model block (the manifest's, or the one a conversion would write) has no
+    GGUF export, or None."""
+    arch = get_architecture(m["architecture"])
+    family = [k for k, d in FAMILY_FIELDS.items() if m.get(k, d) != d]
+    if not arch.gguf_arch or family:
+        return (f"GGUF export of {arch.hf_name} is not supported yet"
+                + (f" (its {', '.join(family)} have no mapping here)" if family else "")
+                + "; export ONNX or use the AWQ-GEMM / compressed-tensors output")
+    if m["rope"]["type"] not in ("default", "linear", "llama3"):
+        return f"rope type {m['rope']['type']!r} has no GGUF export yet"
+    return None
+
+
 def gguf_model(engine: Engine) -> tuple[G.GgufModel, object]:
     """The GGUF-side shape of an engine's model, and its architecture table entry."""
     m = engine.model
-    arch = get_architecture(m["architecture"])
-    family = [k for k, d in FAMILY_FIELDS.items() if m[k] != d]
-    if not arch.gguf_arch or family:
-        raise InputError(f"{engine.path}: GGUF export of {arch.hf_name} is not supported yet"
-                         + (f" (its {', '.join(family)} have no mapping here)" if family else "")
-                         + "; export ONNX or use the AWQ-GEMM / compressed-tensors output")
-    rope = m["rope"]
-    if rope["type"] not in ("default", "linear", "llama3"):
-        raise InputError(f"rope type {rope['type']!r} has no GGUF export yet")
+    why = gguf_unsupported(m)
+    if why:
+        raise InputError(f"{engine.path}: {why}")
+    arch, rope = get_architecture(m["architecture"]), m["rope"]
     return G.GgufModel(
         arch=arch.gguf_arch, hidden=m["hidden_units"], heads=m["head_num"], kv_heads=m["kv_head_num"],
         head_dim=m["size_per_head"], n_ff=G.round_up(m["inter_size"], G.BLOCK), n_layer=m["num_layer"],
@@ -234,7 +243,9 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
     existing file only with force). Returns the path and the report (see the module doc)."""
     import gguf
 
+    from lmkiln.convert.hf_to_engine import make_plan
     from lmkiln.formats.atomic import atomic_file, check_output_file
+    from lmkiln.formats.hf import HFCheckpoint
     from lmkiln.runtime.session import engine_dir
 
     source, out = Path(source), Path(out)
@@ -243,6 +254,10 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
     if not source.exists():
         raise InputError(f"{source}: no such engine or model directory")
     check_output_file(out, force, (source,))
+    if source.is_dir() and not is_engine(source):  # before converting it: minutes and a model-sized temporary copy
+        why = gguf_unsupported(make_plan(HFCheckpoint(source)).model)
+        if why:
+            raise InputError(f"{source}: {why}")
     info = on_info or (lambda msg: None)
     with engine_dir(source) as epath:
         engine = ReadLog(Engine(epath))
