@@ -87,9 +87,18 @@ def root(
     STATE["debug"] = debug
 
 
+class Bar(Progress):
+    """A progress bar that an error (or Ctrl-C) clears, so what ends the run is its one line on stderr."""
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.live.transient = True  # read when the display stops
+        return super().__exit__(exc_type, exc, tb)
+
+
 def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err, transient=False)
+    return Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), console=err, transient=False)
 
 
 def check_writable(path: Optional[Path], option: str, force: bool, inputs=(), outputs=()) -> None:
@@ -131,7 +140,7 @@ class LazyProgress:
 
     def __exit__(self, *exc):
         if self.bar is not None:
-            self.bar.stop()
+            self.bar.__exit__(*exc)
 
 
 @convert_app.command("hf-to-engine")

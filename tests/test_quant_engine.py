@@ -8,6 +8,7 @@ so logits must agree to float32 noise (1e-4), for every family, quantization and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -402,6 +403,22 @@ def test_generate_names_the_users_paths(tmp_path):
     gguf.write_bytes(b"GGUF")
     with pytest.raises(InputError, match=r"m.gguf: a file, not an engine or model directory \(GGUF files are read by"):
         generate_text(gguf, ["Once"], 2)
+
+
+def test_an_error_mid_conversion_is_one_line(stories_w4, tmp_path):
+    """An error found halfway through (asymmetric codes in a checkpoint whose config says zero_point
+    false): the progress bar is cleared, so stderr holds the error line alone."""
+    import subprocess
+    import sys
+
+    awq, _, _ = stories_w4
+    bad = copy_tree(awq, tmp_path / "zp")
+    edit_json(bad / "config.json", lambda c: c["quantization_config"].update(zero_point=False))
+    p = subprocess.run([sys.executable, "-m", "lmkiln", "convert", "hf-to-engine", str(bad), "-o", str(tmp_path / "e")],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert not (tmp_path / "e").exists()
 
 
 def test_inspect_shows_quantization(stories_w4, quant_models, tmp_path):
