@@ -453,7 +453,7 @@ def verify_cmd(
         write_plot(res, plot, force, inputs)
     if not res.passed:
         for f in res.failures:
-            err.print(f"[bold red]FAIL[/] {f}", highlight=False)
+            err.print(f"[bold red]FAIL[/] {f}", highlight=False, soft_wrap=True)  # one line each: CI greps them
         raise typer.Exit(1)
     out.print("[green]PASS[/]")
 

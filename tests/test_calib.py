@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,25 @@ def test_shingles_pack_into_one_line_and_back():
     packed = pack_shingles(hashes)
     assert "\n" not in packed and len(packed) <= 11 * len(hashes) + 4
     assert unpack_shingles(packed) == hashes
+
+
+def test_calibration_path_must_be_a_regular_file(tmp_path):
+    """A device was read until the kernel killed the process (24 GB), a named pipe blocked forever:
+    both are one line now; a file too big to read whole is refused by its size."""
+    import os
+
+    import lmkiln.quant.calib as calib
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for p in (Path("/dev/zero"), fifo):
+        with pytest.raises(InputError, match=r"--calib .*: not a regular file \(a device, pipe or socket\)"):
+            load_calibration_texts(p)
+    big = tmp_path / "big.txt"
+    big.write_text("some text\n", encoding="utf-8")
+    calib.MAX_TEXT_BYTES, saved = 4, calib.MAX_TEXT_BYTES
+    try:
+        with pytest.raises(InputError, match=r"--calib .*big.txt: .* GiB; calibration texts are read whole"):
+            load_calibration_texts(big)
+    finally:
+        calib.MAX_TEXT_BYTES = saved

@@ -429,6 +429,10 @@ def test_bad_accuracy_level_and_damaged_exports(engines, exports, tmp_path):
     onnx.save(m, str(bad / "model.onnx"))
     with pytest.raises(InputError, match=r"model.onnx: onnxruntime cannot load it \(\w+: .*re-export it") as e:
         OnnxRunner(bad)
+    from lmkiln.runtime.session import generate_text
+
+    with pytest.raises(InputError, match=r"an ONNX export; this takes an engine or a Hugging Face directory"):
+        generate_text(exports["int4"], ["Once"], 2)  # was "no config.json here; is this a Hugging Face model directory?"
     assert "\n" not in str(e.value)
 
 

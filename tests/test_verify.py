@@ -91,6 +91,12 @@ def fp_engine(vdir):
     return convert_hf_to_engine(STORIES, vdir / "fp32.engine")
 
 
+@pytest.fixture(scope="module")
+def fp_engine_copy(fp_engine, vdir):
+    """The same engine under another path (verify refuses one path on both sides)."""
+    return copy_tree(fp_engine, vdir / "fp32-copy.engine")
+
+
 def _rtn(out: Path, bits: int, to: str = "engine") -> Path:
     from lmkiln.quant.awq import QuantOptions
     from lmkiln.quant.pipeline import quantize_model
@@ -161,8 +167,8 @@ def w4_run(w4_engine, one_prompt, vdir):
 
 
 @pytest.mark.parametrize("pair", ["hf-vs-engine", "engine-vs-engine"])
-def test_model_against_itself_passes(pair, fp_engine, vdir):
-    reference = STORIES if pair == "hf-vs-engine" else fp_engine
+def test_model_against_itself_passes(pair, fp_engine, fp_engine_copy, vdir):
+    reference = STORIES if pair == "hf-vs-engine" else fp_engine_copy
     r, rep = verify(reference, fp_engine, report=vdir / f"self-{pair}.json")
     assert "PASS" in r.stdout and "FAIL" not in r.output
     assert rel(rep["reference"]["ppl"], rep["candidate"]["ppl"]) < 1e-5
@@ -236,6 +242,37 @@ def test_threshold_out_of_range_is_refused_before_any_run(key, value, fp_engine,
     monkeypatch.setattr(V, "open_runner", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(InputError, match=f"--{key.replace('_', '-')} {value:g}: choose"):
         V.run_verify(STORIES, fp_engine, V.VerifyOptions(**{key: value}))
+
+
+def test_refused_before_any_run(fp_engine, tmp_path, monkeypatch):
+    """What would make a verdict meaningless or waste the reference's whole pass is refused first:
+    one path on both sides (however spelled: a CI gate would pass by construction), a GGUF as the
+    reference (it has no tokenizer directory), a prompt longer than the context (named, with the
+    way out), and a device or pipe as the evaluation text (was read forever or reported missing)."""
+    import os
+
+    import lmkiln.verify.verify as V
+
+    monkeypatch.setattr(V, "open_runner", lambda *a, **k: pytest.fail("a model was loaded"))
+    link = tmp_path / "link"
+    link.symlink_to(fp_engine)
+    for cand in (fp_engine, Path(str(fp_engine) + "/"), link):
+        with pytest.raises(InputError, match=r"reference and candidate are the same .*give the original model"):
+            V.run_verify(fp_engine, cand, V.VerifyOptions())
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(InputError, match="a GGUF file can be verify's candidate only"):
+        V.run_verify(gguf, fp_engine, V.VerifyOptions())
+    long = tmp_path / "long.txt"
+    long.write_text("Once upon a time\n" + "the cat sat on the mat " * 300 + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"prompt 2 of {long} \(\d+ tokens\) plus 2 new tokens exceed the model's context "
+                                         r"of 512 positions; shorten it to under 512 tokens"):
+        V.run_verify(STORIES, fp_engine, V.VerifyOptions(prompts=long, max_new_tokens=2))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for data in (fifo, Path("/dev/zero")):
+        with pytest.raises(InputError, match="--data .*: not a regular file"):
+            V.run_verify(STORIES, fp_engine, V.VerifyOptions(data=data))
 
 
 # -- 3. the report and the plot --------------------------------------------------------
@@ -490,8 +527,8 @@ def test_agreement_statistics_match_a_direct_computation(vocab):
         assert want["top1_agreement"] < want["top5_agreement"] < 1 and 0 < want["top5_overlap"] < 1
 
 
-def test_agreement_statistics_of_a_model_against_itself(fp_engine, one_prompt, vdir):
-    _, rep = verify(fp_engine, fp_engine, "--prompts", one_prompt, report=vdir / "self-top5.json")
+def test_agreement_statistics_of_a_model_against_itself(fp_engine, fp_engine_copy, one_prompt, vdir):
+    _, rep = verify(fp_engine_copy, fp_engine, "--prompts", one_prompt, report=vdir / "self-top5.json")
     assert rep["top5_agreement"] == rep["top5_overlap"] == 1.0
     assert rep["p_top"]["reference"] == rep["p_top"]["candidate"]
     assert all(w["top5_overlap"] == 1.0 and w["reference_p_top"] == w["candidate_p_top"] for w in rep["windows"])

@@ -56,7 +56,23 @@ def _split_txt(text: str) -> list[str]:
     return [p.strip() for p in pieces if p.strip()]
 
 
+# Text inputs (--calib here, verify's --data and --prompts) are read whole: refuse above this rather
+# than exhaust memory (a sample of a corpus is what calibration and evaluation need).
+MAX_TEXT_BYTES = 2 << 30
+
+
+def check_text_file(path: Path, what: str, option: str) -> None:
+    """A regular file of a size that can be read whole: a device (/dev/zero) was read until the
+    kernel killed the process, a named pipe blocked forever."""
+    if path.exists() and not path.is_file():
+        raise InputError(f"{option} {path}: not a regular file (a device, pipe or socket); pass a file of {what}")
+    if path.is_file() and path.stat().st_size > MAX_TEXT_BYTES:
+        raise InputError(f"{option} {path}: {path.stat().st_size / 2**30:.1f} GiB; {what}s are read whole, so pass a sample "
+                         f"under {MAX_TEXT_BYTES / 2**30:.0f} GiB")
+
+
 def _read_text(path: Path) -> str:
+    check_text_file(path, "calibration text", "--calib")
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -106,6 +122,8 @@ def load_calibration_texts(path: Path | str | None = None) -> list[str]:
             f"calibration path {path} does not exist; "
             "pass an existing .txt/.jsonl file or directory with --calib"
         )
+    if not path.is_dir():
+        check_text_file(path, "calibration text", "--calib")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
         if not files:

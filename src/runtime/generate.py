@@ -37,18 +37,25 @@ def context_length(model) -> int | None:
 
 
 def check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """`check_lengths` against a runner's own context and vocabulary."""
+    check_lengths(prompts, max_new_tokens, context_length(model), model.vocab_size)
+
+
+def check_lengths(prompts: list[list[int]], max_new_tokens: int, ctx: int | None, vocab: int | None,
+                  name=lambda k: "the prompt") -> None:
     """Refuse what would silently go wrong: prompt + new tokens past the model's context
     (rotary positions it never saw: the text degrades without a word, and a huge count
     allocates a cache for all of it) and token ids past its vocabulary (a tokenizer that
-    does not belong to the model)."""
-    longest = max((len(p) for p in prompts), default=0)
-    ctx = context_length(model)
-    if ctx and longest + max_new_tokens > ctx:
-        raise InputError(f"the prompt ({longest} tokens) plus {max_new_tokens} new tokens exceed the model's context of "
-                         f"{ctx} positions; shorten the prompt or ask for at most {max(ctx - longest, 0)} new tokens")
+    does not belong to the model). `name(k)` names prompt k in the message."""
+    for k, p in enumerate(prompts):
+        if ctx and len(p) + max_new_tokens > ctx:
+            room = ctx - len(p)
+            fix = f"ask for at most {room} new tokens or shorten it" if room >= 1 else f"shorten it to under {ctx} tokens"
+            raise InputError(f"{name(k)} ({len(p)} tokens) plus {max_new_tokens} new tokens exceed the model's context of "
+                             f"{ctx} positions; {fix}")
     top = max((max(p) for p in prompts if p), default=-1)
-    if top >= model.vocab_size:
-        raise InputError(f"token id {top} is outside the model's vocabulary ({model.vocab_size} ids): the tokenizer "
+    if vocab is not None and top >= vocab:
+        raise InputError(f"token id {top} is outside the model's vocabulary ({vocab} ids): the tokenizer "
                          "does not belong to this model")
 
 
@@ -68,8 +75,8 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
     cache = model.new_cache(B, ids.shape[1] + max_new_tokens)
     logits = model.forward(ids, mask, cache)[:, -1]
     if not bool(torch.isfinite(logits).all()):  # argmax of NaN is token 0: it would "generate" silently
-        raise InputError("the model's logits are NaN or Inf: its weights hold NaN/Inf values (a damaged checkpoint; "
-                         "`lmkiln quantize` names the tensor)")
+        raise InputError("the model's logits are NaN or Inf: its weights hold NaN/Inf values (a damaged checkpoint or "
+                         "export; make it again from a good source)")
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     eos = torch.tensor(list(eos_ids), dtype=torch.long)

@@ -26,6 +26,9 @@ def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]
         raise InputError(f"{source}: a file, not an engine or model directory{gguf}")
     if not source.is_dir():
         raise InputError(f"{source}: no such engine or model directory")
+    if (source / "model.onnx").is_file():
+        raise InputError(f"{source}: an ONNX export; this takes an engine or a Hugging Face directory "
+                         "(run an export with onnxruntime, or check it with `lmkiln verify ENGINE EXPORT`)")
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 
     with tempfile.TemporaryDirectory(prefix="lmkiln-engine-") as tmp:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lmkiln.assets import ASSETS
 from lmkiln.errors import InputError
-from lmkiln.quant.calib import shingles
+from lmkiln.quant.calib import check_text_file, shingles
 
 
 def bundled_eval_path() -> Path:
@@ -20,6 +20,7 @@ def bundled_prompts_path() -> Path:
 
 def _read(path: Path, what: str) -> str:
     path = Path(path)
+    check_text_file(path, what, "--data" if what == "evaluation text" else "--prompts")
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
     try:

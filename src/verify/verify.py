@@ -13,7 +13,7 @@ from lmkiln.errors import InputError
 from lmkiln.formats.atomic import atomic_file, check_output_file
 from lmkiln.formats.tokenizer import load_tokenizer
 from lmkiln.quant.calib import unpack_shingles
-from lmkiln.runtime.generate import greedy_generate
+from lmkiln.runtime.generate import check_lengths, greedy_generate
 from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
 from lmkiln.verify.metrics import compare, window_logits, windows
 from lmkiln.runtime.engine_model import runtime_dtype
@@ -115,7 +115,13 @@ def _release_device(device: str) -> None:
 
 def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None) -> VerifyResult:
     reference, candidate = Path(reference), Path(candidate)
-    kind_of(reference), kind_of(candidate)  # clear errors before any heavy loading
+    kind_of(candidate)  # clear errors before any heavy loading
+    if kind_of(reference) == "gguf":
+        raise InputError(f"{reference}: a GGUF file can be verify's candidate only; the reference is the original model "
+                         "(or an engine), whose tokenizer both sides use")
+    if reference.resolve() == candidate.resolve():  # a typo'd or templated gate would pass by construction
+        raise InputError(f"reference and candidate are the same ({reference.resolve()}); give the original model and "
+                         "the converted or quantized one")
     wt = weight_type(candidate)
     defaults = DEFAULT_THRESHOLDS.get(wt, DEFAULT_THRESHOLDS["int4"])
     thresholds = {k: (getattr(o, k) if getattr(o, k) is not None else v) for k, v in defaults.items()}
@@ -141,6 +147,9 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     probe = tok("a").input_ids
     bos = tok.bos_token_id if tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id else None
     prompts = load_prompts(o.prompts)
+    prompt_ids = [tok(p).input_ids for p in prompts]
+    source = o.prompts or "the bundled prompts"  # checked now, not after the reference's whole pass
+    check_lengths(prompt_ids, o.max_new_tokens, ctx, None, lambda k: f"prompt {k + 1} of {source}")
     warnings = []
     overlap = overlap_tokens(ids, _calibration_shingles(candidate))
     if overlap:
@@ -156,7 +165,6 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
         raise InputError(f"vocabularies differ: reference {vocabs[0]}, candidate {vocabs[1]}")
     t0 = time.time()
     wins = windows(ids, seqlen, bos)
-    prompt_ids = [tok(p).input_ids for p in prompts]
     # One model at a time: the reference's logits wait on the host while the candidate runs,
     # so a device only ever holds one of them (a 70B int4 candidate fits one 80 GB GPU; the
     # fp reference beside it would not).
