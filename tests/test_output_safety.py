@@ -6,6 +6,7 @@ SIGTERM handled like Ctrl-C. Cases from a fault-injection audit (A1, A2, A5, A10
 B10, C8): each used to delete an input, overwrite a file silently or end in exit 3.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -173,6 +174,49 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, tiny_llama):
     assert [ln for ln in err.splitlines() if ln.strip()] == ["terminated (SIGTERM); no output was left half-written"]
     assert not tmp.exists() and not eng.parent.exists()
     assert list(tmp_path.iterdir()) == []  # no output, no temporary, no lock
+
+
+def test_sigkill_leftover_engine_is_swept_by_the_next_run(tmp_path, tiny_llama, monkeypatch):
+    """SIGKILL (the OOM killer's signal) runs no cleanup: the temporary engine made from an HF directory
+    stays in the system temp dir, model-sized. The next run that makes one removes every such engine
+    whose owner is gone (its lock is free), and none that is in use or just being created."""
+    from lmkiln.runtime import session
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", HANG, str(tmp_path / "out"), str(tiny_llama)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **ENV, "TMPDIR": str(tmpdir)})
+    try:
+        line = p.stdout.readline().split()
+        assert line and line[0] == "ready", p.stderr.read()
+        dead = Path(line[2]).parent
+        p.kill()
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    assert dead.is_dir() and dead.parent == tmpdir  # what SIGKILL leaves
+    live = tmpdir / f"{session.TEMP_PREFIX}live"
+    live.mkdir()
+    young = tmpdir / f"{session.TEMP_PREFIX}young"
+    young.mkdir()
+    (young / session.IN_USE).touch()
+    old = os.path.getmtime(dead / session.IN_USE) - 3600
+    for d in (dead, live):
+        (d / session.IN_USE).touch()
+        os.utime(d / session.IN_USE, (old, old))
+    fd = os.open(live / session.IN_USE, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process still using it
+    try:
+        assert session.sweep_temporary_engines(tmpdir) == [dead]
+    finally:
+        os.close(fd)
+    assert not dead.exists() and live.is_dir() and young.is_dir()
+    monkeypatch.setattr(session.tempfile, "tempdir", str(tmpdir))  # engine_dir sweeps before converting
+    (young / session.IN_USE).touch()
+    os.utime(young / session.IN_USE, (old, old))
+    with session.engine_dir(tiny_llama) as eng:
+        assert eng.parent.parent == tmpdir and not young.exists() and not live.exists()
 
 
 # -- B1: an unwritable output directory is one line, exit 2, before any work ---------------------------------

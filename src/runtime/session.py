@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -11,6 +15,45 @@ import torch
 
 from lmkiln.errors import InputError, LmkilnError
 from lmkiln.formats.engine import is_engine
+
+
+TEMP_PREFIX = "lmkiln-engine-"
+IN_USE = ".in-use"  # flocked by the process converting into / reading from the temporary engine
+STALE_AFTER_S = 60  # younger ones may be a process between creating the directory and locking it
+
+
+@contextlib.contextmanager
+def _in_use(tmp: Path) -> Iterator[None]:
+    fd = os.open(tmp / IN_USE, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel when the process dies, however it dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def sweep_temporary_engines(root: Path | None = None) -> list[Path]:
+    """Remove temporary engines (model-sized) that a killed process left in the system temp
+    directory: a SIGKILL or the OOM killer runs no cleanup, and nothing else would ever delete
+    them. One is stale when nobody holds its lock; returns what was removed."""
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        lock = d / IN_USE
+        try:
+            if not lock.is_file() or time.time() - lock.stat().st_mtime < STALE_AFTER_S:
+                continue
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 @contextlib.contextmanager
@@ -31,7 +74,8 @@ def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]
                          "(run an export with onnxruntime, or check it with `lmkiln verify ENGINE EXPORT`)")
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 
-    with tempfile.TemporaryDirectory(prefix="lmkiln-engine-") as tmp:
+    sweep_temporary_engines()
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp, _in_use(Path(tmp)):
         engine = Path(tmp) / "engine"
         try:
             yield convert_hf_to_engine(source, engine, allow_pickle=allow_pickle)
