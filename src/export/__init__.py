@@ -128,15 +128,15 @@ def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_l
     quantized linears exported dequantized (with why)."""
     import onnx
 
-    from lmkiln.export.onnx_graph import DecoderBuilder
+    from lmkiln.export.onnx_graph import DecoderBuilder, no_cpu_kernel
     from lmkiln.export.store import DATA_FILE, Graph, TensorStore
 
     dtype = np.float16 if ep == "cuda" else np.float32
     weight_bytes = sum(f["size"] for f in engine.manifest["files"].values())
     if engine.quant is None and dtype == np.float32 and engine.dtype.itemsize == 2:
         weight_bytes *= 2
-    if engine.quant is not None and engine.quant["bits"] == 8 and dtype == np.float32 and accuracy_level == 0 and not portable:
-        weight_bytes *= 4  # int8 linears become float32 weights at level 0 on CPU (DecoderBuilder._linear)
+    if engine.quant is not None and not portable and no_cpu_kernel(engine.quant["bits"], accuracy_level, dtype):
+        weight_bytes *= 4  # its int8 linears become float32 weights
     store = TensorStore(out, external=weight_bytes > EXTERNAL_THRESHOLD, progress=progress)
     try:
         b = DecoderBuilder(engine, Graph(store), dtype, portable, accuracy_level, head_bits)

@@ -51,6 +51,14 @@ HEAD_BLOCK = {4: 32, 8: 128}
 HEAD_GRID_STEPS = {4: GRID_STEPS, 8: 1}
 
 
+def no_cpu_kernel(bits: int, level: int, dtype) -> bool:
+    """Whether MatMulNBits would run without a kernel: onnxruntime (1.32) has no 8-bit CPU kernel at
+    level 0 (the float32 graph) and dequantizes the whole weight on every call (an int8 engine decoded
+    at 0.6 tok/s vs 26 at level 4, docs/BENCHMARKS.md); the dequantized float32 weight computes the
+    same exact product, 40x faster, so such linears are exported dequantized."""
+    return bits == 8 and level == 0 and np.dtype(dtype) == np.float32
+
+
 def head_block(bits: int, k: int) -> int:
     """The quantized head's block size for `bits` and activation width `k` (a power of two >= 16)."""
     return max(16, min(HEAD_BLOCK[bits], 1 << max(k - 1, 1).bit_length()))
@@ -103,12 +111,9 @@ class DecoderBuilder:
         else:
             level = self.accuracy_level if accuracy_level is None else accuracy_level
             nb = to_matmulnbits(lw, self.dtype, DROP_DEFAULT_ZERO_POINTS)
-            # onnxruntime (1.32) has no 8-bit MatMulNBits CPU kernel at level 0: it dequantizes the whole
-            # weight on every call (an int8 engine decoded at 0.6 tok/s vs 26 at level 4, docs/BENCHMARKS.md).
-            # The dequantized float32 weight computes the same exact product, 40x faster.
             why = (f"group {lw.group}: no MatMulNBits block size" if nb is None else
-                   "int8 at accuracy level 0: onnxruntime has no CPU kernel" if lw.bits == 8 and level == 0
-                   and self.T == TensorProto.FLOAT else None)
+                   "int8 at accuracy level 0: onnxruntime has no CPU kernel" if no_cpu_kernel(lw.bits, level, self.dtype)
+                   else None)
             if why:  # run it dequantized
                 self.fallbacks.append(f"{name} ({why})")
                 y = g.op1("MatMul", [x, g.store.add(f"{name}.weight", dequantized(lw, self.dtype))])
