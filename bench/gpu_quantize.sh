@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu}"
 mkdir -p "$OUT" /tmp/lmkiln-path
 ln -sfn "$PWD/src" /tmp/lmkiln-path/lmkiln
-export PYTHONPATH=/tmp/lmkiln-path HF_HUB_OFFLINE=1
+export PYTHONPATH=/tmp/lmkiln-path${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1
 python - <<'PY' | tee "$OUT/gpu.txt"
 import torch, transformers
 print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available(),
@@ -26,7 +26,8 @@ make_synthetic(Path("/tmp/synth-8b-L2"), 4096, 14336, 2, 32, 8, "bfloat16")
 PY
 python -m lmkiln quantize /tmp/synth-8b-L2 --dry-run --w4a16 -o /tmp/q8b --calib-samples 128 --calib-seqlen 512 \
     --device cuda 2>&1 | tee -a "$OUT/gpu.txt" || true
-/usr/bin/time -v python -m lmkiln quantize /tmp/synth-8b-L2 -o /tmp/q8b --w4a16 --group-size 128 \
+TIME=$(command -v /usr/bin/time >/dev/null && echo "/usr/bin/time -v" || true)  # peak host RSS where GNU time exists
+$TIME python -m lmkiln quantize /tmp/synth-8b-L2 -o /tmp/q8b --w4a16 --group-size 128 \
     --calib-samples 128 --calib-seqlen 512 --device cuda --report "$OUT/q8b-report.json" 2>&1 | tail -40 | tee -a "$OUT/gpu.txt"
 python - "$OUT/q8b-report.json" <<'PY' | tee -a "$OUT/gpu.txt"
 import json, sys

@@ -140,6 +140,7 @@ def hf_row(path: Path, static: bool) -> dict:
 
 def kernels() -> list[dict]:
     """PyTorch's int4 kernel (tinygemm) vs a bf16 matmul and vs dequantize-per-call, per shape and M."""
+    from lmkiln.runtime import triton_int4
     from lmkiln.runtime.qlinear import QuantLinear
 
     rows = []
@@ -152,6 +153,8 @@ def kernels() -> list[dict]:
         zeros = torch.full((k // 128, n), 8, dtype=torch.uint8, device=DEV)
         packed = QuantLinear(codes, scales, zeros, 4, k, dtype=torch.bfloat16, device=DEV, kernels=True)
         live = QuantLinear(codes, scales, zeros, 4, k, dtype=torch.bfloat16, device=DEV, path="dequant-live")
+        tri = {dt: QuantLinear(codes, scales, zeros, 4, k, dtype=dt, device=DEV, path="int4-triton")
+               for dt in (torch.bfloat16, torch.float16) if triton_int4.available(torch.device(DEV), dt)}
         w = live.live_weight()
         for m in (1, 8, 64, 2048):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=DEV)
@@ -159,6 +162,15 @@ def kernels() -> list[dict]:
             t = lambda f: timed(lambda: [f() for _ in range(reps)], 3) / reps * 1e6  # noqa: E731
             row = {"k": k, "n": n, "m": m, "int4_path": packed.mode, "int4_us": t(lambda: packed(x)), "bf16_us": t(lambda: x @ w),
                    "dequant_live_us": t(lambda: live(x))}
+            for dt, ql in tri.items():  # a CUDA graph of reps calls: the kernel's time without Triton's Python launch cost
+                xd = x.to(dt)
+                row[f"triton_{str(dt)[6:]}_us"] = t(lambda: ql(xd))
+                if DEV == "cuda" and m < 2048:
+                    ql(xd), torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        [ql(xd) for _ in range(reps)]
+                    row[f"triton_{str(dt)[6:]}_graph_us"] = timed(graph.replay, 3) / reps * 1e6
             if DEV == "cuda":
                 row["tinygemm_us"] = t(lambda: torch.ops.aten._weight_int4pack_mm(x, packed.packed, 128, packed.scales_and_zeros))
                 row["large_m_dequant"] = packed.large_m_dequant
@@ -189,9 +201,13 @@ def exactness(tmp: Path) -> dict:
                   "packed_bf16": EngineModel.from_path(eng, dtype=torch.bfloat16, device=DEV, kernels=True),
                   "dequant_fp16": EngineModel.from_path(eng, dtype=torch.float16, device=DEV, linear_path="dequant"),
                   "packed_fp16": EngineModel.from_path(eng, dtype=torch.float16, device=DEV, kernels=True)}
+        before, QuantLinear.BF16_INT4 = QuantLinear.BF16_INT4, "int4-triton" if QuantLinear.BF16_INT4 == "int4" else "int4"
+        models["other_bf16"] = EngineModel.from_path(eng, dtype=torch.bfloat16, device=DEV, kernels=True)
+        QuantLinear.BF16_INT4 = before
         logp = {k: [m.forward(x)[0].double().log_softmax(-1).cpu() for x in wins] for k, m in models.items()}
         large_m, QuantLinear.LARGE_M = QuantLinear.LARGE_M, 10 ** 9  # tinygemm for every call, 511-row windows too
-        logp["tinygemm_bf16"] = [models["packed_bf16"].forward(x)[0].double().log_softmax(-1).cpu() for x in wins]
+        tiny = "packed_bf16" if models["packed_bf16"].linear_paths().get("layers.0.attention.wqkv") == "int4" else "other_bf16"
+        logp["tinygemm_bf16"] = [models[tiny].forward(x)[0].double().log_softmax(-1).cpu() for x in wins]
         QuantLinear.LARGE_M = large_m
 
         def kl_top1(a, b):
@@ -205,6 +221,9 @@ def exactness(tmp: Path) -> dict:
                        "packed_bf16_vs_exact": kl_top1("exact_fp32", "packed_bf16"),
                        "dequant_bf16_vs_exact": kl_top1("exact_fp32", "dequant_bf16"),
                        "fp16_paths": models["packed_fp16"].runtime_report()["linear_paths"],
+                       "other_bf16_paths": models["other_bf16"].runtime_report()["linear_paths"],
+                       "other_vs_dequant_bf16": kl_top1("dequant_bf16", "other_bf16"),
+                       "other_bf16_vs_exact": kl_top1("exact_fp32", "other_bf16"),
                        "packed_vs_dequant_fp16": kl_top1("dequant_fp16", "packed_fp16"),
                        "packed_fp16_vs_exact": kl_top1("exact_fp32", "packed_fp16")}
     return out
@@ -214,7 +233,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench/out/gpu/runtime.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/lmkiln-gpu-runtime"))
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,exact,rows,hf,int8,fp16")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,exact,rows,hf,hf_static,int8,fp16,triton")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks this script runs, measures nothing")
     a = ap.parse_args()
     global DEV, NEW
@@ -240,10 +259,15 @@ def main() -> None:
         print(f"== {name} ({time.perf_counter() - t:.0f} s)", json.dumps(res[name], indent=1, default=str)[:4000], flush=True)
         a.out.write_text(json.dumps(res, indent=1, default=str))
 
-    section("exact", lambda: exactness(a.work))
     section("kernels", kernels)
-    if "rows" in skip:
-        return
+    if "rows" not in skip:
+        rows(a, res, skip, section)
+    section("exact", lambda: exactness(a.work))  # last: the CUDA tests check the same bars
+    a.out.write_text(json.dumps(res, indent=1, default=str))
+
+
+def rows(a, res: dict, skip: set, section) -> None:
+    """The 1.1B synthetic: engine rows and transformers rows, side by side, and the targets."""
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
     from lmkiln.quant.awq import QuantOptions
     from lmkiln.quant.pipeline import quantize_model
@@ -261,23 +285,35 @@ def main() -> None:
         res[f"quantize_{name}_s"] = round(time.perf_counter() - t, 1)
     section("engine_fp16", lambda: engine_row(engines["fp16"], torch.float16 if DEV == "cuda" else torch.float32))
     section("engine_int4", lambda: engine_row(engines["int4"], torch.bfloat16))
+    if "triton" not in skip:
+        from lmkiln.runtime.qlinear import QuantLinear
+
+        def other_bf16():
+            before, QuantLinear.BF16_INT4 = QuantLinear.BF16_INT4, "int4-triton" if QuantLinear.BF16_INT4 == "int4" else "int4"
+            try:
+                return engine_row(engines["int4"], torch.bfloat16)
+            finally:
+                QuantLinear.BF16_INT4 = before
+        section("engine_int4_other_bf16", other_bf16)
     if "fp16" not in skip:
         section("engine_int4_fp16", lambda: engine_row(engines["int4"], torch.float16 if DEV == "cuda" else torch.float32))
     if "int8" not in skip:
         section("engine_int8", lambda: engine_row(engines["int8"], torch.bfloat16))
     if "hf" not in skip:
         section("transformers_fp16_dynamic", lambda: hf_row(src, static=False))
-        section("transformers_fp16_static", lambda: hf_row(src, static=True))
-    try:
-        e4, f16, hf = res["engine_int4"], res["engine_fp16"], res["transformers_fp16_dynamic"]
-        res["targets"] = {"int4_decode_b1_vs_transformers_dynamic": e4["decode_b1_tok_s"] / hf["decode_b1_tok_s"],
-                          "int4_decode_b8_vs_transformers_dynamic": e4["decode_b8_tok_s"] / hf["decode_b8_tok_s"],
-                          "int4_memory_vs_fp16_engine_loaded": e4["loaded_mib"] / f16["loaded_mib"],
-                          "int4_memory_vs_fp16_engine_decode_peak": e4["decode_peak_mib"] / f16["decode_peak_mib"]}
-        print("== targets", json.dumps(res["targets"], indent=1))
-    except (KeyError, TypeError, ZeroDivisionError):
-        pass
-    a.out.write_text(json.dumps(res, indent=1, default=str))
+        if "hf_static" not in skip:
+            section("transformers_fp16_static", lambda: hf_row(src, static=True))
+    res["targets"] = {}
+    for row in ("engine_int4", "engine_int4_other_bf16", "engine_int4_fp16"):  # each int4 path against the same baselines
+        try:
+            e4, f16, hf = res[row], res["engine_fp16"], res["transformers_fp16_dynamic"]
+            res["targets"][row] = {"decode_b1_vs_transformers_dynamic": e4["decode_b1_tok_s"] / hf["decode_b1_tok_s"],
+                                   "decode_b8_vs_transformers_dynamic": e4["decode_b8_tok_s"] / hf["decode_b8_tok_s"],
+                                   "memory_vs_fp16_engine_loaded": e4["loaded_mib"] / f16["loaded_mib"],
+                                   "memory_vs_fp16_engine_decode_peak": e4["decode_peak_mib"] / f16["decode_peak_mib"]}
+        except (KeyError, TypeError, ZeroDivisionError):
+            pass
+    print("== targets", json.dumps(res["targets"], indent=1))
 
 
 if __name__ == "__main__":

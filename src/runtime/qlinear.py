@@ -15,6 +15,7 @@ from torch import nn
 
 from lmkiln.formats.packing import unpack_int4
 from lmkiln.formats.qtensor import dequantize
+from lmkiln.runtime import triton_int4
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what PyTorch's int4 kernels (CPU and CUDA tinygemm) accept
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the CPU kernels'; CUDA's tinygemm: bfloat16 (float16 where int4_kernel_on says)
@@ -116,6 +117,12 @@ class QuantLinear(nn.Module):
     weight never exists in host memory or, on CUDA, whole on the device. `mode` says
     which path a linear took (`EngineModel.linear_paths`):
 
+    - "int4-triton": on CUDA where Triton is installed (PyTorch's CUDA wheels bring it), int4
+      in float16, float32, and bfloat16 where `BF16_INT4` says so: runtime/triton_int4.py's
+      kernel forms exactly the dequantized weight in registers ((q - zero) * scale in
+      float32, rounded to the compute dtype), so the output equals "dequant"'s up to the
+      order of sums; calls above triton_int4.MAX_M rows dequantize the linear from the
+      packed codes and run a plain matmul;
     - "int4": PyTorch's packed int4 kernel, which computes (q - 8) * scale + zero_fp, so
       zero_fp = (8 - zero) * scale. On CUDA: tinygemm (`_weight_int4pack_mm`, bfloat16
       activations, scales and zeros in bfloat16, so weights differ from the dequantized
@@ -136,34 +143,51 @@ class QuantLinear(nn.Module):
       matmul (docs/BENCHMARKS.md), so speed wins over memory there.
     """
 
-    PATHS = ("int4", "int8", "dequant-live", "dequant")
+    PATHS = ("int4-triton", "int4", "int8", "dequant-live", "dequant")
+    FORCED = ("dequant", "dequant-live", "int4-triton")  # what `path` may force (comparisons, tests)
+    BF16_INT4 = "int4"  # which int4 path bf16 takes on CUDA where both fit: tinygemm ("int4") or "int4-triton"
     DEQUANT_CHUNK = 1 << 24  # weights per float32 block when dequantizing from packed codes (64 MiB of temporaries)
     LARGE_M = 256  # CUDA int4: from this many rows per call, dequantize from the packed codes and matmul (H100 crossover ~230)
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int,
                  bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device="cpu", kernels: bool = False,
                  path: str | None = None):
-        """`path`: "dequant" or "dequant-live" forces that path on any device (to compare the
-        kernels against, and to test the live path on CPU); None picks as above."""
+        """`path`: one of FORCED forces that path on any device where it can run (to compare
+        the kernels against, and to test the live and Triton paths on CPU); None picks as above."""
         super().__init__()
-        if path not in (None, "dequant", "dequant-live"):
-            raise ValueError(f"QuantLinear path {path!r}: choose dequant or dequant-live (or None to pick)")
+        if path not in (None, *self.FORCED):
+            raise ValueError(f"QuantLinear path {path!r}: choose {', '.join(self.FORCED)} (or None to pick)")
         device = torch.device(device)
         k, n = codes.shape
         g = k // scales.shape[0]
         self.in_features, self.k, self.n, self.group_size, self.bits, self.dtype = in_features, k, n, g, bits, dtype
         self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
         codes = codes.to(device)
-        scales, zeros = scales.to(device).float(), zeros.to(device).to(torch.int32)
+        stored_scales = scales.to(device)  # as the engine holds them (fp16): the Triton path keeps them so
+        scales, zeros = stored_scales.float(), zeros.to(device).to(torch.int32)
         on_cuda = device.type == "cuda"
         kernel_ok = (dtype in (torch.bfloat16, torch.float16) and bits == 4 and int4_kernel_on(device, dtype)) if on_cuda \
             else (kernels and dtype in KERNEL_DTYPES)
         tiles = int4_inner_k_tiles(k)
         per_channel_sym = bits == 8 and bool((zeros == 128).all()) and bool((scales == scales[:1]).all())
+        tinygemm_ok = kernel_ok and bits == 4 and g in INT4_KERNEL_GROUPS and (n % 8 == 0 and tiles if on_cuda else n % 16 == 0)
         live = on_cuda if path is None else path == "dequant-live"
-        if path is not None:  # forced: no kernel
-            kernel_ok = kernels = False
-        if kernel_ok and bits == 4 and g in INT4_KERNEL_GROUPS and (n % 8 == 0 and tiles if on_cuda else n % 16 == 0):
+        triton_ok = (bits == 4 and dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_int4.k_tile(g, k) is not None
+                     and triton_int4.available(device, dtype))
+        if path == "int4-triton" and not triton_ok:
+            raise ValueError(f"QuantLinear path 'int4-triton' cannot run here ({bits}-bit, group {g}, {dtype}, {device}, "
+                             f"Triton {'usable' if triton_int4.available(device, dtype) else 'not usable'} there)")
+        use_triton = path == "int4-triton" or (path is None and on_cuda and triton_ok and
+                                               (dtype != torch.bfloat16 or self.BF16_INT4 == "int4-triton" or not tinygemm_ok))
+        if path is not None:  # forced: no other kernel
+            tinygemm_ok = kernels = False
+        if use_triton:
+            self.mode = "int4-triton"
+            q, s, z = triton_int4.pack(codes, stored_scales, zeros)
+            self.register_buffer("codes", q)
+            self.register_buffer("scales", s)
+            self.register_buffer("zeros", z)
+        elif tinygemm_ok:
             self.mode = "int4"
             if on_cuda:  # tinygemm takes (n, k/2) bytes, even column in the high nibble
                 w = codes.t().contiguous()
@@ -227,6 +251,13 @@ class QuantLinear(nn.Module):
             y = x @ self.weight
         elif self.mode == "dequant-live":
             y = x @ self.live_weight()
+        elif self.mode == "int4-triton":
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] <= triton_int4.MAX_M:
+                y = triton_int4.matmul(x2, self.codes, self.scales, self.zeros)
+            else:  # prefill: one linear dequantized into a temporary, as "dequant" holds it
+                y = x2 @ triton_int4.dequantize(self.codes, self.scales, self.zeros, self.dtype)[:, :self.in_features].t()
+            y = y.reshape(*x.shape[:-1], self.n)
         else:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])  # the kernels take 2-D input only

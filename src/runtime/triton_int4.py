@@ -1,0 +1,158 @@
+"""A Triton kernel for int4 linears on CUDA that computes with the dequantized weights exactly.
+
+PyTorch's own int4 kernel (tinygemm) takes bfloat16 activations only and computes its
+weights as (q - 8) * scale + zero_fp with scale and zero_fp rounded to bf16, so its output
+is bf16-noisy and differs from the dequantized engine (KL ~1e-3 on the bundled model).
+This kernel reads lmkiln's own packed codes and, in registers, forms exactly the weight the
+"dequant" path holds, w = ((q - zero) * scale in float32) rounded to the compute dtype, then
+multiplies with float32 accumulation: the same numbers as a dequantized matmul up to the
+order of the sums, in float16, bfloat16 or float32 (IEEE products, no TF32).
+
+Layout (built once at load, `pack`): codes (n, k/2) uint8, byte j of row n = k 2j in the low
+nibble, 2j+1 in the high one, so each output column's codes are contiguous along k (the
+decode kernel's loads run along k); scales (n, k/g) as the engine stores them (float16: the
+arithmetic is float32 in any case, so keeping them narrow is exact) and zeros (n, k/g) uint8.
+
+It serves small calls (decode, up to `MAX_M` rows): one program per tile of output columns
+and rows, every k tile inside one quantization group, so each tile needs one scale and zero
+per column. Larger calls (prefill) go through `dequantize` + a plain matmul (QuantLinear).
+Triton is imported lazily: `available()` is False where it is missing (CPU-only PyTorch
+wheels have no Triton) and QuantLinear then picks its other paths. Under
+TRITON_INTERPRET=1 the kernel runs on CPU tensors (slowly), which is how CI-less machines
+test it (tests/test_triton_int4.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MAX_M = 128  # rows per call served by the kernel; above, dequantize + matmul (a GEMM's tiling wins there)
+DEQUANT_CHUNK = 1 << 24  # weights per float32 block in `dequantize` (64 MiB of temporaries)
+
+
+@functools.cache
+def _triton():
+    """The triton modules and the compiled kernel, or None where Triton is missing."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def w4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, KX, KH, G, stride_xm, stride_qn, stride_sn, stride_ym,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, IEEE: tl.constexpr):
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, BLOCK_KH)
+        row_ok, col_ok = rows < M, cols < N
+        dtype = y_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j0 in range(0, KH, BLOCK_KH):
+            # one group per tile (BLOCK_KH divides G / 2): one scale and zero per column
+            grp = (2 * j0) // G
+            s = tl.load(s_ptr + cols * stride_sn + grp, mask=col_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + cols * stride_sn + grp, mask=col_ok, other=0).to(tl.float32)
+            b = tl.load(q_ptr + cols[:, None] * stride_qn + (j0 + j)[None, :], mask=col_ok[:, None], other=0)
+            w_lo = (((b & 15).to(tl.float32) - z[:, None]) * s[:, None]).to(dtype)  # (BLOCK_N, BLOCK_KH): k even
+            w_hi = (((b >> 4).to(tl.float32) - z[:, None]) * s[:, None]).to(dtype)  # k odd
+            k_lo = 2 * (j0 + j)
+            x_lo = tl.load(x_ptr + rows[:, None] * stride_xm + k_lo[None, :], mask=row_ok[:, None] & (k_lo < KX)[None, :], other=0.0)
+            x_hi = tl.load(x_ptr + rows[:, None] * stride_xm + (k_lo + 1)[None, :],
+                           mask=row_ok[:, None] & (k_lo + 1 < KX)[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision="ieee")
+                acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x_lo, tl.trans(w_lo), acc)
+                acc = tl.dot(x_hi, tl.trans(w_hi), acc)
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+    return triton, w4_kernel
+
+
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel runs on `device` with `dtype` activations: CUDA with Triton
+    installed, or any device under TRITON_INTERPRET=1 (Triton's interpreter, for tests).
+    Probed once per device type and dtype on a tiny problem against the dequantized product,
+    not assumed (a Triton that cannot compile it here, or computes it wrong, is not used)."""
+    if _triton() is None or not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    key = (str(device), dtype)
+    if key not in _PROBED:
+        gen = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, 16, (64, 24), dtype=torch.uint8, generator=gen)
+        scales = torch.rand(2, 24, generator=gen).half()
+        zeros = torch.randint(0, 16, (2, 24), dtype=torch.uint8, generator=gen)
+        x = torch.randn(3, 64, generator=gen).to(device=device, dtype=dtype)
+        q, s, z = (t.to(device) for t in pack(codes, scales, zeros))
+        try:
+            got = matmul(x, q, s, z).float()
+            want = (x @ dequantize(q, s, z, dtype).t()).float()
+            _PROBED[key] = bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2))
+        except Exception:  # noqa: BLE001 - any failure to compile or launch means: not here
+            _PROBED[key] = False
+    return _PROBED[key]
+
+
+def k_tile(group_size: int, k: int) -> int | None:
+    """Bytes of codes (2 k each) per k step: a tile must lie inside one group and be at least
+    16 wide for tl.dot; None when the group size allows no such tile."""
+    if k % 2 or group_size % 2:
+        return None
+    return next((t for t in (64, 32, 16) if (group_size // 2) % t == 0), None)
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes uint8 (k, n), scales (k/g, n), zeros (k/g, n) as the engine holds them → the
+    kernel's layout: (n, k/2) nibbles, (n, k/g) scales in their own float dtype, (n, k/g) uint8 zeros."""
+    q = codes.t()
+    return ((q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scales.t().contiguous(),
+            zeros.t().to(torch.uint8).contiguous())
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (n, k) weight in `dtype` from the kernel's layout, as the "dequant" path computes it
+    (float32 arithmetic, then rounded): float32 work on a bounded block of rows at a time."""
+    n, kh = q.shape
+    k, groups = 2 * kh, scales.shape[1]
+    g = k // groups
+    out = torch.empty(n, k, dtype=dtype, device=q.device)
+    rows = max(1, DEQUANT_CHUNK // k)
+    for r in range(0, n, rows):
+        b = q[r:r + rows]
+        blk = torch.stack([b & 15, b >> 4], -1).view(b.shape[0], groups, g).float()
+        blk.sub_(zeros[r:r + rows, :, None].float()).mul_(scales[r:r + rows, :, None].float())
+        out[r:r + rows] = blk.view(b.shape[0], k)
+    return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+
+
+def matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x (m, kx) @ the (k, n) weight held as `pack` made it, kx ≤ k (columns beyond kx are the
+    engine's zero padding and are skipped); m ≤ MAX_M. Output (m, n) in x's dtype."""
+    triton, kernel = _triton()
+    x = x.contiguous()
+    m, kx = x.shape
+    n, kh = q.shape
+    g = 2 * kh // scales.shape[1]
+    block_kh = k_tile(g, 2 * kh)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    # enough column tiles to fill the GPU at decode sizes (one program per SM at least)
+    block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= _sm_count(x.device)), 16)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    kernel[grid](x, q, scales, zeros, y, m, n, kx, kh, g, x.stride(0), q.stride(0), scales.stride(0), y.stride(0),
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh, IEEE=x.dtype == torch.float32)
+    return y
