@@ -166,15 +166,51 @@ def kernels() -> list[dict]:
                 xd = x.to(dt)
                 row[f"triton_{str(dt)[6:]}_us"] = t(lambda: ql(xd))
                 if DEV == "cuda" and m < 2048:
-                    ql(xd), torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        [ql(xd) for _ in range(reps)]
-                    row[f"triton_{str(dt)[6:]}_graph_us"] = timed(graph.replay, 3) / reps * 1e6
+                    row[f"triton_{str(dt)[6:]}_graph_us"] = graph_us(lambda: ql(xd), reps)
             if DEV == "cuda":
                 row["tinygemm_us"] = t(lambda: torch.ops.aten._weight_int4pack_mm(x, packed.packed, 128, packed.scales_and_zeros))
                 row["large_m_dequant"] = packed.large_m_dequant
             rows.append(row)
+    return rows
+
+
+def graph_us(fn, reps=20) -> float:
+    """µs per call of fn replayed from a CUDA graph of `reps` calls (no launch cost from Python)."""
+    fn(), sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return timed(graph.replay, 3) / reps * 1e6
+
+
+def sweep() -> list[dict]:
+    """The Triton kernel's launch shapes (rows/columns per program, k splits) per linear shape
+    at decode sizes, bf16, each timed from a CUDA graph; `pick` marks the one the runner uses."""
+    from lmkiln.runtime import triton_int4 as T
+
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for k, n in ((2048, 2560), (2048, 5632), (2048, 11264), (5632, 2048), (4096, 14336), (14336, 4096), (8192, 28672)):
+        g = torch.Generator(device=DEV).manual_seed(0)
+        codes = torch.randint(0, 16, (k, n), dtype=torch.uint8, device=DEV, generator=g)
+        q, s, z = T.pack(codes, torch.rand(k // 128, n, device=DEV, generator=g).half() * 0.01,
+                         torch.full((k // 128, n), 8, dtype=torch.uint8, device=DEV))
+        for m in (1, 8):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=DEV)
+            pick = T.pick(m, n, k, 128, sms)
+            cands = {pick} | {T.Config(bm, bn, sp) for bm in (1, 16) for bn in (16, 32, 64, 128) for sp in (1, 2, 4, 8, 16)}
+            res = []
+            for c in sorted(cands, key=str):
+                try:
+                    res.append((graph_us(lambda: T.matmul(x, q, s, z, c)), c))
+                except Exception as e:  # noqa: BLE001 - a shape that does not compile is a result too
+                    res.append((float("inf"), c)) if "out of resource" in str(e) else res.append((float("nan"), c))
+            best = min((r for r in res if r[0] == r[0]), key=lambda r: r[0])
+            pick_us = next(us for us, c in res if c == pick)
+            rows.append({"k": k, "n": n, "m": m, "best": str(best[1]), "best_us": best[0], "pick": str(pick), "pick_us": pick_us,
+                         "all": {str(c): us for us, c in res}})
+            print(f"sweep {k}x{n} m={m}: best {best[0]:.1f} us {best[1]}; pick {pick_us:.1f} us {pick}", flush=True)
     return rows
 
 
@@ -233,7 +269,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench/out/gpu/runtime.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/lmkiln-gpu-runtime"))
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,exact,rows,hf,hf_static,int8,fp16,triton")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,sweep,exact,rows,hf,hf_static,int8,fp16,triton")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks this script runs, measures nothing")
     a = ap.parse_args()
     global DEV, NEW
@@ -260,6 +296,8 @@ def main() -> None:
         a.out.write_text(json.dumps(res, indent=1, default=str))
 
     section("kernels", kernels)
+    if DEV == "cuda":
+        section("sweep", sweep)
     if "rows" not in skip:
         rows(a, res, skip, section)
     section("exact", lambda: exactness(a.work))  # last: the CUDA tests check the same bars

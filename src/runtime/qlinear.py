@@ -146,7 +146,7 @@ class QuantLinear(nn.Module):
     PATHS = ("int4-triton", "int4", "int8", "dequant-live", "dequant")
     FORCED = ("dequant", "dequant-live", "int4-triton")  # what `path` may force (comparisons, tests)
     BF16_INT4 = "int4"  # which int4 path bf16 takes on CUDA where both fit: tinygemm ("int4") or "int4-triton"
-    DEQUANT_CHUNK = 1 << 24  # weights per float32 block when dequantizing from packed codes (64 MiB of temporaries)
+    DEQUANT_CHUNK = 1 << 22  # weights per float32 block when dequantizing from packed codes (16 MiB of temporaries)
     LARGE_M = 256  # CUDA int4: from this many rows per call, dequantize from the packed codes and matmul (H100 crossover ~230)
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int,

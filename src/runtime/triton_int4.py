@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
 MAX_M = 128  # rows per call served by the kernel; above, dequantize + matmul (a GEMM's tiling wins there)
-DEQUANT_CHUNK = 1 << 24  # weights per float32 block in `dequantize` (64 MiB of temporaries)
+DEQUANT_CHUNK = 1 << 22  # weights per float32 block in `dequantize` (16 MiB of temporaries; the prefill's workspace)
 
 
 @functools.cache
@@ -43,16 +44,17 @@ def _triton():
         return None
 
     @triton.jit
-    def w4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, KX, KH, G, stride_xm, stride_qn, stride_sn, stride_ym,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, IEEE: tl.constexpr):
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    def w4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, KX, KH, KH_SPLIT, G, stride_xm, stride_qn, stride_sn, stride_ym,
+                  stride_ys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, IEEE: tl.constexpr):
+        # program (column tile, row tile, k split); KH_SPLIT is a multiple of BLOCK_KH
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         j = tl.arange(0, BLOCK_KH)
         row_ok, col_ok = rows < M, cols < N
-        dtype = y_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j0 in range(0, KH, BLOCK_KH):
+        for j0 in range(pid_k * KH_SPLIT, tl.minimum(KH, (pid_k + 1) * KH_SPLIT), BLOCK_KH):
             # one group per tile (BLOCK_KH divides G / 2): one scale and zero per column
             grp = (2 * j0) // G
             s = tl.load(s_ptr + cols * stride_sn + grp, mask=col_ok, other=0.0).to(tl.float32)
@@ -64,13 +66,18 @@ def _triton():
             x_lo = tl.load(x_ptr + rows[:, None] * stride_xm + k_lo[None, :], mask=row_ok[:, None] & (k_lo < KX)[None, :], other=0.0)
             x_hi = tl.load(x_ptr + rows[:, None] * stride_xm + (k_lo + 1)[None, :],
                            mask=row_ok[:, None] & (k_lo + 1 < KX)[None, :], other=0.0)
-            if IEEE:
+            if BLOCK_M == 1:  # one row: a reduction on the CUDA cores (tl.dot needs 16 rows)
+                prod = w_lo.to(tl.float32) * x_lo.to(tl.float32) + w_hi.to(tl.float32) * x_hi.to(tl.float32)
+                acc += tl.sum(prod, axis=1)[None, :]
+            elif IEEE:
                 acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision="ieee")
                 acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x_lo, tl.trans(w_lo), acc)
                 acc = tl.dot(x_hi, tl.trans(w_hi), acc)
-        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+        # y: (M, N) in x's dtype, or with k splits (SPLIT, M, N) float32 partial sums
+        out = y_ptr + pid_k * stride_ys + rows[:, None] * stride_ym + cols[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     return triton, w4_kernel
 
@@ -139,20 +146,49 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
 
 
-def matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Config:
+    """One launch shape: rows and columns per program, k splits (each a program; partial
+    sums added afterwards in a fixed order, so results do not depend on scheduling), and
+    Triton's pipelining depth and warps per program."""
+    block_m: int
+    block_n: int
+    split: int
+    stages: int = 3
+    warps: int = 4
+
+
+def pick(m: int, n: int, k: int, g: int, sms: int) -> Config:
+    """The launch shape for an (m, k) x (k, n) call: one row per program for a single row (no
+    tensor-core padding), 16/32/64 otherwise; columns and k splits so that there are at least
+    two programs per SM while each split still runs several k tiles."""
+    block_m = 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 64 if n >= 8192 else 32
+    tiles = -(-n // block_n) * -(-m // block_m)
+    steps = k // 2 // k_tile(g, k)
+    split = 1
+    while tiles * split < 2 * sms and steps // (2 * split) >= 4:
+        split *= 2
+    return Config(block_m, block_n, split)
+
+
+def matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: Config | None = None) -> torch.Tensor:
     """x (m, kx) @ the (k, n) weight held as `pack` made it, kx ≤ k (columns beyond kx are the
-    engine's zero padding and are skipped); m ≤ MAX_M. Output (m, n) in x's dtype."""
+    engine's zero padding and are skipped); m ≤ MAX_M. Output (m, n) in x's dtype.
+    `config`: a launch shape (benchmarks); None picks one (`pick`)."""
     triton, kernel = _triton()
     x = x.contiguous()
     m, kx = x.shape
     n, kh = q.shape
     g = 2 * kh // scales.shape[1]
     block_kh = k_tile(g, 2 * kh)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    # enough column tiles to fill the GPU at decode sizes (one program per SM at least)
-    block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= _sm_count(x.device)), 16)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    kernel[grid](x, q, scales, zeros, y, m, n, kx, kh, g, x.stride(0), q.stride(0), scales.stride(0), y.stride(0),
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh, IEEE=x.dtype == torch.float32)
-    return y
+    c = config or pick(m, n, 2 * kh, g, _sm_count(x.device))
+    per_split = -(-kh // (c.split * block_kh)) * block_kh  # whole k tiles per split
+    split = -(-kh // per_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if split == 1 else \
+        torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m), split)
+    kernel[grid](x, q, scales, zeros, y, m, n, kx, kh, per_split, g, x.stride(0), q.stride(0), scales.stride(0),
+                 y.stride(-2), y.stride(0) if split > 1 else 0, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_KH=block_kh,
+                 IEEE=x.dtype == torch.float32, num_stages=c.stages, num_warps=c.warps)
+    return y if split == 1 else y.sum(0).to(x.dtype)
