@@ -184,6 +184,16 @@ def graph_us(fn, reps=20) -> float:
     return timed(graph.replay, 3) / reps * 1e6
 
 
+def SWEEP(pick):  # noqa: N802 - the candidate launch shapes around the picked one
+    """Run 2 of 2026-11-27 swept rows (1, 16) x columns (16-128) x splits (1-16) and fixed
+    `pick` from it; this sweeps pipelining depth and warps at the picked tiles, and the
+    neighbouring splits."""
+    from dataclasses import replace
+
+    yield from (replace(pick, stages=st, warps=w) for st in (2, 3, 4) for w in (4, 8))
+    yield from (replace(pick, split=sp) for sp in (pick.split // 2, pick.split * 2) if 1 <= sp <= 32)
+
+
 def sweep() -> list[dict]:
     """The Triton kernel's launch shapes (rows/columns per program, k splits) per linear shape
     at decode sizes, bf16, each timed from a CUDA graph; `pick` marks the one the runner uses."""
@@ -199,7 +209,7 @@ def sweep() -> list[dict]:
         for m in (1, 8):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=DEV)
             pick = T.pick(m, n, k, 128, sms)
-            cands = {pick} | {T.Config(bm, bn, sp) for bm in (1, 16) for bn in (16, 32, 64, 128) for sp in (1, 2, 4, 8, 16)}
+            cands = {pick} | set(SWEEP(pick))
             res = []
             for c in sorted(cands, key=str):
                 try:

@@ -388,7 +388,7 @@ def verify_cmd(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     runner: str = typer.Option("auto", "--runner", help="Candidate runner: auto, torch, onnx or transformers."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
-    dtype: str = typer.Option("auto", "--dtype", help="The candidate engine's compute dtype: auto (fp32; bf16 for a quantized engine on CUDA, where int4 stays packed), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", "--dtype", help="The candidate engine's compute dtype: auto (fp32; for a quantized engine on CUDA fp16 on the exact int4 kernel, bf16 where Triton is missing), fp32, bf16 (PyTorch's int4 kernel: faster, bf16-noisy) or fp16."),
     reference_device: Optional[str] = typer.Option(None, "--reference-device", help="Where the reference runs (default: --device). The two run one after the other, never both in memory."),
     score_second_half: bool = typer.Option(False, "--score-second-half", help="Score only the second half of each window (llama.cpp's protocol)."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Fail above this perplexity increase, in percent."),
@@ -490,7 +490,7 @@ def generate_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
     no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their checksums."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available). On CUDA int4 engines stay packed and decode through CUDA graphs."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp32; bf16 for a quantized engine on CUDA), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp32; fp16 for a quantized engine on CUDA, bf16 where Triton is missing), fp32, bf16 or fp16."),
 ):
     """Greedy generation through the engine runner."""
     from lmkiln.runtime.session import generate_text

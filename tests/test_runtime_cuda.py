@@ -23,6 +23,7 @@ from lmkiln.formats.tokenizer import load_tokenizer
 from lmkiln.quant.awq import QuantOptions
 from lmkiln.quant.pipeline import CalibOptions, quantize_model
 from lmkiln.runtime.engine_model import EngineModel
+from lmkiln.runtime import triton_int4
 from lmkiln.runtime.qlinear import QuantLinear
 from lmkiln.runtime.generate import greedy_generate, left_pad, static_greedy
 
@@ -284,8 +285,10 @@ def test_cuda_cli_generate_and_verify(engines, tmp_path):
         assert r.exit_code in (0, 1) and rep.is_file(), r.output
         reports[device] = json.loads(rep.read_text())
     gpu, cpu = reports["cuda"], reports["cpu"]
-    assert gpu["runtime"]["candidate"]["linear_paths"] == {QuantLinear.BF16_INT4: 20}
-    assert gpu["runtime"]["candidate"]["dtype"] == "bfloat16"
+    # auto: fp16 on the exact Triton kernel where it runs (PyTorch's CUDA wheels bring Triton), else bf16
+    exact = triton_int4.available(torch.device("cuda"), torch.float16)
+    assert gpu["runtime"]["candidate"]["linear_paths"] == {"int4-triton" if exact else QuantLinear.BF16_INT4: 20}
+    assert gpu["runtime"]["candidate"]["dtype"] == ("float16" if exact else "bfloat16")
     assert abs(gpu["kl"]["mean"] - cpu["kl"]["mean"]) <= 0.01 + 0.05 * cpu["kl"]["mean"]
     assert abs(gpu["top1_agreement"] - cpu["top1_agreement"]) <= 0.02
 

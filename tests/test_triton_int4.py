@@ -64,19 +64,18 @@ def test_kernel_equals_dequantized_matmul(tmp_path):
                     err = (yt.double() - yd.double()).abs().max().item()
                     assert err <= tol, (k, n, g, m, dt, err, tol)
                     assert (yt.double() - exact).abs().max() <= (yd.double() - exact).abs().max() + tol
-        # every launch shape the picker may choose: one row per program (no tensor cores),
-        # 16-row tiles, k split into partial sums (uneven splits too), column tiles
+        # launch shapes: 16/32-row tiles, k split into partial sums (uneven splits too), column tiles
         k, n, g = 512, 40, 64
         codes = torch.randint(0, 16, (k, n), dtype=torch.uint8)
         scales, zeros = (torch.rand(k // g, n) * 0.02).half(), torch.randint(0, 16, (k // g, n), dtype=torch.uint8)
         q, s, z = triton_int4.pack(codes, scales, zeros)
         w = triton_int4.dequantize(q, s, z, torch.float32)
-        for m, bm, bn, split in [(1, 1, 16, 1), (1, 1, 32, 3), (3, 1, 16, 2), (3, 16, 32, 8), (20, 32, 16, 2)]:
+        for m, bm, bn, split in [(1, 16, 16, 1), (1, 16, 32, 3), (3, 16, 128, 2), (3, 16, 32, 8), (20, 32, 16, 2)]:
             x = torch.randn(m, k)
             y = triton_int4.matmul(x, q, s, z, triton_int4.Config(bm, bn, split))
             assert (y - x @ w.t()).abs().max() <= 1e-4, (m, bm, bn, split)
         pick = triton_int4.pick(1, 2048, 5632, 128, 132)
-        assert pick.block_m == 1 and pick.split > 1  # a narrow, deep linear at decode: split so every SM has work
+        assert pick.block_m == 16 and pick.split > 1  # a narrow, deep linear at decode: split so every SM has work
         print("ok")
     """, tmp_path)
 
