@@ -13,9 +13,9 @@ nibble, 2j+1 in the high one, so each output column's codes are contiguous along
 decode kernel's loads run along k); scales (n, k/g) as the engine stores them (float16: the
 arithmetic is float32 in any case, so keeping them narrow is exact) and zeros (n, k/g) uint8.
 
-It serves small calls (decode, up to `MAX_M` rows): one program per tile of output columns
-and rows, every k tile inside one quantization group, so each tile needs one scale and zero
-per column. Larger calls (prefill) go through `dequantize` + a plain matmul (QuantLinear).
+It serves small calls (decode, up to `MAX_M` rows): one program per tile of output rows and
+columns and per share of k (`pick`), every k tile inside one quantization group, so each
+tile needs one scale and zero per column. Larger calls (prefill) go through `dequantize` + a plain matmul (QuantLinear).
 Triton is imported lazily: `available()` is False where it is missing (CPU-only PyTorch
 wheels have no Triton) and QuantLinear then picks its other paths. Under
 TRITON_INTERPRET=1 the kernel runs on CPU tensors (slowly), which is how CI-less machines
@@ -85,7 +85,7 @@ _PROBED: dict[tuple[str, torch.dtype], bool] = {}
 def available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernel runs on `device` with `dtype` activations: CUDA with Triton
     installed, or any device under TRITON_INTERPRET=1 (Triton's interpreter, for tests).
-    Probed once per device type and dtype on a tiny problem against the dequantized product,
+    Probed once per device and dtype on a tiny problem against the dequantized product,
     not assumed (a Triton that cannot compile it here, or computes it wrong, is not used)."""
     if _triton() is None or not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
