@@ -74,6 +74,7 @@ def test_kernel_equals_dequantized_matmul(tmp_path):
             x = torch.randn(m, k)
             y = triton_int4.matmul(x, q, s, z, triton_int4.Config(bm, bn, split))
             assert (y - x @ w.t()).abs().max() <= 1e-4, (m, bm, bn, split)
+        assert triton_int4.matmul(torch.randn(0, k), q, s, z).shape == (0, n)
         pick = triton_int4.pick(1, 2048, 5632, 128, 132)
         assert pick.block_m == 16 and pick.split > 1  # a narrow, deep linear at decode: split so every SM has work
         print("ok")
