@@ -75,6 +75,12 @@ def test_kernel_equals_dequantized_matmul(tmp_path):
             y = triton_int4.matmul(x, q, s, z, triton_int4.Config(bm, bn, split))
             assert (y - x @ w.t()).abs().max() <= 1e-4, (m, bm, bn, split)
         assert triton_int4.matmul(torch.randn(0, k), q, s, z).shape == (0, n)
+        # the prefill path's dequantization kernel: the reference's numbers exactly, widths not a tile multiple
+        for n2, k2, g2 in [(40, 512, 64), (33, 96, 32), (70, 256, 128)]:
+            c2 = torch.randint(0, 16, (k2, n2), dtype=torch.uint8)
+            q2, s2, z2 = triton_int4.pack(c2, (torch.rand(k2 // g2, n2) * 0.02).half(), torch.randint(0, 16, (k2 // g2, n2), dtype=torch.uint8))
+            for dt in (torch.float32, torch.float16):
+                assert torch.equal(triton_int4.weight(q2, s2, z2, dt), triton_int4.dequantize(q2, s2, z2, dt)), (n2, k2, g2, dt)
         pick = triton_int4.pick(1, 2048, 5632, 128, 132)
         assert pick.block_m == 16 and pick.split > 1  # a narrow, deep linear at decode: split so every SM has work
         print("ok")

@@ -256,7 +256,7 @@ class QuantLinear(nn.Module):
             if x2.shape[0] <= triton_int4.MAX_M:
                 y = triton_int4.matmul(x2, self.codes, self.scales, self.zeros)
             else:  # prefill: one linear dequantized into a temporary, as "dequant" holds it
-                y = x2 @ triton_int4.dequantize(self.codes, self.scales, self.zeros, self.dtype)[:, :self.in_features].t()
+                y = x2 @ triton_int4.weight(self.codes, self.scales, self.zeros, self.dtype)[:, :self.in_features].t()
             y = y.reshape(*x.shape[:-1], self.n)
         else:
             lead = x.shape[:-1]

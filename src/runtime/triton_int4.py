@@ -15,7 +15,8 @@ arithmetic is float32 in any case, so keeping them narrow is exact) and zeros (n
 
 It serves small calls (decode, up to `MAX_M` rows): one program per tile of output rows and
 columns and per share of k (`pick`), every k tile inside one quantization group, so each
-tile needs one scale and zero per column. Larger calls (prefill) go through `dequantize` + a plain matmul (QuantLinear).
+tile needs one scale and zero per column. Larger calls (prefill) dequantize the linear by a second kernel (`weight`, the
+same numbers as the float32 reference `dequantize`) and run a plain matmul (QuantLinear).
 Triton is imported lazily: `available()` is False where it is missing (CPU-only PyTorch
 wheels have no Triton) and QuantLinear then picks its other paths. Under
 TRITON_INTERPRET=1 the kernel runs on CPU tensors (slowly), which is how CI-less machines
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_M = 128  # rows per call served by the kernel; above, dequantize + matmul (a GEMM's tiling wins there)
-DEQUANT_CHUNK = 1 << 22  # weights per float32 block in `dequantize` (16 MiB of temporaries; the prefill's workspace)
+DEQUANT_CHUNK = 1 << 22  # weights per float32 block in `dequantize` (16 MiB of temporaries), the reference `weight` is checked against
 
 
 @functools.cache
@@ -76,7 +77,25 @@ def _triton():
         out = y_ptr + pid_k * stride_ys + rows[:, None] * stride_ym + cols[None, :]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    return triton, w4_kernel
+    @triton.jit
+    def dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, KH, G, stride_qn, stride_sn, stride_wn,
+                       BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
+        # w (N, 2 KH) in the output's dtype, element for element as `dequantize` computes it
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.program_id(1) * BLOCK_KH + tl.arange(0, BLOCK_KH)
+        ok = (rows < N)[:, None] & (j < KH)[None, :]
+        grp = (2 * j) // G
+        b = tl.load(q_ptr + rows[:, None] * stride_qn + j[None, :], mask=ok, other=0)
+        s = tl.load(s_ptr + rows[:, None] * stride_sn + grp[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows[:, None] * stride_sn + grp[None, :], mask=ok, other=0).to(tl.float32)
+        dtype = w_ptr.dtype.element_ty
+        w_lo = (((b & 15).to(tl.float32) - z) * s).to(dtype)
+        w_hi = (((b >> 4).to(tl.float32) - z) * s).to(dtype)
+        k = 2 * j
+        tl.store(w_ptr + rows[:, None] * stride_wn + k[None, :], w_lo, mask=ok)
+        tl.store(w_ptr + rows[:, None] * stride_wn + (k + 1)[None, :], w_hi, mask=ok)
+
+    return triton, w4_kernel, dequant_kernel
 
 
 _PROBED: dict[tuple[str, torch.dtype], bool] = {}
@@ -98,9 +117,10 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
         x = torch.randn(3, 64, generator=gen).to(device=device, dtype=dtype)
         q, s, z = (t.to(device) for t in pack(codes, scales, zeros))
         try:
+            w = dequantize(q, s, z, dtype)
             got = matmul(x, q, s, z).float()
-            want = (x @ dequantize(q, s, z, dtype).t()).float()
-            _PROBED[key] = bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2))
+            want = (x @ w.t()).float()
+            _PROBED[key] = bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2)) and torch.equal(weight(q, s, z, dtype), w)
         except Exception:  # noqa: BLE001 - any failure to compile or launch means: not here
             _PROBED[key] = False
     return _PROBED[key]
@@ -136,6 +156,18 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype
         blk.sub_(zeros[r:r + rows, :, None].float()).mul_(scales[r:r + rows, :, None].float())
         out[r:r + rows] = blk.view(b.shape[0], k)
     return out
+
+
+def weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` by a Triton kernel, for prefill-sized calls where `available`: the same
+    numbers, with no float32 temporaries (memory: the (n, k) weight in `dtype` alone)."""
+    triton, _, kernel = _triton()
+    n, kh = q.shape
+    w = torch.empty(n, 2 * kh, dtype=dtype, device=q.device)
+    grid = (triton.cdiv(n, 32), triton.cdiv(kh, 64))
+    kernel[grid](q, scales, zeros, w, n, kh, 2 * kh // scales.shape[1], q.stride(0), scales.stride(0), w.stride(0),
+                 BLOCK_N=32, BLOCK_KH=64)
+    return w
 
 
 @functools.cache
@@ -175,7 +207,7 @@ def matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.
     """x (m, kx) @ the (k, n) weight held as `pack` made it, kx ≤ k (columns beyond kx are the
     engine's zero padding and are skipped); m ≤ MAX_M. Output (m, n) in x's dtype.
     `config`: a launch shape (benchmarks); None picks one (`pick`)."""
-    triton, kernel = _triton()
+    triton, kernel, _ = _triton()
     x = x.contiguous()
     m, kx = x.shape
     n, kh = q.shape
