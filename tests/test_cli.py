@@ -306,7 +306,7 @@ def test_usage_errors_are_one_line(tiny_engine):
     assert p.returncode == 0 and p.stdout.startswith("lmkiln ")
 
 
-def test_convert_notes_a_missing_or_unloadable_tokenizer(tmp_path, tiny_llama):
+def test_convert_notes_a_missing_or_unloadable_tokenizer(tmp_path, tiny_llama, monkeypatch):
     """A weights-only checkpoint still converts (exit 0), but the note says now, not at the first
     generate, that the engine has no tokenizer; the same for tokenizer files transformers cannot load."""
     src = tmp_path / "weights-only"
@@ -321,6 +321,13 @@ def test_convert_notes_a_missing_or_unloadable_tokenizer(tmp_path, tiny_llama):
     assert r.exit_code == 0 and "has tokenizer files transformers cannot load" in " ".join(r.stderr.split()), r.output
     r = invoke("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e3")
     assert r.exit_code == 0 and "note:" not in r.output, r.output
+    # generate from the weights-only directory says so before converting it on the fly
+    (src / "tokenizer_config.json").unlink()
+    import lmkiln.convert.hf_to_engine as h2e
+
+    monkeypatch.setattr(h2e, "convert_hf_to_engine", lambda *a, **k: pytest.fail("converted before the tokenizer check"))
+    r = invoke("generate", src, "-p", "Once", "-n", "2")
+    assert r.exit_code == 2 and "no tokenizer" in r.stderr and "lmkiln-engine" not in r.output, r.output
 
 
 def test_convert_and_inspect_qwen3(tmp_path):
