@@ -106,8 +106,8 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     installed, or any device under TRITON_INTERPRET=1 (Triton's interpreter, for tests).
     Probed once per device and dtype on a tiny problem against the dequantized product,
     not assumed (a Triton that cannot compile it here, or computes it wrong, is not used)."""
-    if _triton() is None or not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
+    if not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") or _triton() is None:
+        return False  # (the device first: importing Triton costs ~0.2 s a CPU run does not need)
     key = (str(device), dtype)
     if key not in _PROBED:
         gen = torch.Generator().manual_seed(0)
