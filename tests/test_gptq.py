@@ -33,6 +33,20 @@ def weight_and_inputs(seed=0, out_f=48, in_f=100, tokens=2000):
     return w, h, n
 
 
+def test_hessian_update_in_blocks_equals_one_product(monkeypatch):
+    """H is added a block of tokens at a time, in place (no (in, in) temporary): the same
+    2·XᵀX as one product, to fp32 rounding, and chunks add up to the whole."""
+    import lmkiln.quant.gptq as gptq
+
+    x = torch.randn(1000, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    want = 2 * x.double().t() @ x.double()
+    monkeypatch.setattr(gptq, "HESSIAN_ROWS", 96)  # 11 blocks, the last partial
+    h, n = hessian_update(None, x[:700])
+    h, n2 = hessian_update(h, x[700:].reshape(3, 100, 64))  # (..., in) inputs too
+    assert (n, n2) == (700, 300) and h.dtype == torch.float32
+    torch.testing.assert_close(h.double(), want, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("group,sym", [(32, False), (32, True), (-1, False), (64, True)])
 def test_identity_hessian_is_rtn(group, sym):
     """With H = I no error is pushed to other columns: GPTQ on min/max grids is round-to-nearest, bit for bit."""

@@ -352,7 +352,8 @@ def test_disk_full_while_converting_leaves_nothing(tmp_path, monkeypatch):
 
 def test_plan_counts_the_hessians(tmp_path):
     """Every calibrated method holds one in x in fp32 Hessian per distinct linear input for the
-    layer job: q/k/v share the attention norm's output, gate/up the FFN norm's; o and down their own."""
+    layer job: q/k/v share the attention norm's output, gate/up the FFN norm's; o and down their own;
+    plus the one fp32 block of tokens hessian_update adds at a time."""
     from lmkiln.assets import bundled_model_path
     from lmkiln.formats.hf import HFCheckpoint
     from lmkiln.quant.awq import QuantOptions
@@ -361,8 +362,12 @@ def test_plan_counts_the_hessians(tmp_path):
     cfg = HFCheckpoint(bundled_model_path()).config
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     attn = cfg["num_attention_heads"] * (cfg.get("head_dim") or h // cfg["num_attention_heads"])
-    want = 4 * (h * h + attn * attn + h * h + inter * inter)
+    from lmkiln.quant.gptq import HESSIAN_ROWS
+
+    want = 4 * (h * h + attn * attn + h * h + inter * inter) + 4 * HESSIAN_ROWS * max(h, attn, inter)
     for method in ("awq", "gptq", "awq+gptq"):
         plan = plan_quantize(bundled_model_path(), tmp_path / "x", QuantOptions(method=method, group_size=32), CalibOptions())
-        assert plan.hessians == want and ("X Hessians (one per linear input, fp32)", f"{want / 1024:.2f} KiB") in plan.rows()
+        assert plan.hessians == want
+        value, unit = dict(plan.rows())["X Hessians (one per linear input, fp32)"].split()
+        assert float(value) * {"KiB": 1 << 10, "MiB": 1 << 20}[unit] == pytest.approx(want, rel=0.01)
     assert plan_quantize(bundled_model_path(), tmp_path / "x", QuantOptions(method="rtn", group_size=32), CalibOptions()).hessians == 0

@@ -37,6 +37,7 @@ from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.space import free_bytes
 from lmkiln.quant.awq import QuantOptions, input_owners, linear_roles, micro, resolve_chunk
 from lmkiln.quant.job import Compute
+from lmkiln.quant.gptq import HESSIAN_ROWS
 
 GIB = 1 << 30
 HOST_BASELINE = 512 << 20  # python, torch, transformers, lmkiln CLI, an empty layer, allocator slack (fitted; imports alone: 240 MiB)
@@ -162,7 +163,9 @@ def make_plan(ckpt: HFCheckpoint, arch: Architecture, model: dict, o: QuantOptio
     # every calibrated method keeps one in x in fp32 Hessian per distinct linear input for the
     # whole layer job (q/k/v share one, gate/up share one; each expert has its own)
     owners = input_owners(arch, linear_roles(arch, model.get("num_experts") or 0)) if awq else {}
-    hessians = sum(shapes[next(r for r in owners if owners[r] == m)][1] ** 2 * 4 for m in set(owners.values()))
+    ins = [shapes[next(r for r in owners if owners[r] == m)][1] for m in set(owners.values())]
+    # + the fp32 block of tokens hessian_update adds at a time (its only temporary)
+    hessians = sum(i * i * 4 for i in ins) + (min(HESSIAN_ROWS, chunk_tokens) * max(ins) * 4 if ins else 0)
     work = weights + search + chunk + clip + hessians
     largest = max(_numel(ckpt.shape(n)) * torch.empty((), dtype=ckpt.dtype(n)).element_size() for n in ckpt.keys())
     on_cuda = compute.device.type == "cuda"
