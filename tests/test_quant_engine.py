@@ -391,11 +391,15 @@ def test_generation_refuses_past_the_context_and_vocabulary(stories_w4):
 
 def test_generate_names_the_users_paths(tmp_path):
     """Errors after an on-the-fly conversion name the user's directory, not the temporary engine
-    made from it; a file (a GGUF, say) is called a file, not 'no such directory'."""
+    made from it (a tokenizer file transformers cannot load is found only then; no tokenizer
+    at all is said before converting); a file (a GGUF, say) is called a file, not 'no such directory'."""
     src = tmp_path / "weights-only"
     src.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copyfile(bundled_model_path() / f, src / f)
+    with pytest.raises(InputError, match=rf"^{src}: no tokenizer \(tokenizer.json or tokenizer.model\)"):
+        generate_text(src, ["Once"], 2)
+    (src / "tokenizer.json").write_text("[", encoding="utf-8")
     with pytest.raises(InputError, match=rf"^{src} \(as a temporary engine\): cannot load the tokenizer") as e:
         generate_text(src, ["Once"], 2)
     assert "lmkiln-engine-" not in str(e.value)
