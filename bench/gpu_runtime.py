@@ -2,12 +2,13 @@
 
 On a 1.1B synthetic Llama (TinyLlama's shape: hidden 2048, intermediate 5632, 22 layers,
 32 heads / 4 kv heads, vocab 512; seeded random weights, fp16 on disk, written here with
-bench/common.py), for: engine fp16, engine int4 (RTN W4 g128, packed), engine int8
-(RTN per-channel symmetric), transformers fp16 (dynamic cache, and static cache; no
-torch.compile). Per row: GPU memory after load and peak while decoding batch 8, decode
+bench/common.py), for: engine fp16, engine int4 (RTN W4 g128, packed: bf16 on tinygemm,
+bf16 and fp16 on the Triton kernel), engine int8 (RTN per-channel symmetric), transformers
+fp16 (dynamic cache, and static cache; no torch.compile). Per row: GPU memory after load and peak while decoding batch 8, decode
 tok/s at batch 1 and 8 (new tokens only: time(N+1 tokens) - time(1 token), so prefill and
-CUDA-graph capture cancel out), prefill tok/s at 2048 tokens. Also: PyTorch's int4 kernel
-against a bf16 matmul per shape and M, and the exactness of packed int4 against the same
+CUDA-graph capture cancel out), prefill tok/s at 2048 tokens. Also: the int4 kernels
+(tinygemm, Triton) against a bf16 matmul per shape and M, a sweep of the Triton kernel's
+launch shapes around `triton_int4.pick`, and the exactness of packed int4 against the same
 engine dequantized on the bundled model and eval text.
 
     python bench/gpu_runtime.py --out bench/out/gpu/runtime.json   # on a GPU machine
@@ -184,10 +185,10 @@ def graph_us(fn, reps=20) -> float:
     return timed(graph.replay, 3) / reps * 1e6
 
 
-def SWEEP(pick):  # noqa: N802 - the candidate launch shapes around the picked one
-    """Run 2 of 2026-11-27 swept rows (1, 16) x columns (16-128) x splits (1-16) and fixed
-    `pick` from it; this sweeps pipelining depth and warps at the picked tiles, and the
-    neighbouring splits."""
+def neighbours(pick):
+    """The launch shapes swept around the picked one: pipelining depth and warps at its tiles,
+    and the neighbouring k splits. (Run 2 of 2026-11-27 swept rows 1/16 x columns 16-128 x
+    splits 1-16 and `pick` was fixed from it: docs/BENCHMARKS.md.)"""
     from dataclasses import replace
 
     yield from (replace(pick, stages=st, warps=w) for st in (2, 3, 4) for w in (4, 8))
@@ -209,7 +210,7 @@ def sweep() -> list[dict]:
         for m in (1, 8):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=DEV)
             pick = T.pick(m, n, k, 128, sms)
-            cands = {pick} | set(SWEEP(pick))
+            cands = {pick} | set(neighbours(pick))
             res = []
             for c in sorted(cands, key=str):
                 try:
