@@ -29,7 +29,7 @@ from lmkiln.formats.qtensor import dequantize
 from lmkiln.inspect_model import describe
 from lmkiln.runtime.engine_model import EngineModel
 from lmkiln.runtime.qlinear import QuantLinear
-from lmkiln.runtime.generate import greedy_generate
+from lmkiln.runtime.generate import check_finite, greedy_generate, static_greedy
 from lmkiln.runtime.session import generate_text
 from helpers import copy_tree, edit_json
 from quant_fixtures import MODELS, build_hf, write_awq
@@ -387,6 +387,15 @@ def test_generation_refuses_past_the_context_and_vocabulary(stories_w4):
     norm.weight = torch.nn.Parameter(bad, requires_grad=False)
     with pytest.raises(InputError, match="logits are NaN or Inf"):
         greedy_generate(model, [[1, 2, 3]], 2)
+    with pytest.raises(InputError, match="logits are NaN or Inf"):  # the device-side loop CUDA decodes with, too
+        static_greedy(model, [[1, 2, 3]], 2, graphs=False)
+    from lmkiln.verify.metrics import compare
+
+    with pytest.raises(InputError, match="logits are NaN or Inf"):  # and verify's candidate pass
+        compare([torch.zeros(3, 512)], model, [[1, 2, 3]])
+    # in float16 (the CUDA default for quantized engines) the likelier cause is named with its fix
+    with pytest.raises(InputError, match=r"overflow float16 \(rerun with --dtype bf16\)"):
+        check_finite(torch.tensor([1.0, float("inf")]), torch.float16)
 
 
 def test_generate_names_the_users_paths(tmp_path):

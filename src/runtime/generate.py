@@ -41,6 +41,19 @@ def check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> None:
     check_lengths(prompts, max_new_tokens, context_length(model), model.vocab_size)
 
 
+def check_finite(logits: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """Refuse NaN/Inf logits (an argmax of NaN is token 0: generation would go on silently,
+    verify would only fail its thresholds): damaged weights, or, in float16 — the default for
+    a quantized engine on CUDA — activations past float16's range."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    if dtype == torch.float16:
+        raise InputError("the model's logits are NaN or Inf in float16: its activations overflow float16 (rerun with "
+                         "--dtype bf16) or its weights hold NaN/Inf values")
+    raise InputError("the model's logits are NaN or Inf: its weights hold NaN/Inf values (a damaged checkpoint or "
+                     "export; make it again from a good source)")
+
+
 def check_lengths(prompts: list[list[int]], max_new_tokens: int, ctx: int | None, vocab: int | None,
                   name=lambda k: "the prompt") -> None:
     """Refuse what would silently go wrong: prompt + new tokens past the model's context
@@ -74,9 +87,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
     B = ids.shape[0]
     cache = model.new_cache(B, ids.shape[1] + max_new_tokens)
     logits = model.forward(ids, mask, cache)[:, -1]
-    if not bool(torch.isfinite(logits).all()):  # argmax of NaN is token 0: it would "generate" silently
-        raise InputError("the model's logits are NaN or Inf: its weights hold NaN/Inf values (a damaged checkpoint or "
-                         "export; make it again from a good source)")
+    check_finite(logits, getattr(model, "compute_dtype", None))
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     eos = torch.tensor(list(eos_ids), dtype=torch.long)
@@ -144,6 +155,7 @@ def static_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=
             one_step()
         cache.valid.zero_(), cache.kpos.zero_(), cache.next_pos.zero_()
     logits = model.forward(ids, mask, cache)[:, -1]
+    check_finite(logits, getattr(model, "compute_dtype", None))  # one host sync, after the prefill
     first = logits.argmax(-1)
     token.copy_(first[:, None])
     out[:, T] = first

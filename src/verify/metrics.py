@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmkiln.runtime.generate import check_finite
+
 TOPK = 5  # top-5 agreement / overlap (fewer when the vocabulary is smaller)
 
 
@@ -122,6 +124,7 @@ def compare(reference_logits: list[torch.Tensor], candidate, wins: list[list[int
     for k, (w, lr) in enumerate(zip(wins, reference_logits)):
         x = torch.tensor([w], dtype=torch.long)
         lc = candidate.forward(x)[0].float().cpu()
+        check_finite(lc, getattr(candidate, "compute_dtype", None))  # NaN would only show as failed thresholds
         start = (len(w) - 1) // 2 if second_half else 0
         acc.add(lr[start:-1], lc[start:-1], x[0, start + 1:])
         if progress:
