@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lmkiln.formats.packing import unpack_int4
+from lmkiln.formats.qtensor import dequantize as qdequantize
+
 MAX_M = 128  # rows per call served by the kernel; above, dequantize + matmul (a GEMM's tiling wins there)
-DEQUANT_CHUNK = 1 << 22  # weights per float32 block in `dequantize` (16 MiB of temporaries), the reference `weight` is checked against
 
 
 @functools.cache
@@ -143,19 +145,11 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tupl
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (n, k) weight in `dtype` from the kernel's layout, as the "dequant" path computes it
-    (float32 arithmetic, then rounded): float32 work on a bounded block of rows at a time."""
-    n, kh = q.shape
-    k, groups = 2 * kh, scales.shape[1]
-    g = k // groups
-    out = torch.empty(n, k, dtype=dtype, device=q.device)
-    rows = max(1, DEQUANT_CHUNK // k)
-    for r in range(0, n, rows):
-        b = q[r:r + rows]
-        blk = torch.stack([b & 15, b >> 4], -1).view(b.shape[0], groups, g).float()
-        blk.sub_(zeros[r:r + rows, :, None].float()).mul_(scales[r:r + rows, :, None].float())
-        out[r:r + rows] = blk.view(b.shape[0], k)
-    return out
+    """The reference (n, k) weight in `dtype` from the kernel's layout: the engine's own
+    dequantization (formats.qtensor, float32) of the unpacked codes, then rounded. What the
+    probe and the tests check `weight` and `matmul` against."""
+    codes = unpack_int4(q)
+    return qdequantize(codes, scales.float(), zeros.to(torch.int32), codes.shape[1] // scales.shape[1]).to(dtype)
 
 
 def weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
