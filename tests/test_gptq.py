@@ -70,6 +70,20 @@ def test_gptq_beats_rtn_on_its_objective(act_order, bits):
     assert output_mse(w, q.dequantize(), h2, n2) == pytest.approx(direct, rel=1e-4)
 
 
+def test_output_mse_of_a_folded_linear_is_on_its_real_outputs():
+    """A linear that reads X / s (AWQ's fold): output_mse with in_scale=s and the unscaled
+    inputs' Hessian is the squared error of its outputs on X / s, and the same as handing it
+    the folded Hessian H / (s sᵀ) (what awq_layer built before, an in x in copy)."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(24, 64, generator=g), torch.randn(400, 64, generator=g)
+    s = torch.rand(64, generator=g) + 0.5
+    w_hat = quantize_weight(w, QuantOptions(bits=4, group_size=32)).dequantize()
+    h, n = hessian_update(None, x)
+    direct = float((((x / s) @ (w - w_hat).t()) ** 2).mean())
+    assert output_mse(w, w_hat, h, n, in_scale=s) == pytest.approx(direct, rel=1e-4)
+    assert output_mse(w, w_hat, h, n, in_scale=s) == pytest.approx(output_mse(w, w_hat, h / (s[:, None] * s[None, :]), n), rel=1e-5)
+
+
 def test_act_order_codes_stay_in_the_standard_layout():
     """Static groups: every group's scale and zero come from the original weights in input
     order, so the QTensor packs to AWQ-GEMM and reads back unchanged."""

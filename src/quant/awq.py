@@ -486,6 +486,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
     clip_roles = [r for r in clip_roles if r not in starved]
     x_mean = {m: _finite((s / abs_rows[m]).float(), "activation statistics", layer_idx) for m, s in abs_sum.items() if s is not None}
     clip_in = {m: torch.cat(v) for m, v in clip_x.items() if v}
+    clip_x.clear()  # the pieces, now copied into clip_in
 
     # -- pass 2: score every grid point of every group, chunk by chunk ---------------------
     master = Master(layer, master)
@@ -496,16 +497,22 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
         cands[gr] = scale_candidates(x_mean[first[gr]], w_mean, o, gr, layer_idx)
     loss = {gr: [0.0] * (o.n_grid + 1) for gr in groups}  # last slot: plain RTN (s = 1)
     count = {gr: 0 for gr in groups}  # output elements scored, to turn sums into means
-    for _, _, items in inspected_chunks(layer, x, layer_kwargs, groups, chunk):
-        for gr, insp, xins, kw, refs in items:
-            count[gr] += sum(r.numel() for r in refs)
-            trials = [(k, s) for k, (_, s) in enumerate(cands[gr])] + [(o.n_grid, None)]
-            for k, s in trials:
-                # cast each trial weight as soon as it exists: one linear's fp32 temporaries at a time
-                qw = {mod[r]: trial_weight(w0, s, o).to(cdt) for r, w0 in zip(gr.linears, orig[gr])}
-                with Swap(layer, qw):
-                    for xi, ref in zip(xins, refs):
-                        loss[gr][k] += sq_err(output_of(insp(xi, **kw)), ref)
+
+    def score():
+        # a function so that the last chunk's captured inputs, references and trial weights die
+        # with it: left in awq_layer's scope they lived through pass 3 (0.6 GiB of an 8B layer's
+        # measured peak)
+        for _, _, items in inspected_chunks(layer, x, layer_kwargs, groups, chunk):
+            for gr, insp, xins, kw, refs in items:
+                count[gr] += sum(r.numel() for r in refs)
+                trials = [(k, s) for k, (_, s) in enumerate(cands[gr])] + [(o.n_grid, None)]
+                for k, s in trials:
+                    # cast each trial weight as soon as it exists: one linear's fp32 temporaries at a time
+                    qw = {mod[r]: trial_weight(w0, s, o).to(cdt) for r, w0 in zip(gr.linears, orig[gr])}
+                    with Swap(layer, qw):
+                        for xi, ref in zip(xins, refs):
+                            loss[gr][k] += sq_err(output_of(insp(xi, **kw)), ref)
+    score()
     report = {"groups": [], "linears": {}}
     scales = {}
     for gr in groups:
@@ -550,31 +557,32 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
             g = o.group_for(w.shape[1])
             full = pad_to_multiple(w.abs(), 1, g)[0].view(w.shape[0], -1, g).amax(-1)
             entry["clip"] = float((mv / full.clamp(min=1e-12)).mean())
-        # The folded linear reads X / s: its Hessian is H / (s sᵀ), so the MSE below is on the same outputs.
+        # The folded linear reads X / s: its Hessian is H / (s sᵀ) (output_mse's in_scale), so the
+        # MSE below is on the same outputs.
         h, n_tok = hess[owner[r]], hess_tokens[owner[r]]
         if r in starved:  # too few tokens to fit anything to: RTN of the (shared-scaled) weight
             qts[r] = quantize_weight(w, o)
             entry["mse_awq"] = entry["mse_final"] = None if h is None else output_mse(w, qts[r].dequantize(), h, n_tok)
             report["linears"][r] = entry
             continue
-        if r in in_scale:
-            s = in_scale[r].to(h.device).float()
-            h = h / (s[:, None] * s[None, :])
+        s_in = in_scale.get(r)
         awq_q = quantize_weight(apply_clip(w, mv, o) if r in clip_roles else w, o)
-        entry["mse_awq"] = output_mse(w, awq_q.dequantize(), h, n_tok, out_scale.get(r))
+        entry["mse_awq"] = output_mse(w, awq_q.dequantize(), h, n_tok, out_scale.get(r), s_in)
         if gptq:  # GPTQ rounding of the scaled weights, each group's range from the clip search
             # min/max grids inside AWQ's clip bounds: GPTQ's own grid search on top of the clip
             # search clipped twice and lost (held-out TinyStories, docs/BENCHMARKS.md)
-            qts[r] = gptq_quantize(w, h, o.bits, o.group_size, o.symmetric, o.damp, o.act_order,
+            hs = h if s_in is None else h / (s_in.to(h.device).float()[:, None] * s_in.to(h.device).float()[None, :])
+            qts[r] = gptq_quantize(w, hs, o.bits, o.group_size, o.symmetric, o.damp, o.act_order,
                                    clip_max=mv if r in clip_roles else None, grid_steps=1)
-            entry["mse_final"] = output_mse(w, qts[r].dequantize(), h, n_tok, out_scale.get(r))
+            del hs
+            entry["mse_final"] = output_mse(w, qts[r].dequantize(), h, n_tok, out_scale.get(r), s_in)
         else:  # AWQ's scaled, clipped round-to-nearest is what is stored
             qts[r] = awq_q
             entry["mse_final"] = entry["mse_awq"]
         report["linears"][r] = entry
 
     # -- pass 3: error as stored: each group alone, and the whole quantized layer ----------
-    deq = {mod[r]: qts[r].dequantize() for r in roles}
+    deq = {mod[r]: qts[r].dequantize().to(cdt) for r in roles}  # in the compute dtype at once, as Swap would cast it
     final = {gr: 0.0 for gr in groups}
     out_err = 0.0
     for sl, xc, items in inspected_chunks(layer, x, layer_kwargs, groups, chunk):
