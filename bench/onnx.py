@@ -9,6 +9,7 @@ Side by side, same model, same prompt, same harness (onnxruntime-genai, greedy):
   ours int4 acc4 head4  accuracy_level 4 and head_bits=4 (output head int4 too, as the builder does)
   ours int4 acc4 head8  accuracy_level 4 and head_bits=8 (output head int8, blocks of 128, level 4)
   ours int4 sym acc4    a symmetric RTN engine: no zero_points inputs (as the builder's graph)
+  ours int4 g128 acc4   an int4-g128 RTN engine (`lmkiln quantize`'s default group size), the default export
   ours int8 acc4 / acc0 / portable
                         an int8-g128 RTN engine at level 4, at level 0 (onnxruntime has no 8-bit level-0
                         CPU kernel) and as DequantizeLinear + MatMul (`portable`)
@@ -247,6 +248,8 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
     if not (work / "eng-int4-sym").exists() and (not only or "ours int4 sym acc4" in only):
         quantize_model(hf_dir, work / "eng-int4-sym", QuantOptions(bits=4, group_size=32, method="rtn", symmetric=True),
                        to="engine")
+    if not (work / "eng-int4-g128").exists() and (not only or "ours int4 g128 acc4" in only):
+        quantize_model(hf_dir, work / "eng-int4-g128", QuantOptions(bits=4, group_size=128, method="rtn"), to="engine")
     if not (work / "eng-int8").exists() and only and any(v.startswith("ours int8") for v in only):
         quantize_model(hf_dir, work / "eng-int8", QuantOptions(bits=8, group_size=128, method="rtn"), to="engine")
     t = time.perf_counter()
@@ -258,6 +261,7 @@ def bench_model(name: str, hf_dir: Path, work: Path, prompt_len: int, n_new: int
                "ours int4 acc4 head4": ("eng-int4", "ours-int4-acc4-head4", {"head_bits": 4}),
                "ours int4 acc4 head8": ("eng-int4", "ours-int4-acc4-head8", {"head_bits": 8}),
                "ours int4 sym acc4": ("eng-int4-sym", "ours-int4-sym-acc4", {}),
+               "ours int4 g128 acc4": ("eng-int4-g128", "ours-int4-g128-acc4", {}),
                "ours int8 acc4": ("eng-int8", "ours-int8-acc4", {}),
                "ours int8 acc0": ("eng-int8", "ours-int8-acc0", {"accuracy_level": 0}),
                "ours int8 portable": ("eng-int8", "ours-int8-portable", {"portable": True}),

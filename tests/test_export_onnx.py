@@ -436,6 +436,44 @@ def test_bad_accuracy_level_and_damaged_exports(engines, exports, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def _as_foreign(src: Path, dst: Path) -> Path:
+    """An export as another exporter (onnxruntime-genai's builder) writes one: no lmkiln
+    metadata or lmkiln_export.json, the cache's head count and width symbolic in the graph
+    and given only by genai_config.json."""
+    shutil.copytree(src, dst)
+    (dst / "lmkiln_export.json").unlink()
+    m = onnx.load(str(dst / "model.onnx"))
+    del m.metadata_props[:]
+    for v in list(m.graph.input) + list(m.graph.output):
+        if v.name.startswith(("past_key_values.", "present.")):
+            dims = v.type.tensor_type.shape.dim
+            dims[1].dim_param, dims[3].dim_param = "kv_heads", "kv_cache_dim"
+    onnx.save(m, str(dst / "model.onnx"))
+    return dst
+
+
+def test_another_exporters_onnx(exports, text_ids, tmp_path):
+    """verify and generate run another exporter's ONNX folder (the builder's, say) from its
+    genai_config.json: the same logits as with lmkiln's metadata, int4 thresholds from its
+    MatMulNBits; a graph that loads and then fails to run is one line naming the file."""
+    from lmkiln.verify.runners import weight_type
+
+    foreign = _as_foreign(exports["int4"], tmp_path / "foreign")
+    assert weight_type(foreign) == "int4" and weight_type(exports["fp32"]) == "fp32"
+    ours, theirs = OnnxRunner(exports["int4"]), OnnxRunner(foreign)
+    assert theirs.vocab_size == ours.vocab_size and theirs.eos_token_ids == ours.eos_token_ids
+    assert torch.equal(theirs.forward(text_ids[:, :64]), ours.forward(text_ids[:, :64]))
+    cfg = json.loads((foreign / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["head_size"] //= 2  # a cache narrower than the graph's attention: fails at run time
+    (foreign / "genai_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"model.onnx: onnxruntime cannot run it \(\w+: ") as e:
+        OnnxRunner(foreign).forward(text_ids[:, :8])
+    assert "\n" not in str(e.value)
+    (foreign / "genai_config.json").unlink()
+    with pytest.raises(InputError, match=r"symbolic shape .* no genai_config.json .*num_key_value_heads and head_size"):
+        OnnxRunner(foreign)
+
+
 def test_int8_head_close_to_fp_head(tmp_path):
     """head_bits=8: the output head as a symmetric int8 MatMulNBits in blocks of 128 (hidden 256 here:
     two blocks), run at accuracy_level 4 even in a level-0 export (onnxruntime has no 8-bit CPU kernel

@@ -45,6 +45,14 @@ def _metadata(model_file: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def _genai_model(folder: Path) -> dict:
+    """genai_config.json's "model" section beside model.onnx ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads((folder / "genai_config.json").read_text(encoding="utf-8")).get("model", {}) or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 class OnnxRunner:
     name = "onnxruntime"
 
@@ -82,6 +90,14 @@ class OnnxRunner:
 
         load_errors = tuple(getattr(ort_errors, n) for n in ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile",
                                                              "InvalidProtobuf", "NotImplemented") if hasattr(ort_errors, n))
+        # at run time too (a graph another exporter wrote may load and then refuse to run, e.g. the
+        # builder's GroupQueryAttention with head_size 8): one line, not an internal error
+        self._run_errors = load_errors + tuple(getattr(ort_errors, n) for n in ("RuntimeException", "EPFail")
+                                               if hasattr(ort_errors, n))
+        self._file = model_file
+        # its errors reach the user as our one-line message, not also as a red log line (the
+        # executor logs through the process-wide logger, which session options do not reach)
+        ort.set_default_logger_severity(4)  # 4: fatal only (3 still prints errors)
         try:
             self.session = ort.InferenceSession(str(model_file), opts, providers=[PROVIDERS[provider]])
         except load_errors as e:  # onnxruntime's own types (not RuntimeError), each a multi-line message
@@ -93,8 +109,19 @@ class OnnxRunner:
         self._past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self._np_dtype = np.float16 if self._past and self._past[0].type == "tensor(float16)" else np.float32
         shape = self._past[0].shape if self._past else [None, 1, None, 1]
-        self._kv, self._hd = shape[1], shape[3]
+        # Another exporter's graph (onnxruntime-genai's builder) may leave the cache's head
+        # count or width symbolic; its genai_config.json then says them.
+        genai = _genai_model(model_file.parent)
+        dec = genai.get("decoder", {})
+        self._kv = shape[1] if isinstance(shape[1], int) else dec.get("num_key_value_heads")
+        self._hd = shape[3] if isinstance(shape[3], int) else dec.get("head_size")
+        if not (isinstance(self._kv, int) and isinstance(self._hd, int)):
+            raise InputError(f"{model_file}: its KV cache inputs have a symbolic shape {shape} and no genai_config.json beside "
+                             "it gives num_key_value_heads and head_size; export it with `lmkiln export onnx`")
         self._vocab = self.session.get_outputs()[0].shape[-1]
+        if not self.config and genai:
+            eos = genai.get("eos_token_id", [])
+            self.config = {"vocab_size": genai.get("vocab_size", self._vocab), "eos_token_id": eos if isinstance(eos, list) else [eos]}
 
     @property
     def vocab_size(self) -> int:
@@ -121,7 +148,11 @@ class OnnxRunner:
             raise InputError("this ONNX export (GroupQueryAttention) does not support padded batches; "
                              "run prompts one at a time or export with --portable")
         feeds = {"input_ids": ids, "attention_mask": mask, **cache.past}
-        outs = self.session.run(None, feeds)
+        try:
+            outs = self.session.run(None, feeds)
+        except self._run_errors as e:
+            raise InputError(f"{self._file}: onnxruntime cannot run it ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:300]})") from None
         names = [o.name for o in self.session.get_outputs()]
         res = dict(zip(names, outs))
         for name in cache.past:

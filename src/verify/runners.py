@@ -56,12 +56,26 @@ def weight_type(path: Path) -> str:
         meta = Path(path) / "lmkiln_export.json"
         if meta.is_file():
             return json.loads(meta.read_text()).get("weight_type", "fp32")
-        return "fp32"
+        return onnx_weight_type(Path(path) / "model.onnx")
     cfg = json.loads((Path(path) / "config.json").read_text())
     q = cfg.get("quantization_config")
     if q:
         return f"int{q.get('bits', 4)}"
     return {"float16": "fp16", "bfloat16": "bf16"}.get(str(cfg.get("dtype", cfg.get("torch_dtype", "float32"))), "fp32")
+
+
+def onnx_weight_type(model_file: Path) -> str:
+    """Another exporter's ONNX (e.g. onnxruntime-genai's builder): int4/int8 from its
+    MatMulNBits nodes' bits, else fp32 (read without the external weights)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(model_file), load_external_data=False).graph
+    except Exception:  # unreadable: OnnxRunner says so in one line when it loads it
+        return "fp32"
+    bits = [next((a.i for a in n.attribute if a.name == "bits"), 4)  # 4: the operator's default
+            for n in graph.node if n.op_type == "MatMulNBits"]
+    return f"int{min(bits)}" if bits else "fp32"
 
 
 def vocab_of(path: Path) -> int | None:
