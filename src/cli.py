@@ -62,7 +62,8 @@ def guarded(fn):
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:
             term = isinstance(e, Terminated)
-            err.print(f"[bold red]{'terminated (SIGTERM)' if term else 'interrupted'}[/]; no output was left half-written")
+            hint = getattr(e, "hint", None) or "no output was left half-written"
+            err.print(f"[bold red]{'terminated (SIGTERM)' if term else 'interrupted'}[/]; {escape(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(143 if term else 130) from None
         except Exception as e:
             if STATE["debug"]:
@@ -290,7 +291,7 @@ def quantize_cmd(
     from lmkiln.errors import InputError
     from lmkiln.quant.awq import QuantOptions
     from lmkiln.quant.job import resolve_compute
-    from lmkiln.quant.pipeline import CalibOptions, plan_quantize, quantize_model
+    from lmkiln.quant.pipeline import CalibOptions, finished_layers, plan_quantize, quantize_model
 
     if w4a16 == w8a16:
         raise InputError("choose exactly one of --w4a16 or --w8a16")
@@ -324,8 +325,15 @@ def quantize_cmd(
             driver = RayDriver(address=None if ray == "local" else ray, workers=workers, on_info=bar.print,
                                on_progress=lambda d, r, q, n: bar.update(d, n, f"layers: {d} done · {r} running · {q} queued"))
             on_layer = None
-        result = quantize_model(model, output, opts, calib_opts, to=to, force=force, resume=resume, report_path=report,
-                                on_layer=on_layer, on_info=bar.print, device=device, dtype=dtype, driver=driver)
+        try:
+            result = quantize_model(model, output, opts, calib_opts, to=to, force=force, resume=resume, report_path=report,
+                                    on_layer=on_layer, on_info=bar.print, device=device, dtype=dtype, driver=driver)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say what was kept and how to go on
+            done = finished_layers(output)
+            if done:
+                e.hint = (f"{done} finished layer(s) kept beside {output}: run the same command with --resume to continue "
+                          "after them")
+            raise
     _quant_table(result.report)
     drv = result.report.get("driver", {})
     if drv.get("kind") == "ray":

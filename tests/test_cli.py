@@ -366,3 +366,23 @@ def test_output_that_appears_midway_is_not_replaced(tmp_path):
             out.mkdir()
             (out / "theirs").write_text("old")
     assert (out / "theirs").read_text() == "old"
+
+
+def test_interrupted_quantize_says_how_to_resume(tmp_path):
+    """Ctrl-C (or SIGTERM) after some layers are done: one line saying how many are kept and
+    that --resume continues after them; the same command with --resume then finishes."""
+    from lmkiln.assets import bundled_model_path
+    from lmkiln.quant.pipeline import STOP_ENV
+
+    out = tmp_path / "q"
+    args = ["quantize", bundled_model_path(), "-o", out, "--w4a16", "--group-size", "32", "--method", "rtn"]
+    env = {**os.environ, **ENV, STOP_ENV: "1"}  # lmkiln's test hook: KeyboardInterrupt right after layer 1 is saved
+    r = subprocess.run([sys.executable, "-m", "lmkiln", *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 130, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("layers", "device", "calibration"))]
+    assert lines == [f"interrupted; 2 finished layer(s) kept beside {out}: run the same command with --resume to "
+                     "continue after them"], r.stderr
+    assert not out.exists()
+    r = run_module(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming after 2 finished layer(s)" in r.stderr + r.stdout and (out / "config.json").is_file()

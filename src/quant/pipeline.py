@@ -41,6 +41,7 @@ from lmkiln.quant.awq import QuantOptions, fp_forward, layer_chunk
 from lmkiln.quant.job import Compute, LayerModule, LayerResult, causal_mask, position_embeddings, resolve_compute, run_layer
 from lmkiln.quant.plan import QuantPlan, human, layer_linears, make_plan
 from lmkiln.quant.sinks import LAYOUTS, REPORT, TARGETS, make_sink, standard_intermediate
+from lmkiln.quant import state
 from lmkiln.quant.state import ResumeState
 
 METHODS = ("awq", "rtn", "gptq", "awq+gptq")
@@ -70,6 +71,16 @@ def peak_device_mb(compute: Compute) -> float | None:
     if compute.device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(compute.device) / (1 << 20)
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Where a run into out_dir builds its output and keeps its resume state."""
+    return out_dir.parent / f".{out_dir.name}.lmkiln-partial"
+
+
+def finished_layers(out_dir: str | Path) -> int:
+    """Layers an interrupted run into out_dir has finished (what --resume would skip)."""
+    return state.finished_layers(partial_dir(Path(out_dir)))
 
 
 def model_fingerprint(ckpt: HFCheckpoint) -> str:
@@ -220,7 +231,7 @@ def quantize_model(
 
         free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
         plan = make_plan(ckpt, arch, mcfg, options, compute, calib.n_samples, calib.seqlen, out_dir, free)
-        partial = out_dir.parent / f".{out_dir.name}.lmkiln-partial"
+        partial = partial_dir(out_dir)
         if not probe_only and plan.disk_needed > plan.free_disk + (_du(partial) if resume else 0):
             raise InputError(f"{out_dir.parent}: {human(plan.free_disk)} free, the output needs {human(plan.output_bytes)} "
                              f"and its resume state {human(plan.state_bytes)}; free space or choose another -o")

@@ -61,6 +61,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 DAMAGED = (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError, EOFError)
 
 
+def finished_layers(partial: Path) -> int:
+    """How many layers, from the first, a partial run at `partial` has finished (0: none, or no such run)."""
+    i = 0
+    while (Path(partial) / "state" / f"layer{i}.safetensors").exists():
+        i += 1
+    return i
+
+
 class ResumeState:
     def __init__(self, partial: Path, fingerprint: dict, resume: bool, info=lambda s: None):
         self.dir = Path(partial) / "state"
@@ -87,10 +95,7 @@ class ResumeState:
 
     def done(self, n_layers: int) -> int:
         """How many layers, from the first, are finished."""
-        i = 0
-        while i < n_layers and self._layer(i).exists():
-            i += 1
-        return i
+        return min(n_layers, finished_layers(self.dir.parent))
 
     def is_done(self, i: int) -> bool:
         return self._layer(i).exists()
