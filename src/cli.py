@@ -204,6 +204,7 @@ def export_onnx_cmd(
     accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact, 4 int8 activations (faster; the CPU default, see docs/export-onnx.md). Default: 4 on CPU, 0 on CUDA."),
     head_bits: Optional[int] = typer.Option(None, "--head-bits", help="Output head: 0 keeps it fp (as in the engine); 4 or 8 quantizes it at export (symmetric RTN; int4 in blocks of 32, int8 in blocks of 128 at accuracy level 4 on CPU): smaller and faster, not bit-faithful. Default: 8 for an int4/int8 engine on CPU at accuracy level 4 (+0.3 % KL, a third of the bytes per token at real vocabularies), else 0 (docs/export-onnx.md)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their checksums."),
 ):
     """Export to ONNX for onnxruntime (CPU/CUDA), onnxruntime-genai and Triton."""
     from lmkiln.errors import InputError
@@ -213,7 +214,8 @@ def export_onnx_cmd(
         raise InputError(f"--head-bits {head_bits}: choose 0 (fp head), 4 or 8")
     with LazyProgress("exporting") as bar:
         path = export_onnx(source, output, ep=ep, portable=portable, triton=triton, force=force,
-                           progress=lambda name, n: bar.advance(), accuracy_level=accuracy_level, head_bits=head_bits)
+                           progress=lambda name, n: bar.advance(), accuracy_level=accuracy_level, head_bits=head_bits,
+                           check=not no_check)
     dequantized = json.loads((path / EXPORT_INFO).read_text(encoding="utf-8")).get("dequantized_linears") or []
     if dequantized:
         out.print(f"[yellow]note[/] {len(dequantized)} quantized linear(s) exported as float weights (larger file), e.g. "
@@ -230,6 +232,7 @@ def export_gguf_cmd(
                               "f32, f16, q8_0, q4_0, q4_1."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the export report (JSON) here."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (and --report file)."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their checksums."),
 ):
     """Export one GGUF file for llama.cpp and Ollama; AWQ codes become Q4_1/Q4_0/Q8_0 blocks as they are."""
     from lmkiln.export.gguf import export_gguf
@@ -237,7 +240,8 @@ def export_gguf_cmd(
 
     check_writable(report, "--report", force, (source,), (output,))
     with LazyProgress("exporting") as bar:
-        res = export_gguf(source, output, gtype=gtype, force=force, progress=lambda name, n: bar.advance(), on_info=bar.print)
+        res = export_gguf(source, output, gtype=gtype, force=force, progress=lambda name, n: bar.advance(), on_info=bar.print,
+                          check=not no_check)
     rep = res.report
     out.print("tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(rep["counts"].items())), highlight=False)
     if rep["m_rounding"]:

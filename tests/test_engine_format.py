@@ -721,9 +721,9 @@ def test_an_engine_without_its_manifest_is_named_as_such(tmp_path):
         assert "engine's weight files without its manifest.json" in r.output and "config.json here" not in r.output
 
 
-def test_a_flipped_byte_in_an_engine_stops_generate_and_verify(tmp_path):
-    """Weights are checked against the manifest's sha256 on load (not only by inspect);
-    --no-check skips it."""
+def test_a_flipped_byte_in_an_engine_stops_generate_verify_and_export(tmp_path):
+    """Weights are checked against the manifest's checksum on load (not only by inspect), by
+    generate, verify and both exports; --no-check skips it."""
     from typer.testing import CliRunner
 
     from lmkiln.assets import bundled_model_path
@@ -737,9 +737,15 @@ def test_a_flipped_byte_in_an_engine_stops_generate_and_verify(tmp_path):
     f.write_bytes(bytes(raw))
     env = {"COLUMNS": "200", "NO_COLOR": "1"}
     for args in (["generate", str(eng), "-p", "Once", "-n", "2"],
-                 ["verify", str(bundled_model_path()), str(eng), "--max-tokens", "64", "--max-new-tokens", "2"]):
+                 ["verify", str(bundled_model_path()), str(eng), "--max-tokens", "64", "--max-new-tokens", "2"],
+                 # the exports too: they wrote the corrupt weights under the manifest's checksum, exit 0
+                 ["export", "onnx", str(eng), "-o", str(tmp_path / "x")],
+                 ["export", "gguf", str(eng), "-o", str(tmp_path / "x.gguf")]):
         r = CliRunner().invoke(app, args, env=env)
         assert r.exit_code == 2, r.output
         assert f"{f.name}: blake3" in r.output and "the file is corrupt" in r.output
-    r = CliRunner().invoke(app, ["generate", str(eng), "-p", "Once", "-n", "2", "--no-check"], env=env)
-    assert r.exit_code == 0, r.output
+        assert not (tmp_path / "x").exists() and not (tmp_path / "x.gguf").exists()
+    for args in (["generate", str(eng), "-p", "Once", "-n", "2"], ["export", "onnx", str(eng), "-o", str(tmp_path / "x")],
+                 ["export", "gguf", str(eng), "-o", str(tmp_path / "x.gguf")]):
+        r = CliRunner().invoke(app, [*args, "--no-check"], env=env)
+        assert r.exit_code == 0, r.output

@@ -58,7 +58,7 @@ def onnx_unsupported(model: dict, portable: bool = False) -> list[str]:
 
 def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton: bool = False, force: bool = False,
                 progress: Callable[[str, int], None] | None = None, accuracy_level: int | None = None,
-                head_bits: int | None = None) -> Path:
+                head_bits: int | None = None, check: bool = True) -> Path:
     """Export `source` into `out_dir` (atomic; an existing one only with force). Returns out_dir.
 
     ep "cpu": float32 graph; "cuda": float16 activations and fp weights (same ops).
@@ -89,7 +89,7 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
     out_dir = Path(out_dir)
     check_output(out_dir, force, (source,))
     with engine_dir(source) as epath:
-        engine = Engine(epath)
+        engine = Engine(epath, check=check)  # a corrupt weight file is refused, not exported under its manifest's checksum
         if head_bits is None:
             head_bits = default_head_bits(ep, accuracy_level, engine.quant is not None, portable)
         unsupported = onnx_unsupported(engine.model, portable)

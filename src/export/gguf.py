@@ -238,7 +238,8 @@ def encode(x, stype: str, how: str, shape: tuple[int, ...]) -> tuple[np.ndarray,
 
 
 def export_gguf(source, out, gtype: str = "auto", force: bool = False,
-                progress: Callable[[str, int], None] | None = None, on_info: Callable[[str], None] | None = None) -> GgufExport:
+                progress: Callable[[str, int], None] | None = None, on_info: Callable[[str], None] | None = None,
+                check: bool = True) -> GgufExport:
     """Write `source` (engine, HF or AWQ-GEMM directory) as GGUF file `out` (atomic; an
     existing file only with force). Returns the path and the report (see the module doc)."""
     import gguf
@@ -260,7 +261,7 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
             raise InputError(f"{source}: {why}")
     info = on_info or (lambda msg: None)
     with engine_dir(source) as epath:
-        engine = ReadLog(Engine(epath))
+        engine = ReadLog(Engine(epath, check=check))  # a corrupt weight file is refused, not converted
         stype_all = resolve_type(engine, gtype)
         gm, arch = gguf_model(engine)
         plan = G.plan_tensors(gm)
