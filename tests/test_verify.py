@@ -266,13 +266,36 @@ def test_refused_before_any_run(fp_engine, tmp_path, monkeypatch):
     long = tmp_path / "long.txt"
     long.write_text("Once upon a time\n" + "the cat sat on the mat " * 300 + "\n", encoding="utf-8")
     with pytest.raises(InputError, match=rf"prompt 2 of {long} \(\d+ tokens\) plus 2 new tokens exceed the model's context "
-                                         r"of 512 positions; shorten it to under 512 tokens"):
+                                         r"of 512 positions; shorten it to at most 510 tokens"):
         V.run_verify(STORIES, fp_engine, V.VerifyOptions(prompts=long, max_new_tokens=2))
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for data in (fifo, Path("/dev/zero")):
         with pytest.raises(InputError, match="--data .*: not a regular file"):
             V.run_verify(STORIES, fp_engine, V.VerifyOptions(data=data))
+
+
+@pytest.mark.parametrize("damage", ["not json", "a list", "no weight_type", "no context length", "hf config"])
+def test_damaged_metadata_is_one_line(damage, fp_engine, tmp_path):
+    """verify reads manifest.json / config.json / lmkiln_export.json before loading anything:
+    a damaged one is one line naming the file (exit 2), not an internal error."""
+    eng = copy_tree(fp_engine, tmp_path / "e")
+    ref, cand, file = STORIES, eng, eng / "manifest.json"
+    if damage == "not json":
+        file.write_text("{")
+    elif damage == "a list":
+        file.write_text("[1, 2]")
+    elif damage == "no weight_type":
+        edit_json(file, lambda d: d.pop("weight_type"))
+    elif damage == "no context length":
+        edit_json(file, lambda d: d["model"].pop("max_position_embeddings"))
+    else:
+        ref = copy_tree(STORIES, tmp_path / "hf")
+        file = ref / "config.json"
+        file.write_text("{")
+        cand = fp_engine
+    line = assert_input_error(invoke("verify", ref, cand, "--max-tokens", "64"), str(file))
+    assert "damaged" in line
 
 
 # -- 3. the report and the plot --------------------------------------------------------

@@ -63,7 +63,9 @@ def check_lengths(prompts: list[list[int]], max_new_tokens: int, ctx: int | None
     for k, p in enumerate(prompts):
         if ctx and len(p) + max_new_tokens > ctx:
             room = ctx - len(p)
-            fix = f"ask for at most {room} new tokens or shorten it" if room >= 1 else f"shorten it to under {ctx} tokens"
+            fix = (f"ask for at most {room} new tokens or shorten it" if room >= 1 else
+                   f"shorten it to at most {ctx - max_new_tokens} tokens" if ctx > max_new_tokens else
+                   f"ask for fewer than {ctx} new tokens and shorten it")
             raise InputError(f"{name(k)} ({len(p)} tokens) plus {max_new_tokens} new tokens exceed the model's context of "
                              f"{ctx} positions; {fix}")
     top = max((max(p) for p in prompts if p), default=-1)

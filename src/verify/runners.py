@@ -43,11 +43,27 @@ def kind_of(path: Path) -> str:
     raise InputError(f"{path}: not an engine (manifest.json), an ONNX export (model.onnx), a GGUF file or an HF directory (config.json)")
 
 
+def read_json(file: Path) -> dict:
+    """A metadata file (manifest.json, config.json, lmkiln_export.json) as a dict, or one line
+    naming it: verify reads these before loading anything, so a damaged one must not be an internal error."""
+    try:
+        d = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{file}: not readable JSON ({type(e).__name__}); the file is damaged: re-create it") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{file}: holds a JSON {type(d).__name__}, not an object; the file is damaged: re-create it")
+    return d
+
+
 def weight_type(path: Path) -> str:
     """fp32/fp16/bf16/int8/int4 of an artifact, for default thresholds."""
     kind = kind_of(path)
     if kind == "engine":
-        return json.loads((Path(path) / "manifest.json").read_text())["weight_type"]
+        wt = read_json(Path(path) / "manifest.json").get("weight_type")
+        if wt not in ("fp32", "fp16", "bf16", "int8", "int4"):
+            raise InputError(f"{Path(path) / 'manifest.json'}: weight_type {wt!r} is not fp32/fp16/bf16/int8/int4; "
+                             "the manifest is damaged: re-create the engine")
+        return wt
     if kind == "gguf":
         from lmkiln.formats.gguf import WEIGHT_TYPES, GgufFile
 
@@ -55,11 +71,11 @@ def weight_type(path: Path) -> str:
     if kind == "onnx":
         meta = Path(path) / "lmkiln_export.json"
         if meta.is_file():
-            return json.loads(meta.read_text()).get("weight_type", "fp32")
+            return str(read_json(meta).get("weight_type", "fp32"))
         return onnx_weight_type(Path(path) / "model.onnx")
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg = read_json(Path(path) / "config.json")
     q = cfg.get("quantization_config")
-    if q:
+    if isinstance(q, dict) and q:
         return f"int{q.get('bits', 4)}"
     return {"float16": "fp16", "bfloat16": "bf16"}.get(str(cfg.get("dtype", cfg.get("torch_dtype", "float32"))), "fp32")
 

@@ -18,7 +18,7 @@ from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
 from lmkiln.verify.metrics import compare, window_logits, windows
 from lmkiln.runtime.engine_model import runtime_dtype
 from lmkiln.runtime.session import check_device
-from lmkiln.verify.runners import kind_of, open_runner, resolve_runner, vocab_of, weight_type
+from lmkiln.verify.runners import kind_of, open_runner, read_json, resolve_runner, vocab_of, weight_type
 
 # Defaults per candidate weight type: what a healthy conversion/quantization of a real
 # model stays within (int4 is loosest; fp32 must be numerically the same model).
@@ -74,10 +74,13 @@ class VerifyResult:
 
 def _context_length(path: Path) -> int:
     kind = kind_of(path)
-    if kind == "engine":
-        return json.loads((Path(path) / "manifest.json").read_text())["model"]["max_position_embeddings"]
-    if kind == "hf":
-        return int(json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings", 2048))
+    if kind in ("engine", "hf"):
+        file = Path(path) / ("manifest.json" if kind == "engine" else "config.json")
+        d = read_json(file)
+        n = (d.get("model") or {}).get("max_position_embeddings") if kind == "engine" else d.get("max_position_embeddings", 2048)
+        if not isinstance(n, int) or n < 2:
+            raise InputError(f"{file}: max_position_embeddings {n!r} is not a context length; the file is damaged: re-create it")
+        return n
     if kind == "gguf":
         from lmkiln.formats.gguf import GgufFile
 
