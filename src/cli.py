@@ -216,6 +216,11 @@ def export_onnx_cmd(
         path = export_onnx(source, output, ep=ep, portable=portable, triton=triton, force=force,
                            progress=lambda name, n: bar.advance(), accuracy_level=accuracy_level, head_bits=head_bits,
                            check=not no_check)
+    from lmkiln.formats.hf import VOCAB_FILES
+
+    if not any((path / n).is_file() for n in VOCAB_FILES):
+        out.print(f"[yellow]note[/] no tokenizer files in {escape(str(source))}: onnxruntime-genai needs them beside model.onnx; "
+                  "copy the tokenizer files of the model it came from into the export", highlight=False)
     dequantized = json.loads((path / EXPORT_INFO).read_text(encoding="utf-8")).get("dequantized_linears") or []
     if dequantized:
         out.print(f"[yellow]note[/] {len(dequantized)} quantized linear(s) exported as float weights (larger file), e.g. "

@@ -386,3 +386,20 @@ def test_interrupted_quantize_says_how_to_resume(tmp_path):
     r = run_module(*args, "--resume")
     assert r.returncode == 0, r.stderr
     assert "resuming after 2 finished layer(s)" in r.stderr + r.stdout and (out / "config.json").is_file()
+
+
+def test_an_engine_without_tokenizer_files(tmp_path):
+    """An engine whose tokenizer files are gone: generate and verify say so in one line (the
+    recorded class loaded as an empty tokenizer: generate printed the prompt back, exit 0; verify
+    blamed the evaluation text); export onnx notes that onnxruntime-genai will need them."""
+    from lmkiln.assets import bundled_model_path
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+
+    eng = convert_hf_to_engine(bundled_model_path(), tmp_path / "e")
+    for f in eng.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            f.unlink()
+    assert_one_line_error(invoke("generate", eng, "-p", "Once", "-n", "2"), 2, f"{eng}: no tokenizer files")
+    assert_one_line_error(invoke("verify", eng, bundled_model_path(), "--max-tokens", "64"), 2, f"{eng}: no tokenizer files")
+    r = invoke("export", "onnx", eng, "-o", tmp_path / "x")
+    assert r.exit_code == 0 and "no tokenizer files in" in r.stdout, r.output

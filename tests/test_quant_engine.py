@@ -406,7 +406,7 @@ def test_generate_names_the_users_paths(tmp_path):
     src.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copyfile(bundled_model_path() / f, src / f)
-    with pytest.raises(InputError, match=rf"^{src}: no tokenizer \(tokenizer.json or tokenizer.model\)"):
+    with pytest.raises(InputError, match=rf"^{src}: no tokenizer \(tokenizer.json, tokenizer.model, vocab.json\)"):
         generate_text(src, ["Once"], 2)
     (src / "tokenizer.json").write_text("[", encoding="utf-8")
     with pytest.raises(InputError, match=rf"^{src} \(as a temporary engine\): cannot load the tokenizer") as e:

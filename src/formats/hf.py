@@ -34,6 +34,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 
+# At least one of these holds a tokenizer's vocabulary (the rest configure it).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 

@@ -101,10 +101,10 @@ def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle:
     dev = check_device(device)
     src = Path(source)
     if src.is_dir() and not is_engine(src) and (src / "config.json").is_file():
-        from lmkiln.formats.hf import TOKENIZER_FILES
+        from lmkiln.formats.hf import VOCAB_FILES
 
-        if not any((src / n).is_file() for n in TOKENIZER_FILES[:2]):  # said before a model-sized conversion, not after
-            raise InputError(f"{src}: no tokenizer (tokenizer.json or tokenizer.model); generate needs one: copy the "
+        if not any((src / n).is_file() for n in VOCAB_FILES):  # said before a model-sized conversion, not after
+            raise InputError(f"{src}: no tokenizer ({', '.join(VOCAB_FILES)}); generate needs one: copy the "
                              "tokenizer files of the model this checkpoint came from into it")
     with engine_dir(source, allow_pickle) as path:
         model = EngineModel.from_path(path, dtype=dtype, device=dev, check=check)  # "auto" resolved for this engine
