@@ -312,6 +312,15 @@ def test_wrong_dtype_in_manifest_entry(engine_copy):
         Engine(engine_copy)
 
 
+@pytest.mark.parametrize("entry", ["../../etc/hostname", "/etc/hostname", "sub/tokenizer.json", "..", ""])
+def test_tokenizer_files_outside_the_engine_refused(engine_copy, entry):
+    """Exports copy the manifest's tokenizer_files: an entry that is not a plain name beside the
+    manifest would copy any file on the machine into the output (found by a fault sweep)."""
+    edit_json(engine_copy / MANIFEST, lambda m: m.update(tokenizer_files=[*m.get("tokenizer_files", []), entry]))
+    with pytest.raises(EngineFormatError, match="tokenizer_files must list file names inside the engine directory"):
+        Engine(engine_copy)
+
+
 def test_model_config_disagrees_with_index(engine_copy):
     edit_json(engine_copy / MANIFEST, lambda m: m["model"].update(num_layer=3))
     with pytest.raises(EngineFormatError, match="layers.2"):

@@ -382,6 +382,11 @@ class Engine:
             got = (entry.get("file"), entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else entry
             if got != want[name]:
                 self._fail(f"tensor {name!r}: manifest says file/dtype/shape {got}, the model config implies {want[name]}")
+        side = m.get("tokenizer_files", [])
+        # plain names beside the manifest: exports copy these files, so "../x" or "/etc/x" would copy any file anywhere
+        if not isinstance(side, list) or not all(isinstance(f, str) and f and Path(f).name == f and f not in (".", "..")
+                                                 for f in side):
+            self._fail(f"manifest tokenizer_files must list file names inside the engine directory, got {side!r}")
         files = m.get("files")
         if not isinstance(files, dict) or set(files) != {f for f, _, _ in want.values()}:
             self._fail(f"manifest 'files' must list exactly the weight files {sorted({f for f, _, _ in want.values()})}")
