@@ -385,10 +385,12 @@ def test_resume_refuses_changed_options_or_calibration(tmp_path, monkeypatch):
     assert (partial / "state" / "layer0.safetensors").exists()
     before = sorted(str(p.relative_to(partial)) for p in partial.rglob("*"))
 
-    with pytest.raises(InputError, match="options"):
+    with pytest.raises(InputError, match=r"the options\.group_size changed"):  # names the option
         quantize_model(STORIES, out, QuantOptions(bits=4, group_size=64), small, resume=True)
-    with pytest.raises(InputError, match="options"):
+    with pytest.raises(InputError, match=r"the options\.symmetric changed"):
         quantize_model(STORIES, out, QuantOptions(bits=4, group_size=32, symmetric=True), small, resume=True)
+    with pytest.raises(InputError, match=r"the output format \(--to\) changed"):  # its files were in the partial output
+        quantize_model(STORIES, out, W4, small, to="engine", resume=True)
     with pytest.raises(InputError, match="calibration"):
         quantize_model(STORIES, out, W4, CalibOptions(n_samples=4, seqlen=64, seed=1), resume=True)
     with pytest.raises(InputError, match="calibration"):

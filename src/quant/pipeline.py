@@ -249,6 +249,7 @@ def quantize_model(
             "compute": {"device": compute.device.type, "dtype": str(compute.dtype),
                         "threads": job_threads(mcfg, compute, driver.prepare(compute, plan, n_layer) if driver else None)},
             "lmkiln_version": lmkiln.__version__,
+            "output format (--to)": to,  # the partial output holds that format's files
         }
         layer_kwargs = calibration_kwargs(mcfg, ids, compute) if options.calibrated else None
 

@@ -79,7 +79,12 @@ class ResumeState:
                     old = json.loads((self.dir / "fingerprint.json").read_text())
                 except (OSError, json.JSONDecodeError):
                     raise InputError(f"{partial}: the partial run has no readable fingerprint; remove it and start again") from None
-                diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+                diff = []
+                for k in fingerprint:
+                    if old.get(k) != fingerprint[k]:
+                        a, b = old.get(k), fingerprint[k]
+                        sub = [f"{k}.{s}" for s in b if a.get(s) != b[s]] if isinstance(a, dict) and isinstance(b, dict) else []
+                        diff += sub or [k]  # name the option, not just "options"
                 if diff:
                     raise InputError(f"cannot resume from {partial}: the {' and '.join(diff)} changed since it started; "
                                      "run without --resume to start over")
