@@ -758,3 +758,22 @@ def test_a_flipped_byte_in_an_engine_stops_generate_verify_and_export(tmp_path):
                  ["export", "gguf", str(eng), "-o", str(tmp_path / "x.gguf")]):
         r = CliRunner().invoke(app, [*args, "--no-check"], env=env)
         assert r.exit_code == 0, r.output
+
+
+def test_integer_or_fp16_overflowing_weights_refused_by_convert(tmp_path):
+    """A weight stored as an integer type converted into huge 'weights' with exit 0, and an fp32
+    weight beyond float16's range became Inf under --dtype fp16 (found by a fault sweep): both
+    are refused naming the tensor; bf16 holds the large one."""
+    src = make_tiny_model(tmp_path / "hf")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w = load_hf_model(src).state_dict()[name]
+    replace_tensor(src / "model.safetensors", name, torch.ones_like(w, dtype=torch.int32))
+    with pytest.raises(InputError, match=rf"tensor '{name}' is stored as int32, not a floating-point type"):
+        convert_hf_to_engine(src, tmp_path / "e1")
+    big = w.clone()
+    big[0, 0] = 1e6
+    replace_tensor(src / "model.safetensors", name, big)
+    with pytest.raises(InputError, match=rf"tensor '{name}' holds values beyond float16's range .*--dtype bf16 or fp32"):
+        convert_hf_to_engine(src, tmp_path / "e2", dtype="fp16")
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+    convert_hf_to_engine(src, tmp_path / "e3", dtype="bf16")

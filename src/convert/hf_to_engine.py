@@ -176,7 +176,17 @@ class CheckpointSource:
         self.ckpt, self.arch, self.model, self.out_dtype, self.quant, self.spec = ckpt, arch, model, out_dtype, quant, spec
 
     def fp(self, role: str, i: int | None = None) -> torch.Tensor:
-        return self.ckpt.get(self.arch.hf_name_of(role, i)).to(self.out_dtype)
+        name = self.arch.hf_name_of(role, i)
+        t = self.ckpt.get(name)
+        if not t.is_floating_point():  # .to() would turn integer bit patterns into huge "weights", silently
+            raise InputError(f"{self.ckpt.path}: tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}, not a "
+                             "floating-point type; the checkpoint is damaged")
+        out = t.to(self.out_dtype)
+        if self.out_dtype == torch.float16 and t.dtype != torch.float16 and not bool(torch.isfinite(out).all()) \
+                and bool(torch.isfinite(t).all()):
+            raise InputError(f"{self.ckpt.path}: tensor {name!r} holds values beyond float16's range (max |x| "
+                             f"{float(t.abs().max()):.3g} > 65504) that would become Inf; convert with --dtype bf16 or fp32")
+        return out
 
     def linear(self, role: str, i: int, kind: str):
         return member_linear(self.arch, self.model, role, lambda r: self._linear(r, i, kind))
