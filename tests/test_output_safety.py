@@ -356,3 +356,12 @@ def test_dry_run_says_what_the_real_run_would_refuse(model, tmp_path):
     assert r.exit_code == 0 and "note" not in r.stdout
     one_line_error(invoke(*q, "-o", model / "x"), "must not be, contain or sit inside the input")
     one_line_error(invoke(*q, "-o", tmp_path / "nodir" / "x"), "does not exist")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_output_on_a_filesystem_that_takes_no_new_files(tmp_path):
+    """/proc answers ENOENT to creating a file in a directory that is there: one line naming it
+    (was an internal error, exit 3, from the writer lock)."""
+    with pytest.raises(InputError, match=r"^/proc: not writable"):
+        with atomic_dir(Path("/proc/lmkiln-test-output")):
+            pass

@@ -71,7 +71,8 @@ def _writable(where: Path, option: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        # ENOENT in a directory that is there: a pseudo-filesystem (/proc) that takes no new files
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) and not (e.errno == errno.ENOENT and where.is_dir()):
             raise
         raise InputError(_not_writable(where, option)) from None
 
