@@ -403,3 +403,14 @@ def test_an_engine_without_tokenizer_files(tmp_path):
     assert_one_line_error(invoke("verify", eng, bundled_model_path(), "--max-tokens", "64"), 2, f"{eng}: no tokenizer files")
     r = invoke("export", "onnx", eng, "-o", tmp_path / "x")
     assert r.exit_code == 0 and "no tokenizer files in" in r.stdout, r.output
+
+
+def test_a_prompt_that_is_not_utf8(tmp_path):
+    """Bytes that are not UTF-8 on the command line (lone surrogates in Python) were an internal
+    error from the tokenizer; now one line."""
+    from lmkiln.assets import bundled_model_path
+
+    r = subprocess.run([os.fsencode(sys.executable), b"-m", b"lmkiln", b"generate", os.fsencode(bundled_model_path()), b"-p",
+                        b"abc\xff\xfedef", b"-n", b"2"], capture_output=True, env={**os.environ, **ENV}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.decode().strip() == "error: prompt 1 is not valid UTF-8 text; pass it in UTF-8"

@@ -99,6 +99,11 @@ def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle:
     from lmkiln.runtime.generate import greedy_generate
 
     dev = check_device(device)
+    for k, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates; the tokenizer raises TypeError
+            raise InputError(f"prompt {k + 1} is not valid UTF-8 text; pass it in UTF-8") from None
     src = Path(source)
     if src.is_dir() and not is_engine(src) and (src / "config.json").is_file():
         from lmkiln.formats.hf import VOCAB_FILES
