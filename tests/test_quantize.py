@@ -576,3 +576,23 @@ def test_cli_quantize_symmetric(tmp_path):
         assert int(codes.min()) >= 1  # symmetric codes never use 0
         n += 1
     assert n == N_LAYERS * len(SHAPES)
+
+
+def test_calibration_ids_outside_the_vocabulary(tmp_path):
+    """A tokenizer with ids past the model's embedding (one that does not belong to it): the
+    calibration text that reaches them is refused in one line before any layer (was an
+    IndexError mid-run, exit 3, and a partial directory on every try)."""
+    import json
+    import shutil
+
+    src = tmp_path / "hf"
+    shutil.copytree(STORIES, src)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["added_tokens"].append({"id": 700, "content": "zorb", "single_word": False, "lstrip": False, "rstrip": False,
+                               "normalized": False, "special": False})
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    text = tmp_path / "cal.txt"
+    text.write_text("Once upon a time zorb there was a cat. " * 40)
+    with pytest.raises(InputError, match=r"calibration text tokenizes to id \d+, outside the model's vocabulary \(512 ids\)"):
+        quantize_model(src, tmp_path / "q", W4, CalibOptions(path=text, n_samples=2, seqlen=64))
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.lmkiln-partial").exists()

@@ -152,6 +152,10 @@ def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
                                    lambda s: tok(s, add_special_tokens=False).input_ids,
                                    calib.n_samples, calib.seqlen, calib.seed)
     ids = cs.input_ids
+    top, vocab = int(ids.max()), mcfg["vocab_size"]
+    if top >= vocab:  # the embedding lookup would fail with an IndexError mid-run
+        raise InputError(f"{ckpt.path}: the calibration text tokenizes to id {top}, outside the model's vocabulary ({vocab} ids): "
+                         "the tokenizer does not belong to this model")
     calib_info = {"source": str(calib.path) if calib.path else "bundled:wikitext2_valid_excerpt",
                   "samples": cs.n_samples, "seqlen": cs.seqlen, "tokens": cs.n_tokens,
                   "documents": cs.n_documents_used, "seed": calib.seed, "sha256": cs.sha256, "summary": cs.describe(),
