@@ -596,3 +596,21 @@ def test_calibration_ids_outside_the_vocabulary(tmp_path):
     with pytest.raises(InputError, match=r"calibration text tokenizes to id \d+, outside the model's vocabulary \(512 ids\)"):
         quantize_model(src, tmp_path / "q", W4, CalibOptions(path=text, n_samples=2, seqlen=64))
     assert not (tmp_path / "q").exists() and not (tmp_path / ".q.lmkiln-partial").exists()
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "model.norm.weight"])
+def test_nan_outside_the_decoder_layers(name, tmp_path):
+    """NaN in the embedding or the final norm went into the output with exit 0 (the layer jobs
+    check only their own tensors): refused before any layer runs, naming the tensor."""
+    import shutil
+
+    from helpers import replace_tensor
+    from safetensors.torch import load_file
+
+    src = tmp_path / "hf"
+    shutil.copytree(STORIES, src)
+    t = load_file(str(src / "model.safetensors"))[name].clone()
+    t.view(-1)[3] = float("nan")
+    replace_tensor(src / "model.safetensors", name, t)
+    with pytest.raises(InputError, match=rf"tensor '{name}' \(shape .*\) contains NaN or Inf"):
+        quantize_model(src, tmp_path / "q", W4, CalibOptions(n_samples=2, seqlen=64))

@@ -228,6 +228,7 @@ def quantize_model(
             held.enter_context(output_lock(out_dir))
         n_layer = mcfg["num_layer"]
         spec = _check_layout(to, arch, mcfg, options)
+        _check_finite_outside_layers(ckpt, arch, mcfg)
         src_dtype = ckpt.source_dtype if ckpt.source_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
         ids = calib_info = None
         if options.calibrated:
@@ -421,6 +422,18 @@ def threads_for(mcfg: dict, compute: Compute, available: int | None = None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _check_finite_outside_layers(ckpt: HFCheckpoint, arch, mcfg: dict) -> None:
+    """The embedding, final norm and head go to the output as they are (layer jobs check their
+    own tensors on load): refuse NaN/Inf in them now, not after every layer has run."""
+    roles = ["embed", "final_norm"] + ([] if mcfg["tie_word_embeddings"] else ["lm_head"])
+    for role in roles:
+        name = arch.hf_name_of(role)
+        t = ckpt.get(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{ckpt.path}: tensor {name!r} (shape {tuple(t.shape)}) contains NaN or Inf values; the "
+                             "checkpoint is damaged or was saved from a diverged run")
 
 
 def _totals(t_start: float, reports: list[dict], calib_info, compute: Compute) -> dict:
