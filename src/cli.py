@@ -172,7 +172,7 @@ def hf_to_engine(
         why = "has no tokenizer files" if not manifest.get("tokenizer_files") else "has tokenizer files transformers cannot load"
         err.print(f"[yellow]note:[/] {escape(str(model))} {why}: generate and verify need a tokenizer; copy the model's "
                   f"tokenizer files into {escape(str(output))}", highlight=False, soft_wrap=True)
-    out.print(f"[green]wrote[/] {output}")
+    out.print(f"[green]wrote[/] {escape(str(output))}", highlight=False)
 
 
 @convert_app.command("to-compressed-tensors")
@@ -190,7 +190,7 @@ def to_compressed_tensors(
         from lmkiln.export.compressed_tensors import engine_to_compressed_tensors as convert
     else:
         from lmkiln.quant.reformat import awq_to_compressed_tensors as convert
-    out.print(f"[green]wrote[/] {convert(model, output, force=force)}")
+    out.print(f"[green]wrote[/] {escape(str(convert(model, output, force=force)))}", highlight=False)
 
 
 @export_app.command("onnx")
@@ -225,7 +225,7 @@ def export_onnx_cmd(
     if dequantized:
         out.print(f"[yellow]note[/] {len(dequantized)} quantized linear(s) exported as float weights (larger file), e.g. "
                   f"{dequantized[0]}", markup=True, highlight=False)
-    out.print(f"[green]wrote[/] {path}")
+    out.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
 
 
 @export_app.command("gguf")
@@ -255,7 +255,7 @@ def export_gguf_cmd(
                   f"({m['max_err_steps']:.3g} of a step), rms {m['rms_err']:.3g} over {m['blocks']} blocks", highlight=False)
     if report is not None:
         write_json(report, rep, force, (source,))
-    out.print(f"[green]wrote[/] {res.path}")
+    out.print(f"[green]wrote[/] {escape(str(res.path))}", highlight=False)
 
 
 @app.command("quantize")
@@ -281,7 +281,7 @@ def quantize_cmd(
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="Scale by activation and weight magnitude (AutoAWQ's duo scaling)."),
     to: str = typer.Option("hf", "--to", "--format", help="hf: AWQ-GEMM Hugging Face directory (transformers, vLLM, SGLang, "
                            "lmdeploy); compressed-tensors: pack-quantized HF directory (vLLM, SGLang; pip install "
-                           "'lmkiln[compressed-tensors]'); engine: an lmkiln engine."),
+                           "'lmkiln\\[compressed-tensors]'); engine: an lmkiln engine."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (and --report file)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the quantization report (JSON) here."),
@@ -291,7 +291,7 @@ def quantize_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, disk) from the headers alone and exit."),
     probe: bool = typer.Option(False, "--probe", help="With --dry-run: also time one layer to estimate the total."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
-                                      help="Run the layer jobs as Ray tasks (pip install 'lmkiln[ray]'): alone, a local Ray "
+                                      help="Run the layer jobs as Ray tasks (pip install 'lmkiln\\[ray]'): alone, a local Ray "
                                            "runtime on this machine's CPUs/GPUs; with an address (host:6379, ray://host:10001, "
                                            "auto), that cluster. Output is bit-identical to a run without it."),
     workers: int = typer.Option(0, "--workers", min=0, help="With --ray: concurrent layer jobs (0 = one per GPU, or by CPUs and memory)."),
@@ -349,7 +349,7 @@ def quantize_cmd(
         out.print(f"ray: {drv['workers']} worker(s) on {drv['cluster']['nodes']} node(s), "
                   f"{drv['cluster']['CPU']} CPU(s), {drv['cluster']['GPU']} GPU(s); driver fp pass {drv.get('fp_pass_seconds', 0):.1f} s")
     dev = result.report["totals"].get("peak_device_mb")
-    out.print(f"[green]wrote[/] {result.output}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB"
+    out.print(f"[green]wrote[/] {escape(str(result.output))}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB"
               + (f", peak device memory {dev:.0f} MB" if dev else "") + ")")
 
 
@@ -436,7 +436,7 @@ def verify_cmd(
     r = res.report
     for w in res.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
-    table = Table(title=f"verify: {candidate} vs {reference}")
+    table = Table(title=escape(f"verify: {candidate} vs {reference}"))
     for col in ("metric", "reference", "candidate", "threshold", ""):
         table.add_column(col)
     ref_ppl, cand_ppl = r["reference"], r["candidate"]
@@ -487,7 +487,7 @@ def inspect_cmd(
     from lmkiln.inspect_model import describe
 
     kind, rows = describe(path, check=check, allow_pickle=allow_pickle)
-    table = Table(title=f"{path} ({'lmkiln engine' if kind == 'engine' else 'Hugging Face checkpoint'})")
+    table = Table(title=escape(f"{path} ({'lmkiln engine' if kind == 'engine' else 'Hugging Face checkpoint'})"))
     table.add_column("field", style="bold")
     table.add_column("value")
     for k, v in rows:
@@ -514,7 +514,7 @@ def generate_cmd(
 
     texts = generate_text(source, prompt, max_new_tokens, allow_pickle=allow_pickle, check=not no_check, device=device, dtype=dtype)
     for p, text in zip(prompt, texts):
-        out.print(f"[bold]{p}[/]{text}", highlight=False)
+        out.print(f"[bold]{escape(p)}[/]{escape(text)}", highlight=False)  # model text is not markup
 
 
 @app.command("demo")
@@ -557,7 +557,7 @@ def demo_cmd(
     out.print("[bold]3. generate[/] greedily with both engines")
     for name, path in (("fp32", engine), ("int4", q.output)):
         (text,) = generate_text(path, [prompt], 48)
-        out.print(f"   [bold]{name}:[/] [italic]{prompt}{text}[/]", highlight=False)
+        out.print(f"   [bold]{name}:[/] [italic]{escape(prompt + text)}[/]", highlight=False)
     out.print("[bold]4. verify[/] the int4 engine against the original on in-domain text")
     from lmkiln.assets import ASSETS
     from lmkiln.verify.verify import VerifyOptions, run_verify

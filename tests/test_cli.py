@@ -414,3 +414,19 @@ def test_a_prompt_that_is_not_utf8(tmp_path):
                         b"abc\xff\xfedef", b"-n", b"2"], capture_output=True, env={**os.environ, **ENV}, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.decode().strip() == "error: prompt 1 is not valid UTF-8 text; pass it in UTF-8"
+
+
+def test_brackets_in_paths_and_text_are_not_markup(tmp_path):
+    """Rich read '[x]' in a path (or in generated text) as markup and dropped it from 'wrote'
+    lines, table titles and generate's output; and '[ray]' from the install hint in --help."""
+    from lmkiln.assets import bundled_model_path
+
+    out = tmp_path / "e [x] ü"
+    r = invoke("convert", "hf-to-engine", bundled_model_path(), "-o", out)
+    assert r.exit_code == 0 and f"wrote {out}" in r.stdout, r.output
+    r = invoke("inspect", out)
+    assert r.exit_code == 0 and f"{out} (lmkiln engine)" in r.stdout.replace("\n", ""), r.output
+    r = invoke("generate", out, "-p", "[b]Once[/b] upon", "-n", "2")
+    assert r.exit_code == 0 and r.stdout.startswith("[b]Once[/b] upon"), r.output
+    r = invoke("quantize", "--help")
+    assert "pip install 'lmkiln[ray]'" in r.stdout.replace("\n", "")
