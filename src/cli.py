@@ -94,6 +94,9 @@ class Bar(Progress):
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.live.transient = True  # read when the display stops
+            if not self.console.is_terminal or self.console.is_dumb_terminal:
+                with self.console.capture():  # a log, not a screen: nothing to clear, and stopping wrote an empty line
+                    return super().__exit__(exc_type, exc, tb)
         return super().__exit__(exc_type, exc, tb)
 
 

@@ -430,3 +430,17 @@ def test_brackets_in_paths_and_text_are_not_markup(tmp_path):
     assert r.exit_code == 0 and r.stdout.startswith("[b]Once[/b] upon"), r.output
     r = invoke("quantize", "--help")
     assert "pip install 'lmkiln[ray]'" in r.stdout.replace("\n", "")
+
+
+def test_an_error_after_the_bar_started_leaves_no_empty_line(tmp_path):
+    """verify runs the reference (its bar appears) and then finds the candidate truncated: stderr
+    is the error line alone (stopping the cleared bar wrote an empty line before it into logs)."""
+    from lmkiln.assets import bundled_model_path
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+
+    eng = convert_hf_to_engine(bundled_model_path(), tmp_path / "e")
+    f = next(eng.glob("rank*.safetensors"))
+    os.truncate(f, f.stat().st_size - 1000)
+    r = invoke("verify", bundled_model_path(), eng, "--max-tokens", "64")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, repr(r.stderr)
