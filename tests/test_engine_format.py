@@ -1,6 +1,7 @@
 """Engine format v1: conversion output, the validating reader, atomic writes and accounting."""
 
 import json
+import re
 import struct
 
 import pytest
@@ -777,3 +778,21 @@ def test_integer_or_fp16_overflowing_weights_refused_by_convert(tmp_path):
         convert_hf_to_engine(src, tmp_path / "e2", dtype="fp16")
     assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
     convert_hf_to_engine(src, tmp_path / "e3", dtype="bf16")
+
+
+@pytest.mark.parametrize("key,value,says", [("max_position_embeddings", 0, "max_position_embeddings must be a positive integer"),
+                                            ("rms_norm_eps", -1, "the norm epsilon ('rms_norm_eps') must be a positive number"),
+                                            ("rope_theta", 0, "rope_theta must be positive")])
+def test_config_values_the_runners_cannot_use(key, value, says, tmp_path):
+    """These converted with exit 0 into engines that lmkiln's own reader then refused (or, for a
+    negative epsilon, that generated NaN and blamed the weights): refused at convert."""
+    src = make_tiny_model(tmp_path / "hf")
+    def edit(c):
+        c[key] = value
+        if isinstance(c.get("rope_parameters"), dict) and key in c["rope_parameters"]:  # transformers 5 keeps it here
+            c["rope_parameters"][key] = value
+
+    edit_json(src / "config.json", edit)
+    with pytest.raises(UnsupportedArchitectureError, match=f"config.json: {re.escape(says)}"):
+        convert_hf_to_engine(src, tmp_path / "e")
+    assert not (tmp_path / "e").exists()

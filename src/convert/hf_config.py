@@ -135,4 +135,13 @@ def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
     m["rope"] = rope_from_hf(cfg, m["size_per_head"])
     m["tie_word_embeddings"] = bool(m["tie_word_embeddings"])
     m["architecture"] = arch.hf_name
+    # values every runner needs positive: refused here, not by the engine reader later (or as NaN logits)
+    ctx, eps, base = m.get("max_position_embeddings"), m.get("norm_eps"), m["rope"]["base"]
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
+        raise UnsupportedArchitectureError(f"config.json: max_position_embeddings must be a positive integer, got {ctx!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise UnsupportedArchitectureError(f"config.json: the norm epsilon ({arch.config.get('norm_eps')!r}) must be a positive "
+                                           f"number, got {eps!r}")
+    if not base > 0:
+        raise UnsupportedArchitectureError(f"config.json: rope_theta must be positive, got {base!r}")
     return dict(sorted(m.items()))
