@@ -782,7 +782,9 @@ def test_integer_or_fp16_overflowing_weights_refused_by_convert(tmp_path):
 
 @pytest.mark.parametrize("key,value,says", [("max_position_embeddings", 0, "max_position_embeddings must be a positive integer"),
                                             ("rms_norm_eps", -1, "the norm epsilon ('rms_norm_eps') must be a positive number"),
-                                            ("rope_theta", 0, "rope_theta must be positive")])
+                                            ("rope_theta", 0, "rope_theta must be positive"),
+                                            ("attention_bias", True, "attention_bias is true (biases on q/k/v/o)"),
+                                            ("mlp_bias", True, "mlp_bias is true (biases on gate/up/down)")])
 def test_config_values_the_runners_cannot_use(key, value, says, tmp_path):
     """These converted with exit 0 into engines that lmkiln's own reader then refused (or, for a
     negative epsilon, that generated NaN and blamed the weights): refused at convert."""

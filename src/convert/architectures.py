@@ -119,6 +119,8 @@ class Architecture:
     defaults: dict[str, object] = field(default_factory=dict)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hf_attention: str = "sdpa"
+    # config.json flags this family's engine layout cannot honour when true: key -> what they add
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     def fused_parent(self, role: str) -> str | None:
         """The fused HF linear that holds engine role `role`, or None when it is its own tensor."""
@@ -191,6 +193,11 @@ LLAMA_TENSORS = {
     "down": "model.layers.{i}.mlp.down_proj.weight",
 }
 
+# Llama's optional biases (transformers adds them when these are true); the engine's Llama
+# layout has none, and ignoring the flag dropped them (or, absent, converted a config whose
+# transformers model would have random biases).
+LLAMA_UNSUPPORTED = {"attention_bias": "biases on q/k/v/o", "mlp_bias": "biases on gate/up/down"}
+
 # The AWQ scaling groups of a pre-norm Llama block (the published AWQ mappings).
 LLAMA_AWQ = (
     ScaleGroup("attn_norm", ("q", "k", "v"), inspect="self_attn", reason="q/k/v read the attention norm's output"),
@@ -215,6 +222,7 @@ register(Architecture(
     hf_name="LlamaForCausalLM",
     tensors=LLAMA_TENSORS,
     config=LLAMA_LIKE_CONFIG,
+    unsupported=LLAMA_UNSUPPORTED,
     optional=TIED_LM_HEAD,
     skips=ROTARY_BUFFERS,
     awq_groups=LLAMA_AWQ,
@@ -227,6 +235,7 @@ register(Architecture(
     config={**LLAMA_LIKE_CONFIG, "sliding_window": "sliding_window"},
     optional=TIED_LM_HEAD,
     skips=ROTARY_BUFFERS,
+    unsupported=LLAMA_UNSUPPORTED,
     quirk_reasons={"sliding_window": "Mistral v0.1 attends to the last `sliding_window` keys only (null = full)"},
     awq_groups=LLAMA_AWQ,
 ))

@@ -81,6 +81,10 @@ def layer_types(m: dict, cfg: dict) -> list[str] | None:
 
 
 def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
+    for key, what in arch.unsupported.items():
+        if cfg.get(key):
+            raise UnsupportedArchitectureError(f"config.json: {key} is true ({what}); {arch.hf_name} with {what} is not "
+                                               "supported yet")
     defaults = {**DEFAULTS, **arch.defaults}
     m = {field: _lookup(cfg, key, defaults) for field, key in arch.config.items()}
     if m.get("size_per_head") is None:
