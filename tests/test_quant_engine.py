@@ -465,3 +465,22 @@ def test_inspect_hf_validates_as_convert_does(stories_w4, tmp_path):
         describe(qstr)
     result = CliRunner().invoke(app, ["inspect", str(qstr)], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
     assert result.exit_code == 2 and "quantization_config must be an object" in result.output, result.output
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_awq_scales_that_are_not_finite_are_refused(bad, tmp_path):
+    """NaN/Inf AWQ scales went through convert and to-compressed-tensors with exit 0 (a server
+    would then produce NaN): refused, naming the module."""
+    from lmkiln.quant.awq import QuantOptions
+    from lmkiln.quant.pipeline import quantize_model
+    from lmkiln.quant.reformat import awq_to_compressed_tensors
+
+    awq = quantize_model(bundled_model_path(), tmp_path / "awq", QuantOptions(bits=4, group_size=32, method="rtn")).output
+    sd = load_file(str(awq / "model.safetensors"))
+    name = "model.layers.2.mlp.up_proj.scales"
+    sd[name][0, 1] = bad
+    save_file(sd, str(awq / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model.layers.2.mlp.up_proj.scales contains NaN or Inf values"):
+        convert_hf_to_engine(awq, tmp_path / "e")
+    with pytest.raises(CheckpointError, match=r"model.layers.2.mlp.up_proj.scales contains NaN or Inf values"):
+        awq_to_compressed_tensors(awq, tmp_path / "ct")

@@ -83,6 +83,8 @@ def read_qlinear(get, module: str, spec: AwqSpec, out_features: int, in_features
     """Unpack module `module` (via `get(name) -> tensor`) into a QTensor without output padding."""
     g = in_features if spec.group_size == -1 else spec.group_size
     qweight, qzeros, scales = (get(f"{module}.{s}") for s in SUFFIXES)
+    if scales.is_floating_point() and not bool(torch.isfinite(scales).all()):  # every output would carry them, exit 0
+        raise CheckpointError(f"{module}.scales contains NaN or Inf values; the AWQ checkpoint is damaged: re-quantize it")
     codes, sc, z = from_awq_gemm(qweight, qzeros, scales, g, bits=spec.bits)
     qt = QTensor(codes=codes, scales=sc, zeros=z, bits=spec.bits, group_size=g, in_features=in_features)
     return qt.map_rows(lambda t: t[:out_features])
