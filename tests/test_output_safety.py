@@ -365,3 +365,22 @@ def test_output_on_a_filesystem_that_takes_no_new_files(tmp_path):
     with pytest.raises(InputError, match=r"^/proc: not writable"):
         with atomic_dir(Path("/proc/lmkiln-test-output")):
             pass
+
+
+def test_force_does_not_delete_a_directory_of_other_files(tmp_path):
+    """`-o ~/work --force` removed whatever the directory held (found by a fault sweep): --force
+    replaces a model or export (or an empty directory), and refuses a directory of other files."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds files that are not a model or export .* refusing to delete them even "
+                                                "with --force"):
+        check_output(precious, force=True)
+    assert (precious / "notes.txt").read_text() == "mine"
+    for marker in ("manifest.json", "model.onnx", "config.json", "rank0.safetensors"):
+        d = tmp_path / f"out-{marker}"
+        d.mkdir()
+        (d / marker).write_text("{}")
+        assert check_output(d, force=True) == d.resolve()
+    (tmp_path / "empty").mkdir()
+    assert check_output(tmp_path / "empty", force=True) == (tmp_path / "empty").resolve()

@@ -88,8 +88,27 @@ def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = (), optio
         raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another {option}")
     if _exists(target) and not target.is_dir():
         raise OutputExistsError(f"{target}: exists and is not a directory; refusing to replace a file")
+    if _exists(target) and not target.is_symlink() and not _replaceable(target):
+        raise OutputExistsError(f"{target}: holds files that are not a model or export (no {', '.join(OUTPUT_MARKERS[:3])}, ...); "
+                                f"refusing to delete them even with --force: remove it yourself or choose another {option}")
     _check_parent(target, option)
     return target
+
+
+# What a directory --force may replace holds one of these (an engine, an HF or AWQ output, an
+# ONNX export, a Triton repository), or nothing: `-o ~/work --force` must not delete a user's files.
+OUTPUT_MARKERS = ("manifest.json", "config.json", "model.onnx", "genai_config.json", "lmkiln_export.json", "config.pbtxt")
+
+
+def _replaceable(d: Path) -> bool:
+    try:
+        names = {p.name for p in d.iterdir()}
+    except OSError:
+        return True  # unreadable: the replace itself will say what is wrong
+    if not names or names & set(OUTPUT_MARKERS) or any(n.endswith(".safetensors") for n in names):  # (weights whose manifest is gone)
+        return True
+    # a Triton repository: model folders, each with its config.pbtxt
+    return any((d / n / "config.pbtxt").is_file() for n in names)
 
 
 @contextlib.contextmanager
