@@ -355,10 +355,12 @@ def test_resume_after_interrupt_while_saving_a_layer(tmp_path, monkeypatch):
     assert sha256(out / "model.safetensors") == sha256(ref / "model.safetensors")
 
 
-@pytest.mark.parametrize("damage", ["layer0.safetensors", "layer1.json", "hidden1.pt"])
-def test_resume_from_damaged_state_is_one_line(damage, tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage,flip", [("layer0.safetensors", False), ("layer1.json", False), ("hidden1.pt", False),
+                                         ("layer0.safetensors", True), ("hidden1.pt", True)])
+def test_resume_from_damaged_state_is_one_line(damage, flip, tmp_path, monkeypatch):
     """A state file cut short (a disk fault; every state file is now fsynced before its rename, so a
-    power loss should not do it) is named in one line with the way out, not an internal error."""
+    power loss should not do it) is named in one line with the way out, not an internal error. A
+    flipped byte, which loaded fine and gave other output, fails its blake3 the same way."""
     small = CalibOptions(n_samples=4, seqlen=64)
     out = tmp_path / "q"
     monkeypatch.setenv(STOP_ENV, "1")
@@ -366,7 +368,12 @@ def test_resume_from_damaged_state_is_one_line(damage, tmp_path, monkeypatch):
         quantize_model(STORIES, out, W4, small)
     monkeypatch.delenv(STOP_ENV)
     f = tmp_path / ".q.lmkiln-partial" / "state" / damage
-    f.write_bytes(f.read_bytes()[:20])
+    if flip:
+        raw = bytearray(f.read_bytes())
+        raw[-10] ^= 0x01  # inside the last tensor's data: the file still parses
+        f.write_bytes(bytes(raw))
+    else:
+        f.write_bytes(f.read_bytes()[:20])
     with pytest.raises(InputError, match=r"the resume state of (layer \d|the input of layer 2) is damaged .*"
                                          r"run without --resume to start over") as e:
         quantize_model(STORIES, out, W4, small, resume=True)

@@ -8,6 +8,8 @@ Layout, inside the output's partial directory (`.NAME.lmkiln-partial/state/`):
   scales, zeros; the layer's fp tensors), written last and atomically: its presence
   marks the layer done. The packing round-trips bit-exactly (formats/awq_gemm.py).
 - `layer{i}.json`: layer i's report.
+- `NAME.blake3` beside `layer{i}.safetensors` and `hidden{i}.pt`: the file's blake3, written
+  before the file is renamed into place and checked when a resume reads it.
 - `hidden{i}.pt`: the input of layer i+1 (AWQ only), kept until layer i+1 is done. The
   single-process driver writes it with layer i, the Ray driver before it submits layer
   i+1; either way an interrupt at any point leaves a consistent state, and every layer
@@ -31,6 +33,7 @@ from safetensors.torch import save_file
 
 from lmkiln.errors import InputError
 from lmkiln.formats.awq_gemm import AwqSpec, read_qlinear
+from lmkiln.formats.safetensors_io import file_digest
 from lmkiln.quant.job import LayerResult
 
 
@@ -48,7 +51,29 @@ def _replace_durably(tmp: Path, path: Path) -> None:
 def _atomic_save(tensors: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
+    _seal(tmp, path)
+
+
+def _seal(tmp: Path, path: Path) -> None:
+    """Rename tmp over path with its blake3 beside it (`path.blake3`, written first): a resume
+    then refuses a state file whose bytes changed (a flipped bit loaded fine and gave other
+    output, where --resume promises bit-identical)."""
+    _atomic_write_text(_sum_file(path), file_digest(tmp, "blake3"))
     _replace_durably(tmp, path)
+
+
+def _sum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".blake3")
+
+
+def _check_sum(path: Path) -> None:
+    """Raise ValueError (one of DAMAGED) if path's bytes are not those its checksum was taken of."""
+    try:
+        want = _sum_file(path).read_text().strip()
+    except FileNotFoundError:  # a state written before checksums (same lmkiln version otherwise): nothing to check
+        return
+    if file_digest(path, "blake3") != want:
+        raise ValueError("its blake3 checksum does not match: the file changed after it was written")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -109,7 +134,7 @@ class ResumeState:
         """The input of layer i + 1; kept until layer i + 1 is saved."""
         tmp = self.dir / "hidden.tmp"
         torch.save(hidden.cpu() if hidden.device.type != "cpu" else hidden, tmp)
-        _replace_durably(tmp, self.dir / f"hidden{i}.pt")
+        _seal(tmp, self.dir / f"hidden{i}.pt")
 
     def save(self, res: LayerResult, module_of, hidden: torch.Tensor | None = None) -> None:
         """Persist a finished layer; `module_of(role, i)` names its HF linear module.
@@ -122,11 +147,13 @@ class ResumeState:
             tensors.update({f"{module}.{k}": v for k, v in res.awq_gemm(role).items()})
         _atomic_write_text(self.dir / f"layer{res.index}.json", json.dumps(res.report))
         _atomic_save(tensors, self._layer(res.index))  # last: its presence marks the layer done
-        (self.dir / f"hidden{res.index - 1}.pt").unlink(missing_ok=True)
+        for old in (self.dir / f"hidden{res.index - 1}.pt", _sum_file(self.dir / f"hidden{res.index - 1}.pt")):
+            old.unlink(missing_ok=True)
 
     def load(self, i: int, spec: AwqSpec, linears: dict[str, tuple[str, tuple[int, int]]]) -> LayerResult:
         """Layer i as saved; `linears`: role -> (HF module, (out, in)) of its quantized linears."""
         try:
+            _check_sum(self._layer(i))
             with safe_open(str(self._layer(i)), framework="pt") as f:
                 names = set(f.keys())
                 qts = {role: read_qlinear(f.get_tensor, module, spec, *shape) for role, (module, shape) in linears.items()}
@@ -140,6 +167,7 @@ class ResumeState:
     def hidden(self, i: int) -> torch.Tensor:
         """The saved input of layer i + 1."""
         try:
+            _check_sum(self.dir / f"hidden{i}.pt")
             return torch.load(self.dir / f"hidden{i}.pt", weights_only=True)
         except DAMAGED as e:
             raise self._damaged(f"the input of layer {i + 1}", e) from None
