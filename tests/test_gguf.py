@@ -352,3 +352,17 @@ def test_byte_level_bpe_tokenizer_becomes_a_gpt2_vocab(tmp_path):
     assert field(p, "tokenizer.ggml.eos_token_id") == vocab["<|end_of_text|>"]
     assert field(p, "tokenizer.chat_template").startswith("{% for m in messages")
     assert summary["warnings"] == []
+
+
+def test_verify_refuses_a_gguf_whose_vocabulary_is_other_text(awq_stories, tmp_path):
+    """Only the vocabulary size was compared: a GGUF whose token strings differ (llama.cpp would
+    tokenize differently) passed verify. Now refused before any model runs, naming the id."""
+    from lmkiln.verify.verify import VerifyOptions, run_verify
+
+    gg = export_gguf(awq_stories, tmp_path / "m.gguf").path
+    raw = gg.read_bytes()
+    assert raw.count(b"<0x00>") == 1
+    gg.write_bytes(raw.replace(b"<0x00>", b"<0xZZ>"))  # token 3's text, same length: the file stays valid
+    with pytest.raises(InputError, match=r"m.gguf: its vocabulary names token 3 '<0xZZ>' where the reference's tokenizer "
+                                         r"has '<0x00>'"):
+        run_verify(STORIES, gg, VerifyOptions(data=EVAL_TEXT, max_tokens=64))

@@ -88,6 +88,21 @@ def _context_length(path: Path) -> int:
     return 2048
 
 
+def _check_gguf_vocabulary(path: Path, tok) -> None:
+    """A GGUF carries its own vocabulary, which llama.cpp tokenizes with; verify scores it on the
+    reference tokenizer's ids. The two must name the same token at every id the tokenizer has
+    (the GGUF's `[PAD{i}]` rows beyond it are unused), else a PASS says nothing about llama.cpp."""
+    from lmkiln.formats.gguf import GgufFile
+
+    tokens = GgufFile(path).get("tokenizer.ggml.tokens") or []
+    n = min(len(tokens), len(tok))
+    want = tok.convert_ids_to_tokens(list(range(n)))
+    for i, (g, h) in enumerate(zip(tokens, want)):
+        if h is not None and g != h:
+            raise InputError(f"{path}: its vocabulary names token {i} {g!r} where the reference's tokenizer has {h!r}; "
+                             "llama.cpp would tokenize text differently: export the GGUF again from this model")
+
+
 def _calibration_shingles(candidate: Path) -> list[str]:
     rep = Path(candidate) / "lmkiln_quant_report.json"
     if not rep.is_file():
@@ -165,7 +180,10 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
         runtime_dtype(o.dtype, device, True)  # a bad --dtype is refused now, not after the reference has run
     vocabs = vocab_of(reference), vocab_of(candidate)
     if None not in vocabs and vocabs[0] != vocabs[1]:
-        raise InputError(f"vocabularies differ: reference {vocabs[0]}, candidate {vocabs[1]}")
+        raise InputError(f"vocabularies differ: reference {vocabs[0]}, candidate {vocabs[1]}; compare a model with one "
+                         "made from it")
+    if kind_of(candidate) == "gguf":
+        _check_gguf_vocabulary(candidate, tok)
     t0 = time.time()
     wins = windows(ids, seqlen, bos)
     # One model at a time: the reference's logits wait on the host while the candidate runs,
