@@ -280,8 +280,13 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
             info(f"warning: the model attends to the last {engine.model['sliding_window']} keys only; llama.cpp's "
                  f"{gm.arch} runs full attention, which differs beyond that length")
         report = {**header, "m_rounding": None}
+        # one line per reason (the tensors are in the report): an int8 engine's 35+ linears were 71 lines
+        by_why: dict[tuple[str, str], list[str]] = {}
         for name, why in header["requantized"].items():
-            info(f"re-quantizing {name} to {decided[name][0]}: {why}")
+            by_why.setdefault((decided[name][0], why), []).append(name)
+        for (stype, why), names in by_why.items():
+            info(f"re-quantizing {len(names)} tensor(s) to {stype} ({why}), e.g. {names[0]}"
+                 + ("" if len(names) == 1 else "; --report lists them all"))
         with atomic_file(out, force=force, inputs=(source,)) as tmp:
             w = gguf.GGUFWriter(str(tmp), gm.arch)
             G.write_model_metadata(w, gm, stype_all, source.name)
