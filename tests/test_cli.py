@@ -208,9 +208,16 @@ def test_error_existing_output(tmp_path, tiny_llama):
     (out / "mine.txt").write_text("keep")
     assert_one_line_error(invoke("convert", "hf-to-engine", tiny_llama, "-o", out), 2, "already exists", "--force")
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
-    r = invoke("convert", "hf-to-engine", tiny_llama, "-o", out, "--force")
+    # --force replaces a model or export, never a directory of other files
+    assert_one_line_error(invoke("convert", "hf-to-engine", tiny_llama, "-o", out, "--force"), 2,
+                          "holds files that are not a model or export", "refusing to delete them even with --force")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    assert invoke("convert", "hf-to-engine", tiny_llama, "-o", out, "--force").exit_code == 0  # an empty directory
+    (out / "extra.txt").write_text("part of the old output")
+    r = invoke("convert", "hf-to-engine", tiny_llama, "-o", out, "--force")  # an engine: replaced whole
     assert r.exit_code == 0, r.output
-    assert (out / MANIFEST).is_file() and not (out / "mine.txt").exists()
+    assert (out / MANIFEST).is_file() and not (out / "extra.txt").exists()
 
 
 def test_error_bad_options(tmp_path, tiny_llama):

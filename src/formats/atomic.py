@@ -58,7 +58,9 @@ def _what(option: str) -> str:
 
 def _check_parent(target: Path, option: str) -> None:
     if not target.parent.is_dir():
-        raise InputError(f"{target.parent}: parent directory of {_what(option)} does not exist")
+        is_file = target.parent.exists()
+        raise InputError(f"{target.parent}: parent directory of {_what(option)} "
+                         + ("is a file; choose a path inside a directory" if is_file else "does not exist"))
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise InputError(_not_writable(target.parent, option))
 
@@ -84,10 +86,10 @@ def _exists(p: Path) -> bool:
 def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o") -> Path:
     target = _real(target)
     _check_inputs(target, inputs, True, "the output must not be, contain or sit inside the input")
+    if _exists(target) and not target.is_dir():  # said first: --force would not help
+        raise OutputExistsError(f"{target}: exists and is not a directory; refusing to replace a file: choose another {option}")
     if _exists(target) and not force:
         raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another {option}")
-    if _exists(target) and not target.is_dir():
-        raise OutputExistsError(f"{target}: exists and is not a directory; refusing to replace a file")
     if _exists(target) and not target.is_symlink() and not _replaceable(target):
         raise OutputExistsError(f"{target}: holds files that are not a model or export (no {', '.join(OUTPUT_MARKERS[:3])}, ...); "
                                 f"refusing to delete them even with --force: remove it yourself or choose another {option}")

@@ -65,7 +65,8 @@ def check_text_file(path: Path, what: str, option: str) -> None:
     """A regular file of a size that can be read whole: a device (/dev/zero) was read until the
     kernel killed the process, a named pipe blocked forever."""
     if path.exists() and not path.is_file():
-        raise InputError(f"{option} {path}: not a regular file (a device, pipe or socket); pass a file of {what}")
+        kind = "a directory" if path.is_dir() else "a device, pipe or socket"
+        raise InputError(f"{option} {path}: not a regular file ({kind}); pass a file of {what}")
     if path.is_file() and path.stat().st_size > MAX_TEXT_BYTES:
         raise InputError(f"{option} {path}: {path.stat().st_size / 2**30:.1f} GiB; {what}s are read whole, so pass a sample "
                          f"under {MAX_TEXT_BYTES / 2**30:.0f} GiB")

@@ -59,25 +59,26 @@ def resolve_compute(device: str = "auto", dtype: str = "auto") -> Compute:
     return Compute(dev, COMPUTE_DTYPES[t])
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto", option: str = "--device") -> torch.device:
     """--device auto|cpu|cuda|cuda:N -> a torch.device this machine has (auto: CUDA when
-    available, else the CPU); anything else is refused in one line."""
-    d = (device or "auto").strip().lower()
+    available, else the CPU); anything else (an empty string too) is refused in one line
+    naming `option`."""
+    d = (device if device is not None else "auto").strip().lower()
     if d == "auto":
         d = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(d)
     except RuntimeError:
-        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+        raise InputError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: this machine has no CUDA device usable by torch "
-                             f"(torch {torch.__version__}); use --device cpu or auto")
+            raise InputError(f"{option} {device}: this machine has no CUDA device usable by torch "
+                             f"(torch {torch.__version__}); use cpu or auto")
         index = 0 if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)")
+            raise InputError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)")
         dev = torch.device("cuda", index)
     return dev
 

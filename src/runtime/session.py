@@ -85,11 +85,11 @@ def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]
             raise type(e)(str(e).replace(str(engine), f"{source} (as a temporary engine)")) from None
 
 
-def check_device(device: str) -> torch.device:
+def check_device(device: str, option: str = "--device") -> torch.device:
     """`auto`, `cpu`, `cuda` or `cuda:N`, as `quantize --device` takes it (one parser)."""
     from lmkiln.quant.job import resolve_device
 
-    return resolve_device(device)
+    return resolve_device(device, option)
 
 
 def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle: bool = False, device: str = "cpu",

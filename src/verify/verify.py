@@ -160,7 +160,7 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     text = load_eval_text(o.data)
     ids = tok(text, add_special_tokens=False).input_ids[: o.max_tokens]
     if len(ids) < 2:
-        raise InputError("the evaluation text has fewer than 2 tokens")
+        raise InputError(f"{o.data or 'the evaluation text'}: fewer than 2 tokens to score; pass --data with more text")
     # BOS per window exactly when the tokenizer itself starts a text with it.
     probe = tok("a").input_ids
     bos = tok.bos_token_id if tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id else None
@@ -173,9 +173,9 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     if overlap:
         warnings.append(f"the evaluation text shares {overlap} 32-token spans with the candidate's calibration text; "
                         "perplexity is optimistic (evaluate on other text)")
-    ref_device = o.reference_device or o.device
-    resolve_runner(reference, "reference", "auto", ref_device), resolve_runner(candidate, "candidate", o.runner, o.device)
-    device, ref_device = str(check_device(o.device)), str(check_device(ref_device))  # "auto" resolved once
+    device = str(check_device(o.device))  # "auto" resolved once, each option named in its own error
+    ref_device = str(check_device(o.reference_device, "--reference-device")) if o.reference_device is not None else device
+    resolve_runner(reference, "reference", "auto", ref_device), resolve_runner(candidate, "candidate", o.runner, device)
     if o.dtype != "auto":
         runtime_dtype(o.dtype, device, True)  # a bad --dtype is refused now, not after the reference has run
     vocabs = vocab_of(reference), vocab_of(candidate)
