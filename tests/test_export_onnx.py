@@ -474,6 +474,19 @@ def test_another_exporters_onnx(exports, text_ids, tmp_path):
         OnnxRunner(foreign)
 
 
+def test_verify_refuses_a_dtype_an_onnx_candidate_would_ignore(exports):
+    """--dtype picks the torch engine runner's compute dtype; an ONNX export runs in the dtype
+    it was exported in, so `verify ... --dtype bf16` passed while ignoring it. One line now."""
+    from typer.testing import CliRunner
+
+    from lmkiln.cli import app
+
+    r = CliRunner().invoke(app, ["verify", str(bundled_model_path()), str(exports["int4"]), "--dtype", "bf16"],
+                           env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert r.exit_code == 2 and r.stderr.strip() == ("error: --dtype bf16: this candidate runs in the dtype it was exported in "
+                                                     "(an ONNX export); leave --dtype auto"), r.output
+
+
 def test_int8_head_close_to_fp_head(tmp_path):
     """head_bits=8: the output head as a symmetric int8 MatMulNBits in blocks of 128 (hidden 256 here:
     two blocks), run at accuracy_level 4 even in a level-0 export (onnxruntime has no 8-bit CPU kernel

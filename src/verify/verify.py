@@ -178,6 +178,10 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     resolve_runner(reference, "reference", "auto", ref_device), resolve_runner(candidate, "candidate", o.runner, device)
     if o.dtype != "auto":
         runtime_dtype(o.dtype, device, True)  # a bad --dtype is refused now, not after the reference has run
+        fixed = {"onnx": "the dtype it was exported in (an ONNX export)", "gguf": "float32 (a GGUF, dequantized)"}.get(
+            kind_of(candidate), "the dtype it was saved in (--runner transformers)" if o.runner == "transformers" else None)
+        if fixed:  # --dtype would be ignored, silently
+            raise InputError(f"--dtype {o.dtype}: this candidate runs in {fixed}; leave --dtype auto")
     vocabs = vocab_of(reference), vocab_of(candidate)
     if None not in vocabs and vocabs[0] != vocabs[1]:
         raise InputError(f"vocabularies differ: reference {vocabs[0]}, candidate {vocabs[1]}; compare a model with one "
