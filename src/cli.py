@@ -137,7 +137,8 @@ class LazyProgress:
         self._start().advance(self.task)
 
     def print(self, msg: str) -> None:
-        (self.bar.console if self.bar else err).print(msg, highlight=False)
+        # plain text from the library (paths may hold "[x]"), one line each, as logged
+        (self.bar.console if self.bar else err).print(msg, highlight=False, soft_wrap=True, markup=False)
 
     def __enter__(self):
         return self
@@ -313,6 +314,9 @@ def quantize_cmd(
                         clip=not no_clip, duo_scaling=duo_scaling, chunk=chunk, damp=damp, act_order=act_order,
                         min_expert_tokens=min_expert_tokens, calib_inputs=calib_inputs)
     calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
+    if calib is not None and not opts.calibrated:
+        err.print(f"[yellow]note[/] --calib is not used by --method {method}: round-to-nearest needs no calibration text",
+                  highlight=False, soft_wrap=True)
     if dry_run:
         note = _dry_run_output(output, force, model)
         compute = resolve_compute(device, dtype)

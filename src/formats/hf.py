@@ -82,8 +82,8 @@ class HFCheckpoint:
             if not allow_pickle:
                 raise InputError(
                     f"{self.path}: only pickle (.bin) weights found; pickle can run arbitrary code when loaded. "
-                    "Convert them to safetensors, or to an engine with `lmkiln convert hf-to-engine --allow-pickle` "
-                    "(loaded with torch.load(weights_only=True)) and use that"
+                    "Save them as safetensors (transformers: save_pretrained(..., safe_serialization=True)), which every "
+                    "command reads; convert, inspect and generate also take --allow-pickle (torch.load(weights_only=True))"
                 )
             self._load_pickle()
         else:
