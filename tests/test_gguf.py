@@ -275,6 +275,11 @@ def test_cli_errors_and_atomic_output(awq_stories, tmp_path):
         export_gguf(tmp_path / "missing", tmp_path / "x.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary siblings left
     assert export_gguf(awq_stories, out, force=True).path == out
+    other = tmp_path / "model.onnx"  # a file that is not a GGUF: --force does not replace it
+    other.write_bytes(b"not a gguf")
+    with pytest.raises(OutputExistsError, match="exists and is not a GGUF file; refusing to replace it even with --force"):
+        export_gguf(awq_stories, other, force=True)
+    assert other.read_bytes() == b"not a gguf"
 
 
 @pytest.mark.parametrize("damaged,needle", [("tokenizer.json", "tokenizer.json is not valid JSON"),

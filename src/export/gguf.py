@@ -38,7 +38,7 @@ from lmkiln.convert.architectures import get_architecture
 from lmkiln.convert.quantized import ENGINE_LINEARS, rows
 from lmkiln.convert.rope import inv_freq
 from lmkiln.convert.transforms import unpermute_rotary
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, OutputExistsError
 from lmkiln.formats import gguf as G
 from lmkiln.formats.engine import FAMILY_FIELDS, Engine, is_engine
 from lmkiln.formats.qtensor import QTensor
@@ -255,6 +255,10 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
     if not source.exists():
         raise InputError(f"{source}: no such engine or model directory")
     check_output_file(out, force, (source,))
+    if force and out.is_file() and out.stat().st_size and out.open("rb").read(4) != b"GGUF":
+        # --force replaces a GGUF, not any file that happens to have the name (an export's model.onnx, a document)
+        raise OutputExistsError(f"{out}: exists and is not a GGUF file; refusing to replace it even with --force: remove it "
+                                "yourself or choose another -o")
     if source.is_dir() and not is_engine(source):  # before converting it: minutes and a model-sized temporary copy
         why = gguf_unsupported(make_plan(HFCheckpoint(source)).model)
         if why:
