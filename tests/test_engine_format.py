@@ -529,8 +529,8 @@ def test_existing_output_refused(tiny_llama, tmp_path):
 
 def test_force_replaces_output(tiny_llama, tmp_path):
     out = tmp_path / "e"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    convert_hf_to_engine(tiny_llama, out)
+    (out / "stale.txt").write_text("old")  # an old engine with something extra: replaced whole
     convert_hf_to_engine(tiny_llama, out, force=True)
     assert not (out / "stale.txt").exists()
     Engine(out, check=True)
