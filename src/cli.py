@@ -498,7 +498,7 @@ def inspect_cmd(
     table.add_column("field", style="bold")
     table.add_column("value")
     for k, v in rows:
-        table.add_row(k, v, style="red" if "MISMATCH" in v else None)
+        table.add_row(k, v, style="red" if "MISMATCH" in v or v.startswith("MISSING") else None)
     out.print(table)
     bad = [v.split(":", 1)[1].strip() for _, v in rows if v.startswith("MISMATCH")]
     if bad:  # exit 1 is verify's "failed a threshold"; a damaged engine is an input error, as in generate

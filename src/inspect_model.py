@@ -83,6 +83,10 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
             ("format", f"{man['format']} v{man['format_version']}"),
             ("lmkiln version", str(man.get("source", {}).get("lmkiln_version"))),
         ]
+        listed = man.get("tokenizer_files", [])
+        gone = [f for f in listed if not (path / f).is_file()]
+        rows.append(("tokenizer files", "none" if not listed else f"MISSING: {', '.join(gone)} (copy them from the source)"
+                     if gone else f"{', '.join(listed)} ({man.get('tokenizer_class') or 'class not recorded'})"))
         if check:
             sums = eng.verify_checksums()
             bad = [f for f, ok in sums.items() if not ok]

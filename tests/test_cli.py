@@ -410,6 +410,8 @@ def test_an_engine_without_tokenizer_files(tmp_path):
     assert_one_line_error(invoke("verify", eng, bundled_model_path(), "--max-tokens", "64"), 2, f"{eng}: no tokenizer files")
     r = invoke("export", "onnx", eng, "-o", tmp_path / "x")
     assert r.exit_code == 0 and "no tokenizer files in" in r.stdout, r.output
+    r = invoke("inspect", eng)  # the manifest lists them: inspect says which are gone
+    assert r.exit_code == 0 and "MISSING: tokenizer.json" in r.stdout.replace("\n", " "), r.output
 
 
 def test_a_prompt_that_is_not_utf8(tmp_path):
