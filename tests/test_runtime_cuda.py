@@ -319,7 +319,7 @@ def test_cuda_graph_greedy_int4_paths(engines, bf16_int4, monkeypatch):
 
 def test_verify_reference_device_is_checked_first(engines):
     r = invoke("verify", STORIES, engines["int4"], "--reference-device", "tpu", "--max-tokens", "512")
-    assert r.exit_code == 2 and "--device 'tpu'" in r.stderr and "windows" not in r.output, r.output
+    assert r.exit_code == 2 and "--reference-device 'tpu'" in r.stderr and "windows" not in r.output, r.output
 
 
 @CUDA
