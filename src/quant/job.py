@@ -75,7 +75,7 @@ def resolve_device(device: str = "auto", option: str = "--device") -> torch.devi
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"{option} {device}: this machine has no CUDA device usable by torch "
-                             f"(torch {torch.__version__}); use cpu or auto")
+                             f"(torch {torch.__version__}); use {option} cpu or auto")
         index = 0 if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
             raise InputError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)")
