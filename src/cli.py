@@ -194,7 +194,18 @@ def to_compressed_tensors(
         from lmkiln.export.compressed_tensors import engine_to_compressed_tensors as convert
     else:
         from lmkiln.quant.reformat import awq_to_compressed_tensors as convert
-    out.print(f"[green]wrote[/] {escape(str(convert(model, output, force=force)))}", highlight=False)
+    path = convert(model, output, force=force)
+    _note_missing_tokenizer(path, model, "vLLM and SGLang")
+    out.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
+
+
+def _note_missing_tokenizer(path: Path, source: Path, who: str) -> None:
+    """An output without tokenizer files is still written (weights-only sources exist); say so."""
+    from lmkiln.formats.hf import VOCAB_FILES
+
+    if not any((path / n).is_file() for n in VOCAB_FILES):
+        out.print(f"[yellow]note[/] no tokenizer files in {escape(str(source))}: {who} need them beside the weights; "
+                  "copy the tokenizer files of the model it came from into the output", highlight=False, soft_wrap=True)
 
 
 @export_app.command("onnx")
@@ -220,11 +231,7 @@ def export_onnx_cmd(
         path = export_onnx(source, output, ep=ep, portable=portable, triton=triton, force=force,
                            progress=lambda name, n: bar.advance(), accuracy_level=accuracy_level, head_bits=head_bits,
                            check=not no_check)
-    from lmkiln.formats.hf import VOCAB_FILES
-
-    if not any((path / n).is_file() for n in VOCAB_FILES):
-        out.print(f"[yellow]note[/] no tokenizer files in {escape(str(source))}: onnxruntime-genai needs them beside model.onnx; "
-                  "copy the tokenizer files of the model it came from into the export", highlight=False)
+    _note_missing_tokenizer(path, source, "onnxruntime-genai and Triton's genai backend")
     dequantized = json.loads((path / EXPORT_INFO).read_text(encoding="utf-8")).get("dequantized_linears") or []
     if dequantized:
         out.print(f"[yellow]note[/] {len(dequantized)} quantized linear(s) exported as float weights (larger file), e.g. "

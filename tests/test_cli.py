@@ -409,9 +409,17 @@ def test_an_engine_without_tokenizer_files(tmp_path):
     assert_one_line_error(invoke("generate", eng, "-p", "Once", "-n", "2"), 2, f"{eng}: no tokenizer files")
     assert_one_line_error(invoke("verify", eng, bundled_model_path(), "--max-tokens", "64"), 2, f"{eng}: no tokenizer files")
     r = invoke("export", "onnx", eng, "-o", tmp_path / "x")
-    assert r.exit_code == 0 and "no tokenizer files in" in r.stdout, r.output
+    assert r.exit_code == 0 and "no tokenizer files in" in r.stdout.replace("\n", " "), r.output
     r = invoke("inspect", eng)  # the manifest lists them: inspect says which are gone
     assert r.exit_code == 0 and "MISSING: tokenizer.json" in r.stdout.replace("\n", " "), r.output
+    q = tmp_path / "q"
+    assert invoke("quantize", bundled_model_path(), "-o", q, "--w4a16", "--group-size", "32", "--method", "rtn", "--to",
+                  "engine").exit_code == 0
+    for f in q.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            f.unlink()
+    r = invoke("convert", "to-compressed-tensors", q, "-o", tmp_path / "ct")  # vLLM needs them too
+    assert r.exit_code == 0 and "no tokenizer files in" in r.stdout.replace("\n", " "), r.output
 
 
 def test_a_prompt_that_is_not_utf8(tmp_path):
