@@ -359,6 +359,12 @@ def test_byte_level_bpe_tokenizer_becomes_a_gpt2_vocab(tmp_path):
     assert field(p, "tokenizer.ggml.eos_token_id") == vocab["<|end_of_text|>"]
     assert field(p, "tokenizer.chat_template").startswith("{% for m in messages")
     assert summary["warnings"] == []
+    # verify's id-by-id vocabulary check agrees with this byte-level vocabulary (and its [PAD] rows)
+    from transformers import PreTrainedTokenizerFast
+
+    from lmkiln.verify.verify import check_gguf_vocabulary
+
+    check_gguf_vocabulary(p, PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json")))
 
 
 def test_verify_refuses_a_gguf_whose_vocabulary_is_other_text(awq_stories, tmp_path):

@@ -88,7 +88,7 @@ def _context_length(path: Path) -> int:
     return 2048
 
 
-def _check_gguf_vocabulary(path: Path, tok) -> None:
+def check_gguf_vocabulary(path: Path, tok) -> None:
     """A GGUF carries its own vocabulary, which llama.cpp tokenizes with; verify scores it on the
     reference tokenizer's ids. The two must name the same token at every id the tokenizer has
     (the GGUF's `[PAD{i}]` rows beyond it are unused), else a PASS says nothing about llama.cpp."""
@@ -187,7 +187,7 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
         raise InputError(f"vocabularies differ: reference {vocabs[0]}, candidate {vocabs[1]}; compare a model with one "
                          "made from it")
     if kind_of(candidate) == "gguf":
-        _check_gguf_vocabulary(candidate, tok)
+        check_gguf_vocabulary(candidate, tok)
     t0 = time.time()
     wins = windows(ids, seqlen, bos)
     # One model at a time: the reference's logits wait on the host while the candidate runs,
