@@ -384,3 +384,13 @@ def test_force_does_not_delete_a_directory_of_other_files(tmp_path):
         assert check_output(d, force=True) == d.resolve()
     (tmp_path / "empty").mkdir()
     assert check_output(tmp_path / "empty", force=True) == (tmp_path / "empty").resolve()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_report_where_no_file_can_be_created_is_refused_up_front(tmp_path):
+    """os.access passes for root on /proc and /sys, so `quantize --report /sys/...` ran the whole
+    job and failed when writing the report: the check now creates a file there."""
+    with pytest.raises(InputError, match=r"^/proc: not writable"):
+        check_output_file(Path("/proc/report.json"), False, (), "--report")
+    assert check_output_file(tmp_path / "r.json", False, (), "--report") == (tmp_path / "r.json").resolve()
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone

@@ -224,6 +224,12 @@ def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = (), 
     if _exists(target) and not force:
         raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another {option}")
     _check_parent(target, option)
+    # Create (and remove) a file there now: a --report is written after the run, and access() can
+    # pass where creating fails (root on /sys or /proc, ACLs, a read-only remount).
+    with _writable(target.parent, option):
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.lmkiln-probe-", dir=target.parent)
+        os.close(fd)
+        os.unlink(probe)
     return target
 
 
