@@ -201,9 +201,9 @@ def to_compressed_tensors(
 
 def _note_missing_tokenizer(path: Path, source: Path, who: str) -> None:
     """An output without tokenizer files is still written (weights-only sources exist); say so."""
-    from lmkiln.formats.hf import VOCAB_FILES
+    from lmkiln.formats.hf import has_tokenizer
 
-    if not any((path / n).is_file() for n in VOCAB_FILES):
+    if not has_tokenizer(path):
         out.print(f"[yellow]note[/] no tokenizer files in {escape(str(source))}: {who} need them beside the weights; "
                   "copy the tokenizer files of the model it came from into the output", highlight=False, soft_wrap=True)
 

@@ -237,6 +237,11 @@ def encode(x, stype: str, how: str, shape: tuple[int, ...]) -> tuple[np.ndarray,
     return w.astype(np.float16 if stype == "f16" else np.float32), {}
 
 
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def export_gguf(source, out, gtype: str = "auto", force: bool = False,
                 progress: Callable[[str, int], None] | None = None, on_info: Callable[[str], None] | None = None,
                 check: bool = True) -> GgufExport:
@@ -255,7 +260,7 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
     if not source.exists():
         raise InputError(f"{source}: no such engine or model directory")
     check_output_file(out, force, (source,))
-    if force and out.is_file() and out.stat().st_size and out.open("rb").read(4) != b"GGUF":
+    if force and out.is_file() and out.stat().st_size and not _is_gguf(out):
         # --force replaces a GGUF, not any file that happens to have the name (an export's model.onnx, a document)
         raise OutputExistsError(f"{out}: exists and is not a GGUF file; refusing to replace it even with --force: remove it "
                                 "yourself or choose another -o")

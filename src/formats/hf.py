@@ -37,6 +37,11 @@ TOKENIZER_FILES = (
 # At least one of these holds a tokenizer's vocabulary (the rest configure it).
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
+
+def has_tokenizer(d: Path) -> bool:
+    """Whether directory d holds a tokenizer's vocabulary (one of VOCAB_FILES)."""
+    return any((Path(d) / n).is_file() for n in VOCAB_FILES)
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -156,6 +161,12 @@ class HFCheckpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._shapes[name][1]
+
+    def check_finite(self, name: str, t: torch.Tensor, where: str = "") -> None:
+        """Refuse tensor `name` (already read, on any device) if it holds NaN or Inf, naming it."""
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{self.path}: tensor {name!r} ({where + ', ' if where else ''}shape {tuple(t.shape)}) contains "
+                             "NaN or Inf values; the checkpoint is damaged or was saved from a diverged run")
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read into its own buffer.

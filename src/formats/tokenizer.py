@@ -20,9 +20,9 @@ def load_tokenizer(path: str | Path):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
 
-    from lmkiln.formats.hf import VOCAB_FILES
+    from lmkiln.formats.hf import VOCAB_FILES, has_tokenizer
 
-    if not any((path / n).is_file() for n in VOCAB_FILES):
+    if not has_tokenizer(path):
         # else a recorded class (LlamaTokenizer, ...) loads as an empty tokenizer that makes no token at all
         raise InputError(f"{path}: no tokenizer files ({', '.join(VOCAB_FILES)}); copy the tokenizer files of the model it "
                          "came from into it")

@@ -571,7 +571,7 @@ def awq_layer(layer: nn.Module, arch: Architecture, x: torch.Tensor, layer_kwarg
         if gptq:  # GPTQ rounding of the scaled weights, each group's range from the clip search
             # min/max grids inside AWQ's clip bounds: GPTQ's own grid search on top of the clip
             # search clipped twice and lost (held-out TinyStories, docs/BENCHMARKS.md)
-            hs = h if s_in is None else h / (s_in.to(h.device).float()[:, None] * s_in.to(h.device).float()[None, :])
+            hs = h if s_in is None else h / torch.outer(*(2 * [s_in.to(h.device).float()]))
             qts[r] = gptq_quantize(w, hs, o.bits, o.group_size, o.symmetric, o.damp, o.act_order,
                                    clip_max=mv if r in clip_roles else None, grid_steps=1)
             del hs

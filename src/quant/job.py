@@ -149,9 +149,7 @@ class LayerModule:
             if full not in self.ckpt:
                 raise InputError(f"{self.ckpt.path}: tensor {full!r} missing for decoder layer {prefix}")
             t = self.ckpt.get(full).to(self.compute.device, non_blocking=False)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InputError(f"{self.ckpt.path}: tensor {full!r} (decoder layer {i}, shape {tuple(t.shape)}) contains NaN "
-                                 "or Inf values; the checkpoint is damaged or was saved from a diverged run")
+            self.ckpt.check_finite(full, t, f"decoder layer {i}")
             p.data.copy_(t)
             if exact:
                 master[name] = t.float()

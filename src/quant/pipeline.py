@@ -41,8 +41,7 @@ from lmkiln.quant.awq import QuantOptions, fp_forward, layer_chunk
 from lmkiln.quant.job import Compute, LayerModule, LayerResult, causal_mask, position_embeddings, resolve_compute, run_layer
 from lmkiln.quant.plan import QuantPlan, human, layer_linears, make_plan
 from lmkiln.quant.sinks import LAYOUTS, REPORT, TARGETS, make_sink, standard_intermediate
-from lmkiln.quant import state
-from lmkiln.quant.state import ResumeState
+from lmkiln.quant.state import ResumeState, finished_layers as layers_finished_in
 
 METHODS = ("awq", "rtn", "gptq", "awq+gptq")
 STOP_ENV = "LMKILN_STOP_AFTER_LAYER"  # test hook: simulate a crash after layer N is saved
@@ -80,7 +79,7 @@ def partial_dir(out_dir: Path) -> Path:
 
 def finished_layers(out_dir: str | Path) -> int:
     """Layers an interrupted run into out_dir has finished (what --resume would skip)."""
-    return state.finished_layers(partial_dir(Path(out_dir)))
+    return layers_finished_in(partial_dir(Path(out_dir)))
 
 
 def model_fingerprint(ckpt: HFCheckpoint) -> str:
@@ -430,10 +429,7 @@ def _check_finite_outside_layers(ckpt: HFCheckpoint, arch, mcfg: dict) -> None:
     roles = ["embed", "final_norm"] + ([] if mcfg["tie_word_embeddings"] else ["lm_head"])
     for role in roles:
         name = arch.hf_name_of(role)
-        t = ckpt.get(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InputError(f"{ckpt.path}: tensor {name!r} (shape {tuple(t.shape)}) contains NaN or Inf values; the "
-                             "checkpoint is damaged or was saved from a diverged run")
+        ckpt.check_finite(name, ckpt.get(name))
 
 
 def _totals(t_start: float, reports: list[dict], calib_info, compute: Compute) -> dict:

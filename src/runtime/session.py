@@ -106,9 +106,9 @@ def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle:
             raise InputError(f"prompt {k + 1} is not valid UTF-8 text; pass it in UTF-8") from None
     src = Path(source)
     if src.is_dir() and not is_engine(src) and (src / "config.json").is_file():
-        from lmkiln.formats.hf import VOCAB_FILES
+        from lmkiln.formats.hf import VOCAB_FILES, has_tokenizer
 
-        if not any((src / n).is_file() for n in VOCAB_FILES):  # said before a model-sized conversion, not after
+        if not has_tokenizer(src):  # said before a model-sized conversion, not after
             raise InputError(f"{src}: no tokenizer ({', '.join(VOCAB_FILES)}); generate needs one: copy the "
                              "tokenizer files of the model this checkpoint came from into it")
     with engine_dir(source, allow_pickle) as path:
