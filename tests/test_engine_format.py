@@ -301,6 +301,14 @@ def test_unknown_tensor_in_index(engine_copy):
         Engine(engine_copy)
 
 
+@pytest.mark.parametrize("eos", [[512], [-1], ["2"]])
+def test_eos_token_outside_the_vocabulary_in_manifest(engine_copy, eos):
+    """An end-of-sequence id generation can never produce (or not an id at all) was accepted."""
+    edit_json(engine_copy / "manifest.json", lambda m: m["model"].update(eos_token_id=eos))
+    with pytest.raises(EngineFormatError, match=r"model.eos_token_id must list token ids below vocab_size 512"):
+        Engine(engine_copy)
+
+
 def test_wrong_shape_in_manifest(engine_copy):
     edit_json(engine_copy / MANIFEST, lambda m: m["tensors"]["norm.weight"].update(shape=[65]))
     with pytest.raises(EngineFormatError, match="'norm.weight'"):
@@ -783,6 +791,8 @@ def test_integer_or_fp16_overflowing_weights_refused_by_convert(tmp_path):
 @pytest.mark.parametrize("key,value,says", [("max_position_embeddings", 0, "max_position_embeddings must be a positive integer"),
                                             ("rms_norm_eps", -1, "the norm epsilon ('rms_norm_eps') must be a positive number"),
                                             ("rope_theta", 0, "rope_theta must be positive"),
+                                            ("eos_token_id", 512, "eos_token_id must be token ids below vocab_size 512"),
+                                            ("eos_token_id", [2, "x"], "eos_token_id must be token ids below vocab_size"),
                                             ("attention_bias", True, "attention_bias is true (biases on q/k/v/o)"),
                                             ("mlp_bias", True, "mlp_bias is true (biases on gate/up/down)")])
 def test_config_values_the_runners_cannot_use(key, value, says, tmp_path):

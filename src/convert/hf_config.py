@@ -135,7 +135,11 @@ def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
                                                f"{m['num_experts']} is not a valid top-k")
         m["norm_topk"] = bool(m["norm_topk"])
     eos = m.get("eos_token_id")
-    m["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    m["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else eos)
+    if not isinstance(m["eos_token_id"], list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < m["vocab_size"] for t in m["eos_token_id"]):
+        raise UnsupportedArchitectureError(f"config.json: eos_token_id must be token ids below vocab_size {m['vocab_size']}, "
+                                           f"got {eos!r}")
     m["rope"] = rope_from_hf(cfg, m["size_per_head"])
     m["tie_word_embeddings"] = bool(m["tie_word_embeddings"])
     m["architecture"] = arch.hf_name

@@ -345,6 +345,9 @@ class Engine:
         why = check_tp(model["head_num"], model["kv_head_num"], tp)
         if why:
             self._fail(f"tensor_parallel {tp}: {why}")
+        eos = model["eos_token_id"]
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < model["vocab_size"] for t in eos):
+            self._fail(f"manifest model.eos_token_id must list token ids below vocab_size {model['vocab_size']}, got {eos!r}")
         self._validate_rope(model["rope"], model)
         if model["rope_local"] is not None:
             if not isinstance(model["rope_local"], dict):
