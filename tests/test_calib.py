@@ -112,7 +112,10 @@ def test_samples_shape_and_fields():
     assert cs.n_tokens == 512 and cs.seed == 0 and cs.n_requested == 8
     assert 1 <= cs.n_documents_used <= 20
     assert len(cs.sha256) == 64
-    assert cs.describe() == f"8 samples × 64 tokens = 512 tokens from {cs.n_documents_used} documents"
+    assert cs.describe() == "8 samples × 64 tokens = 512 tokens from 1 document"  # not "1 documents" (make demo said so)
+    many = build_calibration_samples(_docs(words=4), byte_encode, n_samples=2, seqlen=64, seed=0)
+    assert many.n_documents_used > 1 and many.describe().endswith(f"from {many.n_documents_used} documents")
+
 
 
 def test_windows_are_consecutive_non_overlapping():
