@@ -31,9 +31,56 @@ app.add_typer(convert_app, name="convert")
 export_app = typer.Typer(no_args_is_help=True, help="Export engines for other runtimes (ONNX, GGUF).")
 app.add_typer(export_app, name="export")
 
-out = Console()
+class _Stdout:
+    """stdout that a closed pipe (`| head`), a closed descriptor or a full disk cannot break: the work
+    goes on, reports and outputs are still written and the exit code still says how it went (rich
+    would exit 1 on a broken pipe, which `verify` uses for "failed", and a full disk was exit 3).
+    After the first failed write the descriptor points at /dev/null, so interpreter teardown's flush
+    cannot fail either; any failure but a broken pipe (`| head` is normal use) is said once on stderr."""
+
+    def __init__(self):
+        self.failed = False
+
+    def _lost(self, e: OSError) -> None:
+        self.failed = True
+        try:
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, sys.stdout.fileno())
+            os.close(fd)
+        except (OSError, ValueError, AttributeError):
+            pass
+        if not isinstance(e, BrokenPipeError):
+            err.print(f"[yellow]warning:[/] cannot write to stdout ({escape(e.strerror or str(e))}); its output is lost, "
+                      "the command goes on", highlight=False, soft_wrap=True)
+
+    def write(self, text: str) -> int:
+        if not self.failed and sys.stdout is not None:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()  # (a line is lost at most: the failure is seen where it happens)
+            except OSError as e:
+                self._lost(e)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return not self.failed and sys.stdout is not None and sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        if sys.stdout is None:
+            raise OSError("stdout is closed")
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
 err = Console(stderr=True)
-STATE = {"debug": False}
+out = Console(file=_Stdout())
+STATE = {"debug": False, "signal": None, "said": False}  # (the first Ctrl-C/SIGTERM; whether a command said so)
 
 
 class Terminated(KeyboardInterrupt):
@@ -42,8 +89,36 @@ class Terminated(KeyboardInterrupt):
     at once and leave model-sized `.NAME.lmkiln-tmp-*` and /tmp/lmkiln-engine-* copies behind."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    """Ctrl-C or SIGTERM: raised once in the main thread; a second one while the first one's cleanup
+    runs (removing temporaries takes a moment) is ignored rather than breaking that cleanup with a
+    traceback. SIGKILL still ends a cleanup that hangs."""
+    _ignore_signals()
+    STATE["signal"] = signum
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _ignore_signals() -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _import_torch() -> None:
+    """Import torch with Ctrl-C and SIGTERM held until it is done, then acted on. Importing numpy
+    (inside torch) from C discards exceptions: a signal landing there was silently lost (the
+    command ran on to exit 0) or left numpy half-imported (exit 3)."""
+    if "torch" in sys.modules or signal.getsignal(signal.SIGINT) is not _on_signal:  # (tests: no handlers of ours)
+        import torch  # noqa: F401
+        return
+    held: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        import torch  # noqa: F401
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if held:
+        _on_signal(held[0], None)
 
 
 def guarded(fn):
@@ -52,6 +127,7 @@ def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _import_torch()  # every command's work needs it
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -63,6 +139,7 @@ def guarded(fn):
         except KeyboardInterrupt as e:
             term = isinstance(e, Terminated)
             hint = getattr(e, "hint", None) or "no output was left half-written"
+            STATE["said"] = True
             err.print(f"[bold red]{'terminated (SIGTERM)' if term else 'interrupted'}[/]; {escape(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(143 if term else 130) from None
         except Exception as e:
@@ -471,6 +548,10 @@ def verify_cmd(
     table.add_row("max |Δlogit|", "", f"{r['max_abs_dlogit']:.4g}", "", "")
     g = r["greedy"]
     table.add_row("greedy match", "", f"{sum(x['match'] for x in g)}/{len(g)} prompts", "", "")
+    if report:  # the files a CI reads first: printing cannot keep them from being written
+        write_json(report, r, force, inputs)
+    if plot:
+        write_plot(res, plot, force, inputs)
     out.print(table)
     for x in g:
         if not x["match"]:
@@ -478,10 +559,6 @@ def verify_cmd(
     p = r["protocol"]
     out.print(f"  {p['scored_tokens']} tokens scored in {p['windows']} windows of {p['seqlen']}; "
               f"reference {r['runners']['reference']}, candidate {r['runners']['candidate']}", highlight=False)
-    if report:
-        write_json(report, r, force, inputs)
-    if plot:
-        write_plot(res, plot, force, inputs)
     if not res.passed:
         for f in res.failures:
             err.print(f"[bold red]FAIL[/] {f}", highlight=False, soft_wrap=True)  # one line each: CI greps them
@@ -636,22 +713,36 @@ FAST_EXIT = {("convert", "hf-to-engine")}
 
 def main() -> None:
     argv = optional_values(sys.argv[1:])
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _on_signal)
     try:
         code = app(args=argv, prog_name="lmkiln", standalone_mode=False)
-    except typer.Abort:
-        err.print("[bold red]interrupted[/]")
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):  # (Typer turns one while parsing into a silent exit 130: said below)
+        code = None
+        STATE["signal"] = STATE["signal"] or signal.SIGINT
     except typer.TyperException as e:  # a typo'd command, option or value: one line, as every other error
         ctx = getattr(e, "ctx", None)  # (Typer would draw a box of five lines and more)
         where = f"{ctx.command_path} --help" if ctx is not None else "lmkiln --help"
         msg = e.format_message() if hasattr(e, "format_message") else str(e)
         err.print(f"[bold red]error:[/] {escape(msg)} (see `{where}`)", highlight=False, soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
+    if STATE["signal"] is not None and not STATE["said"]:  # before any command started its work
+        _ignore_signals()
+        term = STATE["signal"] == signal.SIGTERM
+        err.print(f"[bold red]{'terminated (SIGTERM)' if term else 'interrupted'}[/]; nothing was written yet",
+                  highlight=False, soft_wrap=True)
+        sys.exit(143 if term else 130)
     code = code if isinstance(code, int) else 0
+    # the command is over (its output renamed into place, or its error said): a signal now, during
+    # the interpreter's teardown, would turn a finished run into a silent -2/-15
+    _ignore_signals()
     if code == 0 and tuple(argv[:2]) in FAST_EXIT:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for f in (sys.stdout, sys.stderr):
+            if f is not None:  # (`>&-`: closed)
+                try:
+                    f.flush()
+                except OSError:
+                    pass
         os._exit(0)
     sys.exit(code)
 

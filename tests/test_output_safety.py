@@ -394,3 +394,89 @@ def test_a_report_where_no_file_can_be_created_is_refused_up_front(tmp_path):
         check_output_file(Path("/proc/report.json"), False, (), "--report")
     assert check_output_file(tmp_path / "r.json", False, (), "--report") == (tmp_path / "r.json").resolve()
     assert list(tmp_path.iterdir()) == []  # the probe file is gone
+
+
+# -- signals outside a command's work, and a stdout that cannot be written (fault sweep, 2026-11-27) ----------
+
+SIGNAL_IN_IMPORT = textwrap.dedent("""
+    import builtins, os, signal, sys
+    from lmkiln import cli
+    assert "torch" not in sys.modules and "numpy" not in sys.modules
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, cli._on_signal)
+    real = builtins.__import__
+    def hook(name, *a, **k):  # the signal lands while numpy's C code is importing it (inside torch)
+        if name == "numpy.core._multiarray_umath" or name == "numpy._core._multiarray_umath":
+            builtins.__import__ = real
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(name, *a, **k)
+    builtins.__import__ = hook
+    try:
+        cli._import_torch()
+    except cli.Terminated:
+        import numpy, torch
+        print("raised after import", numpy.ones(2).sum(), torch.ones(2).sum().item())
+    else:
+        print("swallowed")
+""")
+
+
+def test_a_signal_during_the_torch_import_is_acted_on_after_it():
+    """numpy's C import discards exceptions: a SIGTERM raised there was lost (the run went on to exit 0)
+    or left numpy half-imported (exit 3). It is held until torch is imported, then raised."""
+    r = subprocess.run([sys.executable, "-c", SIGNAL_IN_IMPORT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["raised", "after", "import", "2.0", "2.0"], (r.stdout, r.stderr)
+
+
+SIGNAL_BEFORE_A_COMMAND = textwrap.dedent("""
+    import os, signal, sys, time
+    from lmkiln import cli
+    sig = getattr(signal, sys.argv[1])
+    def app(**kw):  # Ctrl-C or SIGTERM while Typer parses, before any command runs
+        os.kill(os.getpid(), sig)
+        time.sleep(5)
+    cli.app = app
+    sys.argv = ["lmkiln", "inspect", "x"]
+    cli.main()
+""")
+
+
+@pytest.mark.parametrize("sig,code,says", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_a_signal_before_any_command_is_one_line(sig, code, says):
+    r = subprocess.run([sys.executable, "-c", SIGNAL_BEFORE_A_COMMAND, sig], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **ENV})
+    assert r.returncode == code, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [f"{says}; nothing was written yet"]
+
+
+def test_verify_with_stdout_a_closed_pipe_still_writes_its_report(tiny_llama, tiny_engine, tmp_path):
+    """`lmkiln verify ... | head -2`: rich exited 1 (verify's "failed") at the broken pipe, before the report."""
+    report = tmp_path / "r.json"
+    p = subprocess.Popen([sys.executable, "-m", "lmkiln", "verify", str(tiny_llama), str(tiny_engine), *QUICK_VERIFY,
+                          "--report", str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ENV})
+    p.stdout.close()  # the reader is gone before the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0, err
+    assert "stdout" not in err and "Traceback" not in err  # a closed pipe is normal use: nothing to say
+    assert json.loads(report.read_text())["passed"] is True
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_stdout_on_a_full_disk_is_one_warning_not_a_failure(tiny_llama, tmp_path):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "lmkiln", "convert", "hf-to-engine", str(tiny_llama), "-o", str(tmp_path / "e")],
+                           stdout=full, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if "stdout" in ln] == \
+        ["warning: cannot write to stdout (No space left on device); its output is lost, the command goes on"]
+    assert (tmp_path / "e" / MANIFEST).is_file()
+
+
+def test_convert_with_stdout_closed(tiny_llama, tmp_path):
+    """`>&-`: the fast exit flushed a stdout that is None (a traceback, exit 1, after the engine was written)."""
+    r = subprocess.run([sys.executable, "-m", "lmkiln", "convert", "hf-to-engine", str(tiny_llama), "-o", str(tmp_path / "e")],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV}, timeout=300,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "e" / MANIFEST).is_file()
