@@ -28,7 +28,9 @@ from lmkiln.cli import app
 from lmkiln.convert.architectures import LINEAR_ROLES, get_architecture
 from lmkiln.convert.transforms import permute_rotary
 from lmkiln.errors import InputError, OutputExistsError
+from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 from lmkiln.export.gguf import export_gguf
+from lmkiln.formats.engine import Engine
 from lmkiln.formats.awq_gemm import awq_spec, read_qlinear
 from lmkiln.formats.gguf import BLOCK, tensor_name, unpack_blocks
 from lmkiln.formats.hf import HFCheckpoint
@@ -379,3 +381,16 @@ def test_verify_refuses_a_gguf_whose_vocabulary_is_other_text(awq_stories, tmp_p
     with pytest.raises(InputError, match=r"m.gguf: its vocabulary names token 3 '<0xZZ>' where the reference's tokenizer "
                                          r"has '<0x00>'"):
         run_verify(STORIES, gg, VerifyOptions(data=EVAL_TEXT, max_tokens=64))
+
+
+def test_tensor_parallel_int4_engine_exports_as_the_unsplit_one(tiny_llama, tmp_path):
+    """With --tp 2 each rank's FFN share is padded to whole groups (FFN 96 -> 128 at group 32), which
+    the merged w2 carried as real input width: `export gguf` ended in an internal error."""
+    awq = tmp_path / "awq"
+    quantize_model(tiny_llama, awq, QuantOptions(bits=4, group_size=32, method="rtn"), to="hf")
+    e1, e2 = convert_hf_to_engine(awq, tmp_path / "e1"), convert_hf_to_engine(awq, tmp_path / "e2", tp=2)
+    assert Engine(e2).model["inter_size_padded"] > Engine(e1).model["inter_size_padded"]  # the case: padding per rank
+    one, two = export_gguf(e1, tmp_path / "1.gguf"), export_gguf(e2, tmp_path / "2.gguf")
+    assert two.report["tensors"] == one.report["tensors"]
+    a, b = gguf.GGUFReader(str(one.path)), gguf.GGUFReader(str(two.path))
+    assert {t.name: t.data.tobytes() for t in a.tensors} == {t.name: t.data.tobytes() for t in b.tensors}

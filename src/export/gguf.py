@@ -158,10 +158,13 @@ def _merged(engine: Engine, layer: int, kind: str):
     if lw.bits == 0:
         return torch.from_numpy(np.ascontiguousarray(lw.weight.T)), bias
     n_groups = lw.scales.shape[0]
+    # w2's stored input width is the FFN width padded to whole groups on every rank (with --tp, beyond
+    # the block padding GGUF needs): the real width is the model's, the rest padding that may be cut
+    real_in = min(lw.in_features, engine.model["inter_size"]) if kind == "feed_forward.w2" else lw.in_features
     qt = QTensor(codes=torch.from_numpy(np.ascontiguousarray(lw.codes.T)),
                  scales=torch.from_numpy(np.ascontiguousarray(lw.scales.T.astype(np.float32))),
                  zeros=torch.from_numpy(np.ascontiguousarray(lw.zeros.T.astype(np.int32))),
-                 bits=lw.bits, group_size=lw.codes.shape[0] // n_groups, in_features=lw.in_features)
+                 bits=lw.bits, group_size=lw.codes.shape[0] // n_groups, in_features=real_in)
     return qt, bias
 
 
