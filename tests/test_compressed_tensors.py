@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from helpers import torch_threads
+from helpers import make_tiny_model, torch_threads
 from lmkiln.assets import bundled_model_path
 from lmkiln.cli import app
 from lmkiln.errors import InputError
@@ -207,3 +207,26 @@ def test_engine_conversion_refuses_an_fp_engine(tmp_path):
     r = CliRunner().invoke(app, ["convert", "to-compressed-tensors", str(eng), "-o", str(tmp_path / "ct")], env=ENV)
     assert r.exit_code == 2 and "an fp engine has no quantized codes" in r.output
     assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+def test_gemma_engine_converts_to_the_same_bytes(arch, tmp_path):
+    """Gemma's engines were refused with the GGUF exporter's message ("GGUF export of Gemma... not
+    supported"): the conversion only borrowed its rank merging. Their sandwich norms now travel too."""
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.export.compressed_tensors import engine_to_compressed_tensors
+
+    hf = make_tiny_model(tmp_path / "hf", arch)
+    opts = QuantOptions(bits=4, group_size=32, method="rtn")
+    direct = quantize_model(hf, tmp_path / "direct", opts, to="compressed-tensors").output
+    eng = convert_hf_to_engine(quantize_model(hf, tmp_path / "awq", opts, to="hf").output, tmp_path / "eng")
+    conv = engine_to_compressed_tensors(eng, tmp_path / "conv")
+    assert sha(conv / "model.safetensors") == sha(direct / "model.safetensors")
+
+
+def test_moe_engine_conversion_is_refused_in_one_line(tmp_path):
+    hf = make_tiny_model(tmp_path / "hf", "MixtralForCausalLM")
+    eng = quantize_model(hf, tmp_path / "e", QuantOptions(bits=4, group_size=32, method="rtn"), to="engine").output
+    r = CliRunner().invoke(app, ["convert", "to-compressed-tensors", str(eng), "-o", str(tmp_path / "ct")], env=ENV)
+    assert r.exit_code == 2 and "mixture-of-experts engine to compressed-tensors is not supported yet" in r.output
+    assert "GGUF" not in r.output and not (tmp_path / "ct").exists()

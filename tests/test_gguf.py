@@ -320,8 +320,12 @@ def test_unsupported_family_is_refused_before_converting(tmp_path, monkeypatch):
 
     hf = make_tiny_model(tmp_path / "gemma2", "Gemma2ForCausalLM", seed=1)
     monkeypatch.setattr(h2e, "convert_hf_to_engine", lambda *a, **k: pytest.fail("converted before refusing"))
-    with pytest.raises(InputError, match=rf"^{hf}: GGUF export of Gemma2ForCausalLM is not supported yet"):
+    with pytest.raises(InputError, match=rf"^{hf}: GGUF export of Gemma2ForCausalLM is not supported yet") as e:
         export_gguf(hf, tmp_path / "g.gguf")
+    assert "ONNX" not in str(e.value)  # ONNX export refuses Gemma too: not a way out to offer
+    moe = make_tiny_model(tmp_path / "mixtral", "MixtralForCausalLM", seed=1)  # no GGUF mapping here, ONNX takes it
+    with pytest.raises(InputError, match=r"use the AWQ-GEMM or compressed-tensors output, or export ONNX$"):
+        export_gguf(moe, tmp_path / "m.gguf")
     assert not (tmp_path / "g.gguf").exists()
 
 

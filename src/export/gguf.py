@@ -81,6 +81,12 @@ def resolve_type(engine: Engine, gtype: str) -> str:
     return "q4_0" if q["symmetric"] else "q4_1"
 
 
+def _onnx_unsupported(m: dict) -> list[str]:
+    from lmkiln.export import onnx_unsupported  # (the package imports this module)
+
+    return onnx_unsupported(m)
+
+
 def gguf_unsupported(m: dict) -> str | None:
     """Why an engine model block (the manifest's, or the one a conversion would write) has no
     GGUF export, or None."""
@@ -89,16 +95,18 @@ def gguf_unsupported(m: dict) -> str | None:
     if not arch.gguf_arch or family:
         return (f"GGUF export of {arch.hf_name} is not supported yet"
                 + (f" (its {', '.join(family)} have no mapping here)" if family else "")
-                + "; export ONNX or use the AWQ-GEMM / compressed-tensors output")
+                + "; use the AWQ-GEMM or compressed-tensors output"
+                + ("" if _onnx_unsupported(m) else ", or export ONNX"))
     if m["rope"]["type"] not in ("default", "linear", "llama3"):
         return f"rope type {m['rope']['type']!r} has no GGUF export yet"
     return None
 
 
-def gguf_model(engine: Engine) -> tuple[G.GgufModel, object]:
-    """The GGUF-side shape of an engine's model, and its architecture table entry."""
+def gguf_model(engine: Engine, check: bool = True) -> tuple[G.GgufModel, object]:
+    """The GGUF-side shape of an engine's model, and its architecture table entry; `check=False`
+    for the shapes alone (the compressed-tensors conversion, which needs no llama.cpp mapping)."""
     m = engine.model
-    why = gguf_unsupported(m)
+    why = gguf_unsupported(m) if check else None
     if why:
         raise InputError(f"{engine.path}: {why}")
     arch, rope = get_architecture(m["architecture"]), m["rope"]
@@ -196,6 +204,9 @@ def layer_tensors(engine: Engine, i: int, gm: G.GgufModel, interleaved: bool) ->
         out["k_norm"] = unperm(engine.get(f"{p}.attention.k_norm.weight").float(), 1)
     out["o"], _ = _merged(engine, i, "attention.wo")
     out["ffn_norm"] = engine.get(f"{p}.ffn_norm.weight").float()
+    if m["sandwich_norm"]:  # (Gemma 2/3: only the compressed-tensors conversion gets here, GGUF refuses them)
+        out["post_attn_norm"] = engine.get(f"{p}.post_attention_norm.weight").float()
+        out["post_ffn_norm"] = engine.get(f"{p}.post_ffn_norm.weight").float()
     w13, _ = _merged(engine, i, "feed_forward.w13")
     out["gate"] = _fit_rows(rows(lambda t: t[:ip], w13), gm.n_ff)
     out["up"] = _fit_rows(rows(lambda t: t[ip:], w13), gm.n_ff)
