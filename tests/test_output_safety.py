@@ -480,3 +480,19 @@ def test_convert_with_stdout_closed(tiny_llama, tmp_path):
                        preexec_fn=lambda: os.close(1))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert (tmp_path / "e" / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("n", [240, 300])
+def test_an_output_name_too_long_for_its_temporaries_is_one_line(tmp_path, n):
+    """A legal 240-byte name failed with ENAMETOOLONG on `.NAME.lmkiln-tmp-*` as an internal error."""
+    name = "a" * n
+    with pytest.raises(InputError, match=rf"the name of the output is {n} bytes; at most {255 - atomic.SIBLING_EXTRA} here"):
+        check_output(tmp_path / name, False)
+    with pytest.raises(InputError, match=rf"the name of --report is {n} bytes"):
+        check_output_file(tmp_path / name, False, option="--report")
+    ok = tmp_path / ("b" * (255 - atomic.SIBLING_EXTRA))
+    with atomic_dir(ok) as tmp:  # the longest name allowed: every temporary fits
+        (tmp / "x").write_text("x")
+    assert (ok / "x").is_file()
+    r = invoke("export", "gguf", tmp_path, "-o", tmp_path / name)
+    one_line_error(r, f"is {n} bytes")

@@ -79,12 +79,31 @@ def _writable(where: Path, option: str) -> Iterator[None]:
         raise InputError(_not_writable(where, option)) from None
 
 
+# The longest name lmkiln gives a sibling of an output: "." + NAME + ".lmkiln-probe-" + mkstemp's 8
+# characters (".lmkiln-tmp-XXXXXXXX", ".lmkiln-partial", ".lmkiln-old-PID" are shorter).
+SIBLING_EXTRA = 1 + len(".lmkiln-probe-") + 8
+
+
+def _check_name(target: Path, option: str) -> None:
+    """An output name too long for its temporaries failed with ENAMETOOLONG as an internal error."""
+    try:
+        limit = os.pathconf(target.parent, "PC_NAME_MAX") if target.parent.is_dir() else 255
+    except (OSError, ValueError):
+        limit = 255
+    n = len(os.fsencode(target.name))
+    if n + SIBLING_EXTRA > limit:
+        raise InputError(f"{target.name[:40]}...: the name of {_what(option)} is {n} bytes; at most {limit - SIBLING_EXTRA} "
+                         f"here (this filesystem's names end at {limit}, and lmkiln writes temporaries named after it): "
+                         "choose a shorter name")
+
+
 def _exists(p: Path) -> bool:
     return p.exists() or p.is_symlink()  # a dangling symlink is there too
 
 
 def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o") -> Path:
     target = _real(target)
+    _check_name(target, option)
     _check_inputs(target, inputs, True, "the output must not be, contain or sit inside the input")
     if _exists(target) and not target.is_dir():  # said first: --force would not help
         raise OutputExistsError(f"{target}: exists and is not a directory; refusing to replace a file: choose another {option}")
@@ -217,6 +236,7 @@ def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = (), 
     """`check_output` for a single-file output; `option` names it in messages (-o, --report, --plot);
     `outputs`: the run's other outputs, which it must not be or sit inside either."""
     target = _real(target)
+    _check_name(target, option)
     _check_inputs(target, inputs, False, f"{_what(option)} must not be or sit inside the input")
     _check_inputs(target, tuple(o for o in outputs if o is not None), False, f"{_what(option)} must not be or sit inside the output")
     if target.is_dir():
