@@ -398,3 +398,20 @@ def test_tensor_parallel_int4_engine_exports_as_the_unsplit_one(tiny_llama, tmp_
     assert two.report["tensors"] == one.report["tensors"]
     a, b = gguf.GGUFReader(str(one.path)), gguf.GGUFReader(str(two.path))
     assert {t.name: t.data.tobytes() for t in a.tensors} == {t.name: t.data.tobytes() for t in b.tensors}
+
+
+def test_disk_full_while_writing_is_one_line(awq_stories, tmp_path, monkeypatch):
+    """numpy's tofile (inside the gguf package's writer) reports a short write as an OSError with no
+    errno, "7680 requested and 0 written": it was an internal error, exit 3."""
+    import lmkiln.formats.space as space
+
+    def short_write(self, *a, **k):
+        raise OSError("7680 requested and 0 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short_write)
+    monkeypatch.setattr(space, "free_bytes", lambda p: 1000)
+    r = CliRunner().invoke(app, ["export", "gguf", str(awq_stories), "-o", str(tmp_path / "m.gguf")],
+                           env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert r.exit_code == 2, r.output
+    assert f"{tmp_path}: the disk is full (1000 B free" in r.output and "internal error" not in r.output
+    assert list(tmp_path.iterdir()) == []  # no partial GGUF, no temporary

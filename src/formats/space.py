@@ -2,7 +2,8 @@
 
 Writers fail in several ways when the disk fills: an OSError with ENOSPC or EDQUOT from
 our own writers and safetensors, and from torch.save's zip writer a RuntimeError such as
-"unexpected pos 704 vs 598" or "file write failed". `disk_full_guard` turns each into a
+"unexpected pos 704 vs 598" or "file write failed", and from numpy's tofile (the gguf
+package's writer) an OSError with no errno, "7680 requested and 0 written". `disk_full_guard` turns each into a
 DiskFullError naming the place, the free space and what to do; anything else passes.
 """
 
@@ -18,6 +19,8 @@ from lmkiln.errors import DiskFullError
 
 # torch.save's messages for a short write; only taken as a full disk when the disk is nearly full
 TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+# numpy's ndarray.tofile (the gguf package's writer) on a short write: an OSError without an errno
+SHORT_WRITES = ("requested and",)
 NEARLY_FULL = 64 << 20
 
 
@@ -42,7 +45,8 @@ def disk_full_guard(where: Path, needed: int | None = None, then: str = "re-run"
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        short = e.errno is None and any(m in str(e) for m in SHORT_WRITES) and free_bytes(where) < NEARLY_FULL
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not short:
             raise
         raise DiskFullError(_message(where, needed, then)) from None
     except RuntimeError as e:
