@@ -335,6 +335,29 @@ def test_disk_full_while_quantizing_is_one_line_and_resumable(tmp_path, monkeypa
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
 
 
+def test_output_directory_removed_during_quantize_is_one_line(tmp_path, monkeypatch):
+    """`rm -rf` (or `mv`) of the output's parent under a running quantize: torch.save's "Parent
+    directory ... does not exist" was an internal error, exit 3."""
+    import shutil
+
+    import lmkiln.quant.state as state
+
+    real_save = torch.save
+    parent = tmp_path / "sub"
+    parent.mkdir()
+
+    def save_after_rm(obj, f, *a, **kw):
+        shutil.rmtree(parent, ignore_errors=True)
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(state.torch, "save", save_after_rm)
+    r = invoke("quantize", bundled_model_path(), "-o", parent / "out", "--w4a16", "--group-size", "32", "--calib-samples", "4",
+               "--calib-seqlen", "64")
+    assert r.exit_code == 2, r.output
+    assert f"{parent}: the output's directory disappeared during the run (removed or renamed)" in r.output
+    assert "internal error" not in r.output and not parent.exists()
+
+
 def test_disk_full_while_converting_leaves_nothing(tmp_path, monkeypatch):
     import errno
 

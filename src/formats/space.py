@@ -4,7 +4,8 @@ Writers fail in several ways when the disk fills: an OSError with ENOSPC or EDQU
 our own writers and safetensors, and from torch.save's zip writer a RuntimeError such as
 "unexpected pos 704 vs 598" or "file write failed", and from numpy's tofile (the gguf
 package's writer) an OSError with no errno, "7680 requested and 0 written". `disk_full_guard` turns each into a
-DiskFullError naming the place, the free space and what to do; anything else passes.
+DiskFullError naming the place, the free space and what to do; an output directory removed
+or renamed under a running writer is one InputError; anything else passes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from lmkiln.errors import DiskFullError
+from lmkiln.errors import DiskFullError, InputError
 
 # torch.save's messages for a short write; only taken as a full disk when the disk is nearly full
 TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
@@ -44,14 +45,21 @@ def disk_full_guard(where: Path, needed: int | None = None, then: str = "re-run"
     `needed`: what the whole output takes, if known; `then`: what to do after freeing space."""
     try:
         yield
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        if not Path(where).is_dir():  # (torch.save: RuntimeError "Parent directory ... does not exist")
+            raise InputError(f"{where}: the output's directory disappeared during the run (removed or renamed); "
+                             f"the partial output went with it: re-run") from None
+        _disk_full(e, where, needed, then)
+        raise
+
+
+def _disk_full(e: Exception, where: Path, needed: int | None, then: str) -> None:
+    """Raise DiskFullError if `e` is a writer's way of saying the disk is full."""
+    if isinstance(e, OSError):
         short = e.errno is None and any(m in str(e) for m in SHORT_WRITES) and free_bytes(where) < NEARLY_FULL
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not short:
-            raise
-        raise DiskFullError(_message(where, needed, then)) from None
-    except RuntimeError as e:
-        if not any(m in str(e) for m in TORCH_WRITE_FAILURES) or free_bytes(where) >= NEARLY_FULL:
-            raise
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) or short:
+            raise DiskFullError(_message(where, needed, then)) from None
+    elif any(m in str(e) for m in TORCH_WRITE_FAILURES) and free_bytes(where) < NEARLY_FULL:
         raise DiskFullError(_message(where, needed, then)) from None
 
 
