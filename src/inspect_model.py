@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmkiln.convert.hf_to_engine import make_plan, role_shapes
+from lmkiln.convert.architectures import get_architecture
+from lmkiln.convert.hf_to_engine import make_plan, required_roles, role_shapes
 from lmkiln.errors import InputError
 from lmkiln.formats.engine import Engine, file_checksum, is_engine
 from lmkiln.formats.hf import HFCheckpoint
@@ -35,17 +36,15 @@ def _model_rows(m: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _logical_shapes(man: dict):
-    """Tensor shapes counting weights, not bytes: an int4 qweight (in, out/2) holds in x out
-    weights, and scales/zeros are metadata of those weights, not parameters."""
-    per_byte = 2 if man["weight_type"] == "int4" else 1
-    for name, t in man["tensors"].items():
-        if name.endswith((".scales", ".zeros")):
-            continue
-        shape = list(t["shape"])  # stacked experts: (experts, in, out)
-        if name.endswith(".qweight"):
-            shape[-1] *= per_byte
-        yield shape
+def _logical_shapes(model: dict):
+    """The model's weight shapes as its source held them, from the manifest's model block: the
+    stored tensors would count int4 bytes instead of weights, kv heads copied to every rank (--tp)
+    and zero padding (to whole groups, per rank) as parameters."""
+    shapes = role_shapes(model)
+    glob, layer = required_roles(model, get_architecture(model["architecture"]))
+    yield from (shapes[r] for r in glob)
+    for _ in range(model["num_layer"]):
+        yield from (shapes[r] for r in layer)
 
 
 def _weight_type(man: dict) -> str:
@@ -66,7 +65,7 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
         man = eng.manifest
         rows = _model_rows(eng.model)
         rows += [
-            ("parameters", f"{_params(_logical_shapes(man)):,}"),
+            ("parameters", f"{_params(_logical_shapes(eng.model)):,}"),
             ("weight type", _weight_type(man)),
         ]
         q = eng.quant

@@ -1,6 +1,7 @@
 """Engine format v1: conversion output, the validating reader, atomic writes and accounting."""
 
 import json
+import math
 import re
 import struct
 
@@ -808,3 +809,23 @@ def test_config_values_the_runners_cannot_use(key, value, says, tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match=f"config.json: {re.escape(says)}"):
         convert_hf_to_engine(src, tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3MoeForCausalLM"])
+def test_inspect_counts_the_sources_parameters_for_every_engine(arch, tmp_path):
+    """inspect counted stored tensors: kv heads copied to every rank and per-rank group padding
+    became "parameters" (a --tp 2 int4 Llama: 139,584 for 127,296)."""
+    from lmkiln.inspect_model import describe
+    from lmkiln.quant.awq import QuantOptions
+    from lmkiln.quant.pipeline import quantize_model
+    from safetensors import safe_open
+
+    src = make_tiny_model(tmp_path / "hf", arch, tokenizer=False)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        truth = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # every source tensor is a weight here
+    engines = [convert_hf_to_engine(src, tmp_path / f"fp{tp}", tp=tp) for tp in (1, 2)]
+    if arch == "LlamaForCausalLM":
+        awq = quantize_model(src, tmp_path / "awq", QuantOptions(bits=4, group_size=32, method="rtn"), to="hf").output
+        engines.append(convert_hf_to_engine(awq, tmp_path / "q2", tp=2))
+    for p in [src, *engines]:
+        assert dict(describe(p, check=False)[1])["parameters"] == f"{truth:,}", p
