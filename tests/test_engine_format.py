@@ -679,8 +679,9 @@ def test_unsupported_architecture(hf_copy, tmp_path):
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"hidden_act": "gelu"}, "activation 'gelu'"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "rope type 'yarn'"),
+        ({"hidden_act": "gelu"}, "^config.json: activation 'gelu'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "^config.json: rope type 'yarn'"),
+        ({"partial_rotary_factor": 0.75}, r"^config.json: partial rotary embeddings \(partial_rotary_factor < 1"),
         ({"num_key_value_heads": 3}, "not a multiple of 3 kv heads"),
     ],
 )

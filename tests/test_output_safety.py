@@ -280,13 +280,13 @@ def test_report_and_plot_are_checked_before_the_work(tiny_llama, tiny_engine, tm
         (("--plot", tmp_path / "adir"), "is a directory"),
         (("--plot", tmp_path / "plot.txt"), "cannot write a .txt image"),
         (("--plot", tmp_path / "plot"), "no image type in the name"),
-        (("--plot", keep.with_suffix(".png"), "--report", keep.with_suffix(".png")), "must not be or sit inside the output"),
+        (("--plot", keep.with_suffix(".png"), "--report", keep.with_suffix(".png")), "--report must not be the same file as (or sit inside) this run's other output"),
     ]
     for args, needle in cases:  # one line on stderr: refused before the progress bar, so before the work
         one_line_error(invoke(*v, *args), needle)
     one_line_error(invoke("export", "gguf", eng, "-o", tmp_path / "x.gguf", "--report", eng / "config.json"), "inside the input")
     one_line_error(invoke("export", "gguf", eng, "-o", tmp_path / "x.gguf", "--report", tmp_path / "adir"), "is a directory")
-    one_line_error(invoke("export", "gguf", eng, "-o", tmp_path / "x.gguf", "--report", tmp_path / "x.gguf"), "inside the output")
+    one_line_error(invoke("export", "gguf", eng, "-o", tmp_path / "x.gguf", "--report", tmp_path / "x.gguf"), "must not be the same file as (or sit inside) this run's other output")
     assert not (tmp_path / "x.gguf").exists()
     assert snapshot(eng) == before and keep.read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "eng", "keep.json"]

@@ -44,9 +44,10 @@ def rope_from_hf(cfg: dict, head_dim: int, layer_type: str = "full_attention") -
     rp.pop("type", None)
     base = float(rp.pop("rope_theta"))
     if float(rp.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-        raise UnsupportedArchitectureError("partial rotary embeddings (partial_rotary_factor < 1) are not supported yet")
+        raise UnsupportedArchitectureError("config.json: partial rotary embeddings (partial_rotary_factor < 1, rotary on part of each head) "
+                                           "are not supported yet")
     if rtype not in SUPPORTED_ROPE:
-        raise UnsupportedArchitectureError(f"rope type {rtype!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
+        raise UnsupportedArchitectureError(f"config.json: rope type {rtype!r} is not supported yet (supported: {', '.join(SUPPORTED_ROPE)})")
     scaling = {k: v for k, v in rp.items() if v is not None} if rtype != "default" else None
     if rtype == "llama3":
         scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
@@ -97,7 +98,7 @@ def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
     if m["size_per_head"] % 2:
         raise UnsupportedArchitectureError(f"config.json: head_dim {m['size_per_head']} is odd; rotary needs pairs")
     if m["hidden_act"] not in SUPPORTED_ACT:
-        raise UnsupportedArchitectureError(f"activation {m['hidden_act']!r} is not supported (supported: {', '.join(SUPPORTED_ACT)})")
+        raise UnsupportedArchitectureError(f"config.json: activation {m['hidden_act']!r} is not supported (supported: {', '.join(SUPPORTED_ACT)})")
     if "use_sliding_window" in m:
         # Only effective when switched on (Qwen2/3 configs carry a window they do not use).
         if not m.pop("use_sliding_window"):
@@ -105,7 +106,7 @@ def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
         elif m.get("sliding_window") and (cfg.get("max_window_layers") or 0) > 0:
             # transformers then windows only layers >= max_window_layers; the engine has one window for all.
             raise UnsupportedArchitectureError(
-                "use_sliding_window with max_window_layers > 0 (sliding attention on some layers only) is not supported yet"
+                "config.json: use_sliding_window with max_window_layers > 0 (sliding attention on some layers only) is not supported yet"
             )
     m.setdefault("sliding_window", None)
     m.setdefault("attn_bias", False)

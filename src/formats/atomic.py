@@ -238,7 +238,8 @@ def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = (), 
     target = _real(target)
     _check_name(target, option)
     _check_inputs(target, inputs, False, f"{_what(option)} must not be or sit inside the input")
-    _check_inputs(target, tuple(o for o in outputs if o is not None), False, f"{_what(option)} must not be or sit inside the output")
+    _check_inputs(target, tuple(o for o in outputs if o is not None), False,
+                  f"{_what(option)} must not be the same file as (or sit inside) this run's other output")
     if target.is_dir():
         raise OutputExistsError(f"{target}: is a directory; give a file name for {option} (e.g. {_example(option)})")
     if _exists(target) and not force:
