@@ -369,8 +369,22 @@ def test_disk_full_while_converting_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(StreamWriter, "_emit", full)
     r = invoke("convert", "hf-to-engine", bundled_model_path(), "-o", tmp_path / "eng")
     assert r.exit_code == 2, r.output
-    assert "the disk is full" in r.output and "free space and re-run" in r.output
+    assert "the disk is full" in r.output and "the output needs about" in r.output and "free space and re-run" in r.output
     assert list(tmp_path.iterdir()) == []  # no output, no temporary sibling
+
+
+def test_convert_checks_free_disk_up_front(tmp_path, monkeypatch):
+    """convert refuses an engine the disk cannot hold before writing (quantize did; convert wrote until full)."""
+    import lmkiln.formats.space as space
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+
+    src = bundled_model_path()
+    size = sum(p.stat().st_size for p in convert_hf_to_engine(src, tmp_path / "ref").iterdir() if p.suffix == ".safetensors")
+    monkeypatch.setattr(space, "free_bytes", lambda p: size // 2)
+    r = invoke("convert", "hf-to-engine", src, "-o", tmp_path / "eng")
+    assert r.exit_code == 2, r.output
+    assert f"{tmp_path}: " in r.output and "free, the output needs about" in r.output and "choose another -o" in r.output
+    assert not (tmp_path / "eng").exists()
 
 
 def test_plan_counts_the_hessians(tmp_path):

@@ -31,3 +31,27 @@ def test_outputs_tokenize_as_the_source(family, tmp_path):
         assert type(got) is type(want), (out, type(got).__name__, type(want).__name__)
         for p in PROMPTS:
             assert got(p).input_ids == want(p).input_ids, (out, p)
+
+
+def test_two_threads_load_tokenizers_at_once():
+    """transformers' lazy import from two threads at once failed ("cannot import name 'AutoTokenizer'"):
+    seen when a conversion's tokenizer-class thread overlapped the next conversion's in one process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading\n"
+        "from lmkiln.assets import bundled_model_path\n"
+        "from lmkiln.formats.tokenizer import load_tokenizer\n"
+        "assert 'transformers' not in sys.modules\n"
+        "got, errors = [], []\n"
+        "def load():\n"
+        "    try: got.append(type(load_tokenizer(bundled_model_path())).__name__)\n"
+        "    except Exception as e: errors.append(repr(e))\n"
+        "ts = [threading.Thread(target=load) for _ in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(errors or sorted(set(got)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['LlamaTokenizer']", r.stdout

@@ -9,6 +9,7 @@ are QTensors that the same transforms move (src/convert/quantized.py).
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from lmkiln.convert.quantized import (
 )
 from lmkiln.convert.transforms import cat_rows, fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary
 from lmkiln.errors import CheckpointError, InputError
-from lmkiln.formats.atomic import atomic_dir
+from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
 from lmkiln.formats.engine import (
     DTYPE_NAMES, FORMAT, QUANT_TYPES, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
@@ -37,6 +38,7 @@ from lmkiln.formats.engine import (
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.formats.safetensors_io import Rows
+from lmkiln.formats.space import check_free
 from lmkiln.formats.tokenizer import resolved_tokenizer_class
 from lmkiln.formats.packing import round_up
 
@@ -351,13 +353,16 @@ def convert_hf_to_engine(
     `extra_files` (e.g. a quantization report) are copied in before the engine appears."""
     ckpt = HFCheckpoint(model_dir, allow_pickle=allow_pickle)
     plan = make_plan(ckpt, tp, dtype)
-    out_dir = Path(out_dir)
+    out_dir = check_output(Path(out_dir), force, (ckpt.path,))
+    needed = sum(dt.itemsize * math.prod(shape) for _, _, dt, shape in plan.tensors) \
+        + sum(f.stat().st_size for f in [*ckpt.tokenizer_files(), *map(Path, extra_files)])
+    check_free(out_dir.parent, needed)
     # Which tokenizer class the source resolves to costs an import of transformers and a
     # tokenizer load (seconds): found in a thread while the weights are copied.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-class")
     tok_class = pool.submit(resolved_tokenizer_class, ckpt.path) if ckpt.tokenizer_files() else None
     pool.shutdown(wait=False)
-    with atomic_dir(out_dir, force=force, inputs=(ckpt.path,)) as tmp:
+    with atomic_dir(out_dir, force=force, inputs=(ckpt.path,), needed=needed) as tmp:
         writer = EngineWriter(tmp, plan.tensors, threads=True)
         try:
             for name, t in produce(ckpt, plan.arch, plan.model, tp, plan.fp_dtype, plan.quant, plan.spec):

@@ -63,6 +63,15 @@ def _disk_full(e: Exception, where: Path, needed: int | None, then: str) -> None
         raise DiskFullError(_message(where, needed, then)) from None
 
 
+def check_free(where: Path, needed: int, option: str = "-o") -> None:
+    """Refuse up front, in one line, an output of `needed` bytes that the disk at `where` cannot hold
+    (before minutes of work end in a full disk)."""
+    free = free_bytes(where)
+    if needed > free:
+        raise DiskFullError(f"{where}: {_size(free)} free, the output needs about {_size(needed)}; free space or choose "
+                            f"another {option}")
+
+
 def _message(where: Path, needed: int | None, then: str) -> str:
     need = f"; the output needs about {_size(needed)}" if needed else ""
     return f"{where}: the disk is full ({_size(free_bytes(where))} free{need}); free space and {then}"
