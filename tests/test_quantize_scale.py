@@ -281,6 +281,13 @@ def test_dry_run_refuses_what_the_run_refuses(tmp_path):
     assert r.exit_code == 2 and "already quantized" in r.output, r.output
     r = invoke("quantize", STORIES, "-o", tmp_path / "x", "--w4a16", "--dry-run", "--group-size", "4")
     assert r.exit_code == 2 and "--group-size 4" in r.output, r.output
+    ctx = json.loads((STORIES / "config.json").read_text())["max_position_embeddings"]
+    r = invoke("quantize", STORIES, "-o", tmp_path / "x", "--w4a16", "--dry-run", "--group-size", "32",
+               "--calib-seqlen", str(2 * ctx))  # (printed a plan, exit 0, for a run that stops at calibration)
+    assert r.exit_code == 2 and f"--calib-seqlen {2 * ctx} exceeds the model's context ({ctx})" in r.output, r.output
+    r = invoke("quantize", STORIES, "-o", tmp_path / "x", "--w4a16", "--dry-run", "--group-size", "32", "--method", "rtn",
+               "--calib-seqlen", str(2 * ctx))  # RTN reads no calibration text: nothing to refuse
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.parametrize("method", ["awq", "rtn"])

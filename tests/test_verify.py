@@ -265,7 +265,7 @@ def test_refused_before_any_run(fp_engine, tmp_path, monkeypatch):
         V.run_verify(gguf, fp_engine, V.VerifyOptions())
     long = tmp_path / "long.txt"
     long.write_text("Once upon a time\n" + "the cat sat on the mat " * 300 + "\n", encoding="utf-8")
-    with pytest.raises(InputError, match=rf"prompt 2 of {long} \(\d+ tokens\) plus 2 new tokens exceed the model's context "
+    with pytest.raises(InputError, match=rf"the prompt on line 2 of {long} \(\d+ tokens\) plus 2 new tokens exceed the model's context "
                                          r"of 512 positions; shorten it to at most 510 tokens"):
         V.run_verify(STORIES, fp_engine, V.VerifyOptions(prompts=long, max_new_tokens=2))
     fifo = tmp_path / "fifo"

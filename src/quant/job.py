@@ -46,12 +46,29 @@ class Compute:
         return f"{name}, {str(self.dtype).replace('torch.', '')}"
 
 
-def resolve_compute(device: str = "auto", dtype: str = "auto") -> Compute:
-    """--device auto|cpu|cuda|cuda:N and --dtype auto|fp32|bf16|fp16 -> Compute.
+def dtype_name(dtype: str | torch.dtype | None, option: str = "--dtype") -> str:
+    """A compute dtype as --dtype names it, so the Python API takes torch.float32/bfloat16/
+    float16 wherever it takes "fp32"/"bf16"/"fp16" (None: "auto"); a name is returned as it
+    is, for the caller's own check of it. Anything else is refused in one line."""
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        name = next((k for k, t in COMPUTE_DTYPES.items() if t == dtype), None)
+        if name is None:
+            raise InputError(f"{option} {dtype}: computing needs a floating type: auto, fp32, bf16 or fp16 "
+                             "(torch.float32, torch.bfloat16, torch.float16)")
+        return name
+    if not isinstance(dtype, str):
+        raise InputError(f"{option} {dtype!r}: give auto, fp32, bf16 or fp16 (or one of torch.float32, torch.bfloat16, torch.float16)")
+    return dtype
+
+
+def resolve_compute(device: str = "auto", dtype: str | torch.dtype = "auto") -> Compute:
+    """--device auto|cpu|cuda|cuda:N and --dtype auto|fp32|bf16|fp16 (or a torch dtype) -> Compute.
 
     auto: CUDA when available, else the CPU; fp32 on the CPU, bf16 on CUDA."""
     dev = resolve_device(device)
-    t = (dtype or "auto").strip().lower()
+    t = dtype_name(dtype).strip().lower()
     if t == "auto":
         t = "bf16" if dev.type == "cuda" else "fp32"
     if t not in COMPUTE_DTYPES:
@@ -63,6 +80,10 @@ def resolve_device(device: str = "auto", option: str = "--device") -> torch.devi
     """--device auto|cpu|cuda|cuda:N -> a torch.device this machine has (auto: CUDA when
     available, else the CPU); anything else (an empty string too) is refused in one line
     naming `option`."""
+    if isinstance(device, torch.device):  # the Python API may pass one; its str is what --device takes
+        device = str(device)
+    if device is not None and not isinstance(device, str):
+        raise InputError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N")
     d = (device if device is not None else "auto").strip().lower()
     if d == "auto":
         d = "cuda" if torch.cuda.is_available() else "cpu"

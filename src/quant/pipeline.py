@@ -78,8 +78,48 @@ def partial_dir(out_dir: Path) -> Path:
 
 
 def finished_layers(out_dir: str | Path) -> int:
-    """Layers an interrupted run into out_dir has finished (what --resume would skip)."""
-    return layers_finished_in(partial_dir(Path(out_dir)))
+    """Layers an interrupted run into out_dir has finished (what --resume would skip). 0 once
+    the output is complete: its build directory (`partial/out`, kept by an interrupted run)
+    has been renamed to out_dir, and a state still there is only what its removal had not
+    reached when the run was killed — nothing to resume."""
+    out_dir = Path(out_dir)
+    partial = partial_dir(out_dir)
+    if out_dir.exists() and not (partial / "out").exists():
+        return 0
+    return layers_finished_in(partial)
+
+
+def remove_state(partial: Path) -> None:
+    """Remove a finished run's resume state (model-sized), even through Ctrl-C: an interrupt
+    mid-way would leave it for good, since the output is complete and no run resumes it. The
+    interrupt is re-raised once it is gone (a second one is held the same way)."""
+    interrupt = None
+    while True:
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            break
+        except KeyboardInterrupt as e:
+            interrupt = e
+    if interrupt is not None:
+        raise interrupt
+
+
+class StateCleanup:
+    """Wraps atomic_dir: once the output is written (`written`, set by the run) and renamed into
+    place (its build directory `partial/out` gone), the resume state is removed, also when an
+    interrupt comes after the rename (atomic_dir still removing a replaced output, say): it
+    would be left for good, as nothing resumes a complete output."""
+
+    def __init__(self, partial: Path):
+        self.partial, self.written = partial, False
+
+    def __enter__(self) -> "StateCleanup":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.written and not (self.partial / "out").exists():
+            remove_state(self.partial)
+        return False  # an exception goes on
 
 
 def model_fingerprint(ckpt: HFCheckpoint) -> str:
@@ -92,8 +132,52 @@ def model_fingerprint(ckpt: HFCheckpoint) -> str:
     return h.hexdigest()
 
 
+# QuantOptions / CalibOptions fields by the type the Python API must give (the CLI's parser
+# already gives these): a float group size or a str dampening would otherwise pass the range
+# checks and fail as a TypeError after calibration, leaving a partial output behind.
+WHOLE = "a whole number"
+QUANT_FIELDS = {"bits": (int, WHOLE), "group_size": (int, WHOLE), "n_grid": (int, WHOLE), "clip_tokens": (int, WHOLE),
+                "chunk": (int, WHOLE), "min_expert_tokens": (int, WHOLE), "max_shrink": ((int, float), "a number"),
+                "damp": ((int, float), "a number"), "symmetric": (bool, "True or False"), "clip": (bool, "True or False"),
+                "duo_scaling": (bool, "True or False"), "act_order": (bool, "True or False"),
+                "method": (str, f"one of {', '.join(METHODS)}"), "calib_inputs": (str, "fp or quantized")}
+CALIB_FIELDS = {"n_samples": (int, WHOLE), "seqlen": (int, WHOLE), "seed": (int, WHOLE)}
+# Smallest values, as the CLI's options enforce them (min_expert_tokens: --min-expert-tokens min=1,
+# --calib-samples min=1, --calib-seqlen min=8); the others have no CLI option.
+LEAST = {"n_grid": 1, "clip_tokens": 1, "min_expert_tokens": 1, "n_samples": 1, "seqlen": 8}
+
+
+def _check_fields(obj, fields: dict) -> None:
+    cls = type(obj).__name__
+    for name, (types, what) in fields.items():
+        v = getattr(obj, name)
+        # bool is an int to Python: group_size=True is a mistake, not 1
+        if not isinstance(v, types) or (isinstance(v, bool) and types is not bool):
+            raise InputError(f"{cls}({name}={v!r}): give {what}")
+        if name in LEAST and v < LEAST[name]:
+            raise InputError(f"{cls}({name}={v!r}): give at least {LEAST[name]}")
+
+
+def check_arguments(options: QuantOptions | None, calib: CalibOptions | None) -> tuple[QuantOptions, CalibOptions]:
+    """The Python API's arguments with their types checked, None meaning the defaults; before
+    any work or output, each wrong one refused in one line that names it."""
+    options = QuantOptions() if options is None else options
+    calib = CalibOptions() if calib is None else calib
+    if not isinstance(options, QuantOptions):
+        raise InputError(f"options: a QuantOptions (e.g. QuantOptions(bits=4, group_size=128)), not {type(options).__name__}")
+    if not isinstance(calib, CalibOptions):
+        raise InputError(f"calib: a CalibOptions (e.g. CalibOptions(path='calib.txt')), not {type(calib).__name__}")
+    _check_fields(options, QUANT_FIELDS)
+    _check_fields(calib, CALIB_FIELDS)
+    if calib.path is not None and not isinstance(calib.path, (str, os.PathLike)):
+        raise InputError(f"CalibOptions(path={calib.path!r}): give the path of a calibration file or directory")
+    if not (0 <= options.max_shrink < 1):
+        raise InputError(f"QuantOptions(max_shrink={options.max_shrink!r}): the clip search's largest shrink, a fraction in [0, 1)")
+    return options, calib
+
+
 def _check_options(options: QuantOptions, to: str) -> None:
-    if to not in TARGETS:
+    if not isinstance(to, str) or to not in TARGETS:
         raise InputError(f"--to {to!r}: choose {', '.join(TARGETS)}")
     if options.bits not in (4, 8):
         raise InputError(f"{options.bits}-bit output is not supported; use --w4a16 or --w8a16")
@@ -140,12 +224,16 @@ def _check_layout(to: str, arch: Architecture, mcfg: dict, options: QuantOptions
     return spec
 
 
+def _check_seqlen(calib: CalibOptions, mcfg: dict) -> None:
+    if calib.seqlen > mcfg["max_position_embeddings"]:
+        raise InputError(f"--calib-seqlen {calib.seqlen} exceeds the model's context ({mcfg['max_position_embeddings']})")
+
+
 def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
     from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.quant.calib import build_calibration_samples, load_calibration_texts, pack_shingles, shingles
 
-    if calib.seqlen > mcfg["max_position_embeddings"]:
-        raise InputError(f"--calib-seqlen {calib.seqlen} exceeds the model's context ({mcfg['max_position_embeddings']})")
+    _check_seqlen(calib, mcfg)
     tok = load_tokenizer(ckpt.path)
     cs = build_calibration_samples(load_calibration_texts(calib.path),
                                    lambda s: tok(s, add_special_tokens=False).input_ids,
@@ -167,7 +255,7 @@ def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
 def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, calib: CalibOptions | None = None,
                   compute: Compute | None = None, to: str = "hf") -> QuantPlan:
     """The plan alone (`--dry-run`): reads config.json and safetensors headers only."""
-    calib = calib or CalibOptions()
+    options, calib = check_arguments(options, calib)
     _check_options(options, to)
     compute = compute or resolve_compute()
     ckpt = HFCheckpoint(model_dir)
@@ -176,6 +264,8 @@ def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOpti
     arch = get_architecture(ckpt.architecture)
     mcfg = engine_config_from_hf(arch, ckpt.config)
     _check_layout(to, arch, mcfg, options)
+    if options.calibrated:  # what the real run refuses first: the plan must not promise it (it printed a plan, exit 0)
+        _check_seqlen(calib, mcfg)
     free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
     return make_plan(ckpt, arch, mcfg, options, compute, calib.n_samples, calib.seqlen, Path(out_dir), free)
 
@@ -183,7 +273,7 @@ def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOpti
 def quantize_model(
     model_dir: str | Path,
     out_dir: str | Path,
-    options: QuantOptions,
+    options: QuantOptions | None = None,
     calib: CalibOptions | None = None,
     to: str = "hf",
     force: bool = False,
@@ -192,12 +282,15 @@ def quantize_model(
     on_layer: Callable[[int, int, dict], None] | None = None,
     on_info: Callable[[str], None] | None = None,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     on_plan: Callable[[QuantPlan], None] | None = None,
     probe_only: bool = False,
     driver: Callable[["LayerRun", int, AwqSpec], Iterator[LayerResult]] | None = None,
 ) -> QuantResult:
     """Quantize `model_dir` into `out_dir` (`to` = "hf" for AWQ-GEMM, "engine").
+
+    `options`/`calib` None: the defaults; `dtype` a name (auto, fp32, bf16, fp16) or a torch dtype.
+    Arguments of the wrong type are refused (InputError) before any work or output.
 
     `probe_only`: quantize layer 0 only, write nothing, and return the plan with the
     measured seconds in report["totals"] (`--dry-run --probe`).
@@ -207,8 +300,13 @@ def quantize_model(
     yields finished layers in order, each already saved to the resume state."""
     t_start = time.time()
     info = on_info or (lambda s: None)
-    calib = calib or CalibOptions()
+    options, calib = check_arguments(options, calib)
     _check_options(options, to)
+    for name, v in (("force", force), ("resume", resume), ("probe_only", probe_only)):
+        if not isinstance(v, bool):
+            raise InputError(f"{name}={v!r}: give True or False")
+    if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
+        raise InputError(f"report_path={report_path!r}: give the path of the JSON file to write")
     compute = resolve_compute(device, dtype)
     if driver is not None and options.calib_inputs == "quantized" and options.calibrated:
         raise InputError("--calib-inputs quantized feeds each layer the previous quantized layer's output, so layers "
@@ -274,7 +372,8 @@ def quantize_model(
         stop_after = int(os.environ.get(STOP_ENV, "-1"))
         reports = []
         run = LayerRun(ckpt, arch, mcfg, options, compute, plan, src_dtype, ids, layer_kwargs, state)
-        with (atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out", needed=plan.disk_needed, lock=False,
+        with (StateCleanup(partial) as cleanup,
+              atomic_dir(out_dir, force=force, inputs=(ckpt.path,), tmp=partial / "out", needed=plan.disk_needed, lock=False,
                          then="re-run with --resume (finished layers are kept)") as tmp, threads_for(mcfg, compute)):
             sink = make_sink(to, tmp, ckpt, arch, mcfg, spec, options.method, src_dtype, acc)
             try:
@@ -307,10 +406,10 @@ def quantize_model(
                     "totals": _totals(t_start, reports, calib_info, compute),
                 }
                 sink.finish(report)
+                cleanup.written = True
             except BaseException:
                 sink.abort()
                 raise
-        shutil.rmtree(partial, ignore_errors=True)
         if report_path:
             write_json(report_path, report, force, (ckpt.path,))
         return QuantResult(out_dir, report, plan)

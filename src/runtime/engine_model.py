@@ -304,10 +304,15 @@ class EngineModel(nn.Module):
     @classmethod
     def from_path(cls, path: str | Path, dtype: torch.dtype | str = torch.float32, device="cpu", check: bool = True,
                   kernels: bool = False, linear_path: str | None = None) -> "EngineModel":
-        """`dtype` a torch dtype, or a name for `runtime_dtype` ("auto" picks by this engine)."""
+        """`dtype` torch.float32/bfloat16/float16, or a name for `runtime_dtype` ("auto" picks by
+        this engine); `device` as --device takes it (auto, cpu, cuda, cuda:N) or a torch.device.
+        Both are refused in one line, as the CLI refuses them, before the engine is read."""
+        from lmkiln.quant.job import dtype_name, resolve_device
+
+        device = resolve_device(device)  # "gpu", or CUDA on a machine without it: one line, not a RuntimeError
+        name = dtype_name(dtype)  # an integer dtype would cast the weights to it, and fail only in forward
         engine = Engine(path, check=check, background=True)  # checksums in threads while the weights load
-        if isinstance(dtype, str):
-            dtype = runtime_dtype(dtype, device, engine.quant is not None)
+        dtype = runtime_dtype(name, device, engine.quant is not None)
         try:
             model = cls(engine, dtype=dtype, device=device, kernels=kernels, linear_path=linear_path)
         except BaseException:
@@ -369,6 +374,28 @@ class EngineModel(nn.Module):
             ropes[True] = cos_sin(self.inv_freq_local, qpos)
         return ropes
 
+    def _check_ids(self, input_ids, attention_mask) -> None:
+        """Refuse in one line what would fail deep inside (an IndexError for an id outside the
+        vocabulary, a ValueError unpacking a 1-D tensor): the shape and dtype, and the min/max of
+        the ids (one host sync on CUDA; decoding through `step` never comes here)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
+                or input_ids.dtype == torch.bool or input_ids.is_complex():
+            what = (f"a {input_ids.dim()}-D {str(input_ids.dtype).removeprefix('torch.')} tensor"
+                    if isinstance(input_ids, torch.Tensor) else f"a {type(input_ids).__name__}")
+            raise InputError(f"input_ids: {what}; give a (batch, tokens) tensor of integer token ids "
+                             "(one sequence: torch.tensor([ids]) or ids[None])")
+        if input_ids.shape[1] == 0:
+            raise InputError("input_ids: no tokens; give at least one token id per row")
+        if attention_mask is not None and tuple(getattr(attention_mask, "shape", ())) != tuple(input_ids.shape):
+            raise InputError(f"attention_mask: shape {tuple(getattr(attention_mask, 'shape', ()))} differs from input_ids' "
+                             f"{tuple(input_ids.shape)}; give one 1/0 per token")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise InputError(f"input_ids: token id {bad} is outside the model's vocabulary (0..{self.vocab_size - 1}); "
+                                 "encode the text with this model's tokenizer")
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), float32.
@@ -376,14 +403,21 @@ class EngineModel(nn.Module):
         `attention_mask` (B, T) marks real tokens (1) and padding (0) of *these* tokens;
         the cache remembers earlier ones. Without a cache, a throwaway one is used.
         """
+        self._check_ids(input_ids, attention_mask)
         B, T = input_ids.shape
         input_ids = input_ids.to(self.device)
         if cache is None:
             cache = self.new_cache(B, T)
         start = cache.length
         if start + T > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} tokens; {start + T} needed")
+            raise InputError(f"the KV cache holds {cache.capacity} tokens and {start + T} are needed; make it with "
+                             f"new_cache(batch, {start + T}) or more")
         qvalid = torch.ones(B, T, dtype=torch.bool, device=self.device) if attention_mask is None else attention_mask.to(self.device).bool()
+        ctx = self.config.get("max_position_embeddings")
+        if ctx and start + T > ctx:  # slots bound positions from above: only then count them (a host sync)
+            n = int((cache.next_pos + qvalid.long().sum(1)).max())
+            if n > ctx:  # rotary positions the model never saw: logits that are silently wrong
+                raise InputError(f"{n} tokens exceed the model's context of {ctx} positions; give at most {ctx}")
         qpos = cache.next_pos[:, None] + qvalid.long().cumsum(1) - 1
         qpos = torch.where(qvalid, qpos, torch.zeros_like(qpos))
         cache.valid[:, start:start + T] = qvalid

@@ -38,6 +38,8 @@ def context_length(model) -> int | None:
 
 def check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> None:
     """`check_lengths` against a runner's own context and vocabulary."""
+    if not prompts:  # left_pad would have no row to pad
+        raise InputError("no prompts to generate from; give at least one")
     check_lengths(prompts, max_new_tokens, context_length(model), model.vocab_size)
 
 
@@ -59,8 +61,13 @@ def check_lengths(prompts: list[list[int]], max_new_tokens: int, ctx: int | None
     """Refuse what would silently go wrong: prompt + new tokens past the model's context
     (rotary positions it never saw: the text degrades without a word, and a huge count
     allocates a cache for all of it) and token ids past its vocabulary (a tokenizer that
-    does not belong to the model). `name(k)` names prompt k in the message."""
+    does not belong to the model) and empty prompts: a tokenizer that adds no BOS (every
+    Qwen one) turns "" or text it drops (a lone soft hyphen) into no tokens, and a model
+    needs one to predict from. `name(k)` names prompt k in the message."""
     for k, p in enumerate(prompts):
+        if len(p) == 0:
+            raise InputError(f"{name(k)} is empty after tokenization (this tokenizer adds no BOS token, so an empty "
+                             "prompt has nothing to continue); give it some text")
         if ctx and len(p) + max_new_tokens > ctx:
             room = ctx - len(p)
             fix = (f"ask for at most {room} new tokens or shorten it" if room >= 1 else

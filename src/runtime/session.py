@@ -77,12 +77,17 @@ def engine_dir(source: str | Path, allow_pickle: bool = False) -> Iterator[Path]
     sweep_temporary_engines()
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp, _in_use(Path(tmp)):
         engine = Path(tmp) / "engine"
+        converted = None
         try:
-            yield convert_hf_to_engine(source, engine, allow_pickle=allow_pickle)
+            converted = convert_hf_to_engine(source, engine, allow_pickle=allow_pickle)
+            yield converted
         except LmkilnError as e:  # name the user's directory, not the temporary engine made from it
-            if str(engine) not in str(e):
-                raise
-            raise type(e)(str(e).replace(str(engine), f"{source} (as a temporary engine)")) from None
+            if str(engine) in str(e):
+                raise type(e)(str(e).replace(str(engine), f"{source} (as a temporary engine)")) from None
+            if converted is None and not str(e).startswith(str(source)) and tmp not in str(e):
+                # the conversion's refusal of e.g. a quantization_config it does not read: say whose
+                raise type(e)(f"{source}: {e}") from None
+            raise
 
 
 def check_device(device: str, option: str = "--device") -> torch.device:
@@ -92,12 +97,29 @@ def check_device(device: str, option: str = "--device") -> torch.device:
     return resolve_device(device, option)
 
 
-def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle: bool = False, device: str = "cpu",
-                  check: bool = True, dtype: str = "auto") -> list[str]:
+def generate_text(source, prompts: list[str] | str, max_new_tokens: int, allow_pickle: bool = False, device: str = "cpu",
+                  check: bool = True, dtype: str = "auto") -> list[str] | str:
+    """Greedy continuations of `prompts` (a list of texts, one batch) by the engine or HF
+    directory `source`: a list of texts, one per prompt. A single str is taken as ONE prompt
+    and its continuation is returned as a str (iterating a str would make a prompt of each
+    character). Arguments of a wrong type or value are refused as InputError before anything is
+    read, a prompt that tokenizes to nothing before the weights are loaded."""
     from lmkiln.formats.tokenizer import load_tokenizer
     from lmkiln.runtime.engine_model import EngineModel
-    from lmkiln.runtime.generate import greedy_generate
+    from lmkiln.runtime.generate import check_lengths, greedy_generate
 
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else prompts
+    if not isinstance(prompts, (list, tuple)):
+        raise InputError(f"prompts: a list of texts (or one str), not {type(prompts).__name__}")
+    if not prompts:
+        raise InputError("no prompts to generate from; give at least one (-p TEXT)")
+    bad = next((k for k, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise InputError(f"prompt {bad + 1} is a {type(prompts[bad]).__name__}, not text; pass each prompt as a str")
+    # bool is an int to Python, but True new tokens is a mistake, not a count
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens {max_new_tokens!r}: give a whole number of new tokens, at least 1 (-n)")
     dev = check_device(device)
     for k, p in enumerate(prompts):
         try:
@@ -112,9 +134,13 @@ def generate_text(source, prompts: list[str], max_new_tokens: int, allow_pickle:
             raise InputError(f"{src}: no tokenizer ({', '.join(VOCAB_FILES)}); generate needs one: copy the "
                              "tokenizer files of the model this checkpoint came from into it")
     with engine_dir(source, allow_pickle) as path:
-        model = EngineModel.from_path(path, dtype=dtype, device=dev, check=check)  # "auto" resolved for this engine
         tok = load_tokenizer(path)
         ids = [tok(p).input_ids for p in prompts]
+        shown = lambda k: repr(prompts[k]) if len(prompts[k]) <= 40 else repr(prompts[k][:40]) + "..."  # noqa: E731
+        # before the weights load: a prompt with no tokens (a tokenizer without BOS), named by its -p
+        check_lengths(ids, max_new_tokens, None, None, lambda k: f"prompt {k + 1} (-p {shown(k)})")
+        model = EngineModel.from_path(path, dtype=dtype, device=dev, check=check)  # "auto" resolved for this engine
         new = greedy_generate(model, ids, max_new_tokens, model.config["eos_token_id"])
         # Decode prompt + continuation together so a word split across the boundary keeps its spacing.
-        return [tok.decode(i + n, skip_special_tokens=True)[len(tok.decode(i, skip_special_tokens=True)):] for i, n in zip(ids, new)]
+        texts = [tok.decode(i + n, skip_special_tokens=True)[len(tok.decode(i, skip_special_tokens=True)):] for i, n in zip(ids, new)]
+        return texts[0] if single else texts

@@ -37,7 +37,14 @@ def load_eval_text(path: Path | None) -> str:
 
 
 def load_prompts(path: Path | None) -> list[str]:
-    return [line for line in _read(path or bundled_prompts_path(), "prompts file").splitlines() if line.strip()]
+    return [line for _, line in load_prompt_lines(path)]
+
+
+def load_prompt_lines(path: Path | None) -> list[tuple[int, str]]:
+    """(line number from 1, prompt) of each non-blank line: blank lines are skipped, so a
+    refusal of a prompt names its line, not its position among the prompts."""
+    text = _read(path or bundled_prompts_path(), "prompts file")
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def overlap_tokens(eval_ids, calib_shingles: list[str]) -> int:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmkiln
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, LmkilnError
 from lmkiln.formats.atomic import atomic_file, check_output_file
 from lmkiln.formats.tokenizer import load_tokenizer
 from lmkiln.quant.calib import unpack_shingles
 from lmkiln.runtime.generate import check_lengths, greedy_generate
-from lmkiln.verify.data import load_eval_text, load_prompts, overlap_tokens
+from lmkiln.verify.data import load_eval_text, load_prompt_lines, overlap_tokens
 from lmkiln.verify.metrics import compare, window_logits, windows
 from lmkiln.runtime.engine_model import runtime_dtype
+from lmkiln.quant.job import dtype_name
 from lmkiln.runtime.session import check_device
 from lmkiln.verify.runners import kind_of, open_runner, read_json, resolve_runner, vocab_of, weight_type
 
@@ -70,6 +73,74 @@ class VerifyResult:
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     kl_values: object = None
+
+
+# What the CLI's options enforce (cli.py: --seqlen min=8, --max-tokens min=2, --max-new-tokens min=1),
+# enforced again here for callers of the Python API: field -> (option, smallest value).
+INT_OPTIONS = {"seqlen": ("--seqlen", 8), "max_tokens": ("--max-tokens", 2), "max_new_tokens": ("--max-new-tokens", 1)}
+
+
+def check_options(o: VerifyOptions | None) -> VerifyOptions:
+    """`o` with its types and ranges checked (a copy; None: the defaults), before anything is read:
+    a wrong type would otherwise fail as a TypeError deep inside, after the reference has run."""
+    if o is None:
+        return VerifyOptions()
+    if not isinstance(o, VerifyOptions):
+        raise InputError(f"verify options: a VerifyOptions, not {type(o).__name__}; e.g. VerifyOptions(max_tokens=2048)")
+    for name, (option, least) in INT_OPTIONS.items():
+        v = getattr(o, name)
+        if v is None and name == "seqlen":  # the default: min(2048, context length)
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:  # bool: True is an int to Python
+            raise InputError(f"{option} {v!r}: give a whole number of at least {least}")
+    for name in ("data", "prompts"):
+        v = getattr(o, name)
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise InputError(f"--{name} {v!r}: give the path of a text file (or None for the bundled one)")
+    for name in ("runner", "device"):
+        if not isinstance(getattr(o, name), str):
+            raise InputError(f"--{name} {getattr(o, name)!r}: give it as a str, e.g. {'auto' if name == 'runner' else 'cpu'}")
+    if o.reference_device is not None and not isinstance(o.reference_device, str):
+        raise InputError(f"--reference-device {o.reference_device!r}: give it as a str, e.g. cpu or cuda:1 (None: --device)")
+    for name in ("score_second_half", "check"):
+        if not isinstance(getattr(o, name), bool):
+            raise InputError(f"{name} {getattr(o, name)!r}: give True or False")
+    return dataclasses.replace(o, data=None if o.data is None else Path(o.data),
+                               prompts=None if o.prompts is None else Path(o.prompts),
+                               dtype=dtype_name(o.dtype))  # a torch dtype as its name, as --dtype takes it
+
+
+def check_runner(path: Path, role: str, runner: str, device: str) -> str:
+    """The runner to open `path` with, after what opening it would refuse only once loading
+    (for a candidate: after the reference's whole pass) is refused from its headers: an HF
+    directory without weights or in a format lmkiln does not read (compressed-tensors), one
+    the torch engine cannot be converted from. An MoE AWQ-GEMM directory runs on the torch
+    engine: transformers fuses expert weights while it loads a checkpoint, which the
+    transformers runner's dequantized load bypasses (the experts would not fit its model)."""
+    kind, resolved = resolve_runner(path, role, runner, device)
+    if kind != "hf":
+        return runner
+    from lmkiln.convert.architectures import ARCHITECTURES
+    from lmkiln.convert.hf_to_engine import make_plan
+    from lmkiln.formats.awq_gemm import awq_spec
+    from lmkiln.formats.hf import HFCheckpoint
+
+    try:
+        ckpt = HFCheckpoint(path)  # weights present, their headers readable
+        spec = awq_spec(ckpt.config)  # a quantization format it does not read
+        moe_awq = spec is not None and getattr(ARCHITECTURES.get(ckpt.architecture), "moe", False)
+        if resolved == "torch" or moe_awq:
+            make_plan(ckpt)  # what converting it to a temporary engine refuses (headers only)
+    except LmkilnError as e:  # every refusal starts with the directory it is about
+        if str(e).startswith(str(path)):
+            raise
+        raise type(e)(f"{path}: {e}") from None
+    if resolved == "transformers" and moe_awq:
+        if runner == "auto":
+            return "torch"
+        raise InputError(f"{path}: the transformers runner cannot load an MoE AWQ-GEMM directory (transformers fuses "
+                         f"expert weights only in its own loader); verify it with --runner auto (the torch engine)")
+    return runner
 
 
 def _context_length(path: Path) -> int:
@@ -131,7 +202,10 @@ def _release_device(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None) -> VerifyResult:
+def run_verify(reference: Path, candidate: Path, o: VerifyOptions | None = None, progress=None) -> VerifyResult:
+    """Compare `candidate` with `reference` (`o` None: the default options). Every refusal —
+    bad options, paths, runners, prompts — comes before either model is loaded."""
+    o = check_options(o)
     reference, candidate = Path(reference), Path(candidate)
     kind_of(candidate)  # clear errors before any heavy loading
     if kind_of(reference) == "gguf":
@@ -164,10 +238,11 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     # BOS per window exactly when the tokenizer itself starts a text with it.
     probe = tok("a").input_ids
     bos = tok.bos_token_id if tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id else None
-    prompts = load_prompts(o.prompts)
+    lines = load_prompt_lines(o.prompts)
+    prompts = [p for _, p in lines]
     prompt_ids = [tok(p).input_ids for p in prompts]
     source = o.prompts or "the bundled prompts"  # checked now, not after the reference's whole pass
-    check_lengths(prompt_ids, o.max_new_tokens, ctx, None, lambda k: f"prompt {k + 1} of {source}")
+    check_lengths(prompt_ids, o.max_new_tokens, ctx, None, lambda k: f"the prompt on line {lines[k][0]} of {source}")
     warnings = []
     overlap = overlap_tokens(ids, _calibration_shingles(candidate))
     if overlap:
@@ -175,7 +250,9 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
                         "perplexity is optimistic (evaluate on other text)")
     device = str(check_device(o.device))  # "auto" resolved once, each option named in its own error
     ref_device = str(check_device(o.reference_device, "--reference-device")) if o.reference_device is not None else device
-    resolve_runner(reference, "reference", "auto", ref_device), resolve_runner(candidate, "candidate", o.runner, device)
+    # Both sides' refusals now: the candidate's would otherwise come after the reference's whole pass.
+    ref_runner = check_runner(reference, "reference", "auto", ref_device)
+    cand_runner = check_runner(candidate, "candidate", o.runner, device)
     if o.dtype != "auto":
         runtime_dtype(o.dtype, device, True)  # a bad --dtype is refused now, not after the reference has run
         fixed = {"onnx": "the dtype it was exported in (an ONNX export)", "gguf": "float32 (a GGUF, dequantized)"}.get(
@@ -194,13 +271,13 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions, progress=None
     # so a device only ever holds one of them (a 70B int4 candidate fits one 80 GB GPU; the
     # fp reference beside it would not).
     half = (lambda k, n: progress(k, 2 * n)) if progress else None
-    with open_runner(reference, "reference", "auto", ref_device, o.check) as ref:
+    with open_runner(reference, "reference", ref_runner, ref_device, o.check) as ref:
         ref_logits = window_logits(ref, wins, half)
         ref_greedy = [greedy_generate(ref, [pid], o.max_new_tokens, ref.eos_token_ids)[0] for pid in prompt_ids]
         ref_vocab, runners, runtime = ref.vocab_size, {"reference": f"{ref.name}@{ref_device}"}, {"reference": _runtime(ref)}
         del ref
     _release_device(ref_device)
-    with open_runner(candidate, "candidate", o.runner, device, o.check, o.dtype) as cand:
+    with open_runner(candidate, "candidate", cand_runner, device, o.check, o.dtype) as cand:
         if ref_vocab != cand.vocab_size:
             raise InputError(f"vocabularies differ: reference {ref_vocab}, candidate {cand.vocab_size}")
         stats = compare(ref_logits, cand, wins, o.score_second_half,
