@@ -8,6 +8,7 @@ to re-run with --debug for the traceback.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import signal
@@ -108,12 +109,12 @@ def _import_torch() -> None:
     (inside torch) from C discards exceptions: a signal landing there was silently lost (the
     command ran on to exit 0) or left numpy half-imported (exit 3)."""
     if "torch" in sys.modules or signal.getsignal(signal.SIGINT) is not _on_signal:  # (tests: no handlers of ours)
-        import torch  # noqa: F401
+        importlib.import_module("torch")
         return
     held: list[int] = []
     old = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        import torch  # noqa: F401
+        importlib.import_module("torch")
     finally:
         for s, h in old.items():
             signal.signal(s, h)
