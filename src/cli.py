@@ -490,7 +490,7 @@ def _quant_table(report: dict) -> None:
 def verify_cmd(
     reference: Path = typer.Argument(..., help="The original: an HF directory (run with transformers, fp32) or an engine."),
     candidate: Path = typer.Argument(..., help="An engine (fp or quantized), an AWQ-GEMM HF directory, or an ONNX export folder."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text (.txt); default: bundled WikiText-2 test excerpt."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text (.txt, or .jsonl with a \"text\" field per line); default: bundled WikiText-2 test excerpt."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", min=8, help="Window length; default min(2048, context length)."),
     max_tokens: int = typer.Option(8192, "--max-tokens", min=2, help="Evaluate at most this many tokens of the text."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Greedy-generation prompts, one per line; default: bundled."),

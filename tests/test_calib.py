@@ -199,7 +199,7 @@ def test_calibration_path_must_be_a_regular_file(tmp_path):
     big.write_text("some text\n", encoding="utf-8")
     calib.MAX_TEXT_BYTES, saved = 4, calib.MAX_TEXT_BYTES
     try:
-        with pytest.raises(InputError, match=r"--calib .*big.txt: .* GiB; calibration texts are read whole"):
+        with pytest.raises(InputError, match=r"--calib .*big.txt: .* GiB; files of calibration text are read whole"):
             load_calibration_texts(big)
     finally:
         calib.MAX_TEXT_BYTES = saved

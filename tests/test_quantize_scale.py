@@ -415,3 +415,28 @@ def test_plan_counts_the_hessians(tmp_path):
         value, unit = dict(plan.rows())["X Hessians (one per linear input, fp32)"].split()
         assert float(value) * {"KiB": 1 << 10, "MiB": 1 << 20}[unit] == pytest.approx(want, rel=0.01)
     assert plan_quantize(bundled_model_path(), tmp_path / "x", QuantOptions(method="rtn", group_size=32), CalibOptions()).hessians == 0
+
+
+def test_resume_fingerprint_sees_weights_past_the_first_mib(tmp_path):
+    """The fingerprint read each weight file's first MiB only: a checkpoint swapped for one with the same
+    size and header that differed further in was resumed, mixing old and new layers."""
+    from safetensors.torch import save_file
+
+    from lmkiln.formats.hf import HFCheckpoint
+    from lmkiln.quant.pipeline import FINGERPRINT_BYTES, FINGERPRINT_SAMPLES, model_fingerprint
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    save_file({"w": torch.zeros(3 << 20, dtype=torch.float32)}, str(d / "model.safetensors"))  # 12 MiB
+    before = model_fingerprint(HFCheckpoint(d))
+    assert model_fingerprint(HFCheckpoint(d)) == before
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    n, b, k = len(raw), FINGERPRINT_BYTES, FINGERPRINT_SAMPLES
+    # a byte inside the 2nd and the middle sampled spans, and the last byte: all past the first MiB (a weight
+    # swapped by a fine-tune differs all over; no sample finds a single byte between the spans)
+    for at in ((n - b) // (k - 1) + b // 2, (n - b) * (k // 2) // (k - 1) + 1, n - 1):
+        changed = raw.copy()
+        changed[at] ^= 0x40
+        (d / "model.safetensors").write_bytes(changed)
+        assert model_fingerprint(HFCheckpoint(d)) != before, at

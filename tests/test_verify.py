@@ -273,6 +273,8 @@ def test_refused_before_any_run(fp_engine, tmp_path, monkeypatch):
     for data in (fifo, Path("/dev/zero")):
         with pytest.raises(InputError, match="--data .*: not a regular file"):
             V.run_verify(STORIES, fp_engine, V.VerifyOptions(data=data))
+    with pytest.raises(InputError, match=r"--prompts .*: not a regular file \(a directory\); pass a file of prompts$"):
+        V.run_verify(STORIES, fp_engine, V.VerifyOptions(prompts=tmp_path))  # (said "a file of prompts file")
 
 
 @pytest.mark.parametrize("damage", ["not json", "a list", "no weight_type", "no context length", "hf config"])
@@ -586,3 +588,17 @@ def test_optional_top5_and_p_top_thresholds(w4_run, w4_engine, one_prompt, vdir)
     assert len(fail_lines) == 1 and "min_top5" in fail_lines[0], r.stderr
     assert rep["thresholds"]["min_top5"] == top5 + 0.01 and "min_p_top" not in rep["thresholds"]
     assert rep["passed"] is False and rep["checks"]["min_top5"]["passed"] is False
+
+
+def test_jsonl_data_scores_the_text_fields(tmp_path):
+    """`--data x.jsonl` scored the raw JSON, braces and keys included (exit 0), though `quantize --calib`
+    reads the same file's "text" fields."""
+    from lmkiln.verify.data import load_eval_text
+
+    docs = ["Once upon a time there was a cat.", "The cat sat on the mat."]
+    jl = tmp_path / "eval.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)) + "\n", encoding="utf-8")
+    assert load_eval_text(jl) == "\n\n".join(docs)
+    jl.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=rf'{jl}:2: no string "text" field'):
+        load_eval_text(jl)

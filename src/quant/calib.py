@@ -68,7 +68,7 @@ def check_text_file(path: Path, what: str, option: str) -> None:
         kind = "a directory" if path.is_dir() else "a device, pipe or socket"
         raise InputError(f"{option} {path}: not a regular file ({kind}); pass a file of {what}")
     if path.is_file() and path.stat().st_size > MAX_TEXT_BYTES:
-        raise InputError(f"{option} {path}: {path.stat().st_size / 2**30:.1f} GiB; {what}s are read whole, so pass a sample "
+        raise InputError(f"{option} {path}: {path.stat().st_size / 2**30:.1f} GiB; files of {what} are read whole, so pass a sample "
                          f"under {MAX_TEXT_BYTES / 2**30:.0f} GiB")
 
 
@@ -84,8 +84,13 @@ def _read_text(path: Path) -> str:
 
 
 def _load_jsonl(path: Path) -> list[str]:
+    return jsonl_texts(_read_text(path), path)
+
+
+def jsonl_texts(text: str, path: Path) -> list[str]:
+    """The non-blank "text" field of each JSON line of `text` (read from `path`), one document each."""
     docs = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lmkiln.assets import ASSETS
 from lmkiln.errors import InputError
-from lmkiln.quant.calib import check_text_file, shingles
+from lmkiln.quant.calib import check_text_file, jsonl_texts, shingles
 
 
 def bundled_eval_path() -> Path:
@@ -20,7 +20,7 @@ def bundled_prompts_path() -> Path:
 
 def _read(path: Path, what: str) -> str:
     path = Path(path)
-    check_text_file(path, what, "--data" if what == "evaluation text" else "--prompts")
+    check_text_file(path, what.removesuffix(" file"), "--data" if what == "evaluation text" else "--prompts")  # ("a file of prompts")
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
     try:
@@ -33,7 +33,11 @@ def _read(path: Path, what: str) -> str:
 
 
 def load_eval_text(path: Path | None) -> str:
-    return _read(path or bundled_eval_path(), "evaluation text")
+    """The evaluation text: a .txt file as it is; a .jsonl file (as `quantize --calib` takes) its
+    documents' "text" fields, a blank line between (the JSON itself was scored before)."""
+    path = path or bundled_eval_path()
+    text = _read(path, "evaluation text")
+    return "\n\n".join(jsonl_texts(text, Path(path))) if Path(path).suffix == ".jsonl" else text
 
 
 def load_prompts(path: Path | None) -> list[str]:
