@@ -602,3 +602,13 @@ def test_jsonl_data_scores_the_text_fields(tmp_path):
     jl.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
     with pytest.raises(InputError, match=rf'{jl}:2: no string "text" field'):
         load_eval_text(jl)
+
+
+def test_swapped_reference_and_candidate_are_warned_about(fp_engine):
+    """`verify ENGINE HF` ran without a hint that the order is REFERENCE CANDIDATE."""
+    import lmkiln.verify.verify as V
+
+    res = V.run_verify(fp_engine, STORIES, V.VerifyOptions(max_tokens=64, max_new_tokens=2))
+    assert any("the order is REFERENCE (the original) CANDIDATE" in w for w in res.warnings)
+    res = V.run_verify(STORIES, fp_engine, V.VerifyOptions(max_tokens=64, max_new_tokens=2))
+    assert not any("the order is" in w for w in res.warnings)

@@ -143,6 +143,11 @@ def check_runner(path: Path, role: str, runner: str, device: str) -> str:
     return runner
 
 
+def _is_original(path: Path) -> bool:
+    """An fp Hugging Face checkpoint (what converted and quantized artifacts are made from)."""
+    return kind_of(path) == "hf" and "quantization_config" not in read_json(Path(path) / "config.json")
+
+
 def _context_length(path: Path) -> int:
     kind = kind_of(path)
     if kind in ("engine", "hf"):
@@ -244,6 +249,9 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions | None = None,
     source = o.prompts or "the bundled prompts"  # checked now, not after the reference's whole pass
     check_lengths(prompt_ids, o.max_new_tokens, ctx, None, lambda k: f"the prompt on line {lines[k][0]} of {source}")
     warnings = []
+    if _is_original(candidate) and not _is_original(reference):
+        warnings.append(f"the reference {reference} is a converted artifact and the candidate {candidate} an original "
+                        "fp checkpoint: the order is REFERENCE (the original) CANDIDATE (what was made from it)")
     overlap = overlap_tokens(ids, _calibration_shingles(candidate))
     if overlap:
         warnings.append(f"the evaluation text shares {overlap} 32-token spans with the candidate's calibration text; "
