@@ -400,7 +400,7 @@ def _moe_awq(moe: str, experts: str, down: str) -> tuple[ScaleGroup, ...]:
 
 register(Architecture(
     hf_name="MixtralForCausalLM",
-    genai_type="mixtral",
+    genai_type="mistral",  # onnxruntime-genai 0.18 knows no "mixtral"; the MoE is inside the graph, its decoder loop is Mistral's
     gguf_arch="",  # not exported to GGUF yet
     tensors={
         **{r: n for r, n in LLAMA_TENSORS.items() if r not in ("gate", "up", "down")},
@@ -420,7 +420,7 @@ register(Architecture(
 
 register(Architecture(
     hf_name="Qwen3MoeForCausalLM",
-    genai_type="qwen3_moe",
+    genai_type="qwen3",  # onnxruntime-genai 0.18 knows no "qwen3_moe"; the MoE is inside the graph, its decoder loop is Qwen3's
     gguf_arch="",  # not exported to GGUF yet
     gguf_rope_interleaved=False,
     tensors={
