@@ -570,16 +570,16 @@ def verify_cmd(
 @app.command("inspect")
 @guarded
 def inspect_cmd(
-    path: Path = typer.Argument(..., help="An HF model directory or an engine directory."),
+    path: Path = typer.Argument(..., help="An HF model directory, an engine, an ONNX export or a GGUF file."),
     check: bool = typer.Option(True, "--check/--no-check", help="Hash an engine's weight files against its manifest."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin pickle weights (loaded with weights_only=True)."),
 ):
     """Show architecture, sizes, dtype/quantization, ranks and checksum status. Exit 2 when a weight file fails its checksum."""
     from lmkiln.errors import ChecksumError
-    from lmkiln.inspect_model import describe
+    from lmkiln.inspect_model import KINDS, describe
 
     kind, rows = describe(path, check=check, allow_pickle=allow_pickle)
-    table = Table(title=escape(f"{path} ({'lmkiln engine' if kind == 'engine' else 'Hugging Face checkpoint'})"))
+    table = Table(title=escape(f"{path} ({KINDS[kind]})"))
     table.add_column("field", style="bold")
     table.add_column("value")
     for k, v in rows:

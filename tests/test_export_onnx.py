@@ -515,3 +515,15 @@ def test_int8_head_close_to_fp_head(tmp_path):
         print(f"acc {acc}: int8 head vs fp head {s8} rel {rel:.4f}; int4 head {s4}")
         assert rel <= 0.03 and s8["top1"] >= 0.95 and s8["kl"] <= 1e-3
         assert s8["kl"] * 10 <= s4["kl"]
+
+
+def test_inspect_describes_an_onnx_export(exports):
+    """`lmkiln inspect` on an export said "no config.json here; is this a Hugging Face model directory?"."""
+    from lmkiln.inspect_model import describe
+
+    kind, rows = describe(exports["int4"])
+    rows = dict(rows)
+    meta = json.loads((exports["int4"] / "lmkiln_export.json").read_text())
+    assert kind == "onnx" and rows["exported by"] == f"lmkiln {meta['lmkiln_version']}"
+    assert rows["weight type"] == meta["weight_type"] == "int4" and rows["output head"].startswith(("fp", "int"))
+    assert rows["onnxruntime-genai"].startswith("type llama, ") and "model.onnx (" in rows["files"]

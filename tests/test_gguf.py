@@ -416,3 +416,14 @@ def test_disk_full_while_writing_is_one_line(awq_stories, tmp_path, monkeypatch)
     assert r.exit_code == 2, r.output
     assert f"{tmp_path}: the disk is full (1000 B free" in r.output and "internal error" not in r.output
     assert list(tmp_path.iterdir()) == []  # no partial GGUF, no temporary
+
+
+def test_inspect_describes_a_gguf_file(awq_stories, tmp_path):
+    """`lmkiln inspect x.gguf` said "not a directory (pass the model directory that holds config.json)"."""
+    res = export_gguf(awq_stories, tmp_path / "m.gguf")
+    r = CliRunner().invoke(app, ["inspect", str(res.path)], env={"COLUMNS": "250", "NO_COLOR": "1"})
+    assert r.exit_code == 0, r.output
+    assert "(GGUF file)" in r.output and "architecture (llama.cpp)" in r.output
+    want = {t.tensor_type.name for t in gguf.GGUFReader(str(res.path)).tensors}
+    assert all(f" {name}" in r.output for name in want)  # the tensor types it holds, counted
+    assert f"--type {res.report['type']}" in r.output

@@ -319,7 +319,10 @@ def make_plan(ckpt: HFCheckpoint, tp: int = 1, dtype: str = "auto") -> EnginePla
     why = check_tp(model["head_num"], model["kv_head_num"], tp)
     if why:
         raise InputError(f"--tp {tp}: {why}")
-    spec = awq_spec(ckpt.config)
+    try:
+        spec = awq_spec(ckpt.config)
+    except CheckpointError as e:  # (it reads a config dict: say whose)
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
     quant = None
     if spec is None:
         model["inter_size_padded"] = round_up(model["inter_size"], tp)
