@@ -417,6 +417,8 @@ def quantize_cmd(
         return
     if workers and ray is None:
         raise InputError("--workers goes with --ray")
+    if ray is not None and not ray.strip():
+        raise InputError("--ray '': give a cluster address (HOST:PORT or auto), or --ray alone for this machine")
     with LazyProgress("layers") as bar:
         driver, on_layer = None, (lambda i, n, rep: bar.update(i + 1, n))
         if ray is not None:
@@ -701,7 +703,7 @@ def optional_values(argv: list[str], options=("--ray",), default: str = "local")
         out.append(a)
         if a in options:
             nxt = argv[k + 1] if k + 1 < len(argv) else None
-            if nxt is None or nxt.startswith("-") or Path(nxt).is_dir():
+            if nxt is None or nxt.startswith("-") or (nxt != "" and Path(nxt).is_dir()):  # (Path("") is ".", a directory)
                 out.append(default)
     return out
 

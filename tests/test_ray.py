@@ -154,6 +154,10 @@ def test_optional_ray_value():
     assert optional_values(["quantize", "--ray", str(STORIES)]) == ["quantize", "--ray", "local", str(STORIES)]
     assert optional_values(["quantize", "m", "--ray", "head:6379"]) == ["quantize", "m", "--ray", "head:6379"]
     assert optional_values(["quantize", "m", "--ray=auto"]) == ["quantize", "m", "--ray=auto"]
+    # an empty value is a (bad) address, not the directory "" names (".": it became an extra argument)
+    assert optional_values(["quantize", "m", "--ray", ""]) == ["quantize", "m", "--ray", ""]
+    r = CliRunner().invoke(app, ["quantize", str(STORIES), "-o", "x", "--w4a16", "--ray", ""], env={"NO_COLOR": "1"})
+    assert r.exit_code == 2 and "--ray '': give a cluster address" in r.output, r.output
 
 
 def test_cli_ray_errors(tmp_path, monkeypatch):
