@@ -323,3 +323,20 @@ class torch_threads:
     def __exit__(self, *exc):
         torch.set_num_threads(self.old)
         return False
+
+
+def genai_greedy(export_dir: str | Path, ids: list[int], n: int) -> list[int]:
+    """The first n greedy tokens onnxruntime-genai generates after `ids` from an ONNX export (skips the
+    test when onnxruntime_genai is not installed)."""
+    import numpy as np
+    import pytest
+
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(export_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(ids, dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)][len(ids):]

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from helpers import make_tiny_model
+from helpers import genai_greedy, make_tiny_model
 from lmkiln.assets import bundled_model_path
 from lmkiln.convert.hf_to_engine import convert_hf_to_engine
 from lmkiln.errors import InputError, OutputExistsError
@@ -212,18 +212,11 @@ def test_bad_input(engines, tmp_path):
 def test_onnxruntime_genai_loads_and_generates(exports, tok):
     og = pytest.importorskip("onnxruntime_genai")
     for kind in ("fp32", "int4", "int4-portable"):  # shared KV buffer (contrib) and concatenated (portable)
-        model = og.Model(str(exports[kind]))
         ids = tok(PROMPTS[0]).input_ids
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 20, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array(ids, dtype=np.int32))
-        while not gen.is_done():
-            gen.generate_next_token()
-        new = [int(t) for t in gen.get_sequence(0)][len(ids):]
+        new = genai_greedy(exports[kind], ids, 20)
         assert new == greedy_generate(OnnxRunner(exports[kind]), [ids], 20)[0][: len(new)]
         assert len(new) == 20
-        assert og.Tokenizer(model).decode(np.array(new, dtype=np.int32))
+        assert og.Tokenizer(og.Model(str(exports[kind]))).decode(np.array(new, dtype=np.int32))
 
 
 def test_cuda_export(engines, tmp_path):
