@@ -28,7 +28,7 @@ from lmkiln.convert.quantized import (
     check_symmetric, engine_tensors, is_quantized, module_name, pad_in, rank_in, resolve_quant, rows, unquantized_linears,
 )
 from lmkiln.convert.transforms import cat_rows, fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary
-from lmkiln.errors import CheckpointError, InputError
+from lmkiln.errors import CheckpointError, InputError, LmkilnError
 from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
 from lmkiln.formats.engine import (
@@ -313,16 +313,26 @@ def _fp_source_dtype(ckpt, acc: Accounting) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
+def read_model(ckpt: HFCheckpoint) -> tuple[Architecture, dict, AwqSpec | None]:
+    """The checkpoint's architecture entry, engine model block and AWQ settings (None: fp), from its
+    config.json. Those readers see a dict, not a directory: a refusal is said here with the file's path."""
+    try:
+        arch = get_architecture(ckpt.architecture)
+        return arch, engine_config_from_hf(arch, ckpt.config), awq_spec(ckpt.config)
+    except LmkilnError as e:
+        msg = str(e)
+        if msg.startswith("config.json:"):
+            msg = f"{ckpt.path / 'config.json'}{msg.removeprefix('config.json')}"
+        elif not msg.startswith(str(ckpt.path)):
+            msg = f"{ckpt.path}: {msg}"
+        raise type(e)(msg) from None
+
+
 def make_plan(ckpt: HFCheckpoint, tp: int = 1, dtype: str = "auto") -> EnginePlan:
-    arch = get_architecture(ckpt.architecture)
-    model = engine_config_from_hf(arch, ckpt.config)
+    arch, model, spec = read_model(ckpt)
     why = check_tp(model["head_num"], model["kv_head_num"], tp)
     if why:
         raise InputError(f"--tp {tp}: {why}")
-    try:
-        spec = awq_spec(ckpt.config)
-    except CheckpointError as e:  # (it reads a config dict: say whose)
-        raise CheckpointError(f"{ckpt.path}: {e}") from None
     quant = None
     if spec is None:
         model["inter_size_padded"] = round_up(model["inter_size"], tp)

@@ -79,8 +79,8 @@ def _writable(where: Path, option: str) -> Iterator[None]:
         raise InputError(_not_writable(where, option)) from None
 
 
-# The longest name lmkiln gives a sibling of an output: "." + NAME + ".lmkiln-probe-" + mkstemp's 8
-# characters (".lmkiln-tmp-XXXXXXXX", ".lmkiln-partial", ".lmkiln-old-PID" are shorter).
+# The longest name lmkiln gives a sibling of an output: "." + NAME + ".lmkiln-probe-" + the 8 random
+# characters mkstemp appends (the ".lmkiln-tmp-", ".lmkiln-partial" and ".lmkiln-old-<pid>" ones are shorter).
 SIBLING_EXTRA = 1 + len(".lmkiln-probe-") + 8
 
 

@@ -30,11 +30,10 @@ import torch
 
 import lmkiln
 from lmkiln.convert.architectures import Architecture, get_architecture
-from lmkiln.convert.hf_config import engine_config_from_hf
-from lmkiln.convert.hf_to_engine import account
+from lmkiln.convert.hf_to_engine import account, read_model
 from lmkiln.errors import InputError
 from lmkiln.formats.atomic import atomic_dir, check_output, check_output_file, output_lock, write_json
-from lmkiln.formats.awq_gemm import AwqSpec, awq_spec
+from lmkiln.formats.awq_gemm import AwqSpec
 from lmkiln.formats.engine import config_sha256
 from lmkiln.formats.hf import HFCheckpoint
 from lmkiln.quant.awq import QuantOptions, fp_forward, layer_chunk
@@ -270,10 +269,9 @@ def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOpti
     _check_options(options, to)
     compute = compute or resolve_compute()
     ckpt = HFCheckpoint(model_dir)
-    if awq_spec(ckpt.config) is not None:
+    arch, mcfg, quantized = read_model(ckpt)
+    if quantized is not None:
         raise InputError(f"{ckpt.path}: already quantized (quantization_config present); quantize the original fp checkpoint")
-    arch = get_architecture(ckpt.architecture)
-    mcfg = engine_config_from_hf(arch, ckpt.config)
     _check_layout(to, arch, mcfg, options)
     if options.calibrated:  # what the real run refuses first: the plan must not promise it (it printed a plan, exit 0)
         _check_seqlen(calib, mcfg)
@@ -323,10 +321,9 @@ def quantize_model(
         raise InputError("--calib-inputs quantized feeds each layer the previous quantized layer's output, so layers "
                          "cannot run side by side: drop --ray, or keep --calib-inputs fp")
     ckpt = HFCheckpoint(model_dir)
-    if awq_spec(ckpt.config) is not None:
+    arch, mcfg, quantized = read_model(ckpt)
+    if quantized is not None:
         raise InputError(f"{ckpt.path}: already quantized (quantization_config present); quantize the original fp checkpoint")
-    arch = get_architecture(ckpt.architecture)
-    mcfg = engine_config_from_hf(arch, ckpt.config)
     acc = account(ckpt, arch, mcfg)
     out_dir = Path(out_dir) if probe_only else check_output(Path(out_dir), force, inputs=(ckpt.path,))
     if report_path is not None and not probe_only:  # refused now, not after the run has committed the output
