@@ -234,6 +234,22 @@ def test_quantize_model_refuses_bad_types_before_any_output(tiny_llama, tmp_path
     assert list(tmp_path.iterdir()) == []  # no output, no .q.lmkiln-partial
 
 
+@pytest.mark.parametrize("cls", [QuantOptions, CalibOptions])
+def test_every_option_field_is_type_checked(cls):
+    """A field added to the options is checked by its annotation without being listed anywhere."""
+    import dataclasses
+
+    from lmkiln.quant.pipeline import check_arguments
+
+    for f in dataclasses.fields(cls):
+        if f.name == "path":  # (a path or None: checked on its own)
+            continue
+        bad = cls(**{f.name: object()})
+        args = (bad, None) if cls is QuantOptions else (None, bad)
+        with pytest.raises(InputError, match=rf"^{cls.__name__}\({f.name}=<object"):
+            check_arguments(*args)
+
+
 def test_quantize_model_takes_a_torch_dtype_and_default_options(tiny_llama, tmp_path):
     res = quantize_model(tiny_llama, tmp_path / "q", RTN, device="cpu", dtype=torch.float32)
     assert res.report["compute"]["dtype"] == "float32"

@@ -43,6 +43,7 @@ from lmkiln.quant.sinks import LAYOUTS, REPORT, TARGETS, make_sink, standard_int
 from lmkiln.quant.state import ResumeState, finished_layers as layers_finished_in
 
 METHODS = ("awq", "rtn", "gptq", "awq+gptq")
+CALIB_INPUTS = ("fp", "quantized")
 STOP_ENV = "LMKILN_STOP_AFTER_LAYER"  # test hook: simulate a crash after layer N is saved
 
 
@@ -142,30 +143,31 @@ def model_fingerprint(ckpt: HFCheckpoint) -> str:
     return h.hexdigest()
 
 
-# QuantOptions / CalibOptions fields by the type the Python API must give (the CLI's parser
-# already gives these): a float group size or a str dampening would otherwise pass the range
+# The Python API's QuantOptions / CalibOptions fields must have their annotated types (the CLI's
+# parser already gives these): a float group size or a str dampening would otherwise pass the range
 # checks and fail as a TypeError after calibration, leaving a partial output behind.
-WHOLE = "a whole number"
-QUANT_FIELDS = {"bits": (int, WHOLE), "group_size": (int, WHOLE), "n_grid": (int, WHOLE), "clip_tokens": (int, WHOLE),
-                "chunk": (int, WHOLE), "min_expert_tokens": (int, WHOLE), "max_shrink": ((int, float), "a number"),
-                "damp": ((int, float), "a number"), "symmetric": (bool, "True or False"), "clip": (bool, "True or False"),
-                "duo_scaling": (bool, "True or False"), "act_order": (bool, "True or False"),
-                "method": (str, f"one of {', '.join(METHODS)}"), "calib_inputs": (str, "fp or quantized")}
-CALIB_FIELDS = {"n_samples": (int, WHOLE), "seqlen": (int, WHOLE), "seed": (int, WHOLE)}
+KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "bool": ((bool,), "True or False")}
+CHOICES = {"method": METHODS, "calib_inputs": CALIB_INPUTS}  # str fields: what to give
 # Smallest values, as the CLI's options enforce them (min_expert_tokens: --min-expert-tokens min=1,
 # --calib-samples min=1, --calib-seqlen min=8); the others have no CLI option.
 LEAST = {"n_grid": 1, "clip_tokens": 1, "min_expert_tokens": 1, "n_samples": 1, "seqlen": 8}
 
 
-def _check_fields(obj, fields: dict) -> None:
+def _check_fields(obj) -> None:
     cls = type(obj).__name__
-    for name, (types, what) in fields.items():
-        v = getattr(obj, name)
+    for f in dataclasses.fields(obj):
+        if f.type == "str":
+            types, what = (str,), f"one of {', '.join(CHOICES[f.name])}"
+        elif f.type in KINDS:
+            types, what = KINDS[f.type]
+        else:  # (CalibOptions.path: checked by check_arguments)
+            continue
+        v = getattr(obj, f.name)
         # bool is an int to Python: group_size=True is a mistake, not 1
-        if not isinstance(v, types) or (isinstance(v, bool) and types is not bool):
-            raise InputError(f"{cls}({name}={v!r}): give {what}")
-        if name in LEAST and v < LEAST[name]:
-            raise InputError(f"{cls}({name}={v!r}): give at least {LEAST[name]}")
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            raise InputError(f"{cls}({f.name}={v!r}): give {what}")
+        if f.name in LEAST and v < LEAST[f.name]:
+            raise InputError(f"{cls}({f.name}={v!r}): give at least {LEAST[f.name]}")
 
 
 def check_arguments(options: QuantOptions | None, calib: CalibOptions | None) -> tuple[QuantOptions, CalibOptions]:
@@ -177,8 +179,8 @@ def check_arguments(options: QuantOptions | None, calib: CalibOptions | None) ->
         raise InputError(f"options: a QuantOptions (e.g. QuantOptions(bits=4, group_size=128)), not {type(options).__name__}")
     if not isinstance(calib, CalibOptions):
         raise InputError(f"calib: a CalibOptions (e.g. CalibOptions(path='calib.txt')), not {type(calib).__name__}")
-    _check_fields(options, QUANT_FIELDS)
-    _check_fields(calib, CALIB_FIELDS)
+    _check_fields(options)
+    _check_fields(calib)
     if calib.path is not None and not isinstance(calib.path, (str, os.PathLike)):
         raise InputError(f"CalibOptions(path={calib.path!r}): give the path of a calibration file or directory")
     if not (0 <= options.max_shrink < 1):
@@ -203,7 +205,6 @@ def _check_options(options: QuantOptions, to: str) -> None:
         raise InputError(f"--chunk {options.chunk}: calibration samples per chunk must be at least 1 (0 = auto)")
 
 
-CALIB_INPUTS = ("fp", "quantized")
 GROUP_SIZES = (-1, 8, 16, 32, 64, 128, 256)  # what a refusal checks to say which would fit
 
 
