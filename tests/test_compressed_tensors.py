@@ -209,14 +209,18 @@ def test_engine_conversion_refuses_an_fp_engine(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
-@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM"])
-def test_gemma_engine_converts_to_the_same_bytes(arch, tmp_path):
+@pytest.mark.parametrize("arch,overrides", [
+    ("Gemma2ForCausalLM", {}), ("Gemma3ForCausalLM", {}),
+    # attention (4 heads x 32 = 128) wider than the FFN (96): o's input was cut to the FFN width (exit 3)
+    ("LlamaForCausalLM", {"head_dim": 32, "intermediate_size": 96}),
+])
+def test_engine_converts_to_the_same_bytes_as_quantizing_straight(arch, overrides, tmp_path):
     """Gemma's engines were refused with the GGUF exporter's message ("GGUF export of Gemma... not
     supported"): the conversion only borrowed its rank merging. Their sandwich norms now travel too."""
     from lmkiln.convert.hf_to_engine import convert_hf_to_engine
     from lmkiln.export.compressed_tensors import engine_to_compressed_tensors
 
-    hf = make_tiny_model(tmp_path / "hf", arch)
+    hf = make_tiny_model(tmp_path / "hf", arch, **overrides)
     opts = QuantOptions(bits=4, group_size=32, method="rtn")
     direct = quantize_model(hf, tmp_path / "direct", opts, to="compressed-tensors").output
     eng = convert_hf_to_engine(quantize_model(hf, tmp_path / "awq", opts, to="hf").output, tmp_path / "eng")

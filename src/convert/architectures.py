@@ -41,6 +41,8 @@ EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")
 # Roles whose HF tensor is a linear weight (out, in), the ones quantize acts on; `qkv` and
 # `gate_up` are fused HF linears (Architecture.fused) that the converter splits into roles.
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up", *EXPERT_ROLES)
+# The linears whose input is the FFN width, which engines pad (to groups x tensor-parallel ranks)
+FFN_IN_ROLES = ("down", "expert_down")
 
 
 def base_role(role: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import lmkiln
-from lmkiln.convert.architectures import is_linear
+from lmkiln.convert.architectures import FFN_IN_ROLES, base_role, is_linear
 from lmkiln.convert.hf_to_engine import required_roles
 from lmkiln.convert.quantized import rows
 from lmkiln.errors import InputError
@@ -85,7 +85,8 @@ def engine_to_compressed_tensors(source: str | Path, out: str | Path, force: boo
                 t = layer_tensors(engine, i, gm, interleaved=False)  # HF order: ranks merged, q/k rotary rows un-permuted
                 for fused, parts in arch.fused.items():  # the engine holds them apart; the HF model fused
                     t[fused] = rows(lambda *w: torch.cat(w, 0), *(t[r] for r in parts))
-                qts = {r: _fit_in(t[r], inter_p) for r in layer_roles if is_linear(r)}
+                # only the FFN's input was padded: the attention's (o's heads x head_dim) may well be wider
+                qts = {r: _fit_in(t[r], inter_p) if base_role(r) in FFN_IN_ROLES else t[r] for r in layer_roles if is_linear(r)}
                 yield LayerResult(i, qts, {arch.hf_name_of(r, i): t[r] for r in layer_roles if not is_linear(r)})
 
         dtype = WEIGHT_TYPES[engine.manifest["fp_dtype"]]
