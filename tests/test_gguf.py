@@ -329,6 +329,15 @@ def test_unsupported_family_is_refused_before_converting(tmp_path, monkeypatch):
     assert not (tmp_path / "g.gguf").exists()
 
 
+def test_non_silu_activation_is_refused(tmp_path):
+    """A Llama with hidden_act gelu_pytorch_tanh (legal; the engine runs it) was written with exit 0 as a
+    llama.cpp `llama`, which computes SiLU: a model that answers differently (top-1 0.81 against the source)."""
+    hf = make_tiny_model(tmp_path / "gelu", "LlamaForCausalLM", seed=1, hidden_act="gelu_pytorch_tanh")
+    with pytest.raises(InputError, match=r"hidden_act gelu_pytorch_tanh has no GGUF export \(llama.cpp's llama computes silu\)"):
+        export_gguf(hf, tmp_path / "g.gguf")
+    assert not (tmp_path / "g.gguf").exists()
+
+
 def test_byte_level_bpe_tokenizer_becomes_a_gpt2_vocab(tmp_path):
     """Llama 3 / Qwen style tokenizers: tokens by id, merges, types, llama.cpp's pre-tokenizer name."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers

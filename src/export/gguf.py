@@ -99,6 +99,9 @@ def gguf_unsupported(m: dict) -> str | None:
                 + ("" if _onnx_unsupported(m) else ", or export ONNX"))
     if m["rope"]["type"] not in ("default", "linear", "llama3"):
         return f"rope type {m['rope']['type']!r} has no GGUF export yet"
+    if m["hidden_act"] != "silu":  # llama.cpp's llama (and qwen2/3, phi3) compute SiLU whatever the file says
+        return (f"hidden_act {m['hidden_act']} has no GGUF export (llama.cpp's {arch.gguf_arch} computes silu); use the "
+                "AWQ-GEMM or compressed-tensors output")
     return None
 
 
