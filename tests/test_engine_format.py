@@ -792,6 +792,17 @@ def test_integer_or_fp16_overflowing_weights_refused_by_convert(tmp_path):
     convert_hf_to_engine(src, tmp_path / "e3", dtype="bf16")
 
 
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+def test_attention_bias_refused_in_the_config_s_words(arch, tmp_path):
+    """These families' attention_bias also puts a bias on o, which no engine role holds: it was refused
+    as a table bug ("the Qwen3ForCausalLM table has no tensor for role 'q_bias'")."""
+    src = make_tiny_model(tmp_path / "hf", arch, attention_bias=True)
+    with pytest.raises(UnsupportedArchitectureError, match=r"config.json: attention_bias is true \(biases on q/k/v/o\); "
+                       rf"{arch} with biases on q/k/v/o is not supported yet"):
+        convert_hf_to_engine(src, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.mark.parametrize("key,value,says", [("max_position_embeddings", 0, "max_position_embeddings must be a positive integer"),
                                             ("rms_norm_eps", -1, "the norm epsilon ('rms_norm_eps') must be a positive number"),
                                             ("rope_theta", 0, "rope_theta must be positive"),

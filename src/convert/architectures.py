@@ -198,7 +198,10 @@ LLAMA_TENSORS = {
 # Llama's optional biases (transformers adds them when these are true); the engine's Llama
 # layout has none, and ignoring the flag dropped them (or, absent, converted a config whose
 # transformers model would have random biases).
-LLAMA_UNSUPPORTED = {"attention_bias": "biases on q/k/v/o", "mlp_bias": "biases on gate/up/down"}
+# attention_bias puts a bias on o too (Llama, Mistral, Qwen3, Gemma; Qwen2's q/k/v biases are a quirk), which no
+# engine role holds
+ATTENTION_BIAS = {"attention_bias": "biases on q/k/v/o"}
+LLAMA_UNSUPPORTED = {**ATTENTION_BIAS, "mlp_bias": "biases on gate/up/down"}
 
 # The AWQ scaling groups of a pre-norm Llama block (the published AWQ mappings).
 LLAMA_AWQ = (
@@ -274,8 +277,8 @@ register(Architecture(
         "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
         "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     },
-    config={**LLAMA_LIKE_CONFIG, "sliding_window": "sliding_window", "use_sliding_window": "use_sliding_window",
-            "attn_bias": "attention_bias"},
+    config={**LLAMA_LIKE_CONFIG, "sliding_window": "sliding_window", "use_sliding_window": "use_sliding_window"},
+    unsupported=ATTENTION_BIAS,
     optional=TIED_LM_HEAD,
     skips=ROTARY_BUFFERS,
     quirks={"qk_norm": True},
@@ -299,7 +302,6 @@ GEMMA_TENSORS = {
 GEMMA_CONFIG: dict[str, str | tuple[str, ...]] = {
     **LLAMA_LIKE_CONFIG,
     "hidden_act": ("hidden_activation", "hidden_act"),
-    "attn_bias": "attention_bias",
     "sliding_window": "sliding_window",
     "sliding_window_pattern": "sliding_window_pattern",
     "query_pre_attn_scalar": "query_pre_attn_scalar",
@@ -319,7 +321,7 @@ GEMMA_REASONS = {
 TIED = {"lm_head": "Gemma ties the output projection to the embedding"}
 GEMMA_DEFAULTS = {"query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
 # What the Gemma entries share; GGUF export is not mapped yet (post-norms, soft-capping, local rope)
-GEMMA = dict(gguf_arch="", config=GEMMA_CONFIG, optional=TIED, skips=ROTARY_BUFFERS, awq_groups=LLAMA_AWQ, hf_attention="eager")
+GEMMA = dict(gguf_arch="", config=GEMMA_CONFIG, unsupported=ATTENTION_BIAS, optional=TIED, skips=ROTARY_BUFFERS, awq_groups=LLAMA_AWQ, hf_attention="eager")
 
 register(Architecture(
     hf_name="Gemma2ForCausalLM",
@@ -435,10 +437,11 @@ register(Architecture(
         "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
     },
     config={**LLAMA_LIKE_CONFIG, "inter_size": "moe_intermediate_size", "sliding_window": "sliding_window",
-            "use_sliding_window": "use_sliding_window", "attn_bias": "attention_bias",
+            "use_sliding_window": "use_sliding_window",
             "num_experts": ("num_experts", "num_local_experts"),  # transformers 5 saves the latter
             "experts_per_token": "num_experts_per_tok", "norm_topk": "norm_topk_prob"},
     defaults={"norm_topk_prob": False},
+    unsupported=ATTENTION_BIAS,
     optional=TIED_LM_HEAD,
     skips=ROTARY_BUFFERS,
     quirks={"qk_norm": True},
