@@ -386,6 +386,31 @@ def test_force_does_not_delete_a_directory_of_other_files(tmp_path):
     assert check_output(tmp_path / "empty", force=True) == (tmp_path / "empty").resolve()
 
 
+@pytest.mark.parametrize("spell", ["", ".", "..", "{cwd}"])
+def test_the_current_directory_is_never_an_output(spell, model, tmp_path, monkeypatch):
+    """`-o ""` (an unset $OUT) is `.` to a path: with --force the directory the user stood in, a model
+    with their own notes in it, was deleted, then exit 3 on the relative paths read after it."""
+    here = copy_tree(model, tmp_path / "mine" / "here")
+    (here / "NOTES.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    before = snapshot(tmp_path / "mine")
+    r = invoke("convert", "hf-to-engine", model, "-o", spell.format(cwd=here), "--force")
+    one_line_error(r, "current directory", "choose a new path")
+    assert snapshot(tmp_path / "mine") == before
+
+
+def test_force_never_replaces_a_fifo_or_device(tiny_llama, tiny_engine, tmp_path):
+    """--force turned a FIFO given as --report (or /dev/null given to export gguf) into a regular file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = invoke("verify", tiny_llama, tiny_engine, "--report", fifo, "--force", *QUICK_VERIFY)
+    one_line_error(r, "is a FIFO (named pipe), not a regular file", "--report")
+    assert fifo.is_fifo()
+    with pytest.raises(OutputExistsError, match="/dev/null: is a character device, not a regular file"):
+        check_output_file(Path("/dev/null"), force=True)
+    assert Path("/dev/null").is_char_device()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_a_report_where_no_file_can_be_created_is_refused_up_front(tmp_path):
     """os.access passes for root on /proc and /sys, so `quantize --report /sys/...` ran the whole

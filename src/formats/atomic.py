@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -101,8 +102,22 @@ def _exists(p: Path) -> bool:
     return p.exists() or p.is_symlink()  # a dangling symlink is there too
 
 
+def _check_cwd(target: Path, option: str) -> None:
+    """Replacing the directory the user stands in (`-o .`, `-o ..`, or `-o ""` from an unset variable,
+    which is `.` to a path) would delete it, and every relative path after it would fail."""
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current directory is gone already
+        return
+    for t in {target, target.resolve()}:
+        if t == cwd or t in cwd.parents:
+            raise InputError(f"{option} {target}: is {'the current directory' if t == cwd else 'above the current directory'}; "
+                             f"refusing to write there (an empty {option} means the current directory): choose a new path")
+
+
 def check_output(target: Path, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o") -> Path:
     target = _real(target)
+    _check_cwd(target, option)
     _check_name(target, option)
     _check_inputs(target, inputs, True, "the output must not be, contain or sit inside the input")
     if _exists(target) and not target.is_dir():  # said first: --force would not help
@@ -242,6 +257,10 @@ def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = (), 
                   f"{_what(option)} must not be the same file as (or sit inside) this run's other output")
     if target.is_dir():
         raise OutputExistsError(f"{target}: is a directory; give a file name for {option} (e.g. {_example(option)})")
+    kind = _special(target)
+    if kind:  # --force would replace a device or a FIFO by a regular file
+        raise OutputExistsError(f"{target}: is a {kind}, not a regular file; lmkiln writes {_what(option)} to a temporary file "
+                                f"and renames it into place, which would replace it: give a file path for {option}")
     if _exists(target) and not force:
         raise OutputExistsError(f"{target}: already exists; pass --force (force=True in Python) to replace it, or choose another {option}")
     _check_parent(target, option)
@@ -252,6 +271,17 @@ def check_output_file(target: Path, force: bool, inputs: tuple[Path, ...] = (), 
         os.close(fd)
         os.unlink(probe)
     return target
+
+
+def _special(p: Path) -> str | None:
+    """What a non-regular file at `p` is (a symlink there is replaced as a link, never followed)."""
+    try:
+        mode = os.lstat(p).st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISSOCK, "socket"))
+    return next((what for test, what in kinds if test(mode)), None)
 
 
 def _example(option: str) -> str:
