@@ -79,8 +79,30 @@ class _Stdout:
         return getattr(sys.stdout, "encoding", None) or "utf-8"
 
 
-err = Console(stderr=True)
-out = Console(file=_Stdout())
+def _width() -> int | None:
+    """COLUMNS as rich reads it, except that a tiny one (0 printed nothing at all, not even an error
+    line; 1 a character a line) is raised to what a table needs."""
+    cols = os.environ.get("COLUMNS", "")
+    return max(int(cols), MIN_WIDTH) if cols.isdigit() and int(cols) < MIN_WIDTH else None
+
+
+def _replace_unencodable() -> None:
+    """A stdout/stderr whose encoding lacks a character lmkiln prints (PYTHONIOENCODING=ascii, a
+    Latin-1 locale: `±` in verify's table, a prompt's `é`) shows `?` for it: the work was done, and
+    an exit 3 after it would lie (verify's 0/1 is what CI gates on)."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            if f is not None and f.errors == "strict":
+                f.reconfigure(errors="replace")
+        except (AttributeError, ValueError, OSError):  # (not a TextIOWrapper, or closed)
+            pass
+
+
+MIN_WIDTH = 40
+# soft_wrap: a path, a message or generated text is never broken at the terminal width (80 when
+# piped) by inserted newlines; tables still fit the width
+err = Console(stderr=True, soft_wrap=True, width=_width())
+out = Console(file=_Stdout(), soft_wrap=True, width=_width())
 STATE = {"debug": False, "signal": None, "said": False}  # (the first Ctrl-C/SIGTERM; whether a command said so)
 
 
@@ -608,7 +630,10 @@ def generate_cmd(
 
     texts = generate_text(source, prompt, max_new_tokens, allow_pickle=allow_pickle, check=not no_check, device=device, dtype=dtype)
     for p, text in zip(prompt, texts):
-        out.print(f"[bold]{escape(p)}[/]{escape(text)}", highlight=False)  # model text is not markup
+        if out.is_terminal:  # shown: rich drops control characters a model may emit (escape sequences)
+            out.print(f"[bold]{escape(p)}[/]{escape(text)}", highlight=False)  # model text is not markup
+        else:  # piped or in a file: the text exactly (tabs, carriage returns), for the program reading it
+            out.file.write(f"{p}{text}\n")
 
 
 @app.command("demo")
@@ -716,6 +741,7 @@ FAST_EXIT = {("convert", "hf-to-engine")}
 
 def main() -> None:
     argv = optional_values(sys.argv[1:])
+    _replace_unencodable()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _on_signal)
     try:

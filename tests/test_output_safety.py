@@ -521,3 +521,32 @@ def test_an_output_name_too_long_for_its_temporaries_is_one_line(tmp_path, n):
     assert (ok / "x").is_file()
     r = invoke("export", "gguf", tmp_path, "-o", tmp_path / name)
     one_line_error(r, f"is {n} bytes")
+
+
+def _lmkiln(*args, **env):
+    return subprocess.run([sys.executable, "-m", "lmkiln", *map(str, args)], capture_output=True, timeout=300,
+                          env={**os.environ, "NO_COLOR": "1", "TERM": "dumb", **env})
+
+
+def test_generated_text_and_paths_are_printed_exactly(tiny_engine):
+    """Piped, generate's text was wrapped at 80 columns by inserted newlines (and tabs, carriage
+    returns dropped): a program reading it saw other text than the model wrote."""
+    from lmkiln.runtime.session import generate_text
+
+    prompt = "Once upon a time\tthere was a little girl named Lily who loved to play in the park\rwith her dog"
+    r = _lmkiln("generate", tiny_engine, "-p", prompt, "-n", "24", COLUMNS="80")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == prompt + generate_text(tiny_engine, prompt, 24) + "\n"
+
+
+def test_a_tiny_terminal_width_still_shows_the_error():
+    """COLUMNS=0 printed nothing, not even the one error line (exit 2 with an empty stderr)."""
+    r = _lmkiln("inspect", "/nonexistent", COLUMNS="0")
+    assert r.returncode == 2 and r.stderr.decode().strip() == "error: /nonexistent: no such file or directory"
+
+
+def test_a_stdout_without_the_characters_is_not_a_failure(tiny_engine):
+    """PYTHONIOENCODING=ascii (or a Latin-1 locale): exit 3 after the work, at verify's `±`, a prompt's `é`."""
+    r = _lmkiln("generate", tiny_engine, "-p", "héllo", "-n", "2", PYTHONIOENCODING="ascii")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode("ascii").startswith("h?llo")
