@@ -41,4 +41,5 @@ class QuantizationError(LmkilnError):
 
 
 class DiskFullError(LmkilnError):
-    """The filesystem an output goes to ran out of space (or quota) while writing it."""
+    """The filesystem an output goes to ran out of space (or quota), or a file there hit the largest size
+    allowed (`ulimit -f`, FAT32), while writing it."""

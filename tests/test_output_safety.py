@@ -550,3 +550,19 @@ def test_a_stdout_without_the_characters_is_not_a_failure(tiny_engine):
     r = _lmkiln("generate", tiny_engine, "-p", "héllo", "-n", "2", PYTHONIOENCODING="ascii")
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode("ascii").startswith("h?llo")
+
+
+def test_a_file_size_limit_is_one_line(tiny_llama, tmp_path):
+    """`ulimit -f` (or FAT32's 4 GiB per file): EFBIG was an internal error in every writer."""
+    import resource
+
+    limit = 32 << 10
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    r = subprocess.run([sys.executable, "-m", "lmkiln", "convert", "hf-to-engine", str(tiny_llama), "-o", str(tmp_path / "e")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **ENV}, preexec_fn=small_files)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"error: {tmp_path}: a file of the output grew past the largest file allowed there; this process "
+                                "may write files of at most 32.00 KiB (`ulimit -f`): raise the limit and re-run")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left

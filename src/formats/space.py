@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import resource
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -54,13 +55,27 @@ def disk_full_guard(where: Path, needed: int | None = None, then: str = "re-run"
 
 
 def _disk_full(e: Exception, where: Path, needed: int | None, then: str) -> None:
-    """Raise DiskFullError if `e` is a writer's way of saying the disk is full."""
-    if isinstance(e, OSError):
-        short = e.errno is None and any(m in str(e) for m in SHORT_WRITES) and free_bytes(where) < NEARLY_FULL
-        if e.errno in (errno.ENOSPC, errno.EDQUOT) or short:
-            raise DiskFullError(_message(where, needed, then)) from None
-    elif any(m in str(e) for m in TORCH_WRITE_FAILURES) and free_bytes(where) < NEARLY_FULL:
+    """Raise DiskFullError if `e` is a writer's way of saying the disk is full, or that a file there
+    may grow no larger (EFBIG)."""
+    short = any(m in str(e) for m in (SHORT_WRITES if isinstance(e, OSError) else TORCH_WRITE_FAILURES)) \
+        and (not isinstance(e, OSError) or e.errno is None)
+    if isinstance(e, OSError) and e.errno == errno.EFBIG or short and _file_size_limit() is not None:
+        raise DiskFullError(_too_large(where, then)) from None
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or short and free_bytes(where) < NEARLY_FULL:
         raise DiskFullError(_message(where, needed, then)) from None
+
+
+def _file_size_limit() -> int | None:
+    """This process's limit on a file's size (`ulimit -f`), None when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _too_large(where: Path, then: str) -> str:
+    limit = _file_size_limit()
+    why = (f"this process may write files of at most {_size(limit)} (`ulimit -f`): raise the limit" if limit is not None
+           else "the filesystem's largest file is smaller (FAT32 stops at 4 GiB): write to another filesystem")
+    return f"{where}: a file of the output grew past the largest file allowed there; {why} and {then}"
 
 
 def check_free(where: Path, needed: int, option: str = "-o") -> None:
