@@ -190,6 +190,21 @@ def test_unreachable_cluster_is_one_line_in_seconds(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["/ro/tmp/ray", "/ro/home/.ray"])
+def test_an_unwritable_ray_session_directory_is_one_line(where):
+    """A read-only TMPDIR or HOME: Ray's session files failed as an internal error (OSError EROFS)."""
+    import errno
+    import types
+
+    def init(**kw):
+        raise OSError(errno.EROFS, "Read-only file system", where)
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    with pytest.raises(InputError, match=rf"^--ray: Ray cannot write its session files in {where} \(Read-only file system\); "
+                                         "set RAY_TMPDIR \(or TMPDIR\) and HOME to writable directories$"):
+        RayDriver()._connect(fake)
+
+
 def test_job_threads_are_part_of_the_fingerprint(tmp_path, monkeypatch):
     """CPU kernels round by thread count: the threads a job gets are recorded, so a resume
     under other threads is refused instead of mixing roundings."""

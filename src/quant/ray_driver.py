@@ -21,6 +21,7 @@ output is bit-identical to a run without Ray.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -127,6 +128,11 @@ class RayDriver:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"--ray {self.address or ''}: cannot start or join a Ray cluster ({first}); "
                              "check the address (host:6379 or ray://host:10001) or omit it for a local runtime") from None
+        except OSError as e:  # Ray's session files go under RAY_TMPDIR (else TMPDIR) and ~/.ray
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise InputError(f"--ray: Ray cannot write its session files in {e.filename or 'its temporary directory'} "
+                             f"({e.strerror}); set RAY_TMPDIR (or TMPDIR) and HOME to writable directories") from None
         return True
 
     def _placement(self, ray, compute, plan, n_layers: int) -> tuple[int, dict]:
