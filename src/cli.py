@@ -424,8 +424,13 @@ def quantize_cmd(
     if calib is not None and not opts.calibrated:
         err.print(f"[yellow]note[/] --calib is not used by --method {method}: round-to-nearest needs no calibration text",
                   highlight=False, soft_wrap=True)
+    if workers and ray is None:
+        raise InputError("--workers goes with --ray")
+    if ray is not None and not ray.strip():
+        raise InputError("--ray '': give a cluster address (HOST:PORT or auto), or --ray alone for this machine")
     if dry_run:
         note = _dry_run_output(output, force, model)
+        check_writable(report, "--report", force, inputs=(model,), outputs=(output,))
         compute = resolve_compute(device, dtype)
         if not probe:
             _plan_table(plan_quantize(model, output, opts, calib_opts, compute, to=to))
@@ -437,10 +442,6 @@ def quantize_cmd(
         if note:
             out.print(f"[yellow]note[/] the real run would stop here: {escape(note)}", highlight=False, soft_wrap=True)
         return
-    if workers and ray is None:
-        raise InputError("--workers goes with --ray")
-    if ray is not None and not ray.strip():
-        raise InputError("--ray '': give a cluster address (HOST:PORT or auto), or --ray alone for this machine")
     with LazyProgress("layers") as bar:
         driver, on_layer = None, (lambda i, n, rep: bar.update(i + 1, n))
         if ray is not None:

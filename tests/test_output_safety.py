@@ -356,6 +356,11 @@ def test_dry_run_says_what_the_real_run_would_refuse(model, tmp_path):
     assert r.exit_code == 0 and "note" not in r.stdout
     one_line_error(invoke(*q, "-o", model / "x"), "must not be, contain or sit inside the input")
     one_line_error(invoke(*q, "-o", tmp_path / "nodir" / "x"), "does not exist")
+    # options the real run refuses before any work printed a plan with exit 0 (fault sweep 4)
+    for extra, says in [(("--calib", tmp_path / "missing.txt"), "does not exist"), (("--calib", "/dev/null"), "not a regular file"),
+                        (("--report", model / "r.json"), "must not be or sit inside the input"),
+                        (("--workers", "2"), "--workers goes with --ray"), (("--ray", ""), "--ray '': give a cluster address")]:
+        one_line_error(invoke(*q, "-o", tmp_path / "new", *extra), says)
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")

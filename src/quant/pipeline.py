@@ -275,7 +275,10 @@ def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOpti
         raise InputError(f"{ckpt.path}: already quantized (quantization_config present); quantize the original fp checkpoint")
     _check_layout(to, arch, mcfg, options)
     if options.calibrated:  # what the real run refuses first: the plan must not promise it (it printed a plan, exit 0)
+        from lmkiln.quant.calib import load_calibration_texts
+
         _check_seqlen(calib, mcfg)
+        load_calibration_texts(calib.path)  # (a missing, empty or unreadable --calib; the text is read whole, as the run does)
     free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
     return make_plan(ckpt, arch, mcfg, options, compute, calib.n_samples, calib.seqlen, Path(out_dir), free)
 
