@@ -330,3 +330,21 @@ def test_pickle_code_is_never_run(tmp_path, tiny_llama):
         HFCheckpoint(d, allow_pickle=True)
     assert "\n" not in str(e.value)  # torch's explanation is a paragraph: its first line only
     assert not marker.exists()
+
+
+def test_a_model_replaced_while_it_is_read_is_read_whole_as_it_was(tmp_path):
+    """Another run writing the model with --force (a new directory renamed into place) while convert
+    or quantize read it: the rest of the tensors came from the new files, some at the old offsets
+    (found by a fault sweep: an engine half old, half garbage, checksums holding, exit 0)."""
+    src = make_tiny_model(tmp_path / "m", seed=0, max_shard_size="40KB")
+    reference = HFCheckpoint(make_tiny_model(tmp_path / "same", seed=0, max_shard_size="40KB"))  # the old model's twin
+    ckpt = HFCheckpoint(src)
+    first = ckpt.keys()[0]
+    assert torch.equal(ckpt.get(first), reference.get(first))  # reading has begun
+    make_tiny_model(tmp_path / "new", seed=1, max_shard_size="40KB", intermediate_size=96)  # other values, other offsets
+    shutil.rmtree(src)
+    (tmp_path / "new").rename(src)
+    new = HFCheckpoint(src)
+    assert not torch.equal(new.get(first), reference.get(first))
+    for n in ckpt.keys():
+        assert torch.equal(ckpt.get(n), reference.get(n)), n

@@ -3,15 +3,19 @@
 A checkpoint is `config.json` plus either `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Every safetensors header is validated before any
 tensor is read, the index and the files must agree exactly, and tensors are read one
-at a time through memory maps, so a reader never holds the model. Pickle checkpoints
+at a time (pread of their byte spans), so a reader never holds the model. Each weight
+file stays open from its header's reading on: a model replaced while it is read (another
+run writing it with --force) is read whole as it was, never half old, half new. Pickle checkpoints
 (`pytorch_model*.bin`) can execute code when loaded; they are refused unless the user
 opts in, and then loaded with `weights_only=True`. Remote code is never run.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -58,6 +62,15 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
 class HFCheckpoint:
     """A validated, lazily read Hugging Face model directory."""
 
@@ -73,6 +86,8 @@ class HFCheckpoint:
             raise InputError(f"{self.path}: no config.json here; is this a Hugging Face model directory?")
         self.config = read_json(self.path / "config.json", "config.json")
         self._spans: dict[str, object] = {}  # name -> validated TensorInfo (byte span in its file)
+        self._fds: dict[str, int] = {}  # file name -> descriptor, open from its header's reading on
+        weakref.finalize(self, _close_all, self._fds)
         self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.weight_map: dict[str, str] = {}  # tensor name -> file name
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -103,7 +118,16 @@ class HFCheckpoint:
         fpath = self.path / fname
         if not fpath.exists():
             raise CheckpointError(f"{self.path}: the index lists {fname} but the file is missing")
+        try:
+            fd = self._fds[fname] = os.open(fpath, os.O_RDONLY)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise InputError(f"{fpath}: too many open files ({len(self._fds)} weight files open); raise the limit "
+                                 "(`ulimit -n`)") from None
+            raise
         tensors, _ = read_header(fpath)
+        if not os.path.samestat(os.fstat(fd), os.stat(fpath)):  # replaced between the open and the header's reading
+            raise CheckpointError(f"{fpath}: the file was replaced while it was opened; re-run once the model is complete")
         if expected is not None and set(tensors) != expected:
             extra = sorted(set(tensors) - expected)
             missing = sorted(expected - set(tensors))
@@ -185,16 +209,12 @@ class HFCheckpoint:
         if info.nbytes == 0:
             return out
         buf = out.view(-1).view(torch.uint8).numpy()
-        fd = os.open(self.path / fname, os.O_RDONLY)
-        try:
-            got = 0
-            while got < info.nbytes:
-                n = os.preadv(fd, [memoryview(buf)[got:]], info.begin + got)
-                if n <= 0:
-                    raise CheckpointError(f"{self.path / fname}: file ended inside tensor {name!r}; it changed while reading")
-                got += n
-        finally:
-            os.close(fd)
+        got = 0
+        while got < info.nbytes:
+            n = os.preadv(self._fds[fname], [memoryview(buf)[got:]], info.begin + got)
+            if n <= 0:
+                raise CheckpointError(f"{self.path / fname}: file ended inside tensor {name!r}; it changed while reading")
+            got += n
         return out
 
     @property
