@@ -375,10 +375,10 @@ def test_resume_from_damaged_state_is_one_line(damage, flip, tmp_path, monkeypat
     else:
         f.write_bytes(f.read_bytes()[:20])
     with pytest.raises(InputError, match=r"the resume state of (layer \d|the input of layer 2) is damaged .*"
-                                         r"run without --resume to start over") as e:
+                                         r"run with --force instead of --resume to start over") as e:
         quantize_model(STORIES, out, W4, small, resume=True)
     assert "\n" not in str(e.value)
-    assert quantize_model(STORIES, out, W4, small).output == out  # and starting over works
+    assert quantize_model(STORIES, out, W4, small, force=True).output == out  # and starting over works
 
 
 def test_resume_refuses_changed_options_or_calibration(tmp_path, monkeypatch):
@@ -405,11 +405,83 @@ def test_resume_refuses_changed_options_or_calibration(tmp_path, monkeypatch):
     assert sorted(str(p.relative_to(partial)) for p in partial.rglob("*")) == before  # untouched
     assert not out.exists()
 
-    # Without resume the stale partial run is discarded and the whole model redone.
-    seen = []
-    quantize_model(STORIES, out, W4, small, on_layer=lambda i, n, rep: seen.append(i))
-    assert seen == list(range(N_LAYERS))
+    # A plain re-run (after a SIGKILL nothing says "--resume") keeps the finished layers and says how to go on;
+    # --force discards them and redoes the whole model.
+    with pytest.raises(InputError, match=r"interrupted after 1 finished layer\(s\); pass --resume to continue after them, "
+                                         r"or --force to discard them and start over"):
+        quantize_model(STORIES, out, W4, small)
+    assert sorted(str(p.relative_to(partial)) for p in partial.rglob("*")) == before
+    seen, said = [], []
+    quantize_model(STORIES, out, W4, small, force=True, on_layer=lambda i, n, rep: seen.append(i), on_info=said.append)
+    assert seen == list(range(N_LAYERS)) and "discarded the 1 finished layer(s) of an earlier, interrupted run (--force)" in said
     assert out.is_dir() and not partial.exists()
+
+
+RTN4 = QuantOptions(bits=4, group_size=32, method="rtn")
+
+
+def test_a_state_killed_before_its_first_layer_starts_over(tmp_path, monkeypatch):
+    """A disk-full (or quota) writing the fingerprint, the state's first file, was an internal error, and
+    the state it left (no fingerprint, no layer) blocked every --resume: "no readable fingerprint"."""
+    import errno
+
+    import lmkiln.quant.state as state_mod
+    from lmkiln.errors import DiskFullError
+
+    out, partial = tmp_path / "q", tmp_path / ".q.lmkiln-partial"
+    real = state_mod._atomic_write_text
+
+    def full(path, text):
+        if path.name == "fingerprint.json":
+            path.with_suffix(".tmp").write_text(text[:5])  # what a short write leaves
+            raise OSError(errno.ENOSPC, "No space left on device", str(path.with_suffix(".tmp")))
+        real(path, text)
+
+    monkeypatch.setattr(state_mod, "_atomic_write_text", full)
+    with pytest.raises(DiskFullError, match=rf"^{tmp_path}: the disk is full"):
+        quantize_model(STORIES, out, RTN4)
+    assert partial.exists() and not (partial / "state" / "fingerprint.json").exists()
+    monkeypatch.setattr(state_mod, "_atomic_write_text", real)
+    said = []
+    assert quantize_model(STORIES, out, RTN4, resume=True, on_info=said.append).output == out
+    assert "the partial run had finished no layer; starting from the first layer" in said and not partial.exists()
+
+
+def test_a_state_left_beside_a_complete_output_is_swept(tmp_path):
+    """SIGKILL after the rename, while the resume state was being removed: the state (about the output's
+    size) and the lock stayed for good; every later run only said "already exists"."""
+    from lmkiln.errors import OutputExistsError
+
+    out, partial = tmp_path / "q", tmp_path / ".q.lmkiln-partial"
+    quantize_model(STORIES, out, RTN4)
+    (partial / "state").mkdir(parents=True)  # what the killed removal had not reached
+    for name in ("fingerprint.json", "layer0.safetensors", "layer0.json"):
+        (partial / "state" / name).write_text("{}")
+    (tmp_path / ".q.lmkiln-lock").write_text("")
+    said = []
+    with pytest.raises(OutputExistsError, match="already exists"):
+        quantize_model(STORIES, out, RTN4, on_info=said.append)
+    assert not partial.exists() and not (tmp_path / ".q.lmkiln-lock").exists()
+    assert said == [f"removed {partial.name}: the resume state of an earlier run whose output is complete"]
+
+
+def test_resume_refuses_a_weight_file_edited_in_place(tmp_path, monkeypatch):
+    """An edit between the fingerprint's sampled spans resumed, mixing old and new layers: each weight
+    file's modification time is part of the fingerprint too."""
+    import os
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(STORIES, model)
+    monkeypatch.setenv(STOP_ENV, "0")
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, tmp_path / "q", RTN4)
+    monkeypatch.delenv(STOP_ENV)
+    w = model / "model.safetensors"
+    st = w.stat()
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same bytes where sampled, written since
+    with pytest.raises(InputError, match=r"the model files\.model\.safetensors changed since it started"):
+        quantize_model(model, tmp_path / "q", RTN4, resume=True)
 
 
 # -- 5-7. the command line ---------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_an_unwritable_ray_session_directory_is_one_line(where):
 
     fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
     with pytest.raises(InputError, match=rf"^--ray: Ray cannot write its session files in {where} \(Read-only file system\); "
-                                         "set RAY_TMPDIR \(or TMPDIR\) and HOME to writable directories$"):
+                                         r"set RAY_TMPDIR \(or TMPDIR\) and HOME to writable directories$"):
         RayDriver()._connect(fake)
 
 

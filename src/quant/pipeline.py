@@ -36,6 +36,7 @@ from lmkiln.formats.atomic import atomic_dir, check_output, check_output_file, o
 from lmkiln.formats.awq_gemm import AwqSpec
 from lmkiln.formats.engine import config_sha256
 from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.space import disk_full_guard
 from lmkiln.quant.awq import QuantOptions, fp_forward, layer_chunk
 from lmkiln.quant.job import Compute, LayerModule, LayerResult, causal_mask, position_embeddings, resolve_compute, run_layer
 from lmkiln.quant.plan import QuantPlan, human, layer_linears, make_plan
@@ -102,6 +103,22 @@ def remove_state(partial: Path) -> None:
             interrupt = e
     if interrupt is not None:
         raise interrupt
+
+
+def _sweep_finished_state(out_dir: Path, info) -> None:
+    """A run killed outright (SIGKILL, power loss) after its output was renamed into place left
+    the resume state (about the output's size) and nothing would ever remove it: the next run
+    writing that output removes it, holding the output's lock (a live run's state is never touched)."""
+    partial = partial_dir(out_dir)
+    if not ((out_dir.exists() or out_dir.is_symlink()) and partial.exists() and not (partial / "out").exists()):
+        return
+    try:
+        with output_lock(out_dir):
+            if partial.exists() and not (partial / "out").exists():
+                remove_state(partial)
+                info(f"removed {partial.name}: the resume state of an earlier run whose output is complete")
+    except InputError:  # another run holds the lock: the state is its own
+        return
 
 
 class StateCleanup:
@@ -329,6 +346,8 @@ def quantize_model(
     if quantized is not None:
         raise InputError(f"{ckpt.path}: already quantized (quantization_config present); quantize the original fp checkpoint")
     acc = account(ckpt, arch, mcfg)
+    if not probe_only:
+        _sweep_finished_state(Path(out_dir), info)
     out_dir = Path(out_dir) if probe_only else check_output(Path(out_dir), force, inputs=(ckpt.path,))
     if report_path is not None and not probe_only:  # refused now, not after the run has committed the output
         report_path = check_output_file(Path(report_path), force, (ckpt.path, *filter(None, [calib.path])), "--report", (out_dir,))
@@ -364,6 +383,9 @@ def quantize_model(
                         "threads": job_threads(mcfg, compute, driver.prepare(compute, plan, n_layer) if driver else None)},
             "lmkiln_version": lmkiln.__version__,
             "output format (--to)": to,  # the partial output holds that format's files
+            # an edit in place between the fingerprint's samples changes a file's modification time (the
+            # samples stay the content check, which Ray tasks on other nodes' copies of the model also make)
+            "model files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in ckpt.weight_files()},
         }
         layer_kwargs = calibration_kwargs(mcfg, ids, compute) if options.calibrated else None
 
@@ -377,7 +399,8 @@ def quantize_model(
             report = {"layers": [res.report], "totals": _totals(t_start, [res.report], calib_info, compute)}
             return QuantResult(None, report, plan)
 
-        state = ResumeState(partial, fingerprint, resume, info)
+        with disk_full_guard(out_dir.parent, plan.disk_needed):  # (the fingerprint is the state's first file)
+            state = ResumeState(partial, fingerprint, resume, info, force)
         start = state.done(n_layer)
         if resume and start:
             info(f"resuming after {start} finished layer(s)")

@@ -95,15 +95,24 @@ def finished_layers(partial: Path) -> int:
 
 
 class ResumeState:
-    def __init__(self, partial: Path, fingerprint: dict, resume: bool, info=lambda s: None):
+    def __init__(self, partial: Path, fingerprint: dict, resume: bool, info=lambda s: None, force: bool = False):
+        """The state at `partial`. A partial run with finished layers is continued (`resume`, if its
+        fingerprint matches), discarded (`force`), or refused: finished layers are hours of work on
+        a big model, and a plain re-run after a crash (no "--resume" hint there) threw them away."""
         self.dir = Path(partial) / "state"
         self.fingerprint = fingerprint
-        if Path(partial).exists():
+        done = finished_layers(partial)
+        if Path(partial).exists() and not done:  # killed before any layer finished: nothing to keep or check
+            shutil.rmtree(partial)
+            if resume:
+                info("the partial run had finished no layer; starting from the first layer")
+        elif Path(partial).exists():
             if resume:
                 try:
                     old = json.loads((self.dir / "fingerprint.json").read_text())
                 except (OSError, json.JSONDecodeError):
-                    raise InputError(f"{partial}: the partial run has no readable fingerprint; remove it and start again") from None
+                    raise InputError(f"{partial}: the partial run has no readable fingerprint; run with --force instead of --resume "
+                                     "to start over") from None
                 diff = []
                 for k in fingerprint:
                     if old.get(k) != fingerprint[k]:
@@ -112,9 +121,13 @@ class ResumeState:
                         diff += sub or [k]  # name the option, not just "options"
                 if diff:
                     raise InputError(f"cannot resume from {partial}: the {' and '.join(diff)} changed since it started; "
-                                     "run without --resume to start over")
-            else:
+                                     "run with --force instead of --resume to start over")
+            elif force:
                 shutil.rmtree(partial)
+                info(f"discarded the {done} finished layer(s) of an earlier, interrupted run (--force)")
+            else:
+                raise InputError(f"{partial}: an earlier run of this output was interrupted after {done} finished layer(s); "
+                                 "pass --resume to continue after them, or --force to discard them and start over")
         elif resume:
             info("nothing to resume; starting from the first layer")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -174,4 +187,4 @@ class ResumeState:
 
     def _damaged(self, what: str, e: Exception) -> InputError:
         return InputError(f"{self.dir.parent}: the resume state of {what} is damaged ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160] if str(e) else 'unreadable'}); run without --resume to start over")
+                          f"{str(e).splitlines()[0][:160] if str(e) else 'unreadable'}); run with --force instead of --resume to start over")
