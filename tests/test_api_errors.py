@@ -323,3 +323,25 @@ def test_cli_interrupt_after_the_rename_gives_no_resume_hint(tiny_llama, tmp_pat
     r = invoke("quantize", tiny_llama, "-o", out, "--w4a16", "--group-size", "32", "--method", "rtn", "--device", "cpu")
     assert r.exit_code != 0 and "--resume" not in r.output, r.output
     assert (out / "config.json").is_file() and not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize("kw, match", [({"tp": "2"}, r"^tp '2': give a whole number"), ({"tp": 2.0}, r"^tp 2\.0: give a whole number"),
+                                       ({"tp": True}, r"^tp True"), ({"dtype": torch.float16}, r"^dtype torch\.float16: give one of"),
+                                       ({"extra_files": "/etc/hostname"}, r"^extra_files '/etc/hostname': give a list of paths")])
+def test_convert_api_refuses_bad_types(tiny_llama, tmp_path, kw, match):
+    """These failed as a TypeError deep inside (or, for a str of extra files, read them letter by letter)."""
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+
+    with pytest.raises(InputError, match=match):
+        convert_hf_to_engine(tiny_llama, tmp_path / "e", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kw, match", [({"head_bits": 8.0}, r"^head_bits 8\.0: choose"), ({"head_bits": True}, r"^head_bits True"),
+                                       ({"accuracy_level": "4"}, r"^--accuracy-level '4': choose one of 0, 1, 2, 3, 4")])
+def test_export_onnx_api_refuses_bad_types(tiny_engine, tmp_path, kw, match):
+    from lmkiln.export import export_onnx
+
+    with pytest.raises(InputError, match=match):
+        export_onnx(tiny_engine, tmp_path / "x", **kw)
+    assert list(tmp_path.iterdir()) == []

@@ -364,6 +364,13 @@ def convert_hf_to_engine(
 ) -> Path:
     """Convert; returns the engine path. `progress(name, nbytes)` is called per tensor written.
     `extra_files` (e.g. a quantization report) are copied in before the engine appears."""
+    # the Python API's arguments, as the CLI's parser gives them (a "2" or 2.0 failed as a TypeError deep inside)
+    if not isinstance(tp, int) or isinstance(tp, bool):
+        raise InputError(f"tp {tp!r}: give a whole number of tensor-parallel ranks (--tp), e.g. 1 or 2")
+    if not isinstance(dtype, str):
+        raise InputError(f"dtype {dtype!r}: give one of auto, {', '.join(WEIGHT_TYPES)} (--dtype)")
+    if isinstance(extra_files, (str, Path)):  # (a str would be iterated character by character)
+        raise InputError(f"extra_files {str(extra_files)!r}: give a list of paths, e.g. [Path('report.json')]")
     ckpt = HFCheckpoint(model_dir, allow_pickle=allow_pickle)
     plan = make_plan(ckpt, tp, dtype)
     out_dir = check_output(Path(out_dir), force, (ckpt.path,))

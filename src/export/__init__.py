@@ -76,12 +76,13 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
 
     if ep not in EPS:
         raise InputError(f"--ep {ep!r}: choose one of {', '.join(EPS)}")
-    if head_bits not in (None, *HEAD_BITS):
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (8.0 and "4" are not levels)
+    if head_bits is not None and not (whole(head_bits) and head_bits in HEAD_BITS):
         raise InputError(f"head_bits {head_bits!r}: choose 0 (fp head), 4 or 8")
     if accuracy_level is None:
         accuracy_level = DEFAULT_ACCURACY_LEVEL[ep]
-    if accuracy_level not in ACCURACY_LEVELS:  # onnxruntime refuses others only when the model is loaded
-        raise InputError(f"--accuracy-level {accuracy_level}: choose one of {', '.join(map(str, ACCURACY_LEVELS))} "
+    if not (whole(accuracy_level) and accuracy_level in ACCURACY_LEVELS):  # onnxruntime refuses others only at load
+        raise InputError(f"--accuracy-level {accuracy_level!r}: choose one of {', '.join(map(str, ACCURACY_LEVELS))} "
                          "(0 exact, 4 int8 activations)")
     source = Path(source)
     if not source.exists():
