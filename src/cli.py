@@ -411,7 +411,7 @@ def quantize_cmd(
     from lmkiln.errors import InputError
     from lmkiln.quant.awq import QuantOptions
     from lmkiln.quant.job import resolve_compute
-    from lmkiln.quant.pipeline import CalibOptions, finished_layers, plan_quantize, quantize_model
+    from lmkiln.quant.pipeline import METHODS, CalibOptions, finished_layers, plan_quantize, quantize_model, unused_options
 
     if w4a16 == w8a16:
         raise InputError("choose exactly one of --w4a16 or --w8a16")
@@ -421,8 +421,10 @@ def quantize_cmd(
                         clip=not no_clip, duo_scaling=duo_scaling, chunk=chunk, damp=damp, act_order=act_order,
                         min_expert_tokens=min_expert_tokens, calib_inputs=calib_inputs)
     calib_opts = CalibOptions(path=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed)
-    if calib is not None and not opts.calibrated:
-        err.print(f"[yellow]note[/] --calib is not used by --method {method}: round-to-nearest needs no calibration text",
+    unused = unused_options(opts, calib_opts) if method in METHODS else []
+    if unused:
+        err.print(f"[yellow]note[/] {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by --method {method}"
+                  + (": round-to-nearest needs no calibration text" if not opts.calibrated and calib is not None else ""),
                   highlight=False, soft_wrap=True)
     if workers and ray is None:
         raise InputError("--workers goes with --ray")

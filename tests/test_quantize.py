@@ -693,3 +693,17 @@ def test_nan_outside_the_decoder_layers(name, tmp_path):
     replace_tensor(src / "model.safetensors", name, t)
     with pytest.raises(InputError, match=rf"tensor '{name}' \(shape .*\) contains NaN or Inf"):
         quantize_model(src, tmp_path / "q", W4, CalibOptions(n_samples=2, seqlen=64))
+
+
+def test_cli_notes_options_the_method_does_not_read(tmp_path):
+    """`--method rtn --act-order --damp 0.5` ran with exit 0 and no word (--calib alone had a note)."""
+    base = ["quantize", str(STORIES), "--w4a16", "--group-size", "32", "--dry-run", "-o", str(tmp_path / "q")]
+    env = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    r = CliRunner().invoke(app, base + ["--method", "rtn", "--act-order", "--damp", "0.5", "--no-clip", "--calib-samples", "3"], env=env)
+    assert r.exit_code == 0, r.output
+    assert "note --no-clip, --damp, --act-order, --calib-samples are not used by --method rtn" in r.stderr
+    r = CliRunner().invoke(app, base + ["--method", "gptq", "--no-clip", "--calib-samples", "16", "--calib-seqlen", "64"], env=env)
+    assert r.exit_code == 0 and "note --no-clip is not used by --method gptq" in r.stderr
+    r = CliRunner().invoke(app, base + ["--method", "awq+gptq", "--no-clip", "--act-order", "--calib-samples", "16", "--calib-seqlen", "64"],
+                           env=env)
+    assert r.exit_code == 0 and "not used" not in r.stderr

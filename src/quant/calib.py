@@ -168,7 +168,7 @@ class CalibrationSet:
 
     def describe(self) -> str:
         text = (
-            f"{self.n_samples} samples × {self.seqlen} tokens = {self.n_tokens:,} tokens "
+            f"{self.n_samples} sample{'' if self.n_samples == 1 else 's'} × {self.seqlen} tokens = {self.n_tokens:,} tokens "
             f"from {self.n_documents_used} document{'' if self.n_documents_used == 1 else 's'}"
         )
         if self.n_requested > self.n_samples:

@@ -205,6 +205,26 @@ def check_arguments(options: QuantOptions | None, calib: CalibOptions | None) ->
     return options, calib
 
 
+# QuantOptions fields that only some methods read: field -> (the CLI's flag, the methods that read it)
+CALIBRATED = tuple(m for m in METHODS if QuantOptions(method=m).calibrated)
+METHOD_FIELDS = {"clip": ("--no-clip", ("awq", "awq+gptq")), "duo_scaling": ("--no-duo-scaling", ("awq", "awq+gptq")),
+                 "damp": ("--damp", ("gptq", "awq+gptq")), "act_order": ("--act-order", ("gptq", "awq+gptq")),
+                 "calib_inputs": ("--calib-inputs", CALIBRATED), "chunk": ("--chunk", CALIBRATED),
+                 "min_expert_tokens": ("--min-expert-tokens", CALIBRATED)}
+CALIB_FLAGS = {"path": "--calib", "n_samples": "--calib-samples", "seqlen": "--calib-seqlen", "seed": "--seed"}
+
+
+def unused_options(options: QuantOptions, calib: CalibOptions) -> list[str]:
+    """The flags set away from their defaults that `options.method` does not read (a run that
+    silently ignores --act-order under --method rtn looks like it honoured it)."""
+    qd, cd = QuantOptions(), CalibOptions()
+    unused = [flag for f, (flag, methods) in METHOD_FIELDS.items()
+              if options.method not in methods and getattr(options, f) != getattr(qd, f)]
+    if options.method not in CALIBRATED:
+        unused += [flag for f, flag in CALIB_FLAGS.items() if getattr(calib, f) != getattr(cd, f)]
+    return unused
+
+
 def _check_options(options: QuantOptions, to: str) -> None:
     if not isinstance(to, str) or to not in TARGETS:
         raise InputError(f"--to {to!r}: choose {', '.join(TARGETS)}")
