@@ -348,3 +348,14 @@ def test_a_model_replaced_while_it_is_read_is_read_whole_as_it_was(tmp_path):
     assert not torch.equal(new.get(first), reference.get(first))
     for n in ckpt.keys():
         assert torch.equal(ckpt.get(n), reference.get(n)), n
+
+
+def test_a_fifo_in_place_of_a_weight_file_is_refused_not_waited_on(tmp_path, tiny_llama):
+    """Opening it blocked until a writer came: inspect, convert and quantize hung for good."""
+    import os
+
+    src = copy_tree(tiny_llama, tmp_path / "m")
+    (src / "model.safetensors").unlink()
+    os.mkfifo(src / "model.safetensors")
+    with pytest.raises(SafetensorsFormatError, match="model.safetensors: not a regular file"):
+        HFCheckpoint(src)

@@ -119,7 +119,7 @@ class HFCheckpoint:
         if not fpath.exists():
             raise CheckpointError(f"{self.path}: the index lists {fname} but the file is missing")
         try:
-            fd = self._fds[fname] = os.open(fpath, os.O_RDONLY)
+            fd = self._fds[fname] = os.open(fpath, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO: refused below, not waited on)
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 raise InputError(f"{fpath}: too many open files ({len(self._fds)} weight files open); raise the limit "

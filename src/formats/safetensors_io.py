@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import queue
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -75,7 +76,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # (a FIFO would block the open below for good)
+            raise SafetensorsFormatError(f"{path}: not a regular file; a safetensors file is expected here")
+        size = st.st_size
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
