@@ -11,7 +11,7 @@ from lmkiln.convert.hf_to_engine import make_plan, required_roles, role_shapes
 from lmkiln.errors import InputError
 from lmkiln.formats.engine import Engine, file_checksum, is_engine
 from lmkiln.formats.gguf import GgufFile, is_gguf
-from lmkiln.formats.hf import HFCheckpoint, has_tokenizer
+from lmkiln.formats.hf import HFCheckpoint, has_tokenizer, unpadded_ffn_width
 
 
 def _params(shapes) -> int:
@@ -24,15 +24,24 @@ def _params(shapes) -> int:
     return total
 
 
+def _unpadded(m: dict, d: Path) -> dict:
+    """The model block with the FFN width lmkiln's report says the model had before it padded it
+    to whole groups (an AWQ-GEMM output and the engine converted from it store the padded width):
+    the zero rows are not parameters."""
+    w = unpadded_ffn_width(d)
+    return m if w is None or w >= m["inter_size"] else dict(m, inter_size=w, stored_inter_size=m["inter_size"])
+
+
 def _model_rows(m: dict) -> list[tuple[str, str]]:
     rope = m["rope"]
+    stored = f" (stored zero-padded to {m['stored_inter_size']})" if "stored_inter_size" in m else ""
     return [
         ("architecture", m["architecture"]),
         ("layers", str(m["num_layer"])),
         ("hidden", str(m["hidden_units"])),
         ("heads / kv heads / head dim", f"{m['head_num']} / {m['kv_head_num']} / {m['size_per_head']}"),
-        ("ffn width", str(m["inter_size"]) + (f" per expert; {m['num_experts']} experts, top {m['experts_per_token']}"
-                                               if m.get("num_experts") else "")),
+        ("ffn width", str(m["inter_size"]) + stored + (f" per expert; {m['num_experts']} experts, top {m['experts_per_token']}"
+                                                       if m.get("num_experts") else "")),
         ("vocab", str(m["vocab_size"])),
         ("rope", f"{rope['type']}, base {rope['base']:g}" + (f", {rope['scaling']}" if rope.get("scaling") else "")),
         ("tied embeddings", str(m["tie_word_embeddings"])),
@@ -66,9 +75,10 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
     if is_engine(path):
         eng = Engine(path)
         man = eng.manifest
-        rows = _model_rows(eng.model)
+        model = _unpadded(eng.model, path)
+        rows = _model_rows(model)
         rows += [
-            ("parameters", f"{_params(_logical_shapes(eng.model)):,}"),
+            ("parameters", f"{_params(_logical_shapes(model)):,}"),
             ("weight type", _weight_type(man)),
         ]
         q = eng.quant
@@ -104,11 +114,12 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
     ckpt = HFCheckpoint(path, allow_pickle=allow_pickle)
     # the checks convert runs before its first byte: every tensor accounted for, every shape as config.json implies
     plan = make_plan(ckpt)
-    rows = _model_rows(plan.model)
+    model = _unpadded(plan.model, path)
+    rows = _model_rows(model)
     q = ckpt.config.get("quantization_config")
     # parameters as the model has them: an AWQ linear counts its role's (out, in), not its packed, padded
     # int32 words; its qzeros/scales are not weights
-    shapes = role_shapes(plan.model)
+    shapes = role_shapes(model)
     weights = [shapes[role] if n in plan.acc.quantized else ckpt.shape(n) for n, role in plan.acc.consumed.items()
                if n not in plan.acc.quantized or n.endswith(".qweight")]
     rows += [

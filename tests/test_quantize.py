@@ -707,3 +707,20 @@ def test_cli_notes_options_the_method_does_not_read(tmp_path):
     r = CliRunner().invoke(app, base + ["--method", "awq+gptq", "--no-clip", "--act-order", "--calib-samples", "16", "--calib-seqlen", "64"],
                            env=env)
     assert r.exit_code == 0 and "not used" not in r.stderr
+
+
+def test_padding_is_not_counted_and_the_report_follows_the_conversion(tmp_path):
+    """An AWQ-GEMM output stores the FFN width padded to whole groups (172 -> 192 here): inspect counted
+    the zero rows as parameters (279,232 for 260,032), and converting it to an engine dropped the report,
+    so verify's warning about evaluating on calibration text went silent for the engine."""
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.inspect_model import describe
+    from lmkiln.verify.verify import _calibration_shingles
+
+    awq = quantize_model(STORIES, tmp_path / "awq", W4, CalibOptions(n_samples=4, seqlen=64)).output
+    eng = convert_hf_to_engine(awq, tmp_path / "eng")
+    rows = {p: dict(describe(p)[1]) for p in (STORIES, awq, eng)}
+    assert rows[STORIES]["ffn width"] == "172"
+    assert rows[awq]["ffn width"] == rows[eng]["ffn width"] == "172 (stored zero-padded to 192)"
+    assert rows[STORIES]["parameters"] == rows[awq]["parameters"] == rows[eng]["parameters"] == "260,032"
+    assert _calibration_shingles(eng) == _calibration_shingles(awq) != []

@@ -35,7 +35,7 @@ from lmkiln.formats.engine import (
     DTYPE_NAMES, FORMAT, QUANT_TYPES, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
     VERSION, expected_tensors, manifest_index, manifest_model, write_manifest,
 )
-from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.hf import QUANT_REPORT, HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.formats.safetensors_io import Rows
 from lmkiln.formats.space import check_free
@@ -374,6 +374,9 @@ def convert_hf_to_engine(
     ckpt = HFCheckpoint(model_dir, allow_pickle=allow_pickle)
     plan = make_plan(ckpt, tp, dtype)
     out_dir = check_output(Path(out_dir), force, (ckpt.path,))
+    report = ckpt.path / QUANT_REPORT  # an lmkiln AWQ-GEMM output's: verify's calibration-overlap check reads it
+    if report.is_file() and QUANT_REPORT not in {Path(f).name for f in extra_files}:
+        extra_files = (*extra_files, report)
     needed = sum(dt.itemsize * math.prod(shape) for _, _, dt, shape in plan.tensors) \
         + sum(f.stat().st_size for f in [*ckpt.tokenizer_files(), *map(Path, extra_files)])
     check_free(out_dir.parent, needed)

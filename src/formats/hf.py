@@ -46,6 +46,20 @@ def has_tokenizer(d: Path) -> bool:
     """Whether directory d holds a tokenizer's vocabulary (one of VOCAB_FILES)."""
     return any((Path(d) / n).is_file() for n in VOCAB_FILES)
 
+# lmkiln's quantization report beside its AWQ-GEMM / compressed-tensors outputs and engines (and carried
+# into the engines converted from them): calibration (verify's overlap check), layers, padding written
+QUANT_REPORT = "lmkiln_quant_report.json"
+
+
+def unpadded_ffn_width(d: Path) -> int | None:
+    """The FFN width a model had before lmkiln zero-padded it to whole groups (its report's record;
+    config.json says the padded one, which other tools load), or None."""
+    try:
+        return int(json.loads((Path(d) / QUANT_REPORT).read_text())["padding"]["intermediate_size"]["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 

@@ -33,12 +33,12 @@ from lmkiln.formats import compressed_tensors as ct
 from lmkiln.formats.awq_gemm import PACK, AwqSpec, qlinear_shapes, write_qlinear
 from lmkiln.formats.packing import round_up
 from lmkiln.formats.engine import EngineWriter, copy_side_files, expected_tensors, write_manifest
-from lmkiln.formats.hf import HFCheckpoint
+from lmkiln.formats.hf import QUANT_REPORT, HFCheckpoint
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.formats.safetensors_io import StreamWriter
 from lmkiln.quant.job import LayerResult
 
-REPORT = "lmkiln_quant_report.json"
+REPORT = QUANT_REPORT
 
 
 class Sink:
