@@ -311,9 +311,18 @@ def test_report_and_plot_replace_a_file_only_with_force(tiny_llama, tiny_engine,
 
 @pytest.mark.parametrize("option,value,needle", [
     ("--min-top1", "5", "from 0 to 1"), ("--min-top5", "-3", "from 0 to 1"), ("--min-p-top", "1.5", "from 0 to 1"),
-    ("--max-kl", "-1", "≥ 0"), ("--max-ppl-increase", "-0.5", "≥ 0")])
+    ("--max-kl", "-1", "≥ 0"), ("--max-ppl-increase", "-0.5", "≥ 0"),
+    # echoed as given: "--min-top1 1: choose a fraction from 0 to 1" read as if 1 were refused
+    ("--min-top1", "1.0000001", "from 0 to 1"), ("--max-kl", "inf", "give a finite number")])
 def test_impossible_thresholds_are_refused(option, value, needle, tiny_llama, tiny_engine):
-    one_line_error(invoke("verify", tiny_llama, tiny_engine, *QUICK_VERIFY, option, value), f"{option} {float(value):g}", needle)
+    one_line_error(invoke("verify", tiny_llama, tiny_engine, *QUICK_VERIFY, option, value), f"{option} {float(value)!r}", needle)
+
+
+def test_a_failing_value_is_never_printed_as_its_threshold():
+    from lmkiln.verify.verify import _versus
+
+    assert _versus(0.5, 0.25) == "0.5 vs threshold 0.25"
+    assert _versus(0.27412212345, 0.27412212344) == "0.27412212345 vs threshold 0.27412212344"
 
 
 # -- A3, B9: demo --workdir ------------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_threshold_out_of_range_is_refused_before_any_run(key, value, fp_engine,
     import lmkiln.verify.verify as V
 
     monkeypatch.setattr(V, "open_runner", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(InputError, match=f"--{key.replace('_', '-')} {value:g}: choose"):
+    with pytest.raises(InputError, match=f"--{key.replace('_', '-')} {value!r}: choose"):
         V.run_verify(STORIES, fp_engine, V.VerifyOptions(**{key: value}))
 
 

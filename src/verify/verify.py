@@ -179,6 +179,12 @@ def check_gguf_vocabulary(path: Path, tok) -> None:
                              "llama.cpp would tokenize text differently: export the GGUF again from this model")
 
 
+def _versus(value: float, threshold: float) -> str:
+    """"value vs threshold" in 6 digits, or all of them where 6 would print a failing value as its threshold."""
+    a, b = f"{value:.6g}", f"{threshold:.6g}"
+    return f"{a} vs threshold {b}" if a != b else f"{value!r} vs threshold {threshold!r}"
+
+
 def _calibration_shingles(candidate: Path) -> list[str]:
     rep = Path(candidate) / "lmkiln_quant_report.json"
     if not rep.is_file():
@@ -225,10 +231,10 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions | None = None,
     thresholds.update({k: getattr(o, k) for k in OPTIONAL_THRESHOLDS if getattr(o, k) is not None})
     for k, v in thresholds.items():
         if not (isinstance(v, (int, float)) and math.isfinite(v)):
-            raise InputError(f"--{k.replace('_', '-')} must be a number")
+            raise InputError(f"--{k.replace('_', '-')} {v!r}: give a finite number (a large one, e.g. 1e9, for no limit)")
         lo, hi = THRESHOLD_RANGES[k]
         if not lo <= v <= hi:
-            raise InputError(f"--{k.replace('_', '-')} {v:g}: choose " + ("a fraction from 0 to 1" if hi == 1 else "a value ≥ 0"))
+            raise InputError(f"--{k.replace('_', '-')} {v!r}: choose " + ("a fraction from 0 to 1" if hi == 1 else "a value ≥ 0"))
     ctx = min(_context_length(reference), _context_length(candidate))
     seqlen = o.seqlen or min(2048, ctx)
     if seqlen > ctx:
@@ -307,7 +313,7 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions | None = None,
     }
     optional = {"min_top5": stats["top5_agreement"], "min_p_top": stats["p_top"]["candidate"]}
     checks.update({k: (v, v >= thresholds[k]) for k, v in optional.items() if k in thresholds})
-    failures = [f"{k}: {v:.6g} vs threshold {thresholds[k]:.6g}" for k, (v, ok) in checks.items() if not ok]
+    failures = [f"{k}: {_versus(v, thresholds[k])}" for k, (v, ok) in checks.items() if not ok]
     if stats["scored_tokens"] < MIN_SCORED_TOKENS:
         warnings.append(f"only {stats['scored_tokens']} tokens were scored (fewer than {MIN_SCORED_TOKENS}): the metrics are "
                         "too noisy to gate on; give more text (--data) or a larger --max-tokens")
