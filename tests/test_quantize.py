@@ -724,3 +724,15 @@ def test_padding_is_not_counted_and_the_report_follows_the_conversion(tmp_path):
     assert rows[awq]["ffn width"] == rows[eng]["ffn width"] == "172 (stored zero-padded to 192)"
     assert rows[STORIES]["parameters"] == rows[awq]["parameters"] == rows[eng]["parameters"] == "260,032"
     assert _calibration_shingles(eng) == _calibration_shingles(awq) != []
+
+
+def test_layers_finished_out_of_order_are_kept_too(tmp_path):
+    """A --ray run finishes layers out of order: one whose layer 0 never finished still holds work."""
+    from lmkiln.quant.state import ResumeState
+
+    partial = tmp_path / ".q.lmkiln-partial"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "layer2.safetensors").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"interrupted after 1 finished layer\(s\); pass --resume"):
+        ResumeState(partial, {"model": "m"}, resume=False)
+    assert (partial / "state" / "layer2.safetensors").exists()

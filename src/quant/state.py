@@ -101,7 +101,8 @@ class ResumeState:
         a big model, and a plain re-run after a crash (no "--resume" hint there) threw them away."""
         self.dir = Path(partial) / "state"
         self.fingerprint = fingerprint
-        done = finished_layers(partial)
+        # every finished layer, not just the prefix: a --ray run finishes them out of order, and resumes all
+        done = len(list(self.dir.glob("layer*.safetensors")))
         if Path(partial).exists() and not done:  # killed before any layer finished: nothing to keep or check
             shutil.rmtree(partial)
             if resume:
