@@ -24,17 +24,17 @@ def _params(shapes) -> int:
     return total
 
 
-def _unpadded(m: dict, d: Path) -> dict:
-    """The model block with the FFN width lmkiln's report says the model had before it padded it
-    to whole groups (an AWQ-GEMM output and the engine converted from it store the padded width):
-    the zero rows are not parameters."""
+def _unpadded(m: dict, d: Path) -> tuple[dict, int | None]:
+    """(the model block at the FFN width lmkiln's report says the model had before it padded it to
+    whole groups, the stored width or None): an AWQ-GEMM output and the engine converted from it
+    store the padded width, and its zero rows are not parameters."""
     w = unpadded_ffn_width(d)
-    return m if w is None or w >= m["inter_size"] else dict(m, inter_size=w, stored_inter_size=m["inter_size"])
+    return (m, None) if w is None or w >= m["inter_size"] else (dict(m, inter_size=w), m["inter_size"])
 
 
-def _model_rows(m: dict) -> list[tuple[str, str]]:
+def _model_rows(m: dict, stored_ffn: int | None = None) -> list[tuple[str, str]]:
     rope = m["rope"]
-    stored = f" (stored zero-padded to {m['stored_inter_size']})" if "stored_inter_size" in m else ""
+    stored = f" (stored zero-padded to {stored_ffn})" if stored_ffn else ""
     return [
         ("architecture", m["architecture"]),
         ("layers", str(m["num_layer"])),
@@ -75,8 +75,8 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
     if is_engine(path):
         eng = Engine(path)
         man = eng.manifest
-        model = _unpadded(eng.model, path)
-        rows = _model_rows(model)
+        model, stored_ffn = _unpadded(eng.model, path)
+        rows = _model_rows(model, stored_ffn)
         rows += [
             ("parameters", f"{_params(_logical_shapes(model)):,}"),
             ("weight type", _weight_type(man)),
@@ -114,8 +114,8 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
     ckpt = HFCheckpoint(path, allow_pickle=allow_pickle)
     # the checks convert runs before its first byte: every tensor accounted for, every shape as config.json implies
     plan = make_plan(ckpt)
-    model = _unpadded(plan.model, path)
-    rows = _model_rows(model)
+    model, stored_ffn = _unpadded(plan.model, path)
+    rows = _model_rows(model, stored_ffn)
     q = ckpt.config.get("quantization_config")
     # parameters as the model has them: an AWQ linear counts its role's (out, in), not its packed, padded
     # int32 words; its qzeros/scales are not weights
