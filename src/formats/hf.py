@@ -139,9 +139,7 @@ class HFCheckpoint:
                 raise InputError(f"{fpath}: too many open files ({len(self._fds)} weight files open); raise the limit "
                                  "(`ulimit -n`)") from None
             raise
-        tensors, _ = read_header(fpath)
-        if not os.path.samestat(os.fstat(fd), os.stat(fpath)):  # replaced between the open and the header's reading
-            raise CheckpointError(f"{fpath}: the file was replaced while it was opened; re-run once the model is complete")
+        tensors, _ = read_header(fpath, fd)  # through the kept descriptor: the header describes the bytes read later
         if expected is not None and set(tensors) != expected:
             extra = sorted(set(tensors) - expected)
             missing = sorted(expected - set(tensors))

@@ -67,27 +67,45 @@ class TensorInfo:
         return self.end - self.begin
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """n bytes at offset (pread may return fewer at once); fewer only where the file ends."""
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, offset + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def read_header(path: Path, fd: int | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and fully validate a safetensors header; returns (tensors, metadata).
 
     Checks: header length sane, JSON well formed, known dtypes, non-negative shapes,
     each tensor's byte span equal to prod(shape) * itemsize, spans contiguous and
     non-overlapping from offset 0, and the file exactly as long as header + data.
+    With `fd` (a descriptor the caller keeps open on `path`) the header is read through it, so it
+    describes the very file the caller reads tensors from later; `path` then only names it in errors.
     """
     path = Path(path)
     try:
-        st = path.stat()
+        st = os.stat(path) if fd is None else os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # (a FIFO would block the open below for good)
             raise SafetensorsFormatError(f"{path}: not a regular file; a safetensors file is expected here")
         size = st.st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
+        own = os.open(path, os.O_RDONLY) if fd is None else fd
+        try:
+            raw_len = os.pread(own, 8, 0)
             if len(raw_len) < 8:
                 raise SafetensorsFormatError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download or re-export it")
             (n,) = struct.unpack("<Q", raw_len)
             if n > MAX_HEADER or 8 + n > size:
                 raise SafetensorsFormatError(f"{path}: header length {n} does not fit the {size}-byte file; the file is truncated or not safetensors")
-            raw = f.read(n)
+            raw = _pread_all(own, n, 8)
+        finally:
+            if fd is None:
+                os.close(own)
     except OSError as e:
         raise SafetensorsFormatError(f"{path}: cannot read ({e.strerror})") from None
     try:
