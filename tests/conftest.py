@@ -11,7 +11,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from helpers import make_tiny_model  # noqa: E402
+from helpers import make_tiny_model, torch_threads  # noqa: E402
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Each test on one torch thread (a module opts in with `pytestmark = pytest.mark.usefixtures(...)`);
+    see helpers.torch_threads for why."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

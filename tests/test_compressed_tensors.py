@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from helpers import make_tiny_model, torch_threads
+from helpers import make_tiny_model
 from lmkiln.assets import bundled_model_path
 from lmkiln.cli import app
 from lmkiln.errors import InputError
@@ -32,10 +32,7 @@ CALIB = CalibOptions(n_samples=4, seqlen=64)
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
