@@ -356,7 +356,7 @@ def test_byte_level_bpe_tokenizer_becomes_a_gpt2_vocab(tmp_path):
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True,
          "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
     w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    summary = add_tokenizer(w, tmp_path, 512, eos_ids=[])
+    summary = add_tokenizer(w, tmp_path, 512, {})
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

@@ -178,6 +178,7 @@ LLAMA_LIKE_CONFIG: dict[str, str | tuple[str, ...]] = {
     "hidden_act": "hidden_act",
     "bos_token_id": "bos_token_id",
     "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
 }
 
 LLAMA_TENSORS = {

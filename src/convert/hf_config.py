@@ -81,7 +81,29 @@ def layer_types(m: dict, cfg: dict) -> list[str] | None:
     return types
 
 
-def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
+def _token_id(t, vocab: int) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+
+
+def _ids(value, what: str, vocab: int) -> list[int]:
+    ids = [] if value is None else [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(ids, list) or not all(_token_id(t, vocab) for t in ids):
+        raise UnsupportedArchitectureError(f"{what}: eos_token_id must be token ids below vocab_size {vocab}, got {value!r}")
+    return ids
+
+
+def stop_token_ids(eos, generation: dict, vocab: int) -> list[int]:
+    """The ids that end generation: config.json's eos_token_id, then any more that generation_config.json
+    names (transformers' generate stops on the latter's list; a chat model's end-of-turn token is often only
+    there, e.g. Llama 3 Instruct's <|eot_id|>)."""
+    ids = _ids(eos, "config.json", vocab)
+    extra = _ids(generation.get("eos_token_id"), "generation_config.json", vocab)
+    return ids + [t for t in dict.fromkeys(extra) if t not in ids]
+
+
+def engine_config_from_hf(arch: Architecture, cfg: dict, generation: dict | None = None) -> dict:
+    """The engine manifest's model block for an HF config.json (and its generation_config.json, which
+    adds stop ids)."""
     for key, what in arch.unsupported.items():
         if cfg.get(key):
             raise UnsupportedArchitectureError(f"config.json: {key} is true ({what}); {arch.hf_name} with {what} is not "
@@ -135,12 +157,12 @@ def engine_config_from_hf(arch: Architecture, cfg: dict) -> dict:
             raise UnsupportedArchitectureError(f"config.json: {m['experts_per_token']!r} experts per token of "
                                                f"{m['num_experts']} is not a valid top-k")
         m["norm_topk"] = bool(m["norm_topk"])
-    eos = m.get("eos_token_id")
-    m["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else eos)
-    if not isinstance(m["eos_token_id"], list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < m["vocab_size"] for t in m["eos_token_id"]):
-        raise UnsupportedArchitectureError(f"config.json: eos_token_id must be token ids below vocab_size {m['vocab_size']}, "
-                                           f"got {eos!r}")
+    m["eos_token_id"] = stop_token_ids(m.get("eos_token_id"), generation or {}, m["vocab_size"])
+    pad = m.get("pad_token_id")
+    if pad is None:
+        pad = (generation or {}).get("pad_token_id")
+    # informational (exports name it); configs carry -1 or vocab_size for "none", which no consumer could use
+    m["pad_token_id"] = pad if _token_id(pad, m["vocab_size"]) else None
     m["rope"] = rope_from_hf(cfg, m["size_per_head"])
     m["tie_word_embeddings"] = bool(m["tie_word_embeddings"])
     m["architecture"] = arch.hf_name

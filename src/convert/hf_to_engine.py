@@ -318,11 +318,12 @@ def read_model(ckpt: HFCheckpoint) -> tuple[Architecture, dict, AwqSpec | None]:
     config.json. Those readers see a dict, not a directory: a refusal is said here with the file's path."""
     try:
         arch = get_architecture(ckpt.architecture)
-        return arch, engine_config_from_hf(arch, ckpt.config), awq_spec(ckpt.config)
+        return arch, engine_config_from_hf(arch, ckpt.config, ckpt.generation_config), awq_spec(ckpt.config)
     except LmkilnError as e:
         msg = str(e)
-        if msg.startswith("config.json:"):
-            msg = f"{ckpt.path / 'config.json'}{msg.removeprefix('config.json')}"
+        name = next((n for n in ("config.json", "generation_config.json") if msg.startswith(f"{n}:")), None)
+        if name:
+            msg = f"{ckpt.path / name}{msg.removeprefix(name)}"
         elif not msg.startswith(str(ckpt.path)):
             msg = f"{ckpt.path}: {msg}"
         raise type(e)(msg) from None

@@ -316,7 +316,10 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
         with atomic_file(out, force=force, inputs=(source,)) as tmp:
             w = gguf.GGUFWriter(str(tmp), gm.arch)
             G.write_model_metadata(w, gm, stype_all, source.name)
-            report["tokenizer"] = G.add_tokenizer(w, engine.path, gm.vocab, engine.model["eos_token_id"])
+            eos = engine.model["eos_token_id"]
+            ids = {"bos": engine.model.get("bos_token_id"), "eos": eos[0] if eos else None,
+                   "pad": engine.model.get("pad_token_id")}
+            report["tokenizer"] = G.add_tokenizer(w, engine.path, gm.vocab, ids)
             for msg in report["tokenizer"]["warnings"]:
                 info(f"warning: {msg}")
             w.add_string(G.LMKILN_KEY, json.dumps(header, sort_keys=True))

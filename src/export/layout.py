@@ -39,7 +39,7 @@ def genai_config(model: dict, ep: str, filename: str = "model.onnx", share_buffe
                 "num_key_value_heads": model["kv_head_num"],
             },
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "pad_token_id": eos[0] if eos else 0,
+            "pad_token_id": model["pad_token_id"] if model.get("pad_token_id") is not None else (eos[0] if eos else 0),
             "type": get_architecture(model["architecture"]).genai_type,
             "vocab_size": model["vocab_size"],
         },

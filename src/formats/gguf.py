@@ -440,14 +440,16 @@ def _bpe_pre(tj: dict) -> str | None:
     return None
 
 
-def add_tokenizer(w, tok_dir: Path, vocab_size: int, eos_ids: list[int]) -> dict:
+def add_tokenizer(w, tok_dir: Path, vocab_size: int, model_ids: dict[str, int | None]) -> dict:
     """Write the tokenizer keys for the files in `tok_dir`; returns a summary (and warnings).
 
     SentencePiece (`tokenizer.model`): llama.cpp's "llama" vocab: pieces, scores, types.
     Byte-level BPE (`tokenizer.json` only): its "gpt2" vocab: tokens, types, merges and
     the pre-tokenizer name. Either way, tokens the model has beyond the tokenizer become
     unused `[PAD{i}]` tokens, and special ids, add_bos/eos and the chat template come
-    from tokenizer_config.json / tokenizer.json (gguf.SpecialVocab).
+    from tokenizer_config.json / tokenizer.json (gguf.SpecialVocab). `model_ids` ("bos", "eos", "pad":
+    the model's own ids) fill the ones the tokenizer files do not name, as SpecialVocab does from an HF
+    directory's config.json (an engine keeps that file only as source_config.json).
     """
     tok_dir = Path(tok_dir)
     tj = read_json(tok_dir / "tokenizer.json", "tokenizer.json") if (tok_dir / "tokenizer.json").is_file() else {}
@@ -512,8 +514,9 @@ def add_tokenizer(w, tok_dir: Path, vocab_size: int, eos_ids: list[int]) -> dict
                          f"{str(e).splitlines()[0][:200]}); repair or replace the tokenizer files") from None
     finally:
         log.setLevel(level)
-    if "eos" not in special.special_token_ids and eos_ids:
-        special.special_token_ids["eos"] = eos_ids[0]
+    for typ, tid in model_ids.items():
+        if typ not in special.special_token_ids and isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < vocab_size:
+            special.special_token_ids[typ] = tid
     special.add_to_gguf(w, quiet=True)
     return {"model": kind, "tokens": len(tokens), "merges": len(special.merges), "special": dict(special.special_token_ids),
             "chat_template": special.chat_template is not None, "warnings": warnings}

@@ -240,6 +240,13 @@ class HFCheckpoint:
         return archs[0]
 
     @property
+    def generation_config(self) -> dict:
+        """generation_config.json ({} when absent): transformers' generate stops on its eos_token_id list,
+        which can name more ids than config.json (Llama 3 Instruct adds <|eot_id|> there)."""
+        p = self.path / "generation_config.json"
+        return read_json(p, "generation_config.json") if p.exists() else {}
+
+    @property
     def source_dtype(self) -> torch.dtype:
         """The dtype of the floating-point weights (the most common one)."""
         counts: dict[torch.dtype, int] = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lmkiln.convert.architectures import ARCHITECTURES
+from lmkiln.convert.hf_config import stop_token_ids
 from lmkiln.formats.awq_gemm import awq_spec
 from lmkiln.formats.hf import HFCheckpoint
 
@@ -57,8 +58,7 @@ class TransformersRunner:
         # transformers renamed past_key_values to cache (deprecated from 5.2x, with a
         # FutureWarning on every call); older releases know only the old name
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        eos = ckpt.config.get("eos_token_id")
-        self._eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self._eos = stop_token_ids(ckpt.config.get("eos_token_id"), ckpt.generation_config, self.model.config.vocab_size)
 
     @property
     def vocab_size(self) -> int:
