@@ -121,11 +121,15 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
     # int32 words; its qzeros/scales are not weights
     shapes = role_shapes(model)
     weights = [shapes[role] if n in plan.acc.quantized else ckpt.shape(n) for n, role in plan.acc.consumed.items()
-               if n not in plan.acc.quantized or n.endswith(".qweight")]
+               if n not in plan.acc.quantized or n.endswith(f".{plan.spec.code_suffix}")]
+    if plan.spec is not None and plan.spec.layout == "compressed-tensors":  # its settings sit in a config group
+        sp = plan.spec
+        q = {"quant_method": q.get("quant_method"), "format": q.get("format"), "bits": sp.bits, "group_size": sp.group_size,
+             "symmetric": not sp.zero_point}
     rows += [
         ("parameters", f"{_params(weights):,}"),
         ("dtype", str(ckpt.source_dtype).replace("torch.", "")),
-        ("quantization", "none" if not q else ", ".join(f"{k}={v}" for k, v in q.items() if k in ("quant_method", "bits", "group_size", "zero_point", "version"))),
+        ("quantization", "none" if not q else ", ".join(f"{k}={v}" for k, v in q.items() if k in ("quant_method", "format", "bits", "group_size", "zero_point", "symmetric", "version"))),
         ("weight files", ", ".join(p.name for p in ckpt.weight_files())),
         ("tokenizer files", ", ".join(p.name for p in ckpt.tokenizer_files()) or "none"),
         ("checksums", "n/a (HF checkpoints carry none); headers, tensor names and shapes validated"),

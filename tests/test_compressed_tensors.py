@@ -166,11 +166,12 @@ def test_cli_and_errors(tmp_path, monkeypatch):
     assert sha(tmp_path / "conv" / "model.safetensors") == sha(out / "model.safetensors")
     r = CliRunner().invoke(app, ["convert", "to-compressed-tensors", str(awq), "-o", str(tmp_path / "conv")], env=ENV)
     assert r.exit_code == 2 and "--force" in r.output  # never overwrites without it
-    # lmkiln's own compressed-tensors output given back as an input: said so, not an AWQ version lmkiln made up
-    for cmd in (["generate", str(out), "-p", "Hi", "-n", "2"], ["convert", "hf-to-engine", str(out), "-o", str(tmp_path / "e")]):
-        r = CliRunner().invoke(app, cmd, env=ENV)
-        assert r.exit_code == 2 and "compressed-tensors checkpoint is an output format only" in r.output, r.output
-        assert "'gemm'" not in r.output
+    # lmkiln's own compressed-tensors output given back as an input: read (inspect, generate, verify), with the
+    # same text as the AWQ-GEMM twin
+    r = CliRunner().invoke(app, ["inspect", str(out)], env=ENV)
+    assert r.exit_code == 0 and "format=pack-quantized, bits=4, group_size=32" in r.output, r.output
+    texts = [CliRunner().invoke(app, ["generate", str(d), "-p", "Once upon a time", "-n", "8"], env=ENV) for d in (out, awq)]
+    assert [t.exit_code for t in texts] == [0, 0] and texts[0].output == texts[1].output, texts[0].output
     with pytest.raises(InputError, match="not an AWQ-GEMM checkpoint"):
         awq_to_compressed_tensors(STORIES, tmp_path / "x")
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # as if the extra were missing
@@ -178,6 +179,37 @@ def test_cli_and_errors(tmp_path, monkeypatch):
                                  "-o", str(tmp_path / "none")], env=ENV)
     assert r.exit_code == 2 and "pip install 'lmkiln[compressed-tensors]'" in r.output
     assert not (tmp_path / "none").exists()
+    r = CliRunner().invoke(app, ["convert", "hf-to-engine", str(out), "-o", str(tmp_path / "none")], env=ENV)
+    assert r.exit_code == 2 and "pip install 'lmkiln[compressed-tensors]'" in r.output
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("arch,tp,bits,group,sym", [
+    ("stories", 1, 4, 32, False), ("stories", 2, 4, 32, True), ("stories", 1, 8, 32, False), ("stories", 1, 4, -1, False),
+    ("Qwen3MoeForCausalLM", 1, 4, 32, False),
+])
+def test_reads_back_as_the_engine_its_awq_twin_makes(arch, tp, bits, group, sym, tmp_path):
+    """convert hf-to-engine of a compressed-tensors output writes the very weight files that converting
+    the AWQ-GEMM output of the same run writes (per channel, which AWQ-GEMM cannot hold at stories260K's
+    FFN width of 172: the engine quantized straight): the codes travel bit-exactly."""
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.formats.engine import Engine
+
+    src = STORIES if arch == "stories" else make_tiny_model(tmp_path / "hf", arch)
+    opts = QuantOptions(bits=bits, group_size=group, symmetric=sym, method="rtn")
+    ct_dir = quantize_model(src, tmp_path / "ct", opts, to="compressed-tensors").output
+    if group == -1:
+        engines = [convert_hf_to_engine(ct_dir, tmp_path / "e-ct"), quantize_model(src, tmp_path / "e", opts, to="engine").output]
+    else:
+        engines = [convert_hf_to_engine(d, tmp_path / f"e-{d.name}", tp=tp)
+                   for d in (ct_dir, quantize_model(src, tmp_path / "awq", opts, to="hf").output)]
+    files = sorted(p.name for p in engines[0].glob("*.safetensors"))
+    assert files == sorted(p.name for p in engines[1].glob("*.safetensors")) and len(files) == 1 + tp
+    for f in files:
+        assert sha(engines[0] / f) == sha(engines[1] / f), f
+    quant = [Engine(e).manifest["quantization"] for e in engines]
+    assert quant[0]["source_layout"] == "compressed-tensors" and quant[1]["source_layout"] == "awq-gemm"
+    assert {**quant[0], "source_layout": None} == {**quant[1], "source_layout": None}
 
 
 @pytest.mark.parametrize("tp,bits,sym", [(1, 4, False), (2, 4, True), (1, 8, False)])
@@ -231,3 +263,19 @@ def test_moe_engine_conversion_is_refused_in_one_line(tmp_path):
     r = CliRunner().invoke(app, ["convert", "to-compressed-tensors", str(eng), "-o", str(tmp_path / "ct")], env=ENV)
     assert r.exit_code == 2 and "mixture-of-experts engine to compressed-tensors is not supported yet" in r.output
     assert "GGUF" not in r.output and not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("edit,said", [
+    (lambda g: g["weights"].update(actorder="group"), "actorder 'group'"),
+    (lambda g: g.update(input_activations={"num_bits": 8, "type": "int"}), "quantized activations"),
+    (lambda g: g["weights"].update(type="float"), "lmkiln reads int4/int8"),
+])
+def test_schemes_lmkiln_does_not_read_are_refused_in_one_line(edit, said, tmp_path):
+    out = quantize_model(STORIES, tmp_path / "ct", QuantOptions(bits=4, group_size=32, method="rtn"),
+                         to="compressed-tensors").output
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg["quantization_config"]["config_groups"]["group_0"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    for cmd in (["inspect", str(out)], ["verify", str(STORIES), str(out)]):
+        r = CliRunner().invoke(app, cmd, env=ENV)
+        assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output

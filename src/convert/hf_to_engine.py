@@ -30,6 +30,7 @@ from lmkiln.convert.quantized import (
 from lmkiln.convert.transforms import cat_rows, fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary
 from lmkiln.errors import CheckpointError, InputError, LmkilnError
 from lmkiln.formats.atomic import atomic_dir, check_output
+from lmkiln.formats import compressed_tensors
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
 from lmkiln.formats.engine import (
     DTYPE_NAMES, FORMAT, QUANT_TYPES, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
@@ -111,15 +112,14 @@ def _template_regex(template: str) -> re.Pattern:
 
 
 def _account_qlinear(ckpt, module: str, role: str, spec: AwqSpec, shape: tuple[int, int], acc: Accounting) -> None:
-    for suffix, want in qlinear_shapes(spec, *shape).items():
+    for suffix, (dtype, want) in qlinear_shapes(spec, *shape).items():
         name = f"{module}.{suffix}"
         if name not in ckpt:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} ({role}, AWQ {suffix}) is missing from the checkpoint")
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} ({role}, {spec.layout} {suffix}) is missing from the checkpoint")
         if tuple(ckpt.shape(name)) != want:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.shape(name))}, config.json implies {list(want)}")
-        dtype = torch.float16 if suffix == "scales" else torch.int32
         if ckpt.dtype(name) != dtype:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is {ckpt.dtype(name)}, AWQ-GEMM stores {dtype}")
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is {ckpt.dtype(name)}, {spec.layout} stores {dtype}")
         acc.consumed[name] = role
         acc.quantized.add(name)
 
@@ -338,6 +338,10 @@ def make_plan(ckpt: HFCheckpoint, tp: int = 1, dtype: str = "auto") -> EnginePla
     if spec is None:
         model["inter_size_padded"] = round_up(model["inter_size"], tp)
     else:
+        if spec.layout == "compressed-tensors":
+            # its library imports transformers: loaded here, before the converter's tokenizer thread imports
+            # transformers too (two threads importing it at once see a half-initialised module)
+            compressed_tensors.require()
         unquantized = unquantized_linears(ckpt, arch, model, spec)
         quant = resolve_quant(spec, ckpt.config["quantization_config"], model, tp, unquantized)
     acc = account(ckpt, arch, model, spec)

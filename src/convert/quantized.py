@@ -70,13 +70,15 @@ def listed(module: str, patterns: tuple[str, ...]) -> bool:
 
 def is_quantized(ckpt, arch: Architecture, role: str, layer: int, spec: AwqSpec) -> bool:
     """A linear is quantized unless the checkpoint holds its fp `.weight` instead of a
-    `.qweight`, which it may only for a module that modules_to_not_convert lists."""
+    `.qweight` (`.weight_packed`), which it may only for a module that modules_to_not_convert
+    (compressed-tensors: ignore) lists."""
     module = module_name(arch, role, layer)
-    if f"{module}.qweight" in ckpt or f"{module}.weight" not in ckpt:
+    if f"{module}.{spec.code_suffix}" in ckpt or f"{module}.weight" not in ckpt:
         return True  # a missing qweight is reported by the accounting
     if not listed(module, spec.modules_to_not_convert):
+        key = "modules_to_not_convert" if spec.layout == "awq-gemm" else "ignore"
         raise CheckpointError(
-            f"{ckpt.path}: {module} has an fp .weight but no .qweight, and quantization_config.modules_to_not_convert "
+            f"{ckpt.path}: {module} has an fp .weight but no .{spec.code_suffix}, and quantization_config.{key} "
             f"{list(spec.modules_to_not_convert)} does not list it; the checkpoint is inconsistent"
         )
     return False
@@ -121,7 +123,7 @@ def resolve_quant(spec: AwqSpec, qcfg: dict, model: dict, tp: int, unquantized: 
         "requested_group_size": spec.group_size,
         "symmetric": not spec.zero_point,
         "method": qcfg.get("lmkiln_method") or qcfg.get("quant_method"),  # rtn/awq as lmkiln wrote it, else the format name
-        "source_layout": "awq-gemm",
+        "source_layout": spec.layout,
         "hidden_padded": hidden_p,
         "unquantized": unquantized,
     }

@@ -28,12 +28,24 @@ VERSIONS = {4: "gemm", 8: "lmkiln-gemm-int8"}
 PACK = {4: 8, 8: 4}  # codes per int32 word
 
 
+LAYOUTS = ("awq-gemm", "compressed-tensors")  # the quantized HF layouts lmkiln reads (the latter: pack-quantized)
+
+
 @dataclass(frozen=True)
 class AwqSpec:
+    """A quantized HF checkpoint's settings. `layout` says how its linears are stored: AWQ-GEMM (this
+    module) or compressed-tensors pack-quantized (formats/compressed_tensors.py, read so that lmkiln's
+    own output can be inspected and verified); either way the codes become the same QTensors."""
     bits: int
     group_size: int  # -1 = per channel
     zero_point: bool
     modules_to_not_convert: tuple[str, ...] = ()
+    layout: str = "awq-gemm"
+
+    @property
+    def code_suffix(self) -> str:
+        """The tensor that marks a linear as quantized (`M.qweight` / `M.weight_packed`)."""
+        return "qweight" if self.layout == "awq-gemm" else "weight_packed"
 
     def to_config(self, padded: bool, extra: dict | None = None) -> dict:
         cfg = {
@@ -59,9 +71,14 @@ def awq_spec(config: dict) -> AwqSpec | None:
     if not isinstance(q, dict):
         raise CheckpointError(f"config.json: quantization_config must be an object (e.g. {{\"quant_method\": \"awq\", ...}}), not {q!r}")
     method = str(q.get("quant_method", "")).lower()
-    if method == "compressed-tensors":  # lmkiln writes this format; it does not read it back
-        raise CheckpointError("a compressed-tensors checkpoint is an output format only here; give the AWQ-GEMM directory "
-                              "or the engine it was made from")
+    if method == "compressed-tensors":
+        from lmkiln.formats import compressed_tensors as ct
+
+        bits, group_size, symmetric = ct.spec_of(config)
+        # ignore entries are module names or "re:" regexes, which `listed` (convert/quantized.py) matches
+        ignore = tuple(str(x).removeprefix("re:") for x in q.get("ignore") or ())
+        return AwqSpec(bits=bits, group_size=group_size, zero_point=not symmetric, modules_to_not_convert=ignore,
+                       layout="compressed-tensors")
     version = str(q.get("version", "gemm")).lower()
     bits = q.get("bits", q.get("w_bit"))
     if method != "awq" or bits not in VERSIONS or version != VERSIONS[bits]:
@@ -73,14 +90,30 @@ def awq_spec(config: dict) -> AwqSpec | None:
                    zero_point=bool(q.get("zero_point", True)), modules_to_not_convert=tuple(q.get("modules_to_not_convert") or ()))
 
 
-def qlinear_shapes(spec: AwqSpec, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+def qlinear_shapes(spec: AwqSpec, out_features: int, in_features: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The stored tensors of one quantized linear, by suffix: (dtype, shape)."""
+    if spec.layout == "compressed-tensors":
+        from lmkiln.formats import compressed_tensors as ct
+
+        return ct.linear_shapes(spec.bits, spec.group_size, not spec.zero_point, out_features, in_features)
     g = in_features if spec.group_size == -1 else spec.group_size
     i_p, o_p = round_up(in_features, g), round_up(out_features, PACK[spec.bits])
-    return {"qweight": (i_p, o_p // PACK[spec.bits]), "qzeros": (i_p // g, o_p // PACK[spec.bits]), "scales": (i_p // g, o_p)}
+    return {"qweight": (torch.int32, (i_p, o_p // PACK[spec.bits])), "qzeros": (torch.int32, (i_p // g, o_p // PACK[spec.bits])),
+            "scales": (torch.float16, (i_p // g, o_p))}
 
 
 def read_qlinear(get, module: str, spec: AwqSpec, out_features: int, in_features: int) -> QTensor:
     """Unpack module `module` (via `get(name) -> tensor`) into a QTensor without output padding."""
+    if spec.layout == "compressed-tensors":
+        from lmkiln.formats import compressed_tensors as ct
+
+        qt = ct.read_linear(get, module, spec.bits, spec.group_size, not spec.zero_point)
+        if (qt.out_features, qt.in_features) != (out_features, in_features):
+            raise CheckpointError(f"{module}.weight_shape is {[qt.out_features, qt.in_features]}, config.json implies "
+                                  f"{[out_features, in_features]}")
+        if not bool(torch.isfinite(qt.scales).all()):
+            raise CheckpointError(f"{module}.weight_scale contains NaN or Inf values; the checkpoint is damaged: re-quantize it")
+        return qt
     g = in_features if spec.group_size == -1 else spec.group_size
     qweight, qzeros, scales = (get(f"{module}.{s}") for s in SUFFIXES)
     if scales.is_floating_point() and not bool(torch.isfinite(scales).all()):  # every output would carry them, exit 0

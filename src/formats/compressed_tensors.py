@@ -40,9 +40,14 @@ def _lib():
     try:
         import compressed_tensors  # noqa: F401
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] != "compressed_tensors":
+            raise InputError(f"the compressed-tensors library cannot load: it needs {e.name!r} ({e}); install it") from None
         raise InputError("the compressed-tensors format needs its library, an optional extra: "
                          "pip install 'lmkiln[compressed-tensors]'") from None
+    except ImportError as e:  # installed but broken, e.g. a transformers it does not support
+        raise InputError(f"the compressed-tensors library is installed but does not load ({e}); install a release "
+                         "that matches this transformers: pip install -U 'lmkiln[compressed-tensors]'") from None
     return pack_to_int32, unpack_from_int32
 
 
@@ -75,6 +80,12 @@ def spec_of(config: dict) -> tuple[int, int, bool] | None:
     w = groups[0]["weights"]
     if w.get("type") != "int" or w.get("num_bits") not in (4, 8) or w.get("strategy") not in ("group", "channel"):
         raise CheckpointError(f"compressed-tensors weights {w}: lmkiln reads int4/int8 with group or channel strategy")
+    if w.get("actorder") in ("group", True):  # a g_idx tensor per linear permutes the groups' columns
+        raise CheckpointError("compressed-tensors weights with actorder 'group' (a weight_g_idx per linear): lmkiln reads "
+                              "groups in column order only")
+    if groups[0].get("input_activations") or groups[0].get("output_activations"):
+        raise CheckpointError("compressed-tensors with quantized activations (e.g. W8A8): lmkiln reads weight-only schemes "
+                              "(W4A16, W8A16)")
     return w["num_bits"], (-1 if w["strategy"] == "channel" else w["group_size"]), bool(w.get("symmetric"))
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from lmkiln.convert.architectures import LINEAR_ROLES, base_role, expand_experts, get_architecture
 from lmkiln.convert.hf_config import engine_config_from_hf
 from lmkiln.errors import InputError
-from lmkiln.formats.awq_gemm import awq_spec, read_qlinear
+from lmkiln.formats.awq_gemm import awq_spec, qlinear_shapes, read_qlinear
 from lmkiln.formats.hf import HFCheckpoint
 
 
@@ -26,7 +26,7 @@ def fake_quant_state_dict(awq_dir: str | Path, dtype: torch.dtype = torch.float3
     ckpt = HFCheckpoint(awq_dir)
     spec = awq_spec(ckpt.config)
     if spec is None:
-        raise InputError(f"{ckpt.path}: not an AWQ-GEMM checkpoint (no quantization_config)")
+        raise InputError(f"{ckpt.path}: not a quantized checkpoint (no quantization_config)")
     arch = get_architecture(ckpt.architecture)
     m = engine_config_from_hf(arch, ckpt.config)
     from lmkiln.convert.hf_to_engine import role_shapes
@@ -41,8 +41,8 @@ def fake_quant_state_dict(awq_dir: str | Path, dtype: torch.dtype = torch.float3
                 modules[name.rsplit(".", 1)[0]] = shapes[role]
     for name in ckpt.keys():
         module, _, suffix = name.rpartition(".")
-        if module in modules and suffix in ("qweight", "qzeros", "scales"):
-            if suffix == "qweight":
+        if module in modules and suffix in qlinear_shapes(spec, *modules[module]):
+            if suffix == spec.code_suffix:
                 out_f, in_f = modules[module]
                 sd[f"{module}.weight"] = read_qlinear(ckpt.get, module, spec, out_f, in_f).dequantize().to(dtype)
         else:

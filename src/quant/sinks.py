@@ -65,8 +65,7 @@ class LinearLayout:
 
 def awq_gemm_layout(spec: AwqSpec) -> LinearLayout:
     def shapes(out_f, in_f):
-        qs = qlinear_shapes(spec, out_f, in_f)
-        return {"qweight": (torch.int32, qs["qweight"]), "qzeros": (torch.int32, qs["qzeros"]), "scales": (torch.float16, qs["scales"])}
+        return qlinear_shapes(spec, out_f, in_f)
 
     def pack(res, role, qt):
         # packed once per layer and shared with the resume state, unless the FFN width was padded here
