@@ -384,10 +384,10 @@ def quantize_cmd(
     calib_inputs: str = typer.Option("fp", "--calib-inputs", help="What the next layer calibrates on: fp (the original model's outputs; layers independent, --ray parallel) or quantized (the quantized layers' outputs, one after another; usually more accurate, see docs/quantize.md)."),
     group_size: int = typer.Option(128, "--group-size", help="Weights per quantization group along the input; -1 = per channel."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric quantization (no zero points)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help=".txt, .jsonl (text field) or a directory of them; default: bundled WikiText-2 validation excerpt."),
+    calib: Optional[str] = typer.Option(None, "--calib", help=".txt, .jsonl (text field) or a directory of them; default: bundled WikiText-2 validation excerpt."),
     calib_samples: int = typer.Option(128, "--calib-samples", min=1),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", min=8),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for sampling calibration windows (0 or more)."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the weight clipping search."),
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="Scale by activation and weight magnitude (AutoAWQ's duo scaling)."),
     to: str = typer.Option("hf", "--to", "--format", help="hf: AWQ-GEMM Hugging Face directory (transformers, vLLM, SGLang, "

@@ -342,3 +342,26 @@ def test_export_onnx_api_refuses_bad_types(tiny_engine, tmp_path, kw, match):
     with pytest.raises(InputError, match=match):
         export_onnx(tiny_engine, tmp_path / "x", **kw)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_calib_or_a_negative_seed_is_refused(tiny_llama, tmp_path, monkeypatch):
+    """`--calib "$CALIB"` with CALIB unset read the current directory's text files; `--seed -1` repeated
+    `--seed 1`'s calibration (random.Random seeds from abs) while the report said -1."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("my shopping list " * 500)
+    for extra in ([], ["--dry-run"]):
+        r = invoke("quantize", tiny_llama, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--calib", "", *extra)
+        one_line_error(r, "--calib '' is empty")
+    r = invoke("quantize", tiny_llama, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--seed", "-1")
+    assert r.exit_code == 2 and "'--seed': Input should be greater than or equal to 0" in r.output, r.output
+    for bad in (CalibOptions(path=""), CalibOptions(seed=-1)):
+        with pytest.raises(InputError):
+            quantize_model(tiny_llama, tmp_path / "q", QuantOptions(group_size=32), bad)
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_disk_check_counts_the_samples_the_corpus_gave(tiny_llama, tmp_path):
+    """Asking for far more samples than a small corpus holds calibrates on what it holds; the free-disk
+    check sized the resume state by the request (here petabytes) and refused a run that fits."""
+    res = quantize_model(tiny_llama, tmp_path / "q", QuantOptions(group_size=32), CalibOptions(n_samples=10**12, seqlen=64))
+    assert 0 < res.report["calibration"]["samples"] < 10**5

@@ -167,7 +167,8 @@ KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"),
 CHOICES = {"method": METHODS, "calib_inputs": CALIB_INPUTS}  # str fields: what to give
 # Smallest values, as the CLI's options enforce them (min_expert_tokens: --min-expert-tokens min=1,
 # --calib-samples min=1, --calib-seqlen min=8); the others have no CLI option.
-LEAST = {"n_grid": 1, "clip_tokens": 1, "min_expert_tokens": 1, "n_samples": 1, "seqlen": 8}
+# seed: random.Random seeds from abs(seed), so -1 would repeat 1's calibration while its report said otherwise.
+LEAST = {"n_grid": 1, "clip_tokens": 1, "min_expert_tokens": 1, "n_samples": 1, "seqlen": 8, "seed": 0}
 
 
 def _check_fields(obj) -> None:
@@ -200,6 +201,9 @@ def check_arguments(options: QuantOptions | None, calib: CalibOptions | None) ->
     _check_fields(calib)
     if calib.path is not None and not isinstance(calib.path, (str, os.PathLike)):
         raise InputError(f"CalibOptions(path={calib.path!r}): give the path of a calibration file or directory")
+    if calib.path is not None and not os.fspath(calib.path).strip():  # (an unset "$CALIB": it read the current directory)
+        raise InputError(f"--calib {os.fspath(calib.path)!r} is empty; give a calibration file or directory, or leave "
+                         "--calib out for the bundled text")
     if not (0 <= options.max_shrink < 1):
         raise InputError(f"QuantOptions(max_shrink={options.max_shrink!r}): the clip search's largest shrink, a fraction in [0, 1)")
     return options, calib
@@ -383,7 +387,9 @@ def quantize_model(
             ids, calib_info = _calibration(ckpt, mcfg, calib, info)
 
         free = torch.cuda.mem_get_info(compute.device)[0] if compute.device.type == "cuda" else None
-        plan = make_plan(ckpt, arch, mcfg, options, compute, calib.n_samples, calib.seqlen, out_dir, free)
+        # the samples the corpus gave (fewer than asked when it is small), not the request, size the state
+        n_samples = calib.n_samples if ids is None else int(ids.shape[0])
+        plan = make_plan(ckpt, arch, mcfg, options, compute, n_samples, calib.seqlen, out_dir, free)
         partial = partial_dir(out_dir)
         if not probe_only and plan.disk_needed > plan.free_disk + (_du(partial) if resume else 0):
             raise InputError(f"{out_dir.parent}: {human(plan.free_disk)} free, the output needs {human(plan.output_bytes)} "
