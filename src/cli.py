@@ -7,6 +7,7 @@ to re-run with --debug for the traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import json
@@ -144,6 +145,30 @@ def _import_torch() -> None:
         _on_signal(held[0], None)
 
 
+# What running out of memory (or of threads, which need memory for their stacks) looks like from
+# Python, numpy, torch and the OS; said as a fault of the machine, not as lmkiln's internal error.
+OOM_TEXT = ("can't allocate memory", "cannot allocate memory", "unable to mmap", "out of memory", "can't start new thread")
+OOM_ADVICE = {  # by command function
+    "quantize_cmd": "--dry-run shows the memory plan, a smaller --chunk lowers calibration memory, and --resume continues "
+                "after the layers already finished",
+    "verify_cmd": "the reference and the candidate run one after the other; --max-tokens and --seqlen lower what each holds",
+}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in OOM_TEXT)
+
+
+def _say(markup: str, plain: str) -> None:
+    """Print an error line; with no memory left for rich's rendering (it imports lazily), plainly."""
+    try:
+        err.print(markup, highlight=False, soft_wrap=True)
+    except Exception:  # noqa: BLE001
+        sys.stderr.write(plain + "\n")
+
+
 def guarded(fn):
     """Turn errors into one line and an exit code."""
 
@@ -168,7 +193,15 @@ def guarded(fn):
         except Exception as e:
             if STATE["debug"]:
                 raise
-            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} (re-run with --debug for the traceback)", highlight=False, soft_wrap=True)
+            if _out_of_memory(e):
+                e.__traceback__ = None  # its frames hold the step's tensors: freed before anything is printed
+                detail = " ".join(str(e).split())[:300] or type(e).__name__
+                advice = OOM_ADVICE.get(fn.__name__, "free memory or use a machine with more")
+                msg = f"out of memory ({detail}); {advice}"
+                _say(f"[bold red]error:[/] {escape(msg)}", f"error: {msg}")
+                raise typer.Exit(2) from None
+            msg = f"{type(e).__name__}: {str(e)} (re-run with --debug for the traceback)"
+            _say(f"[bold red]internal error:[/] {escape(msg)}", f"internal error: {msg}")
             raise typer.Exit(3) from None
 
     return wrapper

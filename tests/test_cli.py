@@ -461,3 +461,37 @@ def test_an_error_after_the_bar_started_leaves_no_empty_line(tmp_path):
     r = invoke("verify", bundled_model_path(), eng, "--max-tokens", "64")
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, repr(r.stderr)
+
+
+@pytest.mark.parametrize("exc", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 65536000 bytes"),
+    OSError(12, "Cannot allocate memory"),
+    RuntimeError("can't start new thread"),
+])
+def test_running_out_of_memory_is_one_line_not_an_internal_error(tiny_engine, monkeypatch, exc):
+    """A memory limit (ulimit -v, a cgroup) made every command exit 3 'internal error'; verify even exited 1
+    ('a threshold failed', to a CI gate) when printing the error needed memory too."""
+    import lmkiln.inspect_model
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(lmkiln.inspect_model, "describe", boom)
+    r = invoke("inspect", tiny_engine)
+    assert r.exit_code == 2 and r.output.startswith("error: out of memory (") and len(r.output.splitlines()) == 1, r.output
+    assert "internal error" not in r.output
+    # with no memory left for rich's rendering, the same line plainly
+    from lmkiln import cli
+
+    monkeypatch.setattr(cli.err, "print", lambda *a, **k: boom())
+    r = invoke("inspect", tiny_engine)
+    assert r.exit_code == 2 and "error: out of memory (" in r.output, r.output
+
+
+def test_a_real_internal_error_still_says_so(tiny_engine, monkeypatch):
+    import lmkiln.inspect_model
+
+    monkeypatch.setattr(lmkiln.inspect_model, "describe", lambda *a, **k: {}["x"])
+    r = invoke("inspect", tiny_engine)
+    assert r.exit_code == 3 and r.output.startswith("internal error: KeyError"), r.output

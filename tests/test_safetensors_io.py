@@ -517,3 +517,54 @@ def test_blake3_writer_and_file_digest(tmp_path):
     assert sio.file_digest(tmp_path / "empty", "blake3") == blake3.blake3(b"").hexdigest()
     with pytest.raises(ValueError, match="unknown checksum 'md5'"):
         sio.new_hash("md5")
+
+
+@pytest.mark.parametrize("fail", ["mmap", "thread"])
+def test_threaded_writer_without_memory_or_threads_raises_instead_of_hanging(tmp_path, monkeypatch, fail):
+    """Under a memory limit the writer thread could not map its staging buffers and died before it
+    forwarded anything: the hasher never ended, the producer waited for in-flight budget for good, and a
+    convert hung (SIGTERM ignored mid-cleanup). Now the failure reaches the caller at its next write or
+    close; a thread that cannot be started is raised at once, with nothing left running."""
+    import errno
+    import threading
+
+    import lmkiln.formats.safetensors_io as sio
+
+    monkeypatch.setattr(sio, "STAGE_BYTES", 8192)
+    tensors = _threaded_cases()
+    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    if fail == "mmap":
+        def no_memory(*a, **k):
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+        monkeypatch.setattr(sio.mmap, "mmap", no_memory)
+    else:
+        real_start, started = threading.Thread.start, []
+
+        def start(th):
+            if started:
+                raise RuntimeError("can't start new thread")
+            started.append(th)
+            real_start(th)
+
+        monkeypatch.setattr(threading.Thread, "start", start)
+    result = []
+
+    def run():
+        try:
+            w = StreamWriter(tmp_path / "x.safetensors", specs, {"format": "pt"}, sio.InFlight(1000))
+            for n, t in tensors.items():
+                w.write(n, t)
+            w.close()
+        except BaseException as e:  # noqa: BLE001
+            result.append(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    real = getattr(threading.Thread, "start") if fail == "mmap" else real_start
+    real(th)
+    th.join(30)
+    assert not th.is_alive(), "the writer hung"
+    assert len(result) == 1 and ("Cannot allocate memory" in str(result[0]) or "can't start new thread" in str(result[0]))
+    if fail == "thread":
+        started[0].join(5)
+        assert not started[0].is_alive()  # the thread that did start was ended

@@ -307,10 +307,16 @@ class StreamWriter:
             self._to_write: queue.SimpleQueue = queue.SimpleQueue()
             self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
             self._written = self._synced = 0
-            self._threads = [threading.Thread(target=self._write_loop, name=f"write {self.path.name}", daemon=True),
-                             threading.Thread(target=self._hash_loop, name=f"{checksum} {self.path.name}", daemon=True)]
-            for th in self._threads:
-                th.start()
+            threads = [threading.Thread(target=self._write_loop, name=f"write {self.path.name}", daemon=True),
+                       threading.Thread(target=self._hash_loop, name=f"{checksum} {self.path.name}", daemon=True)]
+            try:
+                for th in threads:
+                    th.start()
+                    self._threads.append(th)
+            except BaseException:  # (no thread to be had): end the one started, leave no file open
+                self._to_hash.put(None)
+                self.abort()
+                raise
         try:
             self._emit(struct.pack("<Q", len(raw)))
             self._emit(raw)
@@ -343,18 +349,26 @@ class StreamWriter:
         import numpy as np
 
         fd = self._f.fileno()
-        stages = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]  # page-aligned, reused for the whole file
+        stages: list[mmap.mmap] = []
         free: queue.SimpleQueue = queue.SimpleQueue()
-        for st in stages:
-            free.put(st)
         to_disk: queue.SimpleQueue = queue.SimpleQueue()
-        io = threading.Thread(target=self._io_loop, args=(fd, to_disk, free), name=f"io {self.path.name}", daemon=True)
-        io.start()
-        stage = free.get()
-        sv = np.frombuffer(stage, np.uint8)
+        io = sv = None
         fill = 0
         try:
+            stages = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]  # page-aligned, reused for the whole file
+            for st in stages:
+                free.put(st)
+            th = threading.Thread(target=self._io_loop, args=(fd, to_disk, free), name=f"io {self.path.name}", daemon=True)
+            th.start()
+            io = th  # (only once started: the cleanup joins it)
+            stage = free.get()
+            sv = np.frombuffer(stage, np.uint8)
             self._direct = _set_direct(fd, True)
+        except BaseException as e:  # noqa: BLE001 - no memory for the buffers, no thread: the caller raises it
+            self._error = self._error or e
+        try:
+            # every queued item goes on to the hasher, which returns its in-flight budget: skipped after an
+            # error, never dropped (a producer waiting for budget would wait for good)
             while (item := self._to_write.get()) is not None:
                 if self._error is None and not self._stop:
                     try:
@@ -377,8 +391,9 @@ class StreamWriter:
             if fill and self._error is None and not self._stop:
                 to_disk.put((stage, fill, True))
         finally:
-            to_disk.put(None)
-            io.join()
+            if io is not None:
+                to_disk.put(None)
+                io.join()
             self._to_hash.put(None)
             del sv
             for st in stages:
