@@ -520,3 +520,16 @@ def test_inspect_describes_an_onnx_export(exports):
     assert kind == "onnx" and rows["exported by"] == f"lmkiln {meta['lmkiln_version']}"
     assert rows["weight type"] == meta["weight_type"] == "int4" and rows["output head"].startswith(("fp", "int"))
     assert rows["onnxruntime-genai"].startswith("type llama, ") and "model.onnx (" in rows["files"]
+
+
+def test_rope_caches_count_toward_the_external_data_threshold(engines, tmp_path, monkeypatch):
+    """The 2 GB protobuf decision counted only the weights: a small model with a long context (cos/sin
+    caches of 1 GiB each at 4M positions) failed to serialize (exit 3). The threshold here sits just
+    above the weights, below weights + caches."""
+    import lmkiln.export as ex
+    from lmkiln.formats.engine import Engine
+
+    files = sum(f["size"] for f in Engine(engines["fp32"]).manifest["files"].values())
+    monkeypatch.setattr(ex, "EXTERNAL_THRESHOLD", files + 1)
+    out = export_onnx(engines["fp32"], tmp_path / "x")
+    assert (out / "model.onnx.data").is_file()

@@ -138,6 +138,10 @@ def write_model(engine, out: Path, ep: str, portable: bool, progress, accuracy_l
         weight_bytes *= 2
     if engine.quant is not None and not portable and no_cpu_kernel(engine.quant["bits"], accuracy_level, dtype):
         weight_bytes *= 4  # its int8 linears become float32 weights
+    # the rope caches the graph adds (cos and sin, positions x head_dim / 2): 2 GiB alone at a 4M-position
+    # context, which a small model may have
+    m = engine.model
+    weight_bytes += 2 * m["max_position_embeddings"] * (m["size_per_head"] // 2) * np.dtype(dtype).itemsize
     store = TensorStore(out, external=weight_bytes > EXTERNAL_THRESHOLD, progress=progress)
     try:
         b = DecoderBuilder(engine, Graph(store), dtype, portable, accuracy_level, head_bits)
