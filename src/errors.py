@@ -43,3 +43,22 @@ class QuantizationError(LmkilnError):
 class DiskFullError(LmkilnError):
     """The filesystem an output goes to ran out of space (or quota), or a file there hit the largest size
     allowed (`ulimit -f`, FAT32), while writing it."""
+
+
+# Python API arguments, checked where each public function starts (the CLI's parser gives these types
+# already): a flag given as the string "False" is true to Python, and force="False" replaced an output.
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise InputError(f"{name}={value!r}: give True or False")
+
+
+def check_path(name: str, value) -> None:
+    import os
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise InputError(f"{name}={value!r}: give a path (a str or pathlib.Path)")
+
+
+def check_callable(name: str, value) -> None:
+    if value is not None and not callable(value):
+        raise InputError(f"{name}={value!r}: give a function (or None)")

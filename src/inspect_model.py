@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmkiln.convert.architectures import get_architecture
 from lmkiln.convert.hf_to_engine import make_plan, required_roles, role_shapes
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, check_flag, check_path
 from lmkiln.formats.engine import Engine, file_checksum, is_engine
 from lmkiln.formats.gguf import GgufFile, is_gguf
 from lmkiln.formats.hf import HFCheckpoint, has_tokenizer, unpadded_ffn_width
@@ -69,6 +69,9 @@ def _weight_type(man: dict) -> str:
 
 def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -> tuple[str, list[tuple[str, str]]]:
     """(kind, rows). With `check`, an engine's weight files are hashed against the manifest."""
+    check_path("path", path)
+    check_flag("check", check)
+    check_flag("allow_pickle", allow_pickle)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")

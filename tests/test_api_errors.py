@@ -365,3 +365,64 @@ def test_the_disk_check_counts_the_samples_the_corpus_gave(tiny_llama, tmp_path)
     check sized the resume state by the request (here petabytes) and refused a run that fits."""
     res = quantize_model(tiny_llama, tmp_path / "q", QuantOptions(group_size=32), CalibOptions(n_samples=10**12, seqlen=64))
     assert 0 < res.report["calibration"]["samples"] < 10**5
+
+
+def test_public_functions_refuse_flags_paths_and_callbacks_of_the_wrong_type(tiny_llama, tiny_engine, tmp_path):
+    """force="False" is true to Python: convert_hf_to_engine replaced an existing engine with it. Every public
+    function now refuses a non-bool flag, a path that is not one (None was a TypeError) and a callback that
+    cannot be called, in one line, before it reads or writes anything."""
+    import numpy as np
+
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.export import export_onnx
+    from lmkiln.export.compressed_tensors import engine_to_compressed_tensors
+    from lmkiln.export.gguf import export_gguf
+    from lmkiln.inspect_model import describe
+    from lmkiln.quant.pipeline import plan_quantize
+    from lmkiln.quant.reformat import awq_to_compressed_tensors
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    calls = {
+        "force": [lambda: convert_hf_to_engine(tiny_llama, out, force="False"),
+                  lambda: quantize_model(tiny_llama, out, RTN, force="False"),
+                  lambda: export_onnx(tiny_engine, out, force="no"), lambda: export_gguf(tiny_engine, out, force="no"),
+                  lambda: engine_to_compressed_tensors(tiny_engine, out, force="no"),
+                  lambda: awq_to_compressed_tensors(tiny_llama, out, force="no")],
+        "allow_pickle": [lambda: convert_hf_to_engine(tiny_llama, tmp_path / "e", allow_pickle="False"),
+                         lambda: generate_text(tiny_llama, "Hi", 2, allow_pickle="no"),
+                         lambda: describe(tiny_llama, allow_pickle="no")],
+        "check": [lambda: generate_text(tiny_engine, "Hi", 2, check="no"), lambda: describe(tiny_engine, check="no"),
+                  lambda: EngineModel.from_path(tiny_engine, check="no"), lambda: export_gguf(tiny_engine, out / "g", check=0)],
+        "kernels": [lambda: EngineModel.from_path(tiny_engine, kernels="yes")],
+        "portable": [lambda: export_onnx(tiny_engine, tmp_path / "x", portable="no")],
+        "triton": [lambda: export_onnx(tiny_engine, tmp_path / "x", triton=1)],
+        "give a path": [lambda: generate_text(None, "Hi", 2), lambda: quantize_model(tiny_llama, None, RTN),
+                        lambda: plan_quantize(None, tmp_path / "p", RTN), lambda: convert_hf_to_engine(tiny_llama, None),
+                        lambda: run_verify(None, tiny_engine, QUICK), lambda: export_onnx(None, tmp_path / "x"),
+                        lambda: export_gguf(tiny_engine, None), lambda: describe(None),
+                        lambda: EngineModel.from_path(None)],
+        "give a function": [lambda: convert_hf_to_engine(tiny_llama, tmp_path / "e", progress=5),
+                            lambda: quantize_model(tiny_llama, tmp_path / "q", RTN, on_info=5),
+                            lambda: run_verify(tiny_llama, tiny_engine, QUICK, progress=5)],
+        "give device= and dtype=": [lambda: plan_quantize(tiny_llama, tmp_path / "p", RTN, compute="cpu")],
+    }
+    for said, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(InputError, match=said):
+                fn()
+    assert sorted(p.name for p in out.iterdir()) == ["keep"] and not (tmp_path / "e").exists()
+    # the numbers and devices one function took and the next refused
+    assert plan_quantize(tiny_llama, tmp_path / "p", RTN, device="cpu").peak_host > 0
+    r = run_verify(tiny_llama, tiny_engine, dataclasses_replace(QUICK, device=torch.device("cpu"), max_kl=np.float32(0.5)))
+    assert r.report["thresholds"]["max_kl"] == 0.5
+    for bad, said in ((True, "give a number"), (float("nan"), "0 for no limit")):
+        with pytest.raises(InputError, match=said):
+            run_verify(tiny_llama, tiny_engine, dataclasses_replace(QUICK, min_top1=bad))
+
+
+def dataclasses_replace(o, **kw):
+    import dataclasses
+
+    return dataclasses.replace(o, **kw)

@@ -28,7 +28,7 @@ from lmkiln.convert.quantized import (
     check_symmetric, engine_tensors, is_quantized, module_name, pad_in, rank_in, resolve_quant, rows, unquantized_linears,
 )
 from lmkiln.convert.transforms import cat_rows, fuse_qkv_rank, fuse_w13_rank, pad_rows, permute_rotary
-from lmkiln.errors import CheckpointError, InputError, LmkilnError
+from lmkiln.errors import CheckpointError, InputError, LmkilnError, check_callable, check_flag, check_path
 from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats import compressed_tensors
 from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
@@ -370,6 +370,11 @@ def convert_hf_to_engine(
     """Convert; returns the engine path. `progress(name, nbytes)` is called per tensor written.
     `extra_files` (e.g. a quantization report) are copied in before the engine appears."""
     # the Python API's arguments, as the CLI's parser gives them (a "2" or 2.0 failed as a TypeError deep inside)
+    check_path("model_dir", model_dir)
+    check_path("out_dir", out_dir)
+    check_flag("force", force)
+    check_flag("allow_pickle", allow_pickle)
+    check_callable("progress", progress)
     if not isinstance(tp, int) or isinstance(tp, bool):
         raise InputError(f"tp {tp!r}: give a whole number of tensor-parallel ranks (--tp), e.g. 1 or 2")
     if not isinstance(dtype, str):

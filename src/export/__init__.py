@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 import lmkiln
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, check_callable, check_flag, check_path
 
 MODEL_FILE = "model.onnx"
 EXPORT_INFO = "lmkiln_export.json"
@@ -74,6 +74,11 @@ def export_onnx(source, out_dir, ep: str = "cpu", portable: bool = False, triton
     from lmkiln.formats.engine import Engine
     from lmkiln.runtime.session import engine_dir
 
+    check_path("source", source)
+    check_path("out_dir", out_dir)
+    for name, v in (("portable", portable), ("triton", triton), ("force", force), ("check", check)):
+        check_flag(name, v)
+    check_callable("progress", progress)
     if ep not in EPS:
         raise InputError(f"--ep {ep!r}: choose one of {', '.join(EPS)}")
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (8.0 and "4" are not levels)

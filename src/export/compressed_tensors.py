@@ -17,7 +17,7 @@ import lmkiln
 from lmkiln.convert.architectures import FFN_IN_ROLES, base_role, is_linear
 from lmkiln.convert.hf_to_engine import required_roles
 from lmkiln.convert.quantized import rows
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, check_flag, check_path
 from lmkiln.export.gguf import global_tensors, gguf_model, layer_tensors
 from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats.awq_gemm import AwqSpec
@@ -57,6 +57,9 @@ def _fit_in(qt: QTensor, n: int) -> QTensor:
 
 
 def engine_to_compressed_tensors(source: str | Path, out: str | Path, force: bool = False) -> Path:
+    check_path("source", source)
+    check_path("out", out)
+    check_flag("force", force)
     engine = Engine(source, check=True)
     q = engine.quant
     if q is None:

@@ -38,7 +38,7 @@ from lmkiln.convert.architectures import get_architecture
 from lmkiln.convert.quantized import ENGINE_LINEARS, rows
 from lmkiln.convert.rope import inv_freq
 from lmkiln.convert.transforms import unpermute_rotary
-from lmkiln.errors import InputError, OutputExistsError
+from lmkiln.errors import InputError, OutputExistsError, check_callable, check_flag, check_path
 from lmkiln.formats import gguf as G
 from lmkiln.formats.engine import FAMILY_FIELDS, Engine, is_engine
 from lmkiln.formats.qtensor import QTensor
@@ -271,6 +271,12 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
     from lmkiln.formats.hf import HFCheckpoint
     from lmkiln.runtime.session import engine_dir
 
+    check_path("source", source)
+    check_path("out", out)
+    check_flag("force", force)
+    check_flag("check", check)
+    check_callable("progress", progress)
+    check_callable("on_info", on_info)
     source, out = Path(source), Path(out)
     if gtype not in GTYPES:
         raise InputError(f"--type {gtype!r}: choose one of {', '.join(GTYPES)}")

@@ -31,7 +31,7 @@ import torch
 import lmkiln
 from lmkiln.convert.architectures import Architecture, get_architecture
 from lmkiln.convert.hf_to_engine import account, read_model
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, check_callable, check_flag, check_path
 from lmkiln.formats.atomic import atomic_dir, check_output, check_output_file, output_lock, write_json
 from lmkiln.formats.awq_gemm import AwqSpec
 from lmkiln.formats.engine import config_sha256
@@ -305,11 +305,16 @@ def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
 
 
 def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, calib: CalibOptions | None = None,
-                  compute: Compute | None = None, to: str = "hf") -> QuantPlan:
-    """The plan alone (`--dry-run`): reads config.json and safetensors headers only."""
+                  compute: Compute | None = None, to: str = "hf", device: str = "auto", dtype: str | torch.dtype = "auto") -> QuantPlan:
+    """The plan alone (`--dry-run`): reads config.json and safetensors headers only. `device`/`dtype` as
+    quantize_model takes them (`compute`, their resolved form, wins when given)."""
+    check_path("model_dir", model_dir)
+    check_path("out_dir", out_dir)
     options, calib = check_arguments(options, calib)
     _check_options(options, to)
-    compute = compute or resolve_compute()
+    if compute is not None and not isinstance(compute, Compute):
+        raise InputError(f"compute={compute!r}: give device= and dtype= (as quantize_model takes them) instead")
+    compute = compute or resolve_compute(device, dtype)
     ckpt = HFCheckpoint(model_dir)
     arch, mcfg, quantized = read_model(ckpt)
     if quantized is not None:
@@ -353,12 +358,15 @@ def quantize_model(
     threads each job will get (None: this process's), then `driver(run, start, spec)`
     yields finished layers in order, each already saved to the resume state."""
     t_start = time.time()
+    check_path("model_dir", model_dir)
+    check_path("out_dir", out_dir)
+    for name, fn in (("on_layer", on_layer), ("on_info", on_info), ("on_plan", on_plan), ("driver", driver)):
+        check_callable(name, fn)
     info = on_info or (lambda s: None)
     options, calib = check_arguments(options, calib)
     _check_options(options, to)
     for name, v in (("force", force), ("resume", resume), ("probe_only", probe_only)):
-        if not isinstance(v, bool):
-            raise InputError(f"{name}={v!r}: give True or False")
+        check_flag(name, v)
     if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
         raise InputError(f"report_path={report_path!r}: give the path of the JSON file to write")
     compute = resolve_compute(device, dtype)

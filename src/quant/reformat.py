@@ -12,7 +12,7 @@ from pathlib import Path
 import lmkiln
 from lmkiln.convert.architectures import is_linear
 from lmkiln.convert.hf_to_engine import CheckpointSource, make_plan, required_roles
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, check_flag, check_path
 from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats.awq_gemm import awq_spec
 from lmkiln.formats.hf import HFCheckpoint
@@ -21,6 +21,9 @@ from lmkiln.quant.sinks import REPORT, HfQuantSink, compressed_tensors_layout, s
 
 
 def awq_to_compressed_tensors(src: str | Path, out: str | Path, force: bool = False) -> Path:
+    check_path("src", src)
+    check_path("out", out)
+    check_flag("force", force)
     ckpt = HFCheckpoint(src)
     if awq_spec(ckpt.config) is None:
         raise InputError(f"{ckpt.path}: not an AWQ-GEMM checkpoint (no quantization_config); quantize it with "

@@ -21,7 +21,7 @@ from torch import nn
 
 from lmkiln.convert.blocks import ACTIVATIONS, mix_experts
 from lmkiln.convert.rope import apply_rotary, cos_sin, inv_freq
-from lmkiln.errors import InputError
+from lmkiln.errors import InputError, check_flag, check_path
 from lmkiln.formats.engine import Engine, kv_heads_per_rank
 from lmkiln.formats.packing import unpack_int4
 from lmkiln.runtime import triton_int4
@@ -309,6 +309,9 @@ class EngineModel(nn.Module):
         Both are refused in one line, as the CLI refuses them, before the engine is read."""
         from lmkiln.quant.job import dtype_name, resolve_device
 
+        check_path("path", path)
+        check_flag("check", check)
+        check_flag("kernels", kernels)
         device = resolve_device(device)  # "gpu", or CUDA on a machine without it: one line, not a RuntimeError
         name = dtype_name(dtype)  # an integer dtype would cast the weights to it, and fail only in forward
         engine = Engine(path, check=check, background=True)  # checksums in threads while the weights load

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from lmkiln.errors import InputError, LmkilnError
+from lmkiln.errors import InputError, LmkilnError, check_flag, check_path
 from lmkiln.formats.engine import is_engine
 
 
@@ -103,6 +103,9 @@ def generate_text(source, prompts: list[str] | str, max_new_tokens: int, allow_p
     from lmkiln.runtime.engine_model import EngineModel
     from lmkiln.runtime.generate import check_lengths, greedy_generate
 
+    check_path("source", source)
+    check_flag("allow_pickle", allow_pickle)
+    check_flag("check", check)
     single = isinstance(prompts, str)
     prompts = [prompts] if single else prompts
     if not isinstance(prompts, (list, tuple)):

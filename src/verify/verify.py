@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmkiln
-from lmkiln.errors import InputError, LmkilnError
+from lmkiln.errors import InputError, LmkilnError, check_callable, check_path
 from lmkiln.formats.atomic import atomic_file, check_output_file
 from lmkiln.formats.tokenizer import load_tokenizer
 from lmkiln.quant.calib import unpack_shingles
@@ -97,6 +98,9 @@ def check_options(o: VerifyOptions | None) -> VerifyOptions:
         v = getattr(o, name)
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise InputError(f"--{name} {v!r}: give the path of a text file (or None for the bundled one)")
+    for name in ("device", "reference_device"):  # a torch.device as --device spells it, as generate_text takes one
+        if type(getattr(o, name)).__name__ == "device" and type(getattr(o, name)).__module__ == "torch":
+            o = dataclasses.replace(o, **{name: str(getattr(o, name))})
     for name in ("runner", "device"):
         if not isinstance(getattr(o, name), str):
             raise InputError(f"--{name} {getattr(o, name)!r}: give it as a str, e.g. {'auto' if name == 'runner' else 'cpu'}")
@@ -216,6 +220,9 @@ def _release_device(device: str) -> None:
 def run_verify(reference: Path, candidate: Path, o: VerifyOptions | None = None, progress=None) -> VerifyResult:
     """Compare `candidate` with `reference` (`o` None: the default options). Every refusal —
     bad options, paths, runners, prompts — comes before either model is loaded."""
+    check_path("reference", reference)
+    check_path("candidate", candidate)
+    check_callable("progress", progress)
     o = check_options(o)
     reference, candidate = Path(reference), Path(candidate)
     kind_of(candidate)  # clear errors before any heavy loading
@@ -230,8 +237,14 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions | None = None,
     thresholds = {k: (getattr(o, k) if getattr(o, k) is not None else v) for k, v in defaults.items()}
     thresholds.update({k: getattr(o, k) for k in OPTIONAL_THRESHOLDS if getattr(o, k) is not None})
     for k, v in thresholds.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v)):
-            raise InputError(f"--{k.replace('_', '-')} {v!r}: give a finite number (a large one, e.g. 1e9, for no limit)")
+        flag = f"--{k.replace('_', '-')}"
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):  # (True is 1 to Python; a numpy float is a number)
+            raise InputError(f"{flag} {v!r}: give a number")
+        if not isinstance(v, (int, float)):
+            v = thresholds[k] = float(v)
+        if not math.isfinite(v):
+            none = "0" if k.startswith("min_") else "a large one, e.g. 1e9,"
+            raise InputError(f"{flag} {v!r}: give a finite number ({none} for no limit)")
         lo, hi = THRESHOLD_RANGES[k]
         if not lo <= v <= hi:
             raise InputError(f"--{k.replace('_', '-')} {v!r}: choose " + ("a fraction from 0 to 1" if hi == 1 else "a value ≥ 0"))
