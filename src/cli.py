@@ -169,6 +169,12 @@ def _say(markup: str, plain: str) -> None:
         sys.stderr.write(plain + "\n")
 
 
+def _choice(value):
+    """A named choice as the user typed it: case and surrounding spaces do not matter (`--dtype FP16`,
+    `--method AWQ`, `--type Q4_0`), as for --device; the API takes the lowercase names."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 def guarded(fn):
     """Turn errors into one line and an exit code."""
 
@@ -286,7 +292,7 @@ class LazyProgress:
 def hf_to_engine(
     model: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Engine directory to create."),
-    dtype: str = typer.Option("auto", help="Weight dtype: auto (keep the source's), fp32, fp16, bf16. For an AWQ checkpoint it "
+    dtype: str = typer.Option("auto", callback=_choice, help="Weight dtype: auto (keep the source's), fp32, fp16, bf16. For an AWQ checkpoint it "
                               "applies to the fp tensors; int4/int8 weights travel unchanged."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks to split the weights into."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
@@ -346,7 +352,7 @@ def _note_missing_tokenizer(path: Path, source: Path, who: str) -> None:
 def export_onnx_cmd(
     source: Path = typer.Argument(..., help="An engine (fp, int4, int8), or an HF / AWQ-GEMM directory (converted on the fly)."),
     output: Path = typer.Option(..., "-o", "--output", help="Export folder to create."),
-    ep: str = typer.Option("cpu", "--ep", help="Execution provider the graph targets: cpu (fp32) or cuda (fp16)."),
+    ep: str = typer.Option("cpu", "--ep", callback=_choice, help="Execution provider the graph targets: cpu (fp32) or cuda (fp16)."),
     portable: bool = typer.Option(False, "--portable", help="Standard ONNX ops only (opset 21 DequantizeLinear + MatMul, plain attention)."),
     triton: bool = typer.Option(False, "--triton", help="Also lay out a Triton Inference Server model repository."),
     accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact, 4 int8 activations (faster; the CPU default, see docs/export-onnx.md). Default: 4 on CPU, 0 on CUDA."),
@@ -377,7 +383,7 @@ def export_onnx_cmd(
 def export_gguf_cmd(
     source: Path = typer.Argument(..., help="An engine (fp, int4, int8), or an HF / AWQ-GEMM directory (converted on the fly)."),
     output: Path = typer.Option(..., "-o", "--output", help="GGUF file to create (e.g. model.gguf)."),
-    gtype: str = typer.Option("auto", "--type", help="auto (AWQ int4 -> q4_1, or q4_0 if symmetric; int8 -> q8_0; fp -> f16), "
+    gtype: str = typer.Option("auto", "--type", callback=_choice, help="auto (AWQ int4 -> q4_1, or q4_0 if symmetric; int8 -> q8_0; fp -> f16), "
                               "f32, f16, q8_0, q4_0, q4_1."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the export report (JSON) here."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (and --report file)."),
@@ -409,12 +415,12 @@ def quantize_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Output directory to create."),
     w4a16: bool = typer.Option(False, "--w4a16", help="4-bit weights, 16-bit activations."),
     w8a16: bool = typer.Option(False, "--w8a16", help="8-bit weights, 16-bit activations."),
-    method: str = typer.Option("awq", help="awq (activation-aware scales), gptq (Hessian-guided rounding), awq+gptq "
+    method: str = typer.Option("awq", callback=_choice, help="awq (activation-aware scales), gptq (Hessian-guided rounding), awq+gptq "
                                "(AWQ's scales, then GPTQ rounding), or rtn (round to nearest, no calibration)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: Hessian dampening, a fraction of its mean diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing activation energy (static groups: same layout)."),
     min_expert_tokens: int = typer.Option(16, "--min-expert-tokens", min=1, help="Mixture of experts: an expert routed fewer calibration tokens gets round-to-nearest (reported)."),
-    calib_inputs: str = typer.Option("fp", "--calib-inputs", help="What the next layer calibrates on: fp (the original model's outputs; layers independent, --ray parallel) or quantized (the quantized layers' outputs, one after another; usually more accurate, see docs/quantize.md)."),
+    calib_inputs: str = typer.Option("fp", "--calib-inputs", callback=_choice, help="What the next layer calibrates on: fp (the original model's outputs; layers independent, --ray parallel) or quantized (the quantized layers' outputs, one after another; usually more accurate, see docs/quantize.md)."),
     group_size: int = typer.Option(128, "--group-size", help="Weights per quantization group along the input; -1 = per channel."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric quantization (no zero points)."),
     calib: Optional[str] = typer.Option(None, "--calib", help=".txt, .jsonl (text field) or a directory of them; default: bundled WikiText-2 validation excerpt."),
@@ -423,14 +429,14 @@ def quantize_cmd(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for sampling calibration windows (0 or more)."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the weight clipping search."),
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="Scale by activation and weight magnitude (AutoAWQ's duo scaling)."),
-    to: str = typer.Option("hf", "--to", "--format", help="hf: AWQ-GEMM Hugging Face directory (transformers, vLLM, SGLang, "
+    to: str = typer.Option("hf", "--to", "--format", callback=_choice, help="hf: AWQ-GEMM Hugging Face directory (transformers, vLLM, SGLang, "
                            "lmdeploy); compressed-tensors: pack-quantized HF directory (vLLM, SGLang; pip install "
                            "'lmkiln\\[compressed-tensors]'); engine: an lmkiln engine."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (and --report file)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the quantization report (JSON) here."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N: where every step runs."),
-    dtype: str = typer.Option("auto", "--dtype", help="Calibration precision: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16. The output keeps the source dtype."),
+    dtype: str = typer.Option("auto", "--dtype", callback=_choice, help="Calibration precision: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16. The output keeps the source dtype."),
     chunk: int = typer.Option(0, "--chunk", min=0, help="Calibration samples resident on the device at once (0 = auto, by activation memory): bounds memory, never changes results."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, disk) from the headers alone and exit."),
     probe: bool = typer.Option(False, "--probe", help="With --dry-run: also time one layer to estimate the total."),
@@ -555,9 +561,9 @@ def verify_cmd(
     max_tokens: int = typer.Option(8192, "--max-tokens", min=2, help="Evaluate at most this many tokens of the text."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Greedy-generation prompts, one per line; default: bundled."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    runner: str = typer.Option("auto", "--runner", help="Candidate runner: auto, torch, onnx or transformers."),
+    runner: str = typer.Option("auto", "--runner", callback=_choice, help="Candidate runner: auto, torch, onnx or transformers."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
-    dtype: str = typer.Option("auto", "--dtype", help="The candidate engine's compute dtype: auto (fp32; for a quantized engine on CUDA fp16 on the exact int4 kernel, bf16 where Triton is missing), fp32, bf16 (PyTorch's int4 kernel: faster, bf16-noisy) or fp16."),
+    dtype: str = typer.Option("auto", "--dtype", callback=_choice, help="The candidate engine's compute dtype: auto (fp32; for a quantized engine on CUDA fp16 on the exact int4 kernel, bf16 where Triton is missing), fp32, bf16 (PyTorch's int4 kernel: faster, bf16-noisy) or fp16."),
     reference_device: Optional[str] = typer.Option(None, "--reference-device", help="Where the reference runs (default: --device). The two run one after the other, never both in memory."),
     score_second_half: bool = typer.Option(False, "--score-second-half", help="Score only the second half of each window (llama.cpp's protocol)."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Fail above this perplexity increase, in percent."),
@@ -618,7 +624,8 @@ def verify_cmd(
         if not x["match"]:
             out.print(f"  greedy output of {x['prompt']!r} diverges at new token {x['first_divergence']}", highlight=False)
     p = r["protocol"]
-    out.print(f"  {p['scored_tokens']} tokens scored in {p['windows']} windows of {p['seqlen']}; "
+    n = p["windows"]
+    out.print(f"  {p['scored_tokens']} tokens scored in {n} window{'' if n == 1 else 's'} of {p.get('window_length', p['seqlen'])}; "
               f"reference {r['runners']['reference']}, candidate {r['runners']['candidate']}", highlight=False)
     if not res.passed:
         for f in res.failures:
@@ -659,7 +666,7 @@ def generate_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
     no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their checksums."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available). On CUDA int4 engines stay packed and decode through CUDA graphs."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp32; fp16 for a quantized engine on CUDA, bf16 where Triton is missing), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", "--dtype", callback=_choice, help="Compute dtype: auto (fp32; fp16 for a quantized engine on CUDA, bf16 where Triton is missing), fp32, bf16 or fp16."),
 ):
     """Greedy generation through the engine runner."""
     from lmkiln.runtime.session import generate_text

@@ -495,3 +495,28 @@ def test_a_real_internal_error_still_says_so(tiny_engine, monkeypatch):
     monkeypatch.setattr(lmkiln.inspect_model, "describe", lambda *a, **k: {}["x"])
     r = invoke("inspect", tiny_engine)
     assert r.exit_code == 3 and r.output.startswith("internal error: KeyError"), r.output
+
+
+def test_named_choices_ignore_case_and_spaces_in_every_command(tiny_llama, tmp_path):
+    """--device took CPU while --dtype FP16, --method RTN and --type Q8_0 were refused (and quantize alone took
+    ' FP16 '): every named choice now reads as --device does."""
+    r = invoke("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e", "--dtype", " FP16 ")
+    assert r.exit_code == 0, r.output
+    assert json_load(tmp_path / "e" / MANIFEST)["weight_type"] == "fp16"
+    r = invoke("quantize", tiny_llama, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--method", "RTN",
+               "--to", "Engine", "--dtype", "FP32", "--device", "CPU")
+    assert r.exit_code == 0, r.output
+    r = invoke("export", "gguf", tmp_path / "q", "-o", tmp_path / "q.gguf", "--type", "Q8_0")
+    assert r.exit_code == 0, r.output
+    r = invoke("export", "onnx", tmp_path / "q", "-o", tmp_path / "x", "--ep", "CPU")
+    assert r.exit_code == 0, r.output
+    r = invoke("generate", tmp_path / "e", "-p", "Hi", "-n", "2", "--dtype", "Fp32")
+    assert r.exit_code == 0, r.output
+    r = invoke("quantize", tiny_llama, "-o", tmp_path / "q2", "--w4a16", "--method", "RTNX")
+    assert r.exit_code == 2 and "'rtnx'" in r.output  # still refused, as lowercased
+
+
+def json_load(p):
+    import json
+
+    return json.loads(p.read_text())

@@ -612,3 +612,12 @@ def test_swapped_reference_and_candidate_are_warned_about(fp_engine):
     assert any("the order is REFERENCE (the original) CANDIDATE" in w for w in res.warnings)
     res = V.run_verify(STORIES, fp_engine, V.VerifyOptions(max_tokens=64, max_new_tokens=2))
     assert not any("the order is" in w for w in res.warnings)
+
+
+def test_a_text_shorter_than_a_window_is_said_as_it_was_scored(fp_engine, one_prompt, vdir):
+    """The summary said "100 tokens scored in 1 windows of 512" when the one window held 101 positions."""
+    r, rep = verify(STORIES, fp_engine, "--max-tokens", "100", "--prompts", one_prompt, report=vdir / "short.json",
+                    expect=None)
+    p = rep["protocol"]
+    assert p["windows"] == 1 and p["window_length"] == p["scored_tokens"] + 1 < p["seqlen"]
+    assert f"{p['scored_tokens']} tokens scored in 1 window of {p['window_length']};" in r.stdout

@@ -349,6 +349,7 @@ def run_verify(reference: Path, candidate: Path, o: VerifyOptions | None = None,
         "protocol": {
             "data": str(o.data) if o.data else "bundled:wikitext2_test_excerpt",
             "tokens": len(ids), "scored_tokens": stats["scored_tokens"], "seqlen": seqlen, "windows": stats["n_windows"],
+            "window_length": len(wins[0]),  # = seqlen, or the one short window's when the text is shorter
             "bos_per_window": bos is not None, "score_second_half": o.score_second_half,
             "ppl": "exp(mean NLL) over scored tokens of non-overlapping windows; stderr by the delta method",
             "kl": "KL(reference || candidate) of next-token distributions at scored positions",
