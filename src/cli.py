@@ -450,7 +450,8 @@ def quantize_cmd(
     from lmkiln.errors import InputError
     from lmkiln.quant.awq import QuantOptions
     from lmkiln.quant.job import resolve_compute
-    from lmkiln.quant.pipeline import METHODS, CalibOptions, finished_layers, plan_quantize, quantize_model, unused_options
+    from lmkiln.quant.pipeline import (METHODS, CalibOptions, check_driver, finished_layers, plan_json, plan_quantize,
+                                       quantize_model, unused_options)
 
     if w4a16 == w8a16:
         raise InputError("choose exactly one of --w4a16 or --w8a16")
@@ -472,14 +473,23 @@ def quantize_cmd(
     if dry_run:
         note = _dry_run_output(output, force, model)
         check_writable(report, "--report", force, inputs=(model,), outputs=(output,))
+        check_driver(opts, ray is not None)
         compute = resolve_compute(device, dtype)
         if not probe:
-            _plan_table(plan_quantize(model, output, opts, calib_opts, compute, to=to))
+            plan = plan_quantize(model, output, opts, calib_opts, compute, to=to)
+            _plan_table(plan)
+            rep = {"dry_run": True, "plan": plan_json(plan)}
         else:
             res = quantize_model(model, output, opts, calib_opts, to=to, device=device, dtype=dtype, probe_only=True)
             secs = res.report["layers"][0]["seconds"]
             _plan_table(res.plan, [("seconds for one layer (probe)", f"{secs:.1f} s"),
                                    ("estimated total", f"{secs * res.plan.n_layers / 60:.1f} min for {res.plan.n_layers} layers")])
+            rep = {"dry_run": True, "probe": True, "plan": plan_json(res.plan), **res.report}
+        if report is not None:  # the plan (with --probe, the probed layer's report) as JSON
+            from lmkiln.formats.atomic import write_json
+
+            write_json(report, rep, force, (Path(model),))
+            out.print(f"wrote {escape(str(report))}", highlight=False, soft_wrap=True)
         if note:
             out.print(f"[yellow]note[/] the real run would stop here: {escape(note)}", highlight=False, soft_wrap=True)
         return

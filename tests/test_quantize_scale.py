@@ -202,6 +202,25 @@ def test_dry_run_probe_measures_one_layer(tmp_path, method):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dry_run_writes_its_plan_to_report_and_refuses_what_the_run_refuses(tmp_path):
+    """--dry-run --report exited 0 and wrote nothing; --dry-run --calib-inputs quantized --ray printed a plan
+    for a run that is refused."""
+    import json
+
+    base = ("quantize", STORIES, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--dry-run")
+    r = invoke(*base, "--report", tmp_path / "plan.json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["dry_run"] is True and plan["plan"]["n_layers"] == 5 and plan["plan"]["peak_host"] > 0
+    r = invoke(*base, "--probe", "--method", "rtn", "--report", tmp_path / "probe.json")
+    assert r.exit_code == 0, r.output
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert probe["probe"] is True and probe["plan"]["n_layers"] == 5 and len(probe["layers"]) == 1
+    r = invoke(*base, "--calib-inputs", "quantized", "--ray", "local")
+    assert r.exit_code == 2 and "cannot run side by side" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "probe.json"]
+
+
 def test_plan_grows_with_calibration_not_depth(tmp_path):
     shallow = make_tiny_model(tmp_path / "a", num_hidden_layers=2)
     deep = make_tiny_model(tmp_path / "b", num_hidden_layers=6)

@@ -304,6 +304,18 @@ def _calibration(ckpt: HFCheckpoint, mcfg: dict, calib: CalibOptions, info):
     return ids, calib_info
 
 
+def check_driver(options: QuantOptions, side_by_side: bool) -> None:
+    """What a driver running layers side by side (--ray) cannot do; the dry run refuses it as the run does."""
+    if side_by_side and options.calib_inputs == "quantized" and options.calibrated:
+        raise InputError("--calib-inputs quantized feeds each layer the previous quantized layer's output, so layers "
+                         "cannot run side by side: drop --ray, or keep --calib-inputs fp")
+
+
+def plan_json(plan: QuantPlan) -> dict:
+    """The plan as the report records it (sizes in bytes)."""
+    return {"device": plan.compute.describe(), **{k: v for k, v in dataclasses.asdict(plan).items() if k != "compute"}}
+
+
 def plan_quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, calib: CalibOptions | None = None,
                   compute: Compute | None = None, to: str = "hf", device: str = "auto", dtype: str | torch.dtype = "auto") -> QuantPlan:
     """The plan alone (`--dry-run`): reads config.json and safetensors headers only. `device`/`dtype` as
@@ -370,9 +382,7 @@ def quantize_model(
     if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
         raise InputError(f"report_path={report_path!r}: give the path of the JSON file to write")
     compute = resolve_compute(device, dtype)
-    if driver is not None and options.calib_inputs == "quantized" and options.calibrated:
-        raise InputError("--calib-inputs quantized feeds each layer the previous quantized layer's output, so layers "
-                         "cannot run side by side: drop --ray, or keep --calib-inputs fp")
+    check_driver(options, driver is not None)
     ckpt = HFCheckpoint(model_dir)
     arch, mcfg, quantized = read_model(ckpt)
     if quantized is not None:
@@ -469,7 +479,7 @@ def quantize_model(
                     "options": dataclasses.asdict(options),
                     "compute": {"device": compute.describe(), "dtype": str(compute.dtype).replace("torch.", "")},
                     "calibration": calib_info,
-                    "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "compute"},
+                    "plan": plan_json(plan),
                     "driver": getattr(driver, "info", None) or {"kind": "local"},
                     "layers": reports,
                     "totals": _totals(t_start, reports, calib_info, compute),
