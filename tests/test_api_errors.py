@@ -426,3 +426,15 @@ def dataclasses_replace(o, **kw):
     import dataclasses
 
     return dataclasses.replace(o, **kw)
+
+
+def test_options_that_do_not_apply_are_named_and_bad_values_are_refused_first(tiny_llama, tmp_path):
+    """--min-expert-tokens on a dense model ran without a word; --damp -1 under awq was first called
+    'not used' and then refused."""
+    said = []
+    quantize_model(tiny_llama, tmp_path / "q", QuantOptions(group_size=32, min_expert_tokens=3),
+                   CalibOptions(n_samples=2, seqlen=32), on_info=said.append)
+    assert "note --min-expert-tokens is not used: LlamaForCausalLM has no experts" in said
+    r = invoke("quantize", tiny_llama, "-o", tmp_path / "q2", "--w4a16", "--group-size", "32", "--damp", "-1")
+    one_line_error(r, "--damp -1.0")
+    assert "not used" not in r.output

@@ -221,6 +221,8 @@ CALIB_FLAGS = {"path": "--calib", "n_samples": "--calib-samples", "seqlen": "--c
 def unused_options(options: QuantOptions, calib: CalibOptions) -> list[str]:
     """The flags set away from their defaults that `options.method` does not read (a run that
     silently ignores --act-order under --method rtn looks like it honoured it)."""
+    options, calib = check_arguments(options, calib)  # a bad value is refused, not first called unused
+    _check_options(options, TARGETS[0])
     qd, cd = QuantOptions(), CalibOptions()
     unused = [flag for f, (flag, methods) in METHOD_FIELDS.items()
               if options.method not in methods and getattr(options, f) != getattr(qd, f)]
@@ -387,6 +389,8 @@ def quantize_model(
     arch, mcfg, quantized = read_model(ckpt)
     if quantized is not None:
         raise InputError(f"{ckpt.path}: already quantized (quantization_config present); quantize the original fp checkpoint")
+    if options.calibrated and not mcfg.get("num_experts") and options.min_expert_tokens != QuantOptions().min_expert_tokens:
+        info(f"note --min-expert-tokens is not used: {arch.hf_name} has no experts")
     acc = account(ckpt, arch, mcfg)
     if not probe_only:
         _sweep_finished_state(Path(out_dir), info)
