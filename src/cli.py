@@ -775,13 +775,16 @@ def _demo_output(path: Path, force: bool) -> bool:
 
 def optional_values(argv: list[str], options=("--ray",), default: str = "local") -> list[str]:
     """Let `--ray` stand alone (Typer options always take a value): give it `default`
-    when nothing follows, an option follows, or what follows is a directory (the model)."""
+    when nothing follows, an option follows, or what follows is a directory (the model) or no
+    cluster address (HOST:PORT, ray://..., auto, local): a mistyped model path was taken as the
+    address, and the error said the model was missing."""
     out = []
     for k, a in enumerate(argv):
         out.append(a)
         if a in options:
             nxt = argv[k + 1] if k + 1 < len(argv) else None
-            if nxt is None or nxt.startswith("-") or (nxt != "" and Path(nxt).is_dir()):  # (Path("") is ".", a directory)
+            address = nxt is not None and (nxt in ("auto", "local") or ":" in nxt)
+            if nxt is None or nxt.startswith("-") or (nxt != "" and (Path(nxt).is_dir() or not address)):  # ("" is refused later)
                 out.append(default)
     return out
 
@@ -790,6 +793,17 @@ def optional_values(argv: list[str], options=("--ray",), default: str = "local")
 # which leave no thread, temporary directory or cluster behind: on success they skip the interpreter's
 # teardown, which takes ~0.4 s once torch is imported (its finalizers; docs/BENCHMARKS.md "convert").
 FAST_EXIT = {("convert", "hf-to-engine")}
+
+
+def _help_for(argv: list[str]) -> str:
+    """The help of the command argv names (an option's usage error carries no context to say it)."""
+    cmd, path = typer.main.get_command(app), ["lmkiln"]
+    for a in argv:
+        sub = getattr(cmd, "commands", {}).get(a)  # (a group's subcommands; Typer's group is not click's class)
+        if sub is None:
+            break
+        cmd, path = sub, [*path, a]
+    return " ".join(path) + " --help"
 
 
 def main() -> None:
@@ -804,8 +818,11 @@ def main() -> None:
         STATE["signal"] = STATE["signal"] or signal.SIGINT
     except typer.TyperException as e:  # a typo'd command, option or value: one line, as every other error
         ctx = getattr(e, "ctx", None)  # (Typer would draw a box of five lines and more)
-        where = f"{ctx.command_path} --help" if ctx is not None else "lmkiln --help"
+        # (an option's usage error carries the root's context, or none: the command is read from argv then)
+        where = max(f"{ctx.command_path} --help" if ctx is not None else "", _help_for(argv), key=len)
         msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        if not msg.strip():  # (a group given no subcommand: its help is printed already)
+            sys.exit(getattr(e, "exit_code", 2))
         err.print(f"[bold red]error:[/] {escape(msg)} (see `{where}`)", highlight=False, soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
     if STATE["signal"] is not None and not STATE["said"]:  # before any command started its work

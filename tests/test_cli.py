@@ -520,3 +520,20 @@ def json_load(p):
     import json
 
     return json.loads(p.read_text())
+
+
+@pytest.mark.parametrize("argv,where", [
+    (["convert", "hf-to-engine", "m", "-o", "x", "--force=false"], "lmkiln convert hf-to-engine --help"),
+    (["generate", "x", "-p"], "lmkiln generate --help"),
+    (["quantize", "--bogus"], "lmkiln quantize --help"),
+    (["nosuch"], "lmkiln --help"),
+])
+def test_a_usage_error_points_at_its_own_command_help(argv, where, monkeypatch, capsys):
+    """Option usage errors said `see lmkiln --help`, whose page lists none of the command's options."""
+    from lmkiln import cli
+
+    monkeypatch.setattr(sys, "argv", ["lmkiln", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(f"(see `{where}`)"), err

@@ -156,6 +156,10 @@ def test_optional_ray_value():
     assert optional_values(["quantize", "m", "--ray=auto"]) == ["quantize", "m", "--ray=auto"]
     # an empty value is a (bad) address, not the directory "" names (".": it became an extra argument)
     assert optional_values(["quantize", "m", "--ray", ""]) == ["quantize", "m", "--ray", ""]
+    # a mistyped model path is no cluster address: it stays the model ("Missing argument 'model'" before)
+    assert optional_values(["quantize", "--ray", "./typo-dir"]) == ["quantize", "--ray", "local", "./typo-dir"]
+    assert optional_values(["quantize", "--ray", "ray://head:10001", "m"]) == ["quantize", "--ray", "ray://head:10001", "m"]
+    assert optional_values(["quantize", "--ray", "auto", "m"]) == ["quantize", "--ray", "auto", "m"]
     r = CliRunner().invoke(app, ["quantize", str(STORIES), "-o", "x", "--w4a16", "--ray", ""], env={"NO_COLOR": "1"})
     assert r.exit_code == 2 and "--ray '': give a cluster address" in r.output, r.output
 
