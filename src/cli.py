@@ -516,9 +516,13 @@ def quantize_cmd(
     if drv.get("kind") == "ray":
         out.print(f"ray: {drv['workers']} worker(s) on {drv['cluster']['nodes']} node(s), "
                   f"{drv['cluster']['CPU']} CPU(s), {drv['cluster']['GPU']} GPU(s); driver fp pass {drv.get('fp_pass_seconds', 0):.1f} s")
+    from lmkiln.quant.pipeline import peak_rss_mb
+
     dev = result.report["totals"].get("peak_device_mb")
-    out.print(f"[green]wrote[/] {escape(str(result.output))}  (peak RSS {result.report['totals']['peak_rss_mb']:.0f} MB"
-              + (f", peak device memory {dev:.0f} MB" if dev else "") + ")")
+    # (the report's figure is taken before the embedding and head are written: the process's own is the peak)
+    rss = max(result.report["totals"]["peak_rss_mb"], peak_rss_mb())
+    out.print(f"[green]wrote[/] {escape(str(result.output))}  (peak RSS {rss:.0f} MiB"
+              + (f", peak device memory {dev:.0f} MiB" if dev else "") + ")")
 
 
 def _dry_run_output(output: Path, force: bool, model: Path) -> Optional[str]:
@@ -725,7 +729,7 @@ def demo_cmd(
     q = quantize_model(model, workdir / "stories260K-w4.engine", QuantOptions(bits=4, group_size=32),
                        CalibOptions(n_samples=32, seqlen=256), to="engine", force=replace["stories260K-w4.engine"],
                        on_info=lambda m: out.print(f"   {m}", highlight=False))
-    out.print(f"   {len(q.report['layers'])} layers in {q.report['totals']['seconds']:.1f} s, peak RSS {q.report['totals']['peak_rss_mb']:.0f} MB")
+    out.print(f"   {len(q.report['layers'])} layers in {q.report['totals']['seconds']:.1f} s, peak RSS {q.report['totals']['peak_rss_mb']:.0f} MiB")
     out.print("[bold]3. generate[/] greedily with both engines")
     for name, path in (("fp32", engine), ("int4", q.output)):
         (text,) = generate_text(path, [prompt], 48)
