@@ -568,8 +568,10 @@ def _quant_table(report: dict) -> None:
 @app.command("verify")
 @guarded
 def verify_cmd(
-    reference: Path = typer.Argument(..., help="The original: an HF directory (run with transformers, fp32) or an engine."),
-    candidate: Path = typer.Argument(..., help="An engine (fp or quantized), an AWQ-GEMM HF directory, or an ONNX export folder."),
+    reference: Path = typer.Argument(..., help="The original: an HF directory (run with transformers, fp32), an engine, "
+                                     "an AWQ-GEMM or compressed-tensors directory, or an ONNX export folder (not a GGUF file)."),
+    candidate: Path = typer.Argument(..., help="An engine (fp or quantized), an HF directory (fp, AWQ-GEMM or "
+                                     "compressed-tensors), an ONNX export folder, or a GGUF file."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text (.txt, or .jsonl with a \"text\" field per line); default: bundled WikiText-2 test excerpt."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", min=8, help="Window length; default min(2048, context length)."),
     max_tokens: int = typer.Option(8192, "--max-tokens", min=2, help="Evaluate at most this many tokens of the text."),
@@ -677,7 +679,7 @@ def generate_cmd(
     source: Path = typer.Argument(..., help="An engine directory, or an HF directory (converted on the fly)."),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin pickle weights (loaded with weights_only=True)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their checksums."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available). On CUDA int4 engines stay packed and decode through CUDA graphs."),
     dtype: str = typer.Option("auto", "--dtype", callback=_choice, help="Compute dtype: auto (fp32; fp16 for a quantized engine on CUDA, bf16 where Triton is missing), fp32, bf16 or fp16."),
