@@ -11,7 +11,7 @@ from lmkiln.convert.hf_to_engine import make_plan, required_roles, role_shapes
 from lmkiln.errors import InputError, check_flag, check_path
 from lmkiln.formats.engine import Engine, file_checksum, is_engine
 from lmkiln.formats.gguf import GgufFile, is_gguf
-from lmkiln.formats.hf import HFCheckpoint, has_tokenizer, unpadded_ffn_width
+from lmkiln.formats.hf import HFCheckpoint, ffn_padding, has_tokenizer, unpadded_ffn_width
 
 
 def _params(shapes) -> int:
@@ -117,7 +117,8 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
     ckpt = HFCheckpoint(path, allow_pickle=allow_pickle)
     # the checks convert runs before its first byte: every tensor accounted for, every shape as config.json implies
     plan = make_plan(ckpt)
-    model, stored_ffn = _unpadded(plan.model, path)
+    model, pad = plan.model, ffn_padding(path)  # (the plan has the source's FFN width of a padded lmkiln output)
+    stored_ffn = pad[1] if pad is not None and model["inter_size"] == pad[0] < pad[1] else None
     rows = _model_rows(model, stored_ffn)
     q = ckpt.config.get("quantization_config")
     # parameters as the model has them: an AWQ linear counts its role's (out, in), not its packed, padded

@@ -210,6 +210,25 @@ def test_reads_back_as_the_engine_its_awq_twin_makes(arch, tp, bits, group, sym,
     quant = [Engine(e).manifest["quantization"] for e in engines]
     assert quant[0]["source_layout"] == "compressed-tensors" and quant[1]["source_layout"] == "awq-gemm"
     assert {**quant[0], "source_layout": None} == {**quant[1], "source_layout": None}
+    # the source's FFN width (172 for stories260K), not the padded one config.json says, on every route
+    models = [Engine(e).manifest["model"] for e in engines]
+    assert models[0] == models[1]
+    if arch == "stories":
+        assert (models[0]["inter_size"], models[0]["inter_size_padded"]) == (172, 192 if group == 32 else 172)
+
+
+def test_both_routes_to_an_engine_write_the_same_manifest_model(tmp_path):
+    """quantize --to engine recorded stories260K's FFN width (172), converting its AWQ-GEMM twin the padded
+    192 of config.json: the same bytes, two descriptions (and two GGUF feed_forward_length)."""
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.formats.engine import Engine
+
+    opts = QuantOptions(bits=4, group_size=32, method="rtn")
+    direct = quantize_model(STORIES, tmp_path / "direct", opts, to="engine").output
+    conv = convert_hf_to_engine(quantize_model(STORIES, tmp_path / "awq", opts, to="hf").output, tmp_path / "conv")
+    assert Engine(direct).manifest["model"] == Engine(conv).manifest["model"]
+    for f in ("rank0.safetensors", "shared.safetensors"):
+        assert sha(direct / f) == sha(conv / f)
 
 
 @pytest.mark.parametrize("tp,bits,sym", [(1, 4, False), (2, 4, True), (1, 8, False)])

@@ -36,7 +36,7 @@ from lmkiln.formats.engine import (
     DTYPE_NAMES, FORMAT, QUANT_TYPES, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
     VERSION, expected_tensors, manifest_index, manifest_model, write_manifest,
 )
-from lmkiln.formats.hf import QUANT_REPORT, HFCheckpoint
+from lmkiln.formats.hf import QUANT_REPORT, HFCheckpoint, ffn_padding
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.formats.safetensors_io import Rows
 from lmkiln.formats.space import check_free
@@ -345,6 +345,12 @@ def make_plan(ckpt: HFCheckpoint, tp: int = 1, dtype: str = "auto") -> EnginePla
         unquantized = unquantized_linears(ckpt, arch, model, spec)
         quant = resolve_quant(spec, ckpt.config["quantization_config"], model, tp, unquantized)
     acc = account(ckpt, arch, model, spec)
+    if spec is not None:
+        # lmkiln's own quantized output zero-padded the FFN to whole groups (config.json, which other loaders
+        # read, says the padded width); the engine records the source's, as quantizing straight to one does
+        padding = ffn_padding(ckpt.path)
+        if padding is not None and padding[1] == model["inter_size"] and padding[0] < padding[1]:
+            model["inter_size"] = padding[0]
     source = ckpt.source_dtype if spec is None else _fp_source_dtype(ckpt, acc)
     fp_dtype = resolve_dtype(dtype, source)
     tensors = expected_tensors(model, tp, model["inter_size_padded"], fp_dtype, quant)

@@ -15,6 +15,7 @@ zero-padded; the padded shapes are visible in the tensors and flagged in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -108,12 +109,13 @@ def read_qlinear(get, module: str, spec: AwqSpec, out_features: int, in_features
         from lmkiln.formats import compressed_tensors as ct
 
         qt = ct.read_linear(get, module, spec.bits, spec.group_size, not spec.zero_point)
-        if (qt.out_features, qt.in_features) != (out_features, in_features):
+        # wider only where lmkiln zero-padded the FFN to whole groups (the caller asks for the source's width)
+        if qt.out_features < out_features or qt.in_features < in_features:
             raise CheckpointError(f"{module}.weight_shape is {[qt.out_features, qt.in_features]}, config.json implies "
                                   f"{[out_features, in_features]}")
         if not bool(torch.isfinite(qt.scales).all()):
             raise CheckpointError(f"{module}.weight_scale contains NaN or Inf values; the checkpoint is damaged: re-quantize it")
-        return qt
+        return dataclasses.replace(qt.map_rows(lambda t: t[:out_features]), in_features=in_features)
     g = in_features if spec.group_size == -1 else spec.group_size
     qweight, qzeros, scales = (get(f"{module}.{s}") for s in SUFFIXES)
     if scales.is_floating_point() and not bool(torch.isfinite(scales).all()):  # every output would carry them, exit 0

@@ -51,13 +51,20 @@ def has_tokenizer(d: Path) -> bool:
 QUANT_REPORT = "lmkiln_quant_report.json"
 
 
-def unpadded_ffn_width(d: Path) -> int | None:
-    """The FFN width a model had before lmkiln zero-padded it to whole groups (its report's record;
-    config.json says the padded one, which other tools load), or None."""
+def ffn_padding(d: Path) -> tuple[int, int] | None:
+    """(source, written): the FFN width a model had before lmkiln zero-padded it to whole groups, and the
+    padded one config.json says (which other tools load), from the report beside its output; or None."""
     try:
-        return int(json.loads((Path(d) / QUANT_REPORT).read_text())["padding"]["intermediate_size"]["source"])
+        pad = json.loads((Path(d) / QUANT_REPORT).read_text())["padding"]["intermediate_size"]
+        return int(pad["source"]), int(pad["written"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def unpadded_ffn_width(d: Path) -> int | None:
+    """The source's FFN width of a padded lmkiln output (see `ffn_padding`), or None."""
+    pad = ffn_padding(d)
+    return None if pad is None else pad[0]
 
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
