@@ -21,15 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from lmkiln.errors import CheckpointError
+from lmkiln.formats import compressed_tensors as ct
 from lmkiln.formats.packing import from_awq_gemm, round_up, to_awq_gemm
 from lmkiln.formats.qtensor import QTensor
 
 SUFFIXES = ("qweight", "qzeros", "scales")
 VERSIONS = {4: "gemm", 8: "lmkiln-gemm-int8"}
 PACK = {4: 8, 8: 4}  # codes per int32 word
-
-
-LAYOUTS = ("awq-gemm", "compressed-tensors")  # the quantized HF layouts lmkiln reads (the latter: pack-quantized)
 
 
 @dataclass(frozen=True)
@@ -73,8 +71,6 @@ def awq_spec(config: dict) -> AwqSpec | None:
         raise CheckpointError(f"config.json: quantization_config must be an object (e.g. {{\"quant_method\": \"awq\", ...}}), not {q!r}")
     method = str(q.get("quant_method", "")).lower()
     if method == "compressed-tensors":
-        from lmkiln.formats import compressed_tensors as ct
-
         bits, group_size, symmetric = ct.spec_of(config)
         # ignore entries are module names or "re:" regexes, which `listed` (convert/quantized.py) matches
         ignore = tuple(str(x).removeprefix("re:") for x in q.get("ignore") or ())
@@ -94,8 +90,6 @@ def awq_spec(config: dict) -> AwqSpec | None:
 def qlinear_shapes(spec: AwqSpec, out_features: int, in_features: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """The stored tensors of one quantized linear, by suffix: (dtype, shape)."""
     if spec.layout == "compressed-tensors":
-        from lmkiln.formats import compressed_tensors as ct
-
         return ct.linear_shapes(spec.bits, spec.group_size, not spec.zero_point, out_features, in_features)
     g = in_features if spec.group_size == -1 else spec.group_size
     i_p, o_p = round_up(in_features, g), round_up(out_features, PACK[spec.bits])
@@ -106,8 +100,6 @@ def qlinear_shapes(spec: AwqSpec, out_features: int, in_features: int) -> dict[s
 def read_qlinear(get, module: str, spec: AwqSpec, out_features: int, in_features: int) -> QTensor:
     """Unpack module `module` (via `get(name) -> tensor`) into a QTensor without output padding."""
     if spec.layout == "compressed-tensors":
-        from lmkiln.formats import compressed_tensors as ct
-
         qt = ct.read_linear(get, module, spec.bits, spec.group_size, not spec.zero_point)
         # wider only where lmkiln zero-padded the FFN to whole groups (the caller asks for the source's width)
         if qt.out_features < out_features or qt.in_features < in_features:
