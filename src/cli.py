@@ -147,7 +147,8 @@ def _import_torch() -> None:
 
 # What running out of memory (or of threads, which need memory for their stacks) looks like from
 # Python, numpy, torch and the OS; said as a fault of the machine, not as lmkiln's internal error.
-OOM_TEXT = ("can't allocate memory", "cannot allocate memory", "unable to mmap", "out of memory", "can't start new thread")
+OOM_TEXT = ("can't allocate memory", "cannot allocate memory", "unable to mmap", "out of memory", "can't start new thread",
+            "failed to map segment")  # (the last: a shared library, torch's or numpy's, loaded under `ulimit -v`)
 OOM_ADVICE = {  # by command function
     "quantize_cmd": "--dry-run shows the memory plan, a smaller --chunk lowers calibration memory, and --resume continues "
                 "after the layers already finished",
@@ -158,7 +159,7 @@ OOM_ADVICE = {  # by command function
 def _out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
         return True
-    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in OOM_TEXT)
+    return isinstance(e, (RuntimeError, ImportError, OSError)) and any(t in str(e).lower() for t in OOM_TEXT)
 
 
 def _say(markup: str, plain: str) -> None:
@@ -206,7 +207,7 @@ def guarded(fn):
                 msg = f"out of memory ({detail}); {advice}"
                 _say(f"[bold red]error:[/] {escape(msg)}", f"error: {msg}")
                 raise typer.Exit(2) from None
-            msg = f"{type(e).__name__}: {str(e)} (re-run with --debug for the traceback)"
+            msg = f"{type(e).__name__}: {' '.join(str(e).split())[:500]} (re-run with --debug for the traceback)"
             _say(f"[bold red]internal error:[/] {escape(msg)}", f"internal error: {msg}")
             raise typer.Exit(3) from None
 

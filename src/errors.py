@@ -48,7 +48,7 @@ class DiskFullError(LmkilnError):
 # Python API arguments, checked where each public function starts (the CLI's parser gives these types
 # already): a flag given as the string "False" is true to Python, and force="False" replaced an output.
 def check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
+    if not isinstance(value, bool) and not (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
         raise InputError(f"{name}={value!r}: give True or False")
 
 

@@ -413,7 +413,8 @@ def test_public_functions_refuse_flags_paths_and_callbacks_of_the_wrong_type(tin
             with pytest.raises(InputError, match=said):
                 fn()
     assert sorted(p.name for p in out.iterdir()) == ["keep"] and not (tmp_path / "e").exists()
-    # the numbers and devices one function took and the next refused
+    # the numbers, flags and devices one function took and the next refused
+    assert describe(tiny_engine, check=np.False_)[0] == "engine"
     assert plan_quantize(tiny_llama, tmp_path / "p", RTN, device="cpu").peak_host > 0
     r = run_verify(tiny_llama, tiny_engine, dataclasses_replace(QUICK, device=torch.device("cpu"), max_kl=np.float32(0.5)))
     assert r.report["thresholds"]["max_kl"] == 0.5

@@ -468,6 +468,7 @@ def test_an_error_after_the_bar_started_leaves_no_empty_line(tmp_path):
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 65536000 bytes"),
     OSError(12, "Cannot allocate memory"),
     RuntimeError("can't start new thread"),
+    ImportError("libtorch_cpu.so: failed to map segment from shared object"),
 ])
 def test_running_out_of_memory_is_one_line_not_an_internal_error(tiny_engine, monkeypatch, exc):
     """A memory limit (ulimit -v, a cgroup) made every command exit 3 'internal error'; verify even exited 1

@@ -174,6 +174,8 @@ def test_cli_and_errors(tmp_path, monkeypatch):
     assert [t.exit_code for t in texts] == [0, 0] and texts[0].output == texts[1].output, texts[0].output
     with pytest.raises(InputError, match="not an AWQ-GEMM checkpoint"):
         awq_to_compressed_tensors(STORIES, tmp_path / "x")
+    with pytest.raises(InputError, match="already compressed-tensors"):  # (it was converted, its report saying awq-gemm)
+        awq_to_compressed_tensors(out, tmp_path / "x")
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # as if the extra were missing
     r = CliRunner().invoke(app, ["quantize", str(STORIES), "--w4a16", "--group-size", "32", "--to", "compressed-tensors",
                                  "-o", str(tmp_path / "none")], env=ENV)
@@ -298,3 +300,46 @@ def test_schemes_lmkiln_does_not_read_are_refused_in_one_line(edit, said, tmp_pa
     for cmd in (["inspect", str(out)], ["verify", str(STORIES), str(out)]):
         r = CliRunner().invoke(app, cmd, env=ENV)
         assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.mark.parametrize("edit,said", [
+    (lambda q: q["config_groups"]["group_0"]["weights"].pop("group_size"), "group_size None"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size="32"), "group_size '32'"),
+    (lambda q: q.update(ignore=5), "ignore must be a list"),
+    (lambda q: q.update(config_groups=["group_0"]), "config_groups must map names to objects"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(actorder="dynamic"), "actorder 'dynamic'"),
+])
+def test_a_malformed_quantization_config_is_one_line(edit, said, tmp_path):
+    """A damaged config.json was an internal error (KeyError, TypeError, AttributeError: exit 3)."""
+    out = quantize_model(STORIES, tmp_path / "ct", QuantOptions(bits=4, group_size=32, method="rtn"),
+                         to="compressed-tensors").output
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    for cmd in (["inspect", str(out)], ["convert", "hf-to-engine", str(out), "-o", str(tmp_path / "e")]):
+        r = CliRunner().invoke(app, cmd, env=ENV)
+        assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_bf16_scales_as_llm_compressor_writes_them_for_a_bf16_model(tmp_path):
+    """The format keeps weight_scale in the model's dtype; a bf16 model's scales were refused as 'not float16'.
+    The engine stores them as fp16 (exact at scale magnitudes), the codes unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+    from lmkiln.formats.engine import Engine
+
+    out = quantize_model(STORIES, tmp_path / "ct", QuantOptions(bits=4, group_size=32, method="rtn"),
+                         to="compressed-tensors").output
+    sd = load_file(str(out / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) if k.endswith("weight_scale") else v for k, v in sd.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    ref = quantize_model(STORIES, tmp_path / "e-ref", QuantOptions(bits=4, group_size=32, method="rtn"), to="engine").output
+    eng = convert_hf_to_engine(out, tmp_path / "e")
+    a, b = Engine(ref), Engine(eng)
+    names = [n for n in a.manifest["tensors"] if n.endswith(".scales")]
+    assert names
+    for n in names:
+        assert torch.equal(b.get(n), a.get(n).to(torch.bfloat16).to(torch.float16)), n
+    for n in (n for n in a.manifest["tensors"] if n.endswith(".qweight")):
+        assert torch.equal(b.get(n), a.get(n)), n

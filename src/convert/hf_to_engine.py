@@ -118,8 +118,10 @@ def _account_qlinear(ckpt, module: str, role: str, spec: AwqSpec, shape: tuple[i
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} ({role}, {spec.layout} {suffix}) is missing from the checkpoint")
         if tuple(ckpt.shape(name)) != want:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.shape(name))}, config.json implies {list(want)}")
-        if ckpt.dtype(name) != dtype:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is {ckpt.dtype(name)}, {spec.layout} stores {dtype}")
+        ok = (dtype,) if suffix != "weight_scale" else compressed_tensors.SCALE_DTYPES
+        if ckpt.dtype(name) not in ok:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is {ckpt.dtype(name)}, {spec.layout} stores "
+                                  f"{' or '.join(str(d) for d in ok)}")
         acc.consumed[name] = role
         acc.quantized.add(name)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmkiln.errors import CheckpointError
+from lmkiln.errors import CheckpointError, QuantizationError
 from lmkiln.formats import compressed_tensors as ct
 from lmkiln.formats.packing import from_awq_gemm, round_up, to_awq_gemm
 from lmkiln.formats.qtensor import QTensor
@@ -83,8 +83,15 @@ def awq_spec(config: dict) -> AwqSpec | None:
             f"quantization_config {method!r} version {version!r} bits {bits!r} is not supported; lmkiln reads AWQ-GEMM 4-bit "
             "(AutoAWQ/lmdeploy/lmkiln) and lmkiln's 8-bit layout"
         )
-    return AwqSpec(bits=bits, group_size=int(q.get("group_size", q.get("q_group_size", 128))),
-                   zero_point=bool(q.get("zero_point", True)), modules_to_not_convert=tuple(q.get("modules_to_not_convert") or ()))
+    gs = q.get("group_size", q.get("q_group_size", 128))
+    if isinstance(gs, bool) or not isinstance(gs, int):
+        raise CheckpointError(f"config.json: quantization_config.group_size must be a whole number (-1: per channel), "
+                              f"not {gs!r}")
+    skip = q.get("modules_to_not_convert") or []
+    if not isinstance(skip, list) or not all(isinstance(x, str) for x in skip):
+        raise CheckpointError(f"config.json: quantization_config.modules_to_not_convert must be a list of module names, "
+                              f"not {skip!r}")
+    return AwqSpec(bits=bits, group_size=gs, zero_point=bool(q.get("zero_point", True)), modules_to_not_convert=tuple(skip))
 
 
 def qlinear_shapes(spec: AwqSpec, out_features: int, in_features: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -100,13 +107,18 @@ def qlinear_shapes(spec: AwqSpec, out_features: int, in_features: int) -> dict[s
 def read_qlinear(get, module: str, spec: AwqSpec, out_features: int, in_features: int) -> QTensor:
     """Unpack module `module` (via `get(name) -> tensor`) into a QTensor without output padding."""
     if spec.layout == "compressed-tensors":
-        qt = ct.read_linear(get, module, spec.bits, spec.group_size, not spec.zero_point)
+        try:
+            qt = ct.read_linear(get, module, spec.bits, spec.group_size, not spec.zero_point)
+        except (ValueError, RuntimeError, QuantizationError) as e:  # a weight_shape that does not fit the packed codes
+            raise CheckpointError(f"{module}: {' '.join(str(e).split())[:200]}; the compressed-tensors checkpoint is "
+                                  "damaged: re-quantize it") from None
         # wider only where lmkiln zero-padded the FFN to whole groups (the caller asks for the source's width)
         if qt.out_features < out_features or qt.in_features < in_features:
             raise CheckpointError(f"{module}.weight_shape is {[qt.out_features, qt.in_features]}, config.json implies "
                                   f"{[out_features, in_features]}")
-        if not bool(torch.isfinite(qt.scales).all()):
-            raise CheckpointError(f"{module}.weight_scale contains NaN or Inf values; the checkpoint is damaged: re-quantize it")
+        if not bool(torch.isfinite(qt.scales.to(torch.float16)).all()):  # (the engine stores fp16 scales)
+            raise CheckpointError(f"{module}.weight_scale contains NaN or Inf values (or ones beyond fp16's range); the "
+                                  "checkpoint is damaged: re-quantize it")
         return dataclasses.replace(qt.map_rows(lambda t: t[:out_features]), in_features=in_features)
     g = in_features if spec.group_size == -1 else spec.group_size
     qweight, qzeros, scales = (get(f"{module}.{s}") for s in SUFFIXES)

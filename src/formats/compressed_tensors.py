@@ -73,20 +73,36 @@ def spec_of(config: dict) -> tuple[int, int, bool] | None:
     q = config.get("quantization_config") or {}
     if q.get("quant_method") != "compressed-tensors":
         return None
-    groups = list((q.get("config_groups") or {}).values())
-    if q.get("format") != FORMAT or len(groups) != 1 or not groups[0].get("weights"):
+    cg = q.get("config_groups") or {}
+    if not isinstance(cg, dict) or not all(isinstance(g, dict) for g in cg.values()):
+        raise CheckpointError(f"config.json: quantization_config.config_groups must map names to objects, not {cg!r}")
+    groups = list(cg.values())
+    if q.get("format") != FORMAT or len(groups) != 1 or not isinstance(groups[0].get("weights"), dict):
         raise CheckpointError(f"compressed-tensors format {q.get('format')!r} with {len(groups)} config group(s): "
                               f"lmkiln reads {FORMAT} with one group of integer weights")
     w = groups[0]["weights"]
     if w.get("type") != "int" or w.get("num_bits") not in (4, 8) or w.get("strategy") not in ("group", "channel"):
         raise CheckpointError(f"compressed-tensors weights {w}: lmkiln reads int4/int8 with group or channel strategy")
-    if w.get("actorder") in ("group", True):  # a g_idx tensor per linear permutes the groups' columns
-        raise CheckpointError("compressed-tensors weights with actorder 'group' (a weight_g_idx per linear): lmkiln reads "
-                              "groups in column order only")
+    gs = w.get("group_size")
+    if w["strategy"] == "group" and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+        raise CheckpointError(f"config.json: compressed-tensors group strategy with group_size {gs!r}; it must be a positive "
+                              "whole number")
+    # a g_idx tensor per linear permutes the groups' columns ("dynamic": compressed-tensors' alias of "group")
+    if w.get("actorder") in ("group", "dynamic", True):
+        raise CheckpointError(f"compressed-tensors weights with actorder {w.get('actorder')!r} (a weight_g_idx per linear): "
+                              "lmkiln reads groups in column order only")
+    ignore = q.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+        raise CheckpointError(f"config.json: quantization_config.ignore must be a list of module names, not {ignore!r}")
     if groups[0].get("input_activations") or groups[0].get("output_activations"):
         raise CheckpointError("compressed-tensors with quantized activations (e.g. W8A8): lmkiln reads weight-only schemes "
                               "(W4A16, W8A16)")
-    return w["num_bits"], (-1 if w["strategy"] == "channel" else w["group_size"]), bool(w.get("symmetric"))
+    return w["num_bits"], (-1 if w["strategy"] == "channel" else gs), bool(w.get("symmetric"))
+
+
+# The scale dtypes a reader accepts: the format keeps weight_scale in the model's dtype (llm-compressor's output
+# of a bf16 model has bf16 scales); lmkiln writes fp16, and its engines store fp16 scales whatever they read.
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def linear_shapes(bits: int, group_size: int, symmetric: bool, out_f: int, in_f: int) -> dict[str, tuple[torch.dtype, tuple]]:

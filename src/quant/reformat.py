@@ -25,9 +25,12 @@ def awq_to_compressed_tensors(src: str | Path, out: str | Path, force: bool = Fa
     check_path("out", out)
     check_flag("force", force)
     ckpt = HFCheckpoint(src)
-    if awq_spec(ckpt.config) is None:
+    spec = awq_spec(ckpt.config)
+    if spec is None:
         raise InputError(f"{ckpt.path}: not an AWQ-GEMM checkpoint (no quantization_config); quantize it with "
                          "`lmkiln quantize ... --to compressed-tensors`")
+    if spec.layout == "compressed-tensors":
+        raise InputError(f"{ckpt.path}: already compressed-tensors; nothing to convert")
     plan = make_plan(ckpt, 1, "auto")  # checks and accounts for every tensor, as `convert hf-to-engine` does
     if plan.quant["unquantized"]:
         raise InputError(f"{ckpt.path}: modules_to_not_convert {list(plan.spec.modules_to_not_convert)} are not supported "
