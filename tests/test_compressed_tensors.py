@@ -308,6 +308,14 @@ def test_schemes_lmkiln_does_not_read_are_refused_in_one_line(edit, said, tmp_pa
     (lambda q: q.update(ignore=5), "ignore must be a list"),
     (lambda q: q.update(config_groups=["group_0"]), "config_groups must map names to objects"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(actorder="dynamic"), "actorder 'dynamic'"),
+    # what llm-compressor writes for schemes lmkiln does not run (said by name, not as unaccounted tensors)
+    (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
+    (lambda q: q.update(transform_config={"config_groups": {"v": {"apply": [{"location": "input"}]}}}),
+     "transform 'v' applies rotations at run time"),
+    (lambda q: q.update(format="int-quantized", config_groups={"g": {"weights": {"num_bits": 8, "type": "int"},
+                                                                     "input_activations": {"num_bits": 8}}}),
+     "quantized activations"),
+    (lambda q: q.update(format="dense"), "save_compressed=True"),
 ])
 def test_a_malformed_quantization_config_is_one_line(edit, said, tmp_path):
     """A damaged config.json was an internal error (KeyError, TypeError, AttributeError: exit 3)."""
@@ -319,6 +327,20 @@ def test_a_malformed_quantization_config_is_one_line(edit, said, tmp_path):
     for cmd in (["inspect", str(out)], ["convert", "hf-to-engine", str(out), "-o", str(tmp_path / "e")]):
         r = CliRunner().invoke(app, cmd, env=ENV)
         assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_a_quantized_output_head_is_said_so(tmp_path):
+    """llm-compressor with ignore=[] quantizes lm_head too: it was reported as missing."""
+    from safetensors.torch import load_file, save_file
+
+    hf = make_tiny_model(tmp_path / "hf", "LlamaForCausalLM")
+    out = quantize_model(hf, tmp_path / "ct", QuantOptions(bits=4, group_size=32, method="rtn"), to="compressed-tensors").output
+    sd = load_file(str(out / "model.safetensors"))
+    sd["lm_head.weight_packed"] = torch.zeros(1, dtype=torch.int32)
+    del sd["lm_head.weight"]
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    r = CliRunner().invoke(app, ["inspect", str(out)], env=ENV)
+    assert r.exit_code == 2 and "lm_head is quantized; lmkiln keeps the lm_head in floating point" in r.output, r.output
 
 
 def test_bf16_scales_as_llm_compressor_writes_them_for_a_bf16_model(tmp_path):

@@ -145,6 +145,10 @@ def account(ckpt, arch: Architecture, model: dict, spec: AwqSpec | None = None) 
             _account_qlinear(ckpt, module_name(arch, role, i), role, spec, shapes[role], acc)
             continue
         if name not in ckpt:
+            base = name.removesuffix(".weight")
+            if any(f"{base}.{s}" in ckpt for s in ("qweight", "weight_packed")):  # e.g. a quantized head (ignore=[])
+                raise CheckpointError(f"{ckpt.path}: {base} is quantized; lmkiln keeps the {role} in floating point: "
+                                      "quantize with it left out (llm-compressor: ignore=['lm_head'])")
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} ({role}) is missing from the checkpoint")
         if tuple(ckpt.shape(name)) != shapes[role]:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.shape(name))}, config.json implies {list(shapes[role])}")

@@ -68,21 +68,49 @@ def quantization_config(bits: int, group_size: int, symmetric: bool, ignore: lis
     return cfg.model_dump(mode="json")
 
 
+def _online_transforms(tc) -> list[str]:
+    """The transform groups of a transform_config applied at run time. Rotations fused into the weights
+    (location weight_input / weight_output: SpinQuant R1, R2) leave plain weights, which read as any others."""
+    if not tc:
+        return []
+    groups = tc.get("config_groups") if isinstance(tc, dict) else None
+    if not isinstance(groups, dict):
+        return ["transform_config"]
+    fused = ("weight_input", "weight_output")
+    return [name for name, t in groups.items()
+            if not isinstance(t, dict) or any(not isinstance(a, dict) or a.get("location") not in fused
+                                              for a in t.get("apply") or [])]
+
+
 def spec_of(config: dict) -> tuple[int, int, bool] | None:
     """(bits, group_size, symmetric) of a compressed-tensors checkpoint's config.json, None if it is not one."""
     q = config.get("quantization_config") or {}
     if q.get("quant_method") != "compressed-tensors":
         return None
+    if q.get("kv_cache_scheme"):  # k_scale/v_scale per layer: a quantized KV cache lmkiln's runners do not keep
+        raise CheckpointError("compressed-tensors with a kv_cache_scheme (a quantized KV cache): lmkiln reads weight-only "
+                              "schemes; quantize without the KV cache scheme")
+    online = _online_transforms(q.get("transform_config"))
+    if online:
+        raise CheckpointError(f"compressed-tensors transform {online[0]!r} applies rotations at run time (e.g. QuIP, "
+                              "SpinQuant R3/R4): lmkiln runs plain linears; quantize without them")
     cg = q.get("config_groups") or {}
     if not isinstance(cg, dict) or not all(isinstance(g, dict) for g in cg.values()):
         raise CheckpointError(f"config.json: quantization_config.config_groups must map names to objects, not {cg!r}")
     groups = list(cg.values())
+    if any(g.get("input_activations") or g.get("output_activations") for g in groups):
+        raise CheckpointError("compressed-tensors with quantized activations (e.g. W8A8): lmkiln reads weight-only schemes "
+                              "(W4A16, W8A16)")
+    if q.get("format") in ("dense", "naive-quantized") or q.get("quantization_status") == "frozen":
+        raise CheckpointError(f"compressed-tensors saved uncompressed (format {q.get('format')!r}): re-save it with "
+                              "save_compressed=True (pack-quantized)")
     if q.get("format") != FORMAT or len(groups) != 1 or not isinstance(groups[0].get("weights"), dict):
         raise CheckpointError(f"compressed-tensors format {q.get('format')!r} with {len(groups)} config group(s): "
                               f"lmkiln reads {FORMAT} with one group of integer weights")
     w = groups[0]["weights"]
     if w.get("type") != "int" or w.get("num_bits") not in (4, 8) or w.get("strategy") not in ("group", "channel"):
-        raise CheckpointError(f"compressed-tensors weights {w}: lmkiln reads int4/int8 with group or channel strategy")
+        raise CheckpointError(f"compressed-tensors weights of type {w.get('type')!r}, {w.get('num_bits')!r} bits, strategy "
+                              f"{w.get('strategy')!r}: lmkiln reads int4/int8 with group or channel strategy")
     gs = w.get("group_size")
     if w["strategy"] == "group" and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
         raise CheckpointError(f"config.json: compressed-tensors group strategy with group_size {gs!r}; it must be a positive "
@@ -94,9 +122,6 @@ def spec_of(config: dict) -> tuple[int, int, bool] | None:
     ignore = q.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
         raise CheckpointError(f"config.json: quantization_config.ignore must be a list of module names, not {ignore!r}")
-    if groups[0].get("input_activations") or groups[0].get("output_activations"):
-        raise CheckpointError("compressed-tensors with quantized activations (e.g. W8A8): lmkiln reads weight-only schemes "
-                              "(W4A16, W8A16)")
     return w["num_bits"], (-1 if w["strategy"] == "channel" else gs), bool(w.get("symmetric"))
 
 
