@@ -70,13 +70,20 @@ def test_onnx_genai_config_lists_every_stop_id_and_the_pad(chat_model, tmp_path)
     assert genai["eos_token_id"] == [2, stop] and genai["pad_token_id"] == 3
 
 
-def test_gguf_takes_bos_and_pad_the_tokenizer_files_do_not_name(chat_model, tmp_path):
-    d, _, _, _ = chat_model
+def test_gguf_takes_bos_pad_and_the_end_of_turn_the_tokenizer_files_do_not_name(chat_model, tmp_path):
+    """The second stop id becomes llama.cpp's end-of-turn token (it stops on it as on eos), and verify's
+    GGUF runner stops there too, as transformers does."""
+    from lmkiln.runtime.gguf_runner import gguf_model
+
+    d, ids_, stop, free = chat_model
     out = tmp_path / "m.gguf"
-    export_gguf(convert_hf_to_engine(d, tmp_path / "e"), out)
+    export_gguf(convert_hf_to_engine(d, tmp_path / "e"), out, gtype="f32")
     r = gguf.GGUFReader(str(out))
     ids = {k.removeprefix("tokenizer.ggml."): r.fields[k].contents() for k in r.fields if k.endswith("_token_id")}
     assert ids["bos_token_id"] == 1 and ids["eos_token_id"] == 2 and ids["padding_token_id"] == 3
+    assert ids["eot_token_id"] == stop
+    runner = gguf_model(out)
+    assert greedy_generate(runner, [ids_], N, runner.eos_token_ids)[0] == free[:3]
 
 
 @pytest.mark.parametrize("pad", [-1, 10**6, None])

@@ -323,8 +323,10 @@ def export_gguf(source, out, gtype: str = "auto", force: bool = False,
             w = gguf.GGUFWriter(str(tmp), gm.arch)
             G.write_model_metadata(w, gm, stype_all, source.name)
             eos = engine.model["eos_token_id"]
+            # a second stop id (generation_config.json's, e.g. Llama 3 Instruct's <|eot_id|>) as llama.cpp's
+            # end-of-turn token, which it stops on as on eos
             ids = {"bos": engine.model.get("bos_token_id"), "eos": eos[0] if eos else None,
-                   "pad": engine.model.get("pad_token_id")}
+                   "pad": engine.model.get("pad_token_id"), "eot": eos[1] if len(eos) > 1 else None}
             report["tokenizer"] = G.add_tokenizer(w, engine.path, gm.vocab, ids)
             for msg in report["tokenizer"]["warnings"]:
                 info(f"warning: {msg}")

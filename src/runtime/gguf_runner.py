@@ -44,7 +44,8 @@ class GgufWeights:
         self.path = self.file.path
         gm = self.gm = self.file.model()
         self.interleaved = rope_interleaved(gm.arch)
-        eos = self.file.get("tokenizer.ggml.eos_token_id")
+        # llama.cpp stops on eos and on the end-of-turn/-message ids (its end-of-generation set)
+        stops = [self.file.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         rope = {"type": "default", "base": gm.rope_base, "dim": gm.head_dim, "scaling": None}
         if gm.rope_linear is not None:
             rope.update(type="linear", scaling={"factor": gm.rope_linear})
@@ -53,7 +54,7 @@ class GgufWeights:
             "size_per_head": gm.head_dim, "inter_size": gm.n_ff, "inter_size_padded": gm.n_ff, "num_layer": gm.n_layer,
             "vocab_size": gm.vocab, "max_position_embeddings": gm.context, "norm_eps": gm.norm_eps, "rope": rope,
             "attn_bias": gm.attn_bias, "qk_norm": gm.qk_norm, "tie_word_embeddings": gm.tied, "hidden_act": "silu",
-            "eos_token_id": [] if eos is None else [int(eos)], "sliding_window": None,
+            "eos_token_id": list(dict.fromkeys(int(t) for t in stops if t is not None)), "sliding_window": None,
         })
 
     def is_quantized(self, linear: str) -> bool:
