@@ -11,7 +11,7 @@ from lmkiln.convert.hf_to_engine import make_plan, required_roles, role_shapes
 from lmkiln.errors import InputError, check_flag, check_path
 from lmkiln.formats.engine import Engine, file_checksum, is_engine
 from lmkiln.formats.gguf import GgufFile, is_gguf
-from lmkiln.formats.hf import HFCheckpoint, ffn_padding, has_tokenizer, unpadded_ffn_width
+from lmkiln.formats.hf import HFCheckpoint, ffn_padding, has_tokenizer
 
 
 def _params(shapes) -> int:
@@ -28,7 +28,8 @@ def _unpadded(m: dict, d: Path) -> tuple[dict, int | None]:
     """(the model block at the FFN width lmkiln's report says the model had before it padded it to
     whole groups, the stored width or None): an AWQ-GEMM output and the engine converted from it
     store the padded width, and its zero rows are not parameters."""
-    w = unpadded_ffn_width(d)
+    pad = ffn_padding(d)
+    w = None if pad is None else pad[0]
     return (m, None) if w is None or w >= m["inter_size"] else (dict(m, inter_size=w), m["inter_size"])
 
 

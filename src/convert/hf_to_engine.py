@@ -31,7 +31,7 @@ from lmkiln.convert.transforms import cat_rows, fuse_qkv_rank, fuse_w13_rank, pa
 from lmkiln.errors import CheckpointError, InputError, LmkilnError, check_callable, check_flag, check_path
 from lmkiln.formats.atomic import atomic_dir, check_output
 from lmkiln.formats import compressed_tensors
-from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_qlinear
+from lmkiln.formats.awq_gemm import AwqSpec, awq_spec, qlinear_shapes, read_dtypes, read_qlinear
 from lmkiln.formats.engine import (
     DTYPE_NAMES, FORMAT, QUANT_TYPES, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
     VERSION, expected_tensors, manifest_index, manifest_model, write_manifest,
@@ -118,7 +118,7 @@ def _account_qlinear(ckpt, module: str, role: str, spec: AwqSpec, shape: tuple[i
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} ({role}, {spec.layout} {suffix}) is missing from the checkpoint")
         if tuple(ckpt.shape(name)) != want:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.shape(name))}, config.json implies {list(want)}")
-        ok = (dtype,) if suffix != "weight_scale" else compressed_tensors.SCALE_DTYPES
+        ok = read_dtypes(spec, suffix, dtype)
         if ckpt.dtype(name) not in ok:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} is {ckpt.dtype(name)}, {spec.layout} stores "
                                   f"{' or '.join(str(d) for d in ok)}")
@@ -146,7 +146,7 @@ def account(ckpt, arch: Architecture, model: dict, spec: AwqSpec | None = None) 
             continue
         if name not in ckpt:
             base = name.removesuffix(".weight")
-            if any(f"{base}.{s}" in ckpt for s in ("qweight", "weight_packed")):  # e.g. a quantized head (ignore=[])
+            if spec is not None and f"{base}.{spec.code_suffix}" in ckpt:  # e.g. a quantized head (ignore=[])
                 raise CheckpointError(f"{ckpt.path}: {base} is quantized; lmkiln keeps the {role} in floating point: "
                                       "quantize with it left out (llm-compressor: ignore=['lm_head'])")
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} ({role}) is missing from the checkpoint")

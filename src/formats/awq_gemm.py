@@ -104,6 +104,12 @@ def qlinear_shapes(spec: AwqSpec, out_features: int, in_features: int) -> dict[s
             "scales": (torch.float16, (i_p // g, o_p))}
 
 
+def read_dtypes(spec: AwqSpec, suffix: str, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes a reader accepts for tensor `suffix` (written as `dtype`, see qlinear_shapes): compressed-tensors
+    keeps weight_scale in the model's dtype."""
+    return ct.SCALE_DTYPES if spec.layout == "compressed-tensors" and suffix == "weight_scale" else (dtype,)
+
+
 def read_qlinear(get, module: str, spec: AwqSpec, out_features: int, in_features: int) -> QTensor:
     """Unpack module `module` (via `get(name) -> tensor`) into a QTensor without output padding."""
     if spec.layout == "compressed-tensors":

@@ -61,12 +61,6 @@ def ffn_padding(d: Path) -> tuple[int, int] | None:
         return None
 
 
-def unpadded_ffn_width(d: Path) -> int | None:
-    """The source's FFN width of a padded lmkiln output (see `ffn_padding`), or None."""
-    pad = ffn_padding(d)
-    return None if pad is None else pad[0]
-
-
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
