@@ -12,6 +12,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -176,6 +177,30 @@ def _choice(value):
     return value.strip().lower() if isinstance(value, str) else value
 
 
+def _whole(low: int | None = None):
+    """A parser for an integer option that takes only what the user plainly wrote: typer's lax
+    coercion read `--tp 2.0` as 2 and `--calib-samples 3_2` as 32. (A `parser` replaces typer's
+    `min=`, so the bound is checked here and shown in the help by `_int_option`.)"""
+    def parse(value):
+        if isinstance(value, int) and not isinstance(value, bool):  # a default
+            n = value
+        else:
+            text = str(value).strip()
+            if not re.fullmatch(r"[+-]?[0-9]+", text):
+                raise typer.BadParameter(f"{str(value)!r} is not a whole number")  # (typer names the option)
+            n = int(text)
+        if low is not None and n < low:
+            raise typer.BadParameter(f"{n} is below the smallest allowed, {low}")
+        return n
+    return parse
+
+
+def _int_option(default, *decls: str, min: int | None = None, help: str | None = None, **kw):  # noqa: A002
+    bound = f"(At least {min}.)" if min is not None else None
+    return typer.Option(default, *decls, parser=_whole(min), metavar="<int>",
+                        help=" ".join(t for t in (help, bound) if t) or None, **kw)
+
+
 def guarded(fn):
     """Turn errors into one line and an exit code."""
 
@@ -295,7 +320,7 @@ def hf_to_engine(
     output: Path = typer.Option(..., "-o", "--output", help="Engine directory to create."),
     dtype: str = typer.Option("auto", callback=_choice, help="Weight dtype: auto (keep the source's), fp32, fp16, bf16. For an AWQ checkpoint it "
                               "applies to the fp tensors; int4/int8 weights travel unchanged."),
-    tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks to split the weights into."),
+    tp: int = _int_option(1, "--tp", help="Tensor-parallel ranks to split the weights into."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin pickle weights (loaded with weights_only=True)."),
 ):
@@ -356,8 +381,8 @@ def export_onnx_cmd(
     ep: str = typer.Option("cpu", "--ep", callback=_choice, help="Execution provider the graph targets: cpu (fp32) or cuda (fp16)."),
     portable: bool = typer.Option(False, "--portable", help="Standard ONNX ops only (opset 21 DequantizeLinear + MatMul, plain attention)."),
     triton: bool = typer.Option(False, "--triton", help="Also lay out a Triton Inference Server model repository."),
-    accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact, 4 int8 activations (faster; the CPU default, see docs/export-onnx.md). Default: 4 on CPU, 0 on CUDA."),
-    head_bits: Optional[int] = typer.Option(None, "--head-bits", help="Output head: 0 keeps it fp (as in the engine); 4 or 8 quantizes it at export (symmetric RTN; int4 in blocks of 32, int8 in blocks of 128 at accuracy level 4 on CPU): smaller and faster, not bit-faithful. Default: 8 for an int4/int8 engine on CPU at accuracy level 4 (+0.3 % KL, a third of the bytes per token at real vocabularies), else 0 (docs/export-onnx.md)."),
+    accuracy_level: Optional[int] = _int_option(None, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact, 4 int8 activations (faster; the CPU default, see docs/export-onnx.md). Default: 4 on CPU, 0 on CUDA."),
+    head_bits: Optional[int] = _int_option(None, "--head-bits", help="Output head: 0 keeps it fp (as in the engine); 4 or 8 quantizes it at export (symmetric RTN; int4 in blocks of 32, int8 in blocks of 128 at accuracy level 4 on CPU): smaller and faster, not bit-faithful. Default: 8 for an int4/int8 engine on CPU at accuracy level 4 (+0.3 % KL, a third of the bytes per token at real vocabularies), else 0 (docs/export-onnx.md)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their checksums."),
 ):
@@ -420,14 +445,14 @@ def quantize_cmd(
                                "(AWQ's scales, then GPTQ rounding), or rtn (round to nearest, no calibration)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: Hessian dampening, a fraction of its mean diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing activation energy (static groups: same layout)."),
-    min_expert_tokens: int = typer.Option(16, "--min-expert-tokens", min=1, help="Mixture of experts: an expert routed fewer calibration tokens gets round-to-nearest (reported)."),
+    min_expert_tokens: int = _int_option(16, "--min-expert-tokens", min=1, help="Mixture of experts: an expert routed fewer calibration tokens gets round-to-nearest (reported)."),
     calib_inputs: str = typer.Option("fp", "--calib-inputs", callback=_choice, help="What the next layer calibrates on: fp (the original model's outputs; layers independent, --ray parallel) or quantized (the quantized layers' outputs, one after another; usually more accurate, see docs/quantize.md)."),
-    group_size: int = typer.Option(128, "--group-size", help="Weights per quantization group along the input; -1 = per channel."),
+    group_size: int = _int_option(128, "--group-size", help="Weights per quantization group along the input; -1 = per channel."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric quantization (no zero points)."),
     calib: Optional[str] = typer.Option(None, "--calib", help=".txt, .jsonl (text field) or a directory of them; default: bundled WikiText-2 validation excerpt."),
-    calib_samples: int = typer.Option(128, "--calib-samples", min=1),
-    calib_seqlen: int = typer.Option(512, "--calib-seqlen", min=8),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed for sampling calibration windows (0 or more)."),
+    calib_samples: int = _int_option(128, "--calib-samples", min=1),
+    calib_seqlen: int = _int_option(512, "--calib-seqlen", min=8),
+    seed: int = _int_option(0, "--seed", min=0, help="Seed for sampling calibration windows (0 or more)."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the weight clipping search."),
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="Scale by activation and weight magnitude (AutoAWQ's duo scaling)."),
     to: str = typer.Option("hf", "--to", "--format", callback=_choice, help="hf: AWQ-GEMM Hugging Face directory (transformers, vLLM, SGLang, "
@@ -438,14 +463,14 @@ def quantize_cmd(
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the quantization report (JSON) here."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N: where every step runs."),
     dtype: str = typer.Option("auto", "--dtype", callback=_choice, help="Calibration precision: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16. The output keeps the source dtype."),
-    chunk: int = typer.Option(0, "--chunk", min=0, help="Calibration samples resident on the device at once (0 = auto, by activation memory): bounds memory, never changes results."),
+    chunk: int = _int_option(0, "--chunk", min=0, help="Calibration samples resident on the device at once (0 = auto, by activation memory): bounds memory, never changes results."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, disk) from the headers alone and exit."),
     probe: bool = typer.Option(False, "--probe", help="With --dry-run: also time one layer to estimate the total."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                       help="Run the layer jobs as Ray tasks (pip install 'lmkiln\\[ray]'): alone, a local Ray "
                                            "runtime on this machine's CPUs/GPUs; with an address (host:6379, ray://host:10001, "
                                            "auto), that cluster. Output is bit-identical to a run without it."),
-    workers: int = typer.Option(0, "--workers", min=0, help="With --ray: concurrent layer jobs (0 = one per GPU, or by CPUs and memory)."),
+    workers: int = _int_option(0, "--workers", min=0, help="With --ray: concurrent layer jobs (0 = one per GPU, or by CPUs and memory)."),
 ):
     """Quantize weights to int4/int8 with AWQ (or RTN), one decoder layer at a time."""
     from lmkiln.errors import InputError
@@ -574,10 +599,10 @@ def verify_cmd(
     candidate: Path = typer.Argument(..., help="An engine (fp or quantized), an HF directory (fp, AWQ-GEMM or "
                                      "compressed-tensors), an ONNX export folder, or a GGUF file."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text (.txt, or .jsonl with a \"text\" field per line); default: bundled WikiText-2 test excerpt."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", min=8, help="Window length; default min(2048, context length)."),
-    max_tokens: int = typer.Option(8192, "--max-tokens", min=2, help="Evaluate at most this many tokens of the text."),
+    seqlen: Optional[int] = _int_option(None, "--seqlen", min=8, help="Window length; default min(2048, context length)."),
+    max_tokens: int = _int_option(8192, "--max-tokens", min=2, help="Evaluate at most this many tokens of the text."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Greedy-generation prompts, one per line; default: bundled."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    max_new_tokens: int = _int_option(32, "--max-new-tokens", min=1),
     runner: str = typer.Option("auto", "--runner", callback=_choice, help="Candidate runner: auto, torch, onnx or transformers."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     dtype: str = typer.Option("auto", "--dtype", callback=_choice, help="The candidate engine's compute dtype: auto (fp32; for a quantized engine on CUDA fp16 on the exact int4 kernel, bf16 where Triton is missing), fp32, bf16 (PyTorch's int4 kernel: faster, bf16-noisy) or fp16."),
@@ -679,7 +704,7 @@ def inspect_cmd(
 def generate_cmd(
     source: Path = typer.Argument(..., help="An engine directory, or an HF directory (converted on the fly)."),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    max_new_tokens: int = _int_option(64, "--max-new-tokens", "-n", min=1),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin pickle weights (loaded with weights_only=True)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip checking the engine's weight files against their checksums."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available). On CUDA int4 engines stay packed and decode through CUDA graphs."),

@@ -353,7 +353,7 @@ def test_an_empty_calib_or_a_negative_seed_is_refused(tiny_llama, tmp_path, monk
         r = invoke("quantize", tiny_llama, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--calib", "", *extra)
         one_line_error(r, "--calib '' is empty")
     r = invoke("quantize", tiny_llama, "-o", tmp_path / "q", "--w4a16", "--group-size", "32", "--seed", "-1")
-    assert r.exit_code == 2 and "'--seed': Input should be greater than or equal to 0" in r.output, r.output
+    assert r.exit_code == 2 and "'--seed': -1 is below the smallest allowed, 0" in r.output, r.output
     for bad in (CalibOptions(path=""), CalibOptions(seed=-1)):
         with pytest.raises(InputError):
             quantize_model(tiny_llama, tmp_path / "q", QuantOptions(group_size=32), bad)

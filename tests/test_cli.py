@@ -517,6 +517,34 @@ def test_named_choices_ignore_case_and_spaces_in_every_command(tiny_llama, tmp_p
     assert r.exit_code == 2 and "'rtnx'" in r.output  # still refused, as lowercased
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["convert", "hf-to-engine", "m", "-o", "x", "--tp", "2.0"], "'--tp': '2.0' is not a whole number"),
+    (["quantize", "m", "-o", "x", "--calib-samples", "3_2"], "'--calib-samples': '3_2' is not a whole number"),
+    (["quantize", "m", "-o", "x", "--group-size", "1e2"], "'--group-size': '1e2' is not a whole number"),
+    (["verify", "a", "b", "--seqlen", "4"], "'--seqlen': 4 is below the smallest allowed, 8"),
+    (["generate", "e", "-p", "Hi", "-n", "\uff13"], "'-n': '\uff13' is not a whole number"),
+    (["export", "onnx", "e", "-o", "x", "--head-bits", "4.5"], "'--head-bits': '4.5' is not a whole number"),
+])
+def test_integer_options_take_only_whole_numbers(argv, needle, monkeypatch, capsys):
+    """Typer's lax coercion read `--tp 2.0` as 2, `--calib-samples 3_2` as 32 and a full-width digit as a
+    digit; each is now a one-line usage error naming the value, before any input is read."""
+    from lmkiln import cli
+
+    monkeypatch.setattr(sys, "argv", ["lmkiln", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_integer_options_still_take_plain_values_and_show_their_bounds(tiny_llama, tmp_path):
+    r = invoke("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e", "--tp", " 2 ")
+    assert r.exit_code == 0, r.output
+    assert json_load(tmp_path / "e" / MANIFEST)["tensor_parallel"] == 2
+    r = invoke("quantize", "--help")
+    assert r.exit_code == 0 and "(At least 1.)" in " ".join(r.output.split()), r.output
+
+
 def json_load(p):
     import json
 
