@@ -14,6 +14,13 @@ from lmkiln.formats.gguf import GgufFile, is_gguf
 from lmkiln.formats.hf import HFCheckpoint, ffn_padding, has_tokenizer
 
 
+def _quant_origin(q: dict) -> str:
+    """Where an engine's codes came from: an interchange layout, or (null) quantized straight to it."""
+    if "source_layout" not in q:
+        return "from unknown layout"  # (written before lmkiln recorded it)
+    return f"from {q['source_layout']}" if q["source_layout"] else "quantized straight to the engine"
+
+
 def _params(shapes) -> int:
     total = 0
     for s in shapes:
@@ -89,7 +96,7 @@ def describe(path: str | Path, check: bool = True, allow_pickle: bool = False) -
         if q is not None:
             rows += [
                 ("fp tensors", f"{man['fp_dtype']} (embeddings, norms, output, biases" + (", unquantized linears)" if q["unquantized"] else ")")),
-                ("quantization", f"{q.get('method') or 'unknown method'}, from {q.get('source_layout') or 'unknown layout'}; "
+                ("quantization", f"{q.get('method') or 'unknown method'}, {_quant_origin(q)}; "
                                  f"hidden padded to {q['hidden_padded']}, ffn to {eng.model['inter_size_padded']}"
                                  + (f"; {len(q['unquantized'])} linears kept fp" if q["unquantized"] else "")),
             ]

@@ -293,7 +293,7 @@ def test_engine_equals_converted_hf_output(quantized, tmp_path):
         assert sha256(engine / f) == sha256(tmp_path / "conv" / f)
         assert meta["blake3"] == blake3.blake3((engine / f).read_bytes()).hexdigest()
     # Identical but for the source: the streamed engine names the fp checkpoint it came
-    # from, the converted one the AWQ-GEMM directory in between.
+    # from, the converted one the AWQ-GEMM directory in between (and the layout it read).
     from lmkiln.formats.engine import config_sha256
 
     assert a["source"].pop("config_sha256") == config_sha256(json.loads((STORIES / "config.json").read_text()))
@@ -301,6 +301,7 @@ def test_engine_equals_converted_hf_output(quantized, tmp_path):
     # the AWQ-GEMM's config.json states the FFN width it stores (172 zero-padded to 192); both engines record
     # the source's, with the same padded width
     assert (a["model"]["inter_size"], a["model"]["inter_size_padded"]) == (172, 192)
+    assert a["quantization"].pop("source_layout") is None and b["quantization"].pop("source_layout") == "awq-gemm"
     assert a == b
     assert untimed(load_report(engine)["layers"]) == untimed(load_report(hf)["layers"])  # the report travels with the engine
     assert not any(p.name.endswith(".lmkiln-partial") for p in engine.parent.iterdir())

@@ -259,6 +259,11 @@ def test_to_engine_writes_no_awq_checkpoint(tmp_path, monkeypatch):
     res = quantize_model(STORIES, tmp_path / "e", QuantOptions(bits=4, group_size=32, method="rtn"), to="engine")
     eng = Engine(res.output, check=True)
     assert eng.manifest["weight_type"] == "int4" and eng.quant["method"] == "rtn"
+    # no interchange layout was read, so none is recorded (it said "awq-gemm"), and inspect says so
+    assert "source_layout" in eng.quant and eng.quant["source_layout"] is None
+    from lmkiln.inspect_model import describe
+
+    assert dict(describe(res.output)[1])["quantization"].startswith("rtn, quantized straight to the engine;")
 
 
 def test_report_has_per_layer_output_error_and_device(tmp_path):

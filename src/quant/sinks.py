@@ -209,6 +209,7 @@ class EngineSink(Sink):
         self.model = dict(model)
         qcfg = spec.to_config(False, {"lmkiln_method": method})
         quant = resolve_quant(spec, qcfg, self.model, 1, [])
+        quant["source_layout"] = None  # quantized straight to the engine: no interchange layout was read
         tensors = expected_tensors(self.model, 1, self.model["inter_size_padded"], dtype, quant)
         self.plan = EnginePlan(arch, self.model, acc, tensors, dtype, ckpt.source_dtype, spec, quant)
         self.src = _ResultSource(CheckpointSource(ckpt, arch, self.model, dtype))
