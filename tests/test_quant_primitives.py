@@ -297,3 +297,31 @@ def test_gemm_errors():
     t = to_awq_gemm(_codes(8, 64, 4), torch.ones(8, 2), torch.zeros(8, 2, dtype=torch.int32))
     with pytest.raises(QuantizationError, match="groups"):
         from_awq_gemm(**t, group_size=16)
+
+
+def test_pack_int4_packs_uint8_codes_in_uint8():
+    """pack_int4 gives the same bytes from uint8 codes as from wider ones, without an int64 copy:
+    that copy (8 bytes a code, plus two int64 halves) on the engine's fused gate+up was the
+    `quantize --method rtn --to engine` peak, above the memory plan's packing term."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    q = _codes(64, 128, 4, seed=3).to(torch.uint8)
+    assert torch.equal(pack_int4(q), pack_int4(q.to(torch.int32)))
+    assert torch.equal(pack_int4(q.t()), pack_int4(q.t().contiguous()))  # a strided view (the engine transposes)
+    assert pack_int4(q).is_contiguous() and pack_int4(q.t()).is_contiguous()
+    if not Path("/proc/self/status").exists():
+        pytest.skip("peak memory is read from /proc")
+    code = (
+        "import torch\n"
+        "from lmkiln.formats.packing import pack_int4\n"
+        "def mem(k): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(k)) << 10\n"
+        "q = torch.randint(0, 16, (4096, 4096), dtype=torch.uint8)\n"  # 16 MiB of codes
+        "before = mem('VmRSS')\n"
+        "pack_int4(q)\n"
+        "print(mem('VmHWM') - before)\n"
+    )
+    extra = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    # uint8: the 8 MiB result and its 8 MiB shifted half (20 MiB measured); int64 widening: 260 MiB
+    assert extra < 2 * (16 << 20), f"pack_int4 of 16 MiB of codes peaked {extra >> 20} MiB above its input"

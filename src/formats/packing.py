@@ -36,7 +36,9 @@ def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _check_codes(q: torch.Tensor, bits: int, per_word: int, what: str) -> torch.Tensor:
+def _check_codes(q: torch.Tensor, bits: int, per_word: int, what: str, widen: bool = True) -> torch.Tensor:
+    """The codes checked, as int64; `widen=False`: uint8 codes are checked and returned as they are
+    (no int64 copy, 8 bytes a code)."""
     if q.dim() != 2:
         raise QuantizationError(f"{what}: expected 2-D codes (in, out), got {tuple(q.shape)}")
     if q.shape[1] % per_word != 0:
@@ -44,6 +46,10 @@ def _check_codes(q: torch.Tensor, bits: int, per_word: int, what: str) -> torch.
             f"{what}: output dimension {q.shape[1]} is not a multiple of {per_word} "
             f"(codes of shape {tuple(q.shape)})"
         )
+    if not widen and q.dtype == torch.uint8:
+        if q.numel() and int(q.max()) > 2**bits - 1:
+            raise QuantizationError(f"{what}: codes must lie in [0, {2**bits - 1}]")
+        return q
     q64 = q.to(torch.int64)
     if q64.numel() and (q64.min() < 0 or q64.max() > 2**bits - 1):
         raise QuantizationError(f"{what}: codes must lie in [0, {2**bits - 1}]")
@@ -101,10 +107,14 @@ def unpack_int8(packed: torch.Tensor, out_features: int | None = None) -> torch.
 
 
 def pack_int4(q_in_out: torch.Tensor) -> torch.Tensor:
-    """Natural int4 pack: codes (in, out) in [0, 15] -> uint8 (in, out/2), low nibble = even column."""
-    q64 = _check_codes(q_in_out, 4, 2, "pack_int4")
-    pairs = q64.reshape(q64.shape[0], -1, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    """Natural int4 pack: codes (in, out) in [0, 15] -> uint8 (in, out/2), low nibble = even column.
+
+    Packed in uint8 (15 << 4 = 240 fits): widening the codes to int64 first held 8 bytes a code
+    plus two int64 halves, 4 x 8 bytes per weight of the engine's fused gate+up (twice the
+    largest linear) at once, past the packing term of the quantize memory plan (quant/plan.py)."""
+    q = _check_codes(q_in_out, 4, 2, "pack_int4", widen=False).to(torch.uint8)  # (other integer codes: in range, exact)
+    # (codes transposed for the engine come as a view: the result is laid out row-major, as the writer takes it)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
