@@ -12,6 +12,8 @@ the bench itself never holds the model. Then it times, alternating and repeated:
   convert     `python -m lmkiln convert hf-to-engine SRC -o DST --force`
   convert tp2 the same with `--tp 2`
   import torch `python -c "import torch"` (with --floor): the fixed cost before a converter's first byte
+  durable write  (with --floor) the source's byte count written with O_DIRECT from one buffer, then
+              fsynced: the disk's floor for any converter whose output survives a crash
   tokenizer class  (with --floor) resolving the bundled tokenizer's class with transformers, as
               `convert` does for a checkpoint that carries a tokenizer (transformers imports torch)
 
@@ -31,8 +33,19 @@ warm-up first and all measured runs are warm-cache (source files resident in RAM
 run's dirty pages. Target (product issue): convert >= 0.5x cp throughput, peak RSS
 well under the model size.
 
+On a VM with free page reporting (virtio-balloon), memory that sat free for a few seconds
+is handed back to the host, and touching it again costs a host fault per page: a `cp`
+(2 GB of new page cache) then takes several times as long as right after another run
+freed memory. `--memory cold` waits before every run until the host has taken back all it will, so
+every variant starts as on a machine that sat idle; `--memory hot` has a child touch and
+free more than the model's size right before every run, so every variant starts on
+memory the guest still holds. (The default runs each variant however the previous left
+memory, which is not the same for all: the variant after `cp` reuses the pages `cp`
+freed.)
+
     .venv/bin/python bench/convert.py                 # ~2 GB, 3 repeats
     .venv/bin/python bench/convert.py --size-gb 0.3 --repeats 1 --json out.json
+    .venv/bin/python bench/convert.py --memory cold    # every run starts on memory the host took back
 """
 
 from __future__ import annotations
@@ -245,6 +258,38 @@ def settle(seconds: float = 1.0) -> None:
     os.sync()
 
 
+# Free page reporting (virtio-balloon): the guest hands free memory back to the host in 2 MiB blocks a few
+# seconds after it is freed, and touching such a page again costs a host fault and zeroing. On this bench's
+# VM that alone moved `cp` of 2 GB between 0.6 s (pages freed moments before) and 3.6-4.7 s (after ~10 s
+# idle): the yardstick depends on how long memory sat free (--memory).
+REPORTED = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def host_reclaimed_kib() -> int | None:
+    """KiB of free memory handed back to the host so far, or None where the kernel does not report."""
+    try:
+        return int(REPORTED.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_cold(still_s: float = 3.0, limit_s: float = 60.0) -> None:
+    """Wait until the host has taken back what it will (the counter still for `still_s`): every run then
+    starts as on a machine that sat idle, whose free memory the host holds."""
+    deadline, last, since = time.monotonic() + limit_s, host_reclaimed_kib(), time.monotonic()
+    while last is not None and time.monotonic() < deadline and time.monotonic() - since < still_s:
+        time.sleep(0.5)
+        now = host_reclaimed_kib()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
+def touch_and_free(n: int) -> None:
+    """Have a child touch n bytes and exit: the next run's allocations reuse those just-freed pages,
+    before the host takes them back (it waits a few seconds)."""
+    subprocess.run([sys.executable, "-c", f"b = bytearray({n})"], check=True)
+
+
 def run_variant(steps: list[list[str]], log) -> dict:
     """Run commands one after another as one measurement: wall and CPU add, peaks take the max."""
     parts = [run_child(a, log) for a in steps]
@@ -261,6 +306,20 @@ def machine() -> dict:
 
 # -- the bench -----------------------------------------------------------------------------
 
+DURABLE_WRITE = """
+import mmap, os
+os.mkdir({path!r})
+buf = mmap.mmap(-1, 16 << 20)
+buf.write(bytes(range(256)) * (1 << 16))
+fd = os.open(os.path.join({path!r}, "blob"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0))
+left = {nbytes}
+while left > 0:
+    left -= os.write(fd, buf)
+os.fsync(fd)
+os.close(fd)
+"""
+
+
 def variants(src: Path, work: Path, tps: list[int], baseline: Path | None = None,
              floor: bool = False, tok_src: Path | None = None) -> dict[str, tuple[Path | None, list[list[str]]]]:
     v = {}
@@ -269,6 +328,11 @@ def variants(src: Path, work: Path, tps: list[int], baseline: Path | None = None
         # and what resolving a tokenizer's class costs (the engine must record it: issue #14)
         v["tokenizer class"] = (None, [[sys.executable, "-c", "from lmkiln.formats.tokenizer import resolved_tokenizer_class; "
                                         f"assert resolved_tokenizer_class({str(BUNDLED)!r})"]])
+        # and what the disk takes to make that many bytes durable, bypassing the page cache as the converter
+        # does (O_DIRECT writes of 16 MiB from one reused buffer, then fsync): no converter whose output
+        # survives a crash beats it
+        dst = work / "direct"
+        v["durable write"] = (dst, [[sys.executable, "-c", DURABLE_WRITE.format(path=str(dst), nbytes=dir_bytes(src))]])
     dst = work / "cp"
     v["cp"] = (dst, [["cp", "-r", str(src), str(dst)]])
     dst = work / "cp_sync"
@@ -314,6 +378,7 @@ def summarize(runs: dict[str, list[dict]], src_bytes: int) -> dict[str, dict]:
     return out
 
 
+
 def table(summary: dict[str, dict], repeats: int) -> str:
     rows = [
         f"| variant | median s (min–max, n={repeats}) | GB/s | × cp | CPU s (user+sys) | peak RSS MB | RSS / model "
@@ -342,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                          "renamed lmkiln), as 'convert (baseline)' rows run with PYTHONPATH=DIR, alternating with the others")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before measuring, wait up to S seconds for the 1-minute load average to fall below 0.3")
+    ap.add_argument("--memory", choices=("as-found", "cold", "hot"), default="as-found",
+                    help="the memory each run starts on (VMs with free page reporting): cold waits until the host has "
+                         "taken back the free memory, as on a machine that sat idle; hot first has a child touch and free "
+                         "more than the model, as right after another job; as-found (default) neither")
     ap.add_argument("--floor", action="store_true",
                     help="also time `python -c 'import torch'` (the fixed cost of any converter that imports torch)")
     ap.add_argument("--seed", type=int, default=0)
@@ -413,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(-1, args.repeats):  # -1: the warm-up round, not recorded
                 for name, (dst, steps) in plan.items():
                     settle()
+                    if args.memory == "cold":
+                        wait_cold()
+                    elif args.memory == "hot":
+                        touch_and_free(int(src_bytes + GB / 2))
                     log.write(f"\n=== {name} (round {rep}) ===\n")
                     log.flush()
                     r = run_variant(steps, log)
@@ -439,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{info['shards']} shards, {src_bytes / GB:.3f} GB. Warm page cache; {args.repeats} measured runs per "
               f"variant after one warm-up each; GB/s = source bytes / median wall time.")
         print(f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem']} RAM; Python {mach['python']}, torch {mach['torch']}; "
-              f"load average before measuring {load:.2f}.")
+              f"load average before measuring {load:.2f}; memory: {args.memory}"
+              + ("" if host_reclaimed_kib() is not None else " (this kernel does not report free pages to a host)") + ".")
         print()
         print(table(summary, args.repeats))
         print()
@@ -451,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps({
                 "machine": mach, "load_before": load, "model": info, "source_bytes": src_bytes, "repeats": args.repeats,
+                "memory": args.memory,
                 "commands": {k: steps for k, (_, steps) in plan.items()},
                 "summary": summary, "runs": runs,
             }, indent=2))
