@@ -517,6 +517,29 @@ def test_named_choices_ignore_case_and_spaces_in_every_command(tiny_llama, tmp_p
     assert r.exit_code == 2 and "'rtnx'" in r.output  # still refused, as lowercased
 
 
+@pytest.mark.parametrize("name,value,where", [
+    ("model.layers.3.mlp.up_proj.weight", float("nan"), "decoder layer 3, shape (172, 64)"),
+    ("model.embed_tokens.weight", float("-inf"), "shape (512, 64)"),
+])
+def test_convert_refuses_nan_or_inf_in_a_source_weight(name, value, where, tmp_path):
+    """convert copied a NaN or Inf weight into the engine without a word (generate then failed on NaN
+    logits, verify on the reference); now one line naming the tensor and its layer, and no engine."""
+    from safetensors.torch import load_file, save_file
+
+    from lmkiln.assets import bundled_model_path
+
+    src = copy_tree(bundled_model_path(), tmp_path / "src")
+    sd = load_file(str(src / "model.safetensors"))
+    sd[name][5, 7] = value
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    for dtype in ("auto", "fp16"):
+        r = invoke("convert", "hf-to-engine", src, "-o", tmp_path / "e", "--dtype", dtype)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        assert f"tensor '{name}' ({where}) contains NaN or Inf values" in lines[0], lines[0]
+        assert not (tmp_path / "e").exists() and not list(tmp_path.glob("*partial*"))
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["convert", "hf-to-engine", "m", "-o", "x", "--tp", "2.0"], "'--tp': '2.0' is not a whole number"),
     (["quantize", "m", "-o", "x", "--calib-samples", "3_2"], "'--calib-samples': '3_2' is not a whole number"),

@@ -309,6 +309,21 @@ def test_nan_weights_are_refused_where_gguf_quantizes(tmp_path):
     save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
     r = CliRunner().invoke(app, ["export", "gguf", str(src), "-o", str(tmp_path / "n.gguf"), "--type", "q4_0"], env=ENV)
     assert r.exit_code == 2, r.output
+    # the conversion in between refuses it first, naming the source's tensor and layer
+    assert "tensor 'model.layers.1.self_attn.q_proj.weight' (decoder layer 1, shape" in r.output and "NaN or Inf" in r.output
+    assert not (tmp_path / "n.gguf").exists()
+    # an engine that holds one all the same (damaged after it was written, read with --no-check): GGUF's own check
+    from lmkiln.formats.safetensors_io import read_header
+
+    eng = convert_hf_to_engine(bundled_model_path(), tmp_path / "e")
+    f = eng / Engine(eng).manifest["tensors"]["layers.1.attention.w_qkv.0.weight"]["file"]
+    info = read_header(f)[0]["layers.1.attention.w_qkv.0.weight"]
+    with open(f, "r+b") as fh:
+        fh.seek(info.begin)
+        fh.write(torch.tensor([float("nan")], dtype=Engine(eng).dtype).view(torch.uint8).numpy().tobytes())
+    r = CliRunner().invoke(app, ["export", "gguf", str(eng), "-o", str(tmp_path / "n.gguf"), "--type", "q4_0", "--no-check"],
+                           env=ENV)
+    assert r.exit_code == 2, r.output
     assert "blk.1.attn_q.weight (engine layer 1): weight of shape" in r.output and "NaN or Inf" in r.output, r.output
     assert not (tmp_path / "n.gguf").exists()
 

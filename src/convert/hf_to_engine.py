@@ -36,7 +36,7 @@ from lmkiln.formats.engine import (
     DTYPE_NAMES, FORMAT, QUANT_TYPES, WEIGHT_TYPES, EngineWriter, check_tp, config_sha256, copy_side_files,
     VERSION, expected_tensors, manifest_index, manifest_model, write_manifest,
 )
-from lmkiln.formats.hf import QUANT_REPORT, HFCheckpoint, ffn_padding
+from lmkiln.formats.hf import QUANT_REPORT, HFCheckpoint, all_finite, ffn_padding
 from lmkiln.formats.qtensor import QTensor
 from lmkiln.formats.safetensors_io import Rows
 from lmkiln.formats.space import check_free
@@ -189,9 +189,10 @@ class CheckpointSource:
         if not t.is_floating_point():  # .to() would turn integer bit patterns into huge "weights", silently
             raise InputError(f"{self.ckpt.path}: tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}, not a "
                              "floating-point type; the checkpoint is damaged")
+        # a NaN or Inf would be copied into the engine without a word, and every output would carry it
+        self.ckpt.check_finite(name, t, f"decoder layer {i}" if i is not None else "")
         out = t.to(self.out_dtype)
-        if self.out_dtype == torch.float16 and t.dtype != torch.float16 and not bool(torch.isfinite(out).all()) \
-                and bool(torch.isfinite(t).all()):
+        if self.out_dtype == torch.float16 and t.dtype != torch.float16 and not all_finite(out):
             raise InputError(f"{self.ckpt.path}: tensor {name!r} holds values beyond float16's range (max |x| "
                              f"{float(t.abs().max()):.3g} > 65504) that would become Inf; convert with --dtype bf16 or fp32")
         return out
