@@ -195,6 +195,20 @@ def _whole(low: int | None = None):
     return parse
 
 
+_REAL = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?|nan)", re.IGNORECASE)
+
+
+def _real(value):
+    """A number option as written: typer's coercion read `--max-kl 0_5` as 5.0. (inf and nan pass on to the
+    command's own checks, which name the fix.)"""
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):  # a default
+        return float(value)
+    text = str(value).strip()
+    if not _REAL.fullmatch(text):
+        raise typer.BadParameter(f"{str(value)!r} is not a number")
+    return float(text)
+
+
 def _int_option(default, *decls: str, min: int | None = None, help: str | None = None, **kw):  # noqa: A002
     bound = f"(At least {min}.)" if min is not None else None
     return typer.Option(default, *decls, parser=_whole(min), metavar="<int>",
@@ -443,7 +457,7 @@ def quantize_cmd(
     w8a16: bool = typer.Option(False, "--w8a16", help="8-bit weights, 16-bit activations."),
     method: str = typer.Option("awq", callback=_choice, help="awq (activation-aware scales), gptq (Hessian-guided rounding), awq+gptq "
                                "(AWQ's scales, then GPTQ rounding), or rtn (round to nearest, no calibration)."),
-    damp: float = typer.Option(0.01, "--damp", help="GPTQ: Hessian dampening, a fraction of its mean diagonal."),
+    damp: float = typer.Option(0.01, "--damp", parser=_real, help="GPTQ: Hessian dampening, a fraction of its mean diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing activation energy (static groups: same layout)."),
     min_expert_tokens: int = _int_option(16, "--min-expert-tokens", min=1, help="Mixture of experts: an expert routed fewer calibration tokens gets round-to-nearest (reported)."),
     calib_inputs: str = typer.Option("fp", "--calib-inputs", callback=_choice, help="What the next layer calibrates on: fp (the original model's outputs; layers independent, --ray parallel) or quantized (the quantized layers' outputs, one after another; usually more accurate, see docs/quantize.md)."),
@@ -608,11 +622,11 @@ def verify_cmd(
     dtype: str = typer.Option("auto", "--dtype", callback=_choice, help="The candidate engine's compute dtype: auto (fp32; for a quantized engine on CUDA fp16 on the exact int4 kernel, bf16 where Triton is missing), fp32, bf16 (PyTorch's int4 kernel: faster, bf16-noisy) or fp16."),
     reference_device: Optional[str] = typer.Option(None, "--reference-device", help="Where the reference runs (default: --device). The two run one after the other, never both in memory."),
     score_second_half: bool = typer.Option(False, "--score-second-half", help="Score only the second half of each window (llama.cpp's protocol)."),
-    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Fail above this perplexity increase, in percent."),
-    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Fail above this mean KL(reference || candidate)."),
-    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Fail below this top-1 agreement (0..1)."),
-    min_top5: Optional[float] = typer.Option(None, "--min-top5", help="Fail below this top-5 agreement: share of positions where the reference's top-1 token is in the candidate's top 5 (0..1; no default)."),
-    min_p_top: Optional[float] = typer.Option(None, "--min-p-top", help="Fail below this mean probability the candidate gives the reference's top-1 token (0..1; no default)."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", parser=_real, help="Fail above this perplexity increase, in percent."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", parser=_real, help="Fail above this mean KL(reference || candidate)."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", parser=_real, help="Fail below this top-1 agreement (0..1)."),
+    min_top5: Optional[float] = typer.Option(None, "--min-top5", parser=_real, help="Fail below this top-5 agreement: share of positions where the reference's top-1 token is in the candidate's top 5 (0..1; no default)."),
+    min_p_top: Optional[float] = typer.Option(None, "--min-p-top", parser=_real, help="Fail below this mean probability the candidate gives the reference's top-1 token (0..1; no default)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write an image (type from the name: .png, .svg, .pdf, ...): per-window NLL of both, KL histogram."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip checking engines' weight files against their checksums."),

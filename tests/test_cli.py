@@ -547,10 +547,13 @@ def test_convert_refuses_nan_or_inf_in_a_source_weight(name, value, where, tmp_p
     (["verify", "a", "b", "--seqlen", "4"], "'--seqlen': 4 is below the smallest allowed, 8"),
     (["generate", "e", "-p", "Hi", "-n", "\uff13"], "'-n': '\uff13' is not a whole number"),
     (["export", "onnx", "e", "-o", "x", "--head-bits", "4.5"], "'--head-bits': '4.5' is not a whole number"),
+    (["verify", "a", "b", "--max-kl", "0_5"], "'--max-kl': '0_5' is not a number"),
+    (["quantize", "m", "-o", "x", "--damp", "1_0"], "'--damp': '1_0' is not a number"),
 ])
 def test_integer_options_take_only_whole_numbers(argv, needle, monkeypatch, capsys):
-    """Typer's lax coercion read `--tp 2.0` as 2, `--calib-samples 3_2` as 32 and a full-width digit as a
-    digit; each is now a one-line usage error naming the value, before any input is read."""
+    """Typer's lax coercion read `--tp 2.0` as 2, `--calib-samples 3_2` as 32, a full-width digit as a
+    digit and `--max-kl 0_5` as 5.0; each is now a one-line usage error naming the value, before any
+    input is read."""
     from lmkiln import cli
 
     monkeypatch.setattr(sys, "argv", ["lmkiln", *argv])
@@ -566,6 +569,10 @@ def test_integer_options_still_take_plain_values_and_show_their_bounds(tiny_llam
     assert json_load(tmp_path / "e" / MANIFEST)["tensor_parallel"] == 2
     r = invoke("quantize", "--help")
     assert r.exit_code == 0 and "(At least 1.)" in " ".join(r.output.split()), r.output
+    from lmkiln.cli import _real
+
+    assert [_real(v) for v in ("1e-2", " .5 ", "5.", "-3", "+2E1")] == [0.01, 0.5, 5.0, -3.0, 20.0]
+    assert _real("inf") == float("inf") and _real("NaN") != _real("NaN")  # (left to the commands' own checks)
 
 
 def json_load(p):
