@@ -12,13 +12,13 @@ STAMP := $(VENV)/.lmkiln-installed
 
 .PHONY: demo test clean bench
 
+# (setuptools >= 84 prints a notice box on every editable install, warning that a folder named like the
+#  package could shadow it; there is none here, src/ is the package: filtered by its message)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	# (setuptools >= 84 prints a notice box on every editable install, warning that a folder named like
-	#  the package could shadow it; there is none here: src/ is the package)
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e ".[dev]"
+	PYTHONWARNINGS="$${PYTHONWARNINGS:+$$PYTHONWARNINGS,}ignore:Editable installation" $(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -260,8 +260,8 @@ def settle(seconds: float = 1.0) -> None:
 
 # Free page reporting (virtio-balloon): the guest hands free memory back to the host in 2 MiB blocks a few
 # seconds after it is freed, and touching such a page again costs a host fault and zeroing. On this bench's
-# VM that alone moved `cp` of 2 GB between 0.6 s (pages freed moments before) and 3.6-4.7 s (after ~10 s
-# idle): the yardstick depends on how long memory sat free (--memory).
+# VM that alone moved `cp` of 2 GB between 0.6 s (pages freed moments before) and 3.6-4.1 s (after 10-30 s
+# idle; 1.6 s an hour later): the yardstick depends on how long memory sat free (--memory) and on the host.
 REPORTED = Path("/sys/module/page_reporting/parameters/reported_kib")
 
 
@@ -307,14 +307,21 @@ def machine() -> dict:
 # -- the bench -----------------------------------------------------------------------------
 
 DURABLE_WRITE = """
-import mmap, os
+import errno, mmap, os
 os.mkdir({path!r})
-buf = mmap.mmap(-1, 16 << 20)
+buf = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
 buf.write(bytes(range(256)) * (1 << 16))
 fd = os.open(os.path.join({path!r}, "blob"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0))
-left = {nbytes}
-while left > 0:
-    left -= os.write(fd, buf)
+done = 0
+while done < {nbytes}:
+    try:
+        done += os.write(fd, buf)  # whole buffers (O_DIRECT writes whole blocks), cut to size below
+    except OSError as e:  # a file system that refuses O_DIRECT: through the page cache, as the converter falls back
+        if e.errno != errno.EINVAL:
+            raise
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
+os.ftruncate(fd, {nbytes})
 os.fsync(fd)
 os.close(fd)
 """
@@ -436,11 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         ours = True
     src = work / "hf-llama"
     log_path = work / "children.log"
+    tok_src = None
     try:
         t0 = time.perf_counter()
         print(f"writing a synthetic ~{args.size_gb:g} GB fp16 Llama into {src} ...", file=sys.stderr, flush=True)
         info = generate(src, args.size_gb, args.shard_gb, args.seed)
-        tok_src = None
         if args.with_tokenizer:  # the same weights (hard links, no second copy) with a tokenizer beside them
             tok_src = work / "hf-llama-tokenizer"
             shutil.rmtree(tok_src, ignore_errors=True)
@@ -473,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         trash = work / "done"
         shutil.rmtree(trash, ignore_errors=True)  # left by an earlier --keep run
         trash.mkdir()
+        for dst, _ in plan.values():  # left by an interrupted run: cp -r would copy *into* it
+            if dst is not None:
+                shutil.rmtree(dst, ignore_errors=True)
         need = (args.repeats + 1) * len(plan) * src_bytes * 1.1
         keep_outputs = shutil.disk_usage(work).free > need + 2 * GB
         if not keep_outputs:
@@ -481,14 +491,18 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "a") as log:
             for rep in range(-1, args.repeats):  # -1: the warm-up round, not recorded
                 for name, (dst, steps) in plan.items():
+                    before = host_reclaimed_kib()
                     settle()
                     if args.memory == "cold":
                         wait_cold()
                     elif args.memory == "hot":
                         touch_and_free(int(src_bytes + GB / 2))
+                    start = host_reclaimed_kib()
                     log.write(f"\n=== {name} (round {rep}) ===\n")
                     log.flush()
                     r = run_variant(steps, log)
+                    # what the host took back while this run was being set up (None: not a reporting VM)
+                    r["host_reclaimed_setup_kib"] = None if before is None else start - before
                     label = "warm-up" if rep < 0 else f"run {rep + 1}/{args.repeats}"
                     print(f"  {label:9} {name:12} {r['wall_s']:7.2f} s  CPU {r['cpu_s']:5.1f} s  peak RSS "
                           f"{r['maxrss_kib'] / 1024:6.0f} MiB  others' CPU {r['others_cpu_s'] / r['wall_s']:4.2f} cores",
@@ -535,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         elif ours:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            for p in [src, work / "done", log_path, *(dst for dst, _ in variants(src, work, tps, args.baseline).values() if dst)]:
+            for p in [src, work / "done", log_path,
+                      *(dst for dst, _ in variants(src, work, tps, args.baseline, args.floor, tok_src).values() if dst)]:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 elif p.exists():

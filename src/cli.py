@@ -466,7 +466,7 @@ def quantize_cmd(
     calib: Optional[str] = typer.Option(None, "--calib", help=".txt, .jsonl (text field) or a directory of them; default: bundled WikiText-2 validation excerpt."),
     calib_samples: int = _int_option(128, "--calib-samples", min=1),
     calib_seqlen: int = _int_option(512, "--calib-seqlen", min=8),
-    seed: int = _int_option(0, "--seed", min=0, help="Seed for sampling calibration windows (0 or more)."),
+    seed: int = _int_option(0, "--seed", min=0, help="Seed for sampling calibration windows."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the weight clipping search."),
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="Scale by activation and weight magnitude (AutoAWQ's duo scaling)."),
     to: str = typer.Option("hf", "--to", "--format", callback=_choice, help="hf: AWQ-GEMM Hugging Face directory (transformers, vLLM, SGLang, "

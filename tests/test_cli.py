@@ -538,6 +538,16 @@ def test_convert_refuses_nan_or_inf_in_a_source_weight(name, value, where, tmp_p
         assert r.exit_code == 2 and len(lines) == 1, r.output
         assert f"tensor '{name}' ({where}) contains NaN or Inf values" in lines[0], lines[0]
         assert not (tmp_path / "e").exists() and not list(tmp_path.glob("*partial*"))
+    # the refusal came mid-copy while a thread resolved the tokenizer's class (importing transformers): the
+    # call returns only once that thread is done, else the caller's next `import transformers` (the Python
+    # API, the next test) finds a half-initialised module
+    from lmkiln.convert.hf_to_engine import convert_hf_to_engine
+
+    with pytest.raises(InputError, match="contains NaN or Inf values"):
+        convert_hf_to_engine(src, tmp_path / "e")
+    spec = sys.modules["transformers"].__spec__
+    assert not getattr(spec, "_initializing", False)
+    assert sys.modules["transformers"].LlamaConfig.model_type == "llama"
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -550,7 +560,7 @@ def test_convert_refuses_nan_or_inf_in_a_source_weight(name, value, where, tmp_p
     (["verify", "a", "b", "--max-kl", "0_5"], "'--max-kl': '0_5' is not a number"),
     (["quantize", "m", "-o", "x", "--damp", "1_0"], "'--damp': '1_0' is not a number"),
 ])
-def test_integer_options_take_only_whole_numbers(argv, needle, monkeypatch, capsys):
+def test_number_options_take_only_numbers_as_written(argv, needle, monkeypatch, capsys):
     """Typer's lax coercion read `--tp 2.0` as 2, `--calib-samples 3_2` as 32, a full-width digit as a
     digit and `--max-kl 0_5` as 5.0; each is now a one-line usage error naming the value, before any
     input is read."""
@@ -563,7 +573,7 @@ def test_integer_options_take_only_whole_numbers(argv, needle, monkeypatch, caps
     assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
 
 
-def test_integer_options_still_take_plain_values_and_show_their_bounds(tiny_llama, tmp_path):
+def test_number_options_still_take_plain_values_and_show_their_bounds(tiny_llama, tmp_path):
     r = invoke("convert", "hf-to-engine", tiny_llama, "-o", tmp_path / "e", "--tp", " 2 ")
     assert r.exit_code == 0, r.output
     assert json_load(tmp_path / "e" / MANIFEST)["tensor_parallel"] == 2

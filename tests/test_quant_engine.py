@@ -440,6 +440,10 @@ def test_inspect_shows_quantization(stories_w4, quant_models, tmp_path):
     assert rows["weight type"] == "int4 g32 asym"
     assert rows["checksums"] == "all hold (blake3)"
     assert "awq" in rows["quantization"] and "fp32" in rows["fp tensors"]
+    assert rows["quantization"].startswith("awq, from awq-gemm;"), rows["quantization"]  # the layout it was read from
+    old = copy_tree(engine, tmp_path / "old")  # written before lmkiln recorded the layout
+    edit_json(old / MANIFEST, lambda m: m["quantization"].pop("source_layout"))
+    assert dict(describe(old, check=False)[1])["quantization"].startswith("awq, from unknown layout;")
     awq8, _ = quant_models("llama", "int8-channel-sym")
     assert dict(describe(convert_hf_to_engine(awq8, tmp_path / "e8"))[1])["weight type"] == "int8 per-channel sym"
     result = CliRunner().invoke(app, ["inspect", str(engine)], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})

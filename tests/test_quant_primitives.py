@@ -309,6 +309,11 @@ def test_pack_int4_packs_uint8_codes_in_uint8():
 
     q = _codes(64, 128, 4, seed=3).to(torch.uint8)
     assert torch.equal(pack_int4(q), pack_int4(q.to(torch.int32)))
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    bad = q.clone()
+    bad[3, 5] = 16  # out of range: refused on the uint8 path as on the widening one
+    with pytest.raises(QuantizationError, match=r"codes must lie in \[0, 15\]"):
+        pack_int4(bad)
     assert torch.equal(pack_int4(q.t()), pack_int4(q.t().contiguous()))  # a strided view (the engine transposes)
     assert pack_int4(q).is_contiguous() and pack_int4(q.t()).is_contiguous()
     if not Path("/proc/self/status").exists():
@@ -318,6 +323,10 @@ def test_pack_int4_packs_uint8_codes_in_uint8():
         "from lmkiln.formats.packing import pack_int4\n"
         "def mem(k): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(k)) << 10\n"
         "q = torch.randint(0, 16, (4096, 4096), dtype=torch.uint8)\n"  # 16 MiB of codes
+        "try:\n"  # VmHWM := VmRSS, so that earlier peaks do not count (where the kernel lets us)
+        "    open('/proc/self/clear_refs', 'w').write('5')\n"
+        "except OSError:\n"
+        "    pass\n"
         "before = mem('VmRSS')\n"
         "pack_int4(q)\n"
         "print(mem('VmHWM') - before)\n"

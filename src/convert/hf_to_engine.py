@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -408,21 +408,29 @@ def convert_hf_to_engine(
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-class")
     tok_class = pool.submit(resolved_tokenizer_class, ckpt.path) if ckpt.tokenizer_files() else None
     pool.shutdown(wait=False)
-    with atomic_dir(out_dir, force=force, inputs=(ckpt.path,), needed=needed) as tmp:
-        writer = EngineWriter(tmp, plan.tensors, threads=True)
-        try:
-            for name, t in produce(ckpt, plan.arch, plan.model, tp, plan.fp_dtype, plan.quant, plan.spec):
-                writer.write(name, t)
-                if progress:
-                    progress(name, t.numel() * t.element_size())
-            files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        side = copy_side_files(ckpt.tokenizer_files(), tmp)
-        copy_side_files([Path(p) for p in extra_files], tmp)
-        shutil.copyfile(ckpt.path / "config.json", tmp / "source_config.json")
-        write_manifest(tmp, engine_manifest(plan, ckpt, tp, files, side, tok_class.result() if tok_class else None))
+    try:
+        with atomic_dir(out_dir, force=force, inputs=(ckpt.path,), needed=needed) as tmp:
+            writer = EngineWriter(tmp, plan.tensors, threads=True)
+            try:
+                for name, t in produce(ckpt, plan.arch, plan.model, tp, plan.fp_dtype, plan.quant, plan.spec):
+                    writer.write(name, t)
+                    if progress:
+                        progress(name, t.numel() * t.element_size())
+                files = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            side = copy_side_files(ckpt.tokenizer_files(), tmp)
+            copy_side_files([Path(p) for p in extra_files], tmp)
+            shutil.copyfile(ckpt.path / "config.json", tmp / "source_config.json")
+            write_manifest(tmp, engine_manifest(plan, ckpt, tp, files, side, tok_class.result() if tok_class else None))
+    except Exception:
+        # a refusal mid-copy (a NaN weight, a full disk) must not return while the thread is still importing
+        # transformers: the caller's next import of it would find a half-initialised module (the Python API,
+        # a test run). (Not after Ctrl-C: that ends the process, and waiting would delay it by seconds.)
+        if tok_class is not None:
+            wait([tok_class])
+        raise
     return out_dir
 
 

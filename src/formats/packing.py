@@ -113,7 +113,7 @@ def pack_int4(q_in_out: torch.Tensor) -> torch.Tensor:
     plus two int64 halves, 4 x 8 bytes per weight of the engine's fused gate+up (twice the
     largest linear) at once, past the packing term of the quantize memory plan (quant/plan.py)."""
     q = _check_codes(q_in_out, 4, 2, "pack_int4", widen=False).to(torch.uint8)  # (other integer codes: in range, exact)
-    # (codes transposed for the engine come as a view: the result is laid out row-major, as the writer takes it)
+    # (row-major whatever the codes' strides: a transposed view would otherwise give a column-major result)
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 

@@ -214,8 +214,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("scale", scales[0].to(dtype).contiguous())
         elif live:
             self.mode = "dequant-live"
-            # int4 two per byte, low nibble = even column (formats.packing's layout), packed
-            # in uint8 here rather than by pack_int4, which widens to int64 (8 bytes a code)
+            # int4 two per byte, low nibble = even column (formats.packing's layout), packed in
+            # uint8 as pack_int4 does, without its range check: these codes came from an engine
             self.nibbles = bits == 4 and n % 2 == 0
             self.register_buffer("codes", (codes[:, 0::2] | (codes[:, 1::2] << 4)) if self.nibbles else codes.contiguous())
             self.register_buffer("scales", scales.contiguous())
