@@ -359,3 +359,24 @@ def test_a_fifo_in_place_of_a_weight_file_is_refused_not_waited_on(tmp_path, tin
     os.mkfifo(src / "model.safetensors")
     with pytest.raises(SafetensorsFormatError, match="model.safetensors: not a regular file"):
         HFCheckpoint(src)
+
+
+def test_check_finite_scans_each_tensor_once_and_refuses_every_time(tiny_llama, monkeypatch):
+    """quantize --to engine read the embedding and head twice (its driver's check, then the engine sink's
+    reader) and scanned them twice; a tensor that passed is not scanned again, one that failed always fails."""
+    import lmkiln.formats.hf as hf
+
+    ckpt = HFCheckpoint(tiny_llama)
+    scans = []
+    real = hf.all_finite
+    monkeypatch.setattr(hf, "all_finite", lambda t: scans.append(t.numel()) or real(t))
+    name = "model.embed_tokens.weight"
+    for _ in range(3):
+        ckpt.check_finite(name, ckpt.get(name))
+    assert len(scans) == 1
+    bad = ckpt.get("model.norm.weight")
+    bad[0] = float("inf")
+    for _ in range(2):
+        with pytest.raises(InputError, match=r"tensor 'model.norm.weight' \(shape \(\d+,\)\) contains NaN or Inf"):
+            ckpt.check_finite("model.norm.weight", bad)
+    assert len(scans) == 3

@@ -115,6 +115,7 @@ class HFCheckpoint:
         self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.weight_map: dict[str, str] = {}  # tensor name -> file name
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._finite: set[str] = set()  # tensors `check_finite` passed: a second reader need not scan them again
         self.is_pickle = False
         # transformers' order: a model.safetensors beside an index wins (a stale consolidated copy or a
         # stale shard set would otherwise make lmkiln and the reference runner read different weights)
@@ -209,10 +210,14 @@ class HFCheckpoint:
         return self._shapes[name][1]
 
     def check_finite(self, name: str, t: torch.Tensor, where: str = "") -> None:
-        """Refuse tensor `name` (already read, on any device) if it holds NaN or Inf, naming it."""
+        """Refuse tensor `name` (already read, on any device, unmodified) if it holds NaN or Inf, naming it.
+        Each is scanned once: quantize's output sink reads the embedding and head its driver checked."""
+        if name in self._finite:
+            return
         if t.is_floating_point() and not all_finite(t):
             raise InputError(f"{self.path}: tensor {name!r} ({where + ', ' if where else ''}shape {tuple(t.shape)}) contains "
                              "NaN or Inf values; the checkpoint is damaged or was saved from a diverged run")
+        self._finite.add(name)
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read into its own buffer.
